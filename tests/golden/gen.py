@@ -6,7 +6,8 @@ Run through `make golden`; the fixtures are committed so that tests need no
 Python at run time.
 
 Fixture layout (safetensors):
-  metadata  method = registered name, params = JSON of the method's config
+  metadata  method = registered name, params = JSON of the method's config,
+            optionally n_data = data set size (memory banks; default: max index + 1)
   inputs    student/<tap>, teacher/<tap> (float32), batch/target (int64 [B]),
             optionally batch/index (int64 [B]), batch/contrast_index (int64 [B, K+1]),
             method/<state_dict key> (parameters and buffers set before the call)
@@ -27,7 +28,7 @@ OUT = HERE / "fixtures"
 
 
 def fixture(name, method, params, student, teacher, target, *, index=None,
-            contrast_index=None, module=None, loss_fn):
+            contrast_index=None, module=None, n_data=None, loss_fn):
     """Runs `loss_fn(student, teacher, target, index, contrast_index, module)`
     on leaf copies of the student taps and saves inputs plus expectations.
 
@@ -67,8 +68,10 @@ def fixture(name, method, params, student, teacher, target, *, index=None,
             tensors[f"expect/method/{k}"] = v.detach().clone().float()
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     OUT.mkdir(exist_ok=True)
-    save_file(tensors, str(OUT / f"{name}.safetensors"),
-              metadata={"method": method, "params": json.dumps(params)})
+    meta = {"method": method, "params": json.dumps(params)}
+    if n_data is not None:
+        meta["n_data"] = str(n_data)  # data set size the method is built for (memory banks)
+    save_file(tensors, str(OUT / f"{name}.safetensors"), metadata=meta)
     print(f"{name}: {method} loss={loss.item():.6g}")
 
 

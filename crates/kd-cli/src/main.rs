@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    kd_cli::main_exit(std::env::args_os())
+}

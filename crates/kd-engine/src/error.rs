@@ -1,0 +1,29 @@
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Kd(#[from] kd_core::KdError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("plan: {0}")]
+    Plan(String),
+    #[error("loss term `{term}` is {value} at epoch {epoch}, step {step}; stopped, the last good checkpoint is kept")]
+    NonFinite { term: String, value: f64, epoch: usize, step: usize },
+    #[error("interrupted; resume with the same command (checkpoint {0})")]
+    Interrupted(PathBuf),
+}
+
+impl EngineError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        EngineError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,0 +1,80 @@
+//! Layer constructors carrying the initialisation RepDistiller gives each
+//! layer, so a freshly built network starts from the same distribution as its
+//! PyTorch twin (tch's own defaults differ: BN weight U(0,1), linear weight
+//! bound sqrt(6/fan_in)).
+
+use tch::Tensor;
+use tch::nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use tch::nn::{self, Init};
+
+/// He normal over fan-out. RepDistiller writes it two ways (`kaiming_normal_(
+/// mode='fan_out')` in resnet.py, `normal_(0, sqrt(2/(k*k*out)))` in wrn.py and
+/// vgg.py); both are this distribution.
+const CONV_INIT: Init = Init::Kaiming {
+    dist: NormalOrUniform::Normal,
+    fan: FanInOut::FanOut,
+    non_linearity: NonLinearity::ReLU,
+};
+
+/// A square convolution with "same" padding for odd kernels.
+pub(crate) fn conv(
+    p: nn::Path,
+    c_in: i64,
+    c_out: i64,
+    kernel: i64,
+    stride: i64,
+    bias: bool,
+) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding: kernel / 2,
+        bias,
+        ws_init: CONV_INIT,
+        bs_init: Init::Const(0.),
+        ..Default::default()
+    };
+    nn::conv2d(p, c_in, c_out, kernel, cfg)
+}
+
+/// BatchNorm2d as PyTorch builds it: weight 1, bias 0, momentum 0.1, eps 1e-5.
+pub(crate) fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
+    let cfg = nn::BatchNormConfig {
+        ws_init: Init::Const(1.),
+        bs_init: Init::Const(0.),
+        momentum: 0.1,
+        eps: 1e-5,
+        ..Default::default()
+    };
+    nn::batch_norm2d(p, c, cfg)
+}
+
+/// How a family initialises its classifier.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LinearInit {
+    /// `nn.Linear`'s own: weight and bias U(-1/sqrt(in), 1/sqrt(in)).
+    Torch,
+    /// WRN: default weight, bias zeroed.
+    ZeroBias,
+    /// VGG: weight N(0, std), bias zeroed.
+    Normal(f64),
+}
+
+pub(crate) fn linear(p: nn::Path, c_in: i64, c_out: i64, init: LinearInit) -> nn::Linear {
+    let bound = 1.0 / (c_in as f64).sqrt();
+    let torch_uniform = Init::Uniform { lo: -bound, up: bound };
+    let (ws_init, bs_init) = match init {
+        LinearInit::Torch => (torch_uniform, torch_uniform),
+        LinearInit::ZeroBias => (torch_uniform, Init::Const(0.)),
+        LinearInit::Normal(stdev) => (Init::Randn { mean: 0., stdev }, Init::Const(0.)),
+    };
+    nn::linear(p, c_in, c_out, nn::LinearConfig { ws_init, bs_init: Some(bs_init), bias: true })
+}
+
+/// Global average pooling to the `[N, C]` vector the classifier reads.
+///
+/// RepDistiller pools with a fixed 8x8 window (ResNet, WRN), which equals the
+/// global mean for 32x32 inputs and breaks for any other size; the global
+/// mean keeps the CIFAR result and also serves other input sizes.
+pub(crate) fn global_pool(x: &Tensor) -> Tensor {
+    x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+}

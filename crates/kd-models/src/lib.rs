@@ -1,0 +1,122 @@
+//! The CIFAR model zoo of RepDistiller (`models/resnet.py`, `wrn.py`,
+//! `vgg.py`) with the feature taps distillation methods read.
+//!
+//! Architectures and parameter names follow RepDistiller exactly, so a
+//! PyTorch `state_dict` saved as safetensors loads with [`load_weights`] as it
+//! is. Models are built under a [`tch::nn::Path`]; `build("resnet20", &vs.root(), 100)`
+//! gives the names `conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...
+//!
+//! Taps ([`kd_core::Taps`]): `feat/0` is the stem, `feat/k` stage `k`,
+//! `preact/k` the same point before its last ReLU, `embed` the pooled vector,
+//! `logits` the classifier output. What each means per family is documented
+//! on [`ResNet`], [`WideResNet`] and [`Vgg`].
+
+mod layers;
+pub mod resnet;
+pub mod vgg;
+mod weights;
+pub mod wrn;
+
+use std::path::PathBuf;
+
+use kd_core::Taps;
+use tch::{Tensor, nn};
+
+pub use resnet::{ResNet, ResNetConfig};
+pub use vgg::{Vgg, VggConfig};
+pub use weights::{load_weights, save_weights};
+pub use wrn::{WideResNet, WrnConfig};
+
+/// A network of the zoo.
+pub trait Network: Send {
+    /// Full forward pass exposing every tap; `train` selects BatchNorm batch
+    /// statistics (and updates the running ones).
+    fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps;
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum ModelError {
+    #[error("unknown model `{name}`; valid models: {valid}")]
+    UnknownModel { name: String, valid: String },
+    #[error("invalid {family} configuration: {reason}")]
+    InvalidConfig { family: &'static str, reason: String },
+    #[error("cannot read weights from {}: {source}", path.display())]
+    Read { path: PathBuf, source: tch::TchError },
+    #[error("cannot write weights to {}: {source}", path.display())]
+    Write { path: PathBuf, source: tch::TchError },
+    #[error("weights in {} do not fit the model: {report}", path.display())]
+    Mismatch { path: PathBuf, report: String },
+    #[error("cannot copy `{key}` from {} into the model: {source}", path.display())]
+    Copy { path: PathBuf, key: String, source: tch::TchError },
+}
+
+const RESNET: [i64; 4] = [16, 16, 32, 64];
+const RESNET_X4: [i64; 4] = [32, 64, 128, 256];
+
+#[derive(Debug, Clone, Copy)]
+enum Arch {
+    ResNet { depth: i64, filters: [i64; 4] },
+    Wrn { depth: i64, widen: i64 },
+    Vgg { depth: i64 },
+}
+
+/// RepDistiller's `model_dict`, less the families not ported yet.
+const ZOO: &[(&str, Arch)] = &[
+    ("resnet8", Arch::ResNet { depth: 8, filters: RESNET }),
+    ("resnet14", Arch::ResNet { depth: 14, filters: RESNET }),
+    ("resnet20", Arch::ResNet { depth: 20, filters: RESNET }),
+    ("resnet32", Arch::ResNet { depth: 32, filters: RESNET }),
+    ("resnet44", Arch::ResNet { depth: 44, filters: RESNET }),
+    ("resnet56", Arch::ResNet { depth: 56, filters: RESNET }),
+    ("resnet110", Arch::ResNet { depth: 110, filters: RESNET }),
+    ("resnet8x4", Arch::ResNet { depth: 8, filters: RESNET_X4 }),
+    ("resnet32x4", Arch::ResNet { depth: 32, filters: RESNET_X4 }),
+    ("wrn_16_1", Arch::Wrn { depth: 16, widen: 1 }),
+    ("wrn_16_2", Arch::Wrn { depth: 16, widen: 2 }),
+    ("wrn_40_1", Arch::Wrn { depth: 40, widen: 1 }),
+    ("wrn_40_2", Arch::Wrn { depth: 40, widen: 2 }),
+    ("vgg8", Arch::Vgg { depth: 8 }),
+    ("vgg11", Arch::Vgg { depth: 11 }),
+    ("vgg13", Arch::Vgg { depth: 13 }),
+    ("vgg16", Arch::Vgg { depth: 16 }),
+    ("vgg19", Arch::Vgg { depth: 19 }),
+];
+
+/// Every zoo name, sorted.
+pub fn names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = ZOO.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    names
+}
+
+/// Builds zoo model `name` under `p` with freshly initialised weights.
+pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Network>, ModelError> {
+    let Some((_, arch)) = ZOO.iter().find(|(n, _)| *n == name) else {
+        return Err(ModelError::UnknownModel {
+            name: name.to_string(),
+            valid: names().join(", "),
+        });
+    };
+    Ok(match *arch {
+        Arch::ResNet { depth, filters } => Box::new(
+            ResNetConfig::new(depth)
+                .with_filters(filters)
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::Wrn { depth, widen } => {
+            Box::new(WrnConfig::new(depth, widen).with_num_classes(num_classes).init(p)?)
+        }
+        Arch::Vgg { depth } => Box::new(VggConfig::new(depth)?.with_num_classes(num_classes).init(p)?),
+    })
+}
+
+fn check_classes(family: &'static str, num_classes: i64) -> Result<(), ModelError> {
+    if num_classes < 1 {
+        return Err(ModelError::InvalidConfig {
+            family,
+            reason: format!("num_classes must be at least 1, got {num_classes}"),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! MLflow tracking for kd runs (work in progress).
