@@ -1,0 +1,244 @@
+//! Batches with augmentation as tensor ops on the training device.
+//!
+//! All randomness (order, crops, flips, contrast indices) comes from a ChaCha
+//! stream keyed by (seed, epoch, batch), so any batch can be rebuilt exactly:
+//! a resumed run sees the same data as an uninterrupted one.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+use crate::{DataError, Dataset};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    /// Random crop (4 pixels of zero padding) and horizontal flip.
+    pub augment: bool,
+    pub drop_last: bool,
+    /// `(k, other_classes)`: add `k` contrast indices per sample.
+    pub contrast: Option<(usize, bool)>,
+}
+
+/// One batch: normalised images, labels, data-set indices, and, when asked
+/// for, contrast indices `[B, k + 1]` whose column 0 is the sample itself.
+#[derive(Debug)]
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Tensor,
+    pub index: Tensor,
+    pub contrast_index: Option<Tensor>,
+}
+
+pub struct Loader {
+    images: Tensor,
+    labels: Tensor,
+    labels_host: Vec<i64>,
+    cfg: LoaderConfig,
+    seed: u64,
+    mean: Tensor,
+    std: Tensor,
+    /// Indices grouped by class, with each class's start and size, so that
+    /// "any sample of another class" is one uniform draw.
+    by_class: Vec<i64>,
+    class_span: Vec<(usize, usize)>,
+}
+
+pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    // splitmix64 over the combined key: nearby keys give unrelated streams.
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+pub(crate) fn permutation(n: usize, seed: u64) -> Vec<i64> {
+    let mut v: Vec<i64> = (0..n as i64).collect();
+    v.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    v
+}
+
+impl Loader {
+    pub fn new(data: &Dataset, cfg: LoaderConfig, seed: u64, device: Device) -> Result<Loader, DataError> {
+        if cfg.batch_size == 0 {
+            return Err(DataError::Invalid("batch size must be at least 1".into()));
+        }
+        let labels_host: Vec<i64> = Vec::try_from(&data.labels.to_device(Device::Cpu))
+            .map_err(|e| DataError::Invalid(format!("labels: {e}")))?;
+        let classes = data.num_classes as usize;
+        let mut by_class: Vec<i64> = (0..labels_host.len() as i64).collect();
+        by_class.sort_by_key(|&i| labels_host[i as usize]);
+        let mut class_span = vec![(0, 0); classes];
+        for (pos, &i) in by_class.iter().enumerate().rev() {
+            let c = labels_host[i as usize] as usize;
+            class_span[c] = (pos, class_span[c].1 + 1);
+        }
+        if let Some((k, other)) = cfg.contrast {
+            let n = labels_host.len();
+            let smallest_pool = if other { class_span.iter().map(|s| n - s.1).min().unwrap_or(0) } else { n - 1 };
+            if smallest_pool == 0 {
+                return Err(DataError::Invalid(format!("cannot draw {k} contrast indices: no sample of another class")));
+            }
+        }
+        let stats = |v: [f64; 3]| Tensor::from_slice(&v).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
+        Ok(Loader {
+            images: data.images.to_device(device),
+            labels: data.labels.to_device(device),
+            labels_host,
+            mean: stats(data.mean),
+            std: stats(data.std),
+            cfg,
+            seed,
+            by_class,
+            class_span,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels_host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels_host.is_empty()
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        let (n, b) = (self.len(), self.cfg.batch_size);
+        if self.cfg.drop_last && n >= b { n / b } else { n.div_ceil(b) }
+    }
+
+    /// The sample order of an epoch.
+    pub fn order(&self, epoch: usize) -> Vec<i64> {
+        if self.cfg.shuffle {
+            permutation(self.len(), mix(self.seed, epoch as u64, u64::MAX))
+        } else {
+            (0..self.len() as i64).collect()
+        }
+    }
+
+    /// Batch `b` of an epoch whose order is `order`.
+    pub fn batch(&self, order: &[i64], epoch: usize, b: usize) -> Batch {
+        let bs = self.cfg.batch_size;
+        let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, epoch as u64, b as u64));
+        let device = self.images.device();
+        let index = Tensor::from_slice(idx).to_device(device);
+        let raw = self.images.index_select(0, &index).to_kind(Kind::Float) / 255.0;
+        let raw = if self.cfg.augment { self.augment(&raw, &mut rng) } else { raw };
+        let images = (raw - &self.mean) / &self.std;
+        let contrast_index = self.cfg.contrast.map(|(k, other)| self.contrast(idx, k, other, &mut rng).to_device(device));
+        Batch { images, labels: self.labels.index_select(0, &index), index, contrast_index }
+    }
+
+    /// Random 32x32 crop of the zero-padded image, then a random flip,
+    /// as torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip.
+    fn augment(&self, x: &Tensor, rng: &mut ChaCha8Rng) -> Tensor {
+        let (b, c, h, w) = x.size4().expect("images are NCHW");
+        let pad = 4;
+        let padded = x.constant_pad_nd([pad, pad, pad, pad]);
+        let dev = x.device();
+        let oy: Vec<i64> = (0..b).map(|_| rng.random_range(0..=2 * pad)).collect();
+        let ox: Vec<i64> = (0..b).map(|_| rng.random_range(0..=2 * pad)).collect();
+        let flip: Vec<bool> = (0..b).map(|_| rng.random_bool(0.5)).collect();
+        let oy = Tensor::from_slice(&oy).to_device(dev).view([b, 1, 1, 1]);
+        let ox = Tensor::from_slice(&ox).to_device(dev).view([b, 1, 1, 1]);
+        let rows = (Tensor::arange(h, (Kind::Int64, dev)).view([1, 1, h, 1]) + oy).expand([b, c, h, w + 2 * pad], false);
+        let cols = Tensor::arange(w, (Kind::Int64, dev)).view([1, 1, 1, w]) + ox;
+        let flip_t = Tensor::from_slice(&flip).to_device(dev).view([b, 1, 1, 1]);
+        // A flipped crop reads its columns right to left.
+        let cols = cols.where_self(&flip_t.logical_not(), &cols.flip([3])).expand([b, c, h, w], false);
+        padded.gather(2, &rows, false).gather(3, &cols, false)
+    }
+
+    /// `[B, k + 1]`: the sample itself, then `k` draws with replacement from
+    /// the other classes (CRD's "exact" sampling) or from all other samples.
+    fn contrast(&self, idx: &[i64], k: usize, other_classes: bool, rng: &mut ChaCha8Rng) -> Tensor {
+        let n = self.len();
+        let mut out = Vec::with_capacity(idx.len() * (k + 1));
+        for &i in idx {
+            out.push(i);
+            if other_classes {
+                let (start, count) = self.class_span[self.labels_host[i as usize] as usize];
+                for _ in 0..k {
+                    let r = rng.random_range(0..n - count);
+                    out.push(self.by_class[if r < start { r } else { r + count }]);
+                }
+            } else {
+                for _ in 0..k {
+                    let r = rng.random_range(0..n as i64 - 1);
+                    out.push(if r < i { r } else { r + 1 });
+                }
+            }
+        }
+        Tensor::from_slice(&out).view([idx.len() as i64, k as i64 + 1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: i64, classes: i64) -> Dataset {
+        let images = Tensor::arange(n * 3 * 32 * 32, (Kind::Int64, Device::Cpu)).remainder(251).to_kind(Kind::Uint8).view([n, 3, 32, 32]);
+        let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
+        Dataset { images, labels, num_classes: classes, mean: [0.0; 3], std: [1.0; 3] }
+    }
+
+    fn cfg(bs: usize) -> LoaderConfig {
+        LoaderConfig { batch_size: bs, shuffle: true, augment: true, drop_last: false, contrast: Some((5, true)) }
+    }
+
+    #[test]
+    fn batches_are_reproducible_by_key() {
+        let d = data(20, 4);
+        let l = Loader::new(&d, cfg(8), 7, Device::Cpu).unwrap();
+        assert_eq!(l.batches_per_epoch(), 3);
+        let (o1, o2) = (l.order(1), l.order(1));
+        assert_eq!(o1, o2);
+        assert_ne!(l.order(0), o1);
+        let (a, b) = (l.batch(&o1, 1, 2), l.batch(&o2, 1, 2));
+        assert_eq!(a.images.size(), [4, 3, 32, 32]);
+        assert!(a.images.equal(&b.images) && a.contrast_index.unwrap().equal(&b.contrast_index.unwrap()));
+        let mut seen: Vec<i64> = (0..3).flat_map(|b| Vec::<i64>::try_from(&l.batch(&o1, 1, b).index).unwrap()).collect();
+        seen.sort();
+        assert_eq!(seen, (0..20).collect::<Vec<_>>(), "an epoch visits every sample once");
+    }
+
+    #[test]
+    fn crop_without_shift_or_flip_is_identity_and_flip_mirrors() {
+        let d = data(64, 2);
+        let l = Loader::new(&d, LoaderConfig { contrast: None, ..cfg(64) }, 3, Device::Cpu).unwrap();
+        let order: Vec<i64> = (0..64).collect();
+        let batch = l.batch(&order, 0, 0);
+        let raw = d.images.to_kind(Kind::Float) / 255.0;
+        // Each augmented image must equal a shifted, possibly mirrored, window
+        // of its zero-padded original.
+        let padded = raw.constant_pad_nd([4, 4, 4, 4]);
+        for i in 0..64 {
+            let img = batch.images.get(i);
+            let found = (0..=8).any(|dy| {
+                (0..=8).any(|dx| {
+                    let win = padded.get(i).narrow(1, dy, 32).narrow(2, dx, 32);
+                    win.equal(&img) || win.flip([2]).equal(&img)
+                })
+            });
+            assert!(found, "image {i} is not a crop of its original");
+        }
+    }
+
+    #[test]
+    fn contrast_negatives_come_from_other_classes() {
+        let d = data(30, 3);
+        let l = Loader::new(&d, cfg(10), 1, Device::Cpu).unwrap();
+        let order = l.order(0);
+        let b = l.batch(&order, 0, 0);
+        let ci = b.contrast_index.unwrap();
+        assert_eq!(ci.size(), [10, 6]);
+        assert!(ci.select(1, 0).equal(&b.index));
+        let labels = d.labels.index_select(0, &ci.flatten(0, 1)).view([10, 6]);
+        let own = labels.select(1, 0).unsqueeze(1);
+        assert!(!labels.narrow(1, 1, 5).eq_tensor(&own).any().int64_value(&[]) != 0);
+    }
+}
