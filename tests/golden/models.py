@@ -20,8 +20,8 @@ Writes into fixtures/:
                                `x.flatten(1)[:, ::TAP_STRIDE]` to keep files
                                small; `train/logits` and `train/<bn buffer>`
                                after one train-mode forward of `input` from the
-                               saved state. Metadata: model, arch (JSON),
-                               num_classes, tap_stride, tap_shapes (JSON).
+                               saved state. Metadata `fixture`: JSON with
+                               model, arch, num_classes, tap_stride, tap_shapes.
   model_zoo.json               per zoo name (100 classes): state_dict keys with
                                shapes, trainable parameter count, tap shapes
                                for one 32x32 input.
@@ -247,7 +247,7 @@ GOLDEN = {
     "resnet20": (arch_of("resnet20"), False),
     "resnet8x4": (arch_of("resnet8x4"), True),
     "wrn_16_2": (arch_of("wrn_16_2"), True),
-    "vgg_slim": ({"family": "vgg", "cfg": [[8], [16], [32, 32], [64, 64], [64, 64]]}, False),
+    "vgg_slim": ({"family": "vgg", "cfg": [[8], [16], [32, 32], [32, 32], [32, 32]]}, False),
 }
 
 
@@ -296,9 +296,11 @@ def golden(name, arch, half):
 
     saved = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
     save_file(saved, str(OUT / f"model_{name}.safetensors"))
-    meta = {"model": name, "arch": json.dumps(arch), "num_classes": str(NUM_CLASSES),
-            "tap_stride": str(TAP_STRIDE), "tap_shapes": json.dumps(shapes)}
-    save_file(io, str(OUT / f"model_{name}_io.safetensors"), metadata=meta)
+    # One metadata entry: safetensors writes several in hash order, which
+    # would change the file on every regeneration.
+    meta = {"model": name, "arch": arch, "num_classes": NUM_CLASSES,
+            "tap_stride": TAP_STRIDE, "tap_shapes": shapes}
+    save_file(io, str(OUT / f"model_{name}_io.safetensors"), metadata={"fixture": json.dumps(meta)})
     print(f"{name}: logits[0,:3]={out['logits'][0, :3].tolist()}")
 
 

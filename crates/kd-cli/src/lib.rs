@@ -1,13 +1,22 @@
 //! The `kd` command line. `run` is the whole program, callable in-process by
 //! the tests; `main.rs` only maps its result to an exit code.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
-use std::process::ExitCode;
+mod console;
+mod train;
 
-use anyhow::{Context, Result};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kd_core::Registry;
+use kd_engine::report::{summarize, table};
+use kd_engine::{ModelPlan, NoScripts, Plan, RunOptions, RunResult};
+
+use crate::train::{TrainArgs, apply_config, parse_method};
 
 #[derive(Parser, Debug)]
 #[command(name = "kd", version, about = "Knowledge distillation on libtorch: recipes, plugins, tracking")]
@@ -18,6 +27,50 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Train a network from scratch on the labels (to serve as a teacher).
+    TrainTeacher {
+        /// Zoo name (`kd models`).
+        #[arg(long)]
+        arch: String,
+        #[command(flatten)]
+        train: TrainArgs,
+    },
+    /// Distill a frozen teacher into a student with one or more methods.
+    Distill {
+        #[arg(long)]
+        teacher: String,
+        /// Teacher weights (safetensors; a PyTorch state_dict loads as-is).
+        #[arg(long)]
+        teacher_weights: PathBuf,
+        #[arg(long)]
+        student: String,
+        /// `NAME[:WEIGHT]`, repeatable, e.g. `--method st:0.9`.
+        #[arg(long = "method", required = true)]
+        methods: Vec<String>,
+        /// Weight of the cross-entropy on labels (0 leaves it out).
+        #[arg(long, default_value_t = 1.0)]
+        ce: f64,
+        /// `METHOD.FIELD=VALUE`, repeatable, e.g. `--config st.T=4`.
+        #[arg(long = "config")]
+        configs: Vec<String>,
+        /// Also train the student without a teacher, same seeds, and compare.
+        #[arg(long)]
+        baseline: bool,
+        #[command(flatten)]
+        train: TrainArgs,
+    },
+    /// Run a saved plan (YAML, as printed by `kd plan`) exactly.
+    Run {
+        plan: PathBuf,
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        tracking_uri: Option<String>,
+    },
+    /// List the model zoo.
+    Models,
     /// List registered methods with their config fields and defaults.
     Methods {
         /// Print JSON instead of a table.
@@ -38,6 +91,18 @@ enum Probe {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run a zoo model in eval mode on `input`; write `logits` and every tap.
+    Model {
+        name: String,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        num_classes: i64,
+    },
 }
 
 /// Runs `kd` with the given arguments (the first is the program name).
@@ -50,6 +115,61 @@ where
     kd_methods::link();
     let registry = Registry::global()?;
     match cli.cmd {
+        Cmd::TrainTeacher { arch, train } => {
+            let name = train.name.clone().unwrap_or_else(|| format!("teacher_{arch}"));
+            let student = ModelPlan { arch, weights: None };
+            let runs = seeds(&train, &name, |run_name, seed| {
+                train.plan(run_name, student.clone(), None, "train", vec![kd_engine::MethodPlan::new("ce", 1.0)], seed)
+            })?;
+            let rows = vec![summarize(&name, &execute_all(&registry, &runs, &train)?)];
+            print!("{}", table(&rows));
+            Ok(())
+        }
+        Cmd::Distill { teacher, teacher_weights, student, methods, ce, configs, baseline, train } => {
+            let mut plans = Vec::new();
+            for m in &methods {
+                plans.push(parse_method(m)?);
+            }
+            for c in &configs {
+                apply_config(&mut plans, c)?;
+            }
+            if ce > 0.0 {
+                plans.insert(0, kd_engine::MethodPlan::new("ce", ce));
+            }
+            let label = methods.iter().map(|m| m.split(':').next().unwrap_or(m)).collect::<Vec<_>>().join("+");
+            let name = train.name.clone().unwrap_or_else(|| format!("{student}_from_{teacher}_{label}"));
+            let t = ModelPlan { arch: teacher.clone(), weights: Some(teacher_weights) };
+            let s = ModelPlan { arch: student.clone(), weights: None };
+            let kd_runs = seeds(&train, &name, |run_name, seed| {
+                train.plan(run_name, s.clone(), Some(t.clone()), "distill", plans.clone(), seed)
+            })?;
+            let mut rows = Vec::new();
+            if baseline {
+                let base = format!("{student}_baseline");
+                let base_runs = seeds(&train, &base, |run_name, seed| {
+                    train.plan(run_name, s.clone(), None, "train", vec![kd_engine::MethodPlan::new("ce", 1.0)], seed)
+                })?;
+                rows.push(summarize(&format!("{student} alone (ce)"), &execute_all(&registry, &base_runs, &train)?));
+            }
+            rows.push(summarize(&format!("{student} from {teacher} ({label})"), &execute_all(&registry, &kd_runs, &train)?));
+            print!("{}", table(&rows));
+            Ok(())
+        }
+        Cmd::Run { plan, out, resume, tracking_uri } => {
+            let text = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
+            let plan: Plan = serde_saphyr::from_str(&text).with_context(|| format!("{} is not a valid plan", plan.display()))?;
+            kd_engine::validate(&plan, &registry, &NoScripts, true)?;
+            let result = execute(&registry, &plan, &out, resume, tracking_uri.as_deref())?;
+            print!("{}", table(&[summarize(&plan.name, &[result])]));
+            Ok(())
+        }
+        Cmd::Models => {
+            for name in kd_models::names() {
+                println!("{name}");
+            }
+            Ok(())
+        }
+        Cmd::Probe(Probe::Model { name, weights, input, out, num_classes }) => probe_model(&name, &weights, &input, &out, num_classes),
         Cmd::Methods { json } => print_methods(&registry, json),
         Cmd::Probe(Probe::Loss { fixture, out }) => {
             let result = kd_engine::probe::probe_loss(&fixture, &registry)
@@ -58,6 +178,80 @@ where
             Ok(())
         }
     }
+}
+
+/// One plan per seed; the run name gets a `_s<seed>` suffix.
+fn seeds(train: &TrainArgs, name: &str, mut make: impl FnMut(String, u64) -> Result<Plan>) -> Result<Vec<Plan>> {
+    if train.seeds.is_empty() {
+        bail!("--seeds needs at least one seed");
+    }
+    train.seeds.iter().map(|&seed| make(format!("{name}_s{seed}"), seed)).collect()
+}
+
+fn execute_all(registry: &Registry, plans: &[Plan], train: &TrainArgs) -> Result<Vec<RunResult>> {
+    // Validate every plan before the first one trains.
+    for p in plans {
+        kd_engine::validate(p, registry, &NoScripts, true).with_context(|| format!("plan `{}`", p.name))?;
+    }
+    plans.iter().map(|p| execute(registry, p, &train.out, train.resume, train.tracking_uri.as_deref())).collect()
+}
+
+/// Set by Ctrl-C; the engine stops at the next step, keeping its checkpoint.
+fn stop_flag() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        let _ = ctrlc::set_handler(move || f.store(true, Ordering::SeqCst));
+        flag
+    })
+    .clone()
+}
+
+/// Runs one plan in `out/<plan name>`, printing epochs to stderr.
+pub fn execute(registry: &Registry, plan: &Plan, out: &Path, resume: bool, _tracking_uri: Option<&str>) -> Result<RunResult> {
+    let run_dir = out.join(&plan.name);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let yaml = serde_saphyr::to_string(plan).context("serialising the plan")?;
+    std::fs::write(run_dir.join("plan.yaml"), yaml).with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
+    let mut console = console::Console { run: plan.name.clone(), next: None };
+    let mut opts = RunOptions {
+        run_dir,
+        resume,
+        observer: &mut console,
+        scripts: &NoScripts,
+        stop: Some(stop_flag()),
+        log_every: 10,
+        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    Ok(kd_engine::run(plan, registry, &mut opts)?)
+}
+
+fn probe_model(name: &str, weights: &Path, input: &Path, out: &Path, num_classes: i64) -> Result<()> {
+    let file = kd_engine::tensors::read(input)?;
+    let x = file.get("input").context("input file has no tensor named `input`")?;
+    let classes = if num_classes > 0 { num_classes } else { infer_classes(weights)? };
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = kd_models::build(name, &vs.root(), classes)?;
+    kd_models::load_weights(&mut vs, weights)?;
+    let taps = tch::no_grad(|| net.forward_taps(&x.to_kind(tch::Kind::Float), false));
+    let mut outf = kd_engine::tensors::TensorFile::default();
+    outf.push("logits", &taps.logits);
+    for (tap, t) in taps.named() {
+        outf.push(tap.to_string(), t);
+    }
+    kd_engine::tensors::write(out, &outf)?;
+    Ok(())
+}
+
+/// Number of classes from the classifier's bias in a weights file.
+fn infer_classes(weights: &Path) -> Result<i64> {
+    let file = kd_engine::tensors::read(weights)?;
+    file.tensors
+        .iter()
+        .find(|(n, _)| n.ends_with("fc.bias") || n.ends_with("classifier.bias"))
+        .map(|(_, t)| t.size()[0])
+        .context("cannot tell the number of classes from the weights; pass --num-classes")
 }
 
 fn print_methods(registry: &Registry, json: bool) -> Result<()> {

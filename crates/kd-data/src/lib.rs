@@ -114,3 +114,12 @@ pub fn load(source: &DataSource, val_fraction: f64, split_seed: u64) -> Result<S
     train_idx = train_idx.to_kind(Kind::Int64);
     Ok(Splits { val: Some(train.select(&val_idx.sort(0, false).0)), train: train.select(&train_idx), test })
 }
+
+/// Training-set size and number of classes of a source, without reading it.
+pub fn describe(source: &DataSource) -> Result<(i64, i64), DataError> {
+    Ok(match source {
+        DataSource::Synthetic(c) => (c.train_size, c.classes),
+        DataSource::Cifar10 { .. } => (50_000, 10),
+        DataSource::Cifar100 { .. } => (50_000, 100),
+    })
+}

@@ -7,6 +7,10 @@ pub enum EngineError {
     #[error(transparent)]
     Kd(#[from] kd_core::KdError),
     #[error(transparent)]
+    Model(#[from] kd_models::ModelError),
+    #[error(transparent)]
+    Data(#[from] kd_data::DataError),
+    #[error(transparent)]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

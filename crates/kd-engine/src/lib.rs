@@ -1,8 +1,23 @@
 //! The engine: turns a validated plan into training. It knows taps, gradient
-//! taps, adversarial views, memory banks and stages; it never names a method.
+//! taps, adversarial views, memory banks, mutual learning and stages; it
+//! never names a method.
 
+mod attack;
 mod error;
+mod eval;
+pub mod observe;
+mod optim;
+pub mod plan;
 pub mod probe;
+pub mod report;
+mod run;
+pub mod schedule;
 pub mod tensors;
 
 pub use error::{EngineError, Result};
+pub use eval::accuracy;
+pub use observe::{EpochRecord, Observer, RunResult, Silent, StageResult};
+pub use optim::Optimizer;
+pub use plan::{DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Sgd, StagePlan, Subject};
+pub use run::{RunOptions, device, run, validate};
+pub use schedule::{NoScripts, Schedule, ScheduleFn, ScheduleResolver, Weight};

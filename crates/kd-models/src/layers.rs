@@ -61,13 +61,25 @@ pub(crate) enum LinearInit {
 
 pub(crate) fn linear(p: nn::Path, c_in: i64, c_out: i64, init: LinearInit) -> nn::Linear {
     let bound = 1.0 / (c_in as f64).sqrt();
-    let torch_uniform = Init::Uniform { lo: -bound, up: bound };
+    let torch_uniform = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
     let (ws_init, bs_init) = match init {
         LinearInit::Torch => (torch_uniform, torch_uniform),
         LinearInit::ZeroBias => (torch_uniform, Init::Const(0.)),
         LinearInit::Normal(stdev) => (Init::Randn { mean: 0., stdev }, Init::Const(0.)),
     };
-    nn::linear(p, c_in, c_out, nn::LinearConfig { ws_init, bs_init: Some(bs_init), bias: true })
+    nn::linear(
+        p,
+        c_in,
+        c_out,
+        nn::LinearConfig {
+            ws_init,
+            bs_init: Some(bs_init),
+            bias: true,
+        },
+    )
 }
 
 /// Global average pooling to the `[N, C]` vector the classifier reads.

@@ -39,15 +39,28 @@ pub enum ModelError {
     #[error("unknown model `{name}`; valid models: {valid}")]
     UnknownModel { name: String, valid: String },
     #[error("invalid {family} configuration: {reason}")]
-    InvalidConfig { family: &'static str, reason: String },
-    #[error("cannot read weights from {}: {source}", path.display())]
-    Read { path: PathBuf, source: tch::TchError },
+    InvalidConfig {
+        family: &'static str,
+        reason: String,
+    },
+    #[error("cannot read safetensors weights from {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: tch::TchError,
+    },
     #[error("cannot write weights to {}: {source}", path.display())]
-    Write { path: PathBuf, source: tch::TchError },
+    Write {
+        path: PathBuf,
+        source: tch::TchError,
+    },
     #[error("weights in {} do not fit the model: {report}", path.display())]
     Mismatch { path: PathBuf, report: String },
     #[error("cannot copy `{key}` from {} into the model: {source}", path.display())]
-    Copy { path: PathBuf, key: String, source: tch::TchError },
+    Copy {
+        path: PathBuf,
+        key: String,
+        source: tch::TchError,
+    },
 }
 
 const RESNET: [i64; 4] = [16, 16, 32, 64];
@@ -62,19 +75,97 @@ enum Arch {
 
 /// RepDistiller's `model_dict`, less the families not ported yet.
 const ZOO: &[(&str, Arch)] = &[
-    ("resnet8", Arch::ResNet { depth: 8, filters: RESNET }),
-    ("resnet14", Arch::ResNet { depth: 14, filters: RESNET }),
-    ("resnet20", Arch::ResNet { depth: 20, filters: RESNET }),
-    ("resnet32", Arch::ResNet { depth: 32, filters: RESNET }),
-    ("resnet44", Arch::ResNet { depth: 44, filters: RESNET }),
-    ("resnet56", Arch::ResNet { depth: 56, filters: RESNET }),
-    ("resnet110", Arch::ResNet { depth: 110, filters: RESNET }),
-    ("resnet8x4", Arch::ResNet { depth: 8, filters: RESNET_X4 }),
-    ("resnet32x4", Arch::ResNet { depth: 32, filters: RESNET_X4 }),
-    ("wrn_16_1", Arch::Wrn { depth: 16, widen: 1 }),
-    ("wrn_16_2", Arch::Wrn { depth: 16, widen: 2 }),
-    ("wrn_40_1", Arch::Wrn { depth: 40, widen: 1 }),
-    ("wrn_40_2", Arch::Wrn { depth: 40, widen: 2 }),
+    (
+        "resnet8",
+        Arch::ResNet {
+            depth: 8,
+            filters: RESNET,
+        },
+    ),
+    (
+        "resnet14",
+        Arch::ResNet {
+            depth: 14,
+            filters: RESNET,
+        },
+    ),
+    (
+        "resnet20",
+        Arch::ResNet {
+            depth: 20,
+            filters: RESNET,
+        },
+    ),
+    (
+        "resnet32",
+        Arch::ResNet {
+            depth: 32,
+            filters: RESNET,
+        },
+    ),
+    (
+        "resnet44",
+        Arch::ResNet {
+            depth: 44,
+            filters: RESNET,
+        },
+    ),
+    (
+        "resnet56",
+        Arch::ResNet {
+            depth: 56,
+            filters: RESNET,
+        },
+    ),
+    (
+        "resnet110",
+        Arch::ResNet {
+            depth: 110,
+            filters: RESNET,
+        },
+    ),
+    (
+        "resnet8x4",
+        Arch::ResNet {
+            depth: 8,
+            filters: RESNET_X4,
+        },
+    ),
+    (
+        "resnet32x4",
+        Arch::ResNet {
+            depth: 32,
+            filters: RESNET_X4,
+        },
+    ),
+    (
+        "wrn_16_1",
+        Arch::Wrn {
+            depth: 16,
+            widen: 1,
+        },
+    ),
+    (
+        "wrn_16_2",
+        Arch::Wrn {
+            depth: 16,
+            widen: 2,
+        },
+    ),
+    (
+        "wrn_40_1",
+        Arch::Wrn {
+            depth: 40,
+            widen: 1,
+        },
+    ),
+    (
+        "wrn_40_2",
+        Arch::Wrn {
+            depth: 40,
+            widen: 2,
+        },
+    ),
     ("vgg8", Arch::Vgg { depth: 8 }),
     ("vgg11", Arch::Vgg { depth: 11 }),
     ("vgg13", Arch::Vgg { depth: 13 }),
@@ -104,10 +195,16 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
                 .with_num_classes(num_classes)
                 .init(p)?,
         ),
-        Arch::Wrn { depth, widen } => {
-            Box::new(WrnConfig::new(depth, widen).with_num_classes(num_classes).init(p)?)
-        }
-        Arch::Vgg { depth } => Box::new(VggConfig::new(depth)?.with_num_classes(num_classes).init(p)?),
+        Arch::Wrn { depth, widen } => Box::new(
+            WrnConfig::new(depth, widen)
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::Vgg { depth } => Box::new(
+            VggConfig::new(depth)?
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
     })
 }
 

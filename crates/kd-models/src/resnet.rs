@@ -22,7 +22,11 @@ pub struct ResNetConfig {
 impl ResNetConfig {
     /// RepDistiller's narrow widths (16, 16, 32, 64) and 100 classes.
     pub fn new(depth: i64) -> Self {
-        ResNetConfig { depth, filters: [16, 16, 32, 64], num_classes: 100 }
+        ResNetConfig {
+            depth,
+            filters: [16, 16, 32, 64],
+            num_classes: 100,
+        }
     }
 
     pub fn with_filters(mut self, filters: [i64; 4]) -> Self {
@@ -36,12 +40,21 @@ impl ResNetConfig {
     }
 
     pub fn init(&self, p: &nn::Path) -> Result<ResNet, ModelError> {
-        let invalid = |reason: String| ModelError::InvalidConfig { family: "resnet", reason };
+        let invalid = |reason: String| ModelError::InvalidConfig {
+            family: "resnet",
+            reason,
+        };
         if self.depth < 8 || (self.depth - 2) % 6 != 0 {
-            return Err(invalid(format!("depth must be 6n+2 with n >= 1, got {}", self.depth)));
+            return Err(invalid(format!(
+                "depth must be 6n+2 with n >= 1, got {}",
+                self.depth
+            )));
         }
         if self.filters.iter().any(|&f| f < 1) {
-            return Err(invalid(format!("filters must be positive, got {:?}", self.filters)));
+            return Err(invalid(format!(
+                "filters must be positive, got {:?}",
+                self.filters
+            )));
         }
         check_classes("resnet", self.num_classes)?;
         let n = (self.depth - 2) / 6;
@@ -70,7 +83,10 @@ impl BasicBlock {
     fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
         let downsample = (stride != 1 || c_in != c_out).then(|| {
             let d = p / "downsample";
-            (conv(&d / "0", c_in, c_out, 1, stride, false), bn(&d / "1", c_out))
+            (
+                conv(&d / "0", c_in, c_out, 1, stride, false),
+                bn(&d / "1", c_out),
+            )
         });
         BasicBlock {
             conv1: conv(p / "conv1", c_in, c_out, 3, stride, false),
@@ -113,7 +129,10 @@ impl Stage {
             c = c_out;
             s = 1;
         }
-        Stage { body, last: BasicBlock::new(&(p / (n - 1)), c, c_out, s) }
+        Stage {
+            body,
+            last: BasicBlock::new(&(p / (n - 1)), c, c_out, s),
+        }
     }
 
     /// (output after ReLU, output before it).
@@ -155,6 +174,11 @@ impl Network for ResNet {
         let (f3, p3) = self.layer3.forward(&f2, train);
         let embed = global_pool(&f3);
         let logits = self.fc.forward(&embed);
-        Taps { feat: vec![f0, f1, f2, f3], preact: vec![p0, p1, p2, p3], embed, logits }
+        Taps {
+            feat: vec![f0, f1, f2, f3],
+            preact: vec![p0, p1, p2, p3],
+            embed,
+            logits,
+        }
     }
 }

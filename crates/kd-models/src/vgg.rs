@@ -39,7 +39,10 @@ impl VggConfig {
         let b0 = if depth <= 11 { 1 } else { 2 };
         let widths = [(64, b0), (128, b0), (256, b2), (512, b3), (512, b3)];
         let cfg = widths.iter().map(|&(w, n)| vec![w; n]).collect();
-        Ok(VggConfig { cfg, num_classes: 100 })
+        Ok(VggConfig {
+            cfg,
+            num_classes: 100,
+        })
     }
 
     pub fn with_cfg(mut self, cfg: Vec<Vec<i64>>) -> Self {
@@ -53,12 +56,21 @@ impl VggConfig {
     }
 
     pub fn init(&self, p: &nn::Path) -> Result<Vgg, ModelError> {
-        let invalid = |reason: String| ModelError::InvalidConfig { family: "vgg", reason };
+        let invalid = |reason: String| ModelError::InvalidConfig {
+            family: "vgg",
+            reason,
+        };
         if self.cfg.len() != 5 || self.cfg.iter().any(Vec::is_empty) {
-            return Err(invalid(format!("cfg must have 5 non-empty blocks, got {:?}", self.cfg)));
+            return Err(invalid(format!(
+                "cfg must have 5 non-empty blocks, got {:?}",
+                self.cfg
+            )));
         }
         if self.cfg.iter().flatten().any(|&w| w < 1) {
-            return Err(invalid(format!("widths must be positive, got {:?}", self.cfg)));
+            return Err(invalid(format!(
+                "widths must be positive, got {:?}",
+                self.cfg
+            )));
         }
         check_classes("vgg", self.num_classes)?;
         let mut c_in = 3;
@@ -74,7 +86,12 @@ impl VggConfig {
             blocks.push(Block { layers });
         }
         // RepDistiller hardcodes 512 inputs, the last width of every cfg.
-        let classifier = linear(p / "classifier", c_in, self.num_classes, LinearInit::Normal(0.01));
+        let classifier = linear(
+            p / "classifier",
+            c_in,
+            self.num_classes,
+            LinearInit::Normal(0.01),
+        );
         Ok(Vgg { blocks, classifier })
     }
 }
@@ -136,6 +153,11 @@ impl Network for Vgg {
         // `init` guarantees five blocks, so `feat` is never empty.
         let embed = global_pool(feat.last().unwrap_or(xs));
         let logits = self.classifier.forward(&embed);
-        Taps { feat, preact, embed, logits }
+        Taps {
+            feat,
+            preact,
+            embed,
+            logits,
+        }
     }
 }

@@ -30,8 +30,10 @@ fn is_ignored(key: &str) -> bool {
 /// `load_state_dict` does. Any missing key, unexpected key or shape mismatch
 /// fails the whole load before a single variable changes.
 pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
-    let file = Tensor::read_safetensors(path)
-        .map_err(|source| ModelError::Read { path: path.to_path_buf(), source })?;
+    let file = Tensor::read_safetensors(path).map_err(|source| ModelError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut vars = vs.variables();
 
     let mut loaded: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -49,9 +51,17 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
         }
     }
 
-    let mut missing: Vec<String> = vars.keys().filter(|k| !loaded.contains_key(*k)).cloned().collect();
+    let mut missing: Vec<String> = vars
+        .keys()
+        .filter(|k| !loaded.contains_key(*k))
+        .cloned()
+        .collect();
     missing.sort();
-    let unexpected: Vec<String> = loaded.keys().filter(|k| !vars.contains_key(*k)).cloned().collect();
+    let unexpected: Vec<String> = loaded
+        .keys()
+        .filter(|k| !vars.contains_key(*k))
+        .cloned()
+        .collect();
     duplicate.sort();
     let mismatched: Vec<String> = loaded
         .iter()
@@ -72,7 +82,10 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
     .filter_map(|(label, items)| summarise(label, &items))
     .collect();
     if !report.is_empty() {
-        return Err(ModelError::Mismatch { path: path.to_path_buf(), report: report.join("; ") });
+        return Err(ModelError::Mismatch {
+            path: path.to_path_buf(),
+            report: report.join("; "),
+        });
     }
 
     tch::no_grad(|| {
@@ -94,7 +107,12 @@ fn summarise(label: &str, items: &[String]) -> Option<String> {
     if items.is_empty() {
         return None;
     }
-    let shown = items.iter().take(LISTED).map(String::as_str).collect::<Vec<_>>().join(", ");
+    let shown = items
+        .iter()
+        .take(LISTED)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
     let more = match items.len().saturating_sub(LISTED) {
         0 => String::new(),
         n => format!(" and {n} more"),
@@ -111,6 +129,8 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
         .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).contiguous()))
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&named, path)
-        .map_err(|source| ModelError::Write { path: path.to_path_buf(), source })
+    Tensor::write_safetensors(&named, path).map_err(|source| ModelError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }

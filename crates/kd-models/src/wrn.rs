@@ -23,7 +23,11 @@ pub struct WrnConfig {
 impl WrnConfig {
     /// `wrn_<depth>_<widen>` with 100 classes.
     pub fn new(depth: i64, widen_factor: i64) -> Self {
-        WrnConfig { depth, widen_factor, num_classes: 100 }
+        WrnConfig {
+            depth,
+            widen_factor,
+            num_classes: 100,
+        }
     }
 
     pub fn with_num_classes(mut self, num_classes: i64) -> Self {
@@ -32,12 +36,21 @@ impl WrnConfig {
     }
 
     pub fn init(&self, p: &nn::Path) -> Result<WideResNet, ModelError> {
-        let invalid = |reason: String| ModelError::InvalidConfig { family: "wrn", reason };
+        let invalid = |reason: String| ModelError::InvalidConfig {
+            family: "wrn",
+            reason,
+        };
         if self.depth < 10 || (self.depth - 4) % 6 != 0 {
-            return Err(invalid(format!("depth must be 6n+4 with n >= 1, got {}", self.depth)));
+            return Err(invalid(format!(
+                "depth must be 6n+4 with n >= 1, got {}",
+                self.depth
+            )));
         }
         if self.widen_factor < 1 {
-            return Err(invalid(format!("widen_factor must be positive, got {}", self.widen_factor)));
+            return Err(invalid(format!(
+                "widen_factor must be positive, got {}",
+                self.widen_factor
+            )));
         }
         check_classes("wrn", self.num_classes)?;
         let n = (self.depth - 4) / 6;
@@ -72,7 +85,8 @@ impl WideBlock {
             conv1: conv(p / "conv1", c_in, c_out, 3, stride, false),
             bn2: bn(p / "bn2", c_out),
             conv2: conv(p / "conv2", c_out, c_out, 3, 1, false),
-            shortcut: (c_in != c_out).then(|| conv(p / "convShortcut", c_in, c_out, 1, stride, false)),
+            shortcut: (c_in != c_out)
+                .then(|| conv(p / "convShortcut", c_in, c_out, 1, stride, false)),
         }
     }
 
@@ -106,7 +120,9 @@ impl Stage {
     fn new(p: &nn::Path, n: i64, c_in: i64, c_out: i64, stride: i64) -> Self {
         Stage {
             first: WideBlock::new(&(p / 0), c_in, c_out, stride),
-            rest: (1..n).map(|i| WideBlock::new(&(p / i), c_out, c_out, 1)).collect(),
+            rest: (1..n)
+                .map(|i| WideBlock::new(&(p / i), c_out, c_out, 1))
+                .collect(),
         }
     }
 
@@ -164,6 +180,11 @@ impl Network for WideResNet {
         let embed = global_pool(&p3.relu());
         let logits = self.fc.forward(&embed);
         let p0 = f0.shallow_clone();
-        Taps { feat: vec![f0, f1, f2, f3], preact: vec![p0, p1, p2, p3], embed, logits }
+        Taps {
+            feat: vec![f0, f1, f2, f3],
+            preact: vec![p0, p1, p2, p3],
+            embed,
+            logits,
+        }
     }
 }

@@ -176,19 +176,17 @@ impl Client {
         start_time: i64,
         tags: &[(String, String)],
     ) -> Result<RunInfo> {
-        let tags: Vec<Value> = tags
-            .iter()
-            .map(|(k, v)| json!({ "key": k, "value": v }))
-            .collect();
         let mut body = json!({
             "experiment_id": experiment_id,
             "start_time": start_time,
-            "tags": tags,
+            "tags": key_values(tags),
         });
         if let Some(name) = run_name {
             body["run_name"] = json!(name);
         }
-        if let Some(user) = tags_user(&body) {
+        // MLflow deprecated `user_id` for the `mlflow.user` tag, but the UI
+        // still shows the field; keep them equal.
+        if let Some((_, user)) = tags.iter().find(|(k, _)| k == "mlflow.user") {
             body["user_id"] = json!(user);
         }
         let v = self.post("mlflow/runs/create", &body)?;
@@ -236,11 +234,6 @@ impl Client {
         params: &[(String, String)],
         tags: &[(String, String)],
     ) -> Result<()> {
-        let kv = |v: &[(String, String)]| -> Vec<Value> {
-            v.iter()
-                .map(|(k, v)| json!({ "key": k, "value": v }))
-                .collect()
-        };
         let metrics: Vec<Value> = metrics
             .iter()
             .map(|m| {
@@ -255,8 +248,8 @@ impl Client {
         let body = json!({
             "run_id": run_id,
             "metrics": metrics,
-            "params": kv(params),
-            "tags": kv(tags),
+            "params": key_values(params),
+            "tags": key_values(tags),
         });
         self.post("mlflow/runs/log-batch", &body).map(drop)
     }
@@ -292,7 +285,10 @@ impl Client {
             "{}{}{}/{}",
             self.base,
             ARTIFACTS_ROUTE,
-            root.split('/').map(encode_segment).collect::<Vec<_>>().join("/"),
+            root.split('/')
+                .map(encode_segment)
+                .collect::<Vec<_>>()
+                .join("/"),
             rel.join("/")
         );
         let file = File::open(local).map_err(|e| Error::io(local, e))?;
@@ -371,14 +367,10 @@ fn string_field(v: &Value, key: &str) -> std::result::Result<String, String> {
         .ok_or_else(|| format!("no string field `{key}`"))
 }
 
-/// MLflow deprecated `user_id` in favour of the `mlflow.user` tag but the UI
-/// still shows the former; keep them equal.
-fn tags_user(body: &Value) -> Option<String> {
-    body["tags"].as_array()?.iter().find_map(|t| {
-        (t["key"] == "mlflow.user")
-            .then(|| t["value"].as_str().map(str::to_string))
-            .flatten()
-    })
+fn key_values(v: &[(String, String)]) -> Vec<Value> {
+    v.iter()
+        .map(|(k, v)| json!({ "key": k, "value": v }))
+        .collect()
 }
 
 /// Proto3 JSON, which MLflow parses, spells non-finite doubles as strings;

@@ -21,7 +21,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()], att_f: 1.0 }
+        Config {
+            taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()],
+            att_f: 1.0,
+        }
     }
 }
 
@@ -39,8 +42,22 @@ pub struct Afd {
 }
 
 fn conv1x1(p: nn::Path, i: i64, o: i64) -> nn::Conv2D {
-    let ws_init = Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU };
-    nn::conv2d(p, i, o, 1, nn::ConvConfig { ws_init, bs_init: Init::Const(0.0), ..Default::default() })
+    let ws_init = Init::Kaiming {
+        dist: NormalOrUniform::Normal,
+        fan: FanInOut::FanOut,
+        non_linearity: NonLinearity::ReLU,
+    };
+    nn::conv2d(
+        p,
+        i,
+        o,
+        1,
+        nn::ConvConfig {
+            ws_init,
+            bs_init: Init::Const(0.0),
+            ..Default::default()
+        },
+    )
 }
 
 fn stage(att_f: f64, name: &str, k: usize, cx: &mut BuildCx) -> Result<Stage> {
@@ -54,10 +71,15 @@ fn stage(att_f: f64, name: &str, k: usize, cx: &mut BuildCx) -> Result<Stage> {
     }
     let mid = (ts[0] as f64 * att_f) as i64;
     if mid < 1 {
-        return Err(cx.error(format!("att_f = {att_f} leaves no hidden channels for tap `{name}`")));
+        return Err(cx.error(format!(
+            "att_f = {att_f} leaves no hidden channels for tap `{name}`"
+        )));
     }
     let p = cx.params() / k / "attention";
-    let attention = nn::seq().add(conv1x1(&p / 0, ts[0], mid)).add_fn(Tensor::relu).add(conv1x1(&p / 2, mid, ts[0]));
+    let attention = nn::seq()
+        .add(conv1x1(&p / 0, ts[0], mid))
+        .add_fn(Tensor::relu)
+        .add(conv1x1(&p / 2, mid, ts[0]));
     Ok(Stage { s, t, attention })
 }
 
@@ -68,7 +90,8 @@ fn normalise(fm: &Tensor) -> Tensor {
 
 impl Method for Afd {
     const NAME: &'static str = "afd";
-    const SUMMARY: &'static str = "Pay Attention to Features, Transfer Learn Faster CNNs (Wang et al., 2020)";
+    const SUMMARY: &'static str =
+        "Pay Attention to Features, Transfer Learn Faster CNNs (Wang et al., 2020)";
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
@@ -78,7 +101,12 @@ impl Method for Afd {
         if cfg.taps.is_empty() {
             return Err(cx.error("taps must name at least one tap"));
         }
-        let stages = cfg.taps.iter().enumerate().map(|(k, name)| stage(cfg.att_f, name, k, cx)).collect::<Result<_>>()?;
+        let stages = cfg
+            .taps
+            .iter()
+            .enumerate()
+            .map(|(k, name)| stage(cfg.att_f, name, k, cx))
+            .collect::<Result<_>>()?;
         Ok(Afd { stages })
     }
 
@@ -87,10 +115,20 @@ impl Method for Afd {
         for st in &self.stages {
             let (s, t) = (io.tap(st.s), io.tap(st.t));
             let b = t.size()[0];
-            let rho = st.attention.forward(&t.adaptive_avg_pool2d([1, 1])).reshape([b, -1]).sigmoid();
+            let rho = st
+                .attention
+                .forward(&t.adaptive_avg_pool2d([1, 1]))
+                .reshape([b, -1])
+                .sigmoid();
             let rho = &rho / rho.sum_dim_intlist(1, true, None::<Kind>);
-            let dist = (normalise(s) - normalise(t)).pow_tensor_scalar(2).mean_dim(&[2i64, 3][..], false, None::<Kind>);
-            let l = (rho * dist).sum_dim_intlist(1, false, None::<Kind>).mean_dim(0, false, None::<Kind>);
+            let dist = (normalise(s) - normalise(t)).pow_tensor_scalar(2).mean_dim(
+                &[2i64, 3][..],
+                false,
+                None::<Kind>,
+            );
+            let l = (rho * dist)
+                .sum_dim_intlist(1, false, None::<Kind>)
+                .mean_dim(0, false, None::<Kind>);
             total = Some(match total {
                 Some(acc) => acc + l,
                 None => l,
@@ -103,3 +141,118 @@ impl Method for Afd {
 }
 
 register_method!(Afd);
+
+#[cfg(test)]
+mod tests {
+    use kd_core::{Needs, Progress, TapShapes, Taps};
+    use tch::Device;
+
+    use super::*;
+
+    const F: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    fn taps(fm: &[f32], c: i64) -> Taps {
+        let fm = Tensor::from_slice(fm)
+            .view([1, c, 1, -1])
+            .repeat([2, 1, 1, 1]);
+        Taps {
+            feat: vec![fm.shallow_clone()],
+            preact: vec![fm],
+            embed: Tensor::zeros([2, 1], F),
+            logits: Tensor::zeros([2, 3], F),
+        }
+    }
+
+    fn run(att_f: f64, s: &Taps, t: &Taps, vs: &nn::VarStore) -> Result<f64> {
+        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
+        let mut cx = BuildCx::new("afd", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
+        let mut m = Afd::build(
+            Config {
+                taps: vec!["feat/0".into()],
+                att_f,
+            },
+            &mut cx,
+        )?;
+        for (_, mut v) in vs.variables() {
+            tch::no_grad(|| {
+                let _ = v.zero_();
+            });
+        }
+        let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
+        let io = StepIo {
+            student: s,
+            teacher: Some(t),
+            grads: &[],
+            views: &[],
+            target: &target,
+            index: None,
+            contrast_index: None,
+            progress: Progress::default(),
+            train: true,
+        };
+        let mut out = Losses::default();
+        m.losses(&io, &mut out)?;
+        Ok(out.total().double_value(&[]))
+    }
+
+    #[test]
+    fn uniform_attention_by_hand() {
+        // A zeroed SE block gives ρ = ½ per channel. Channel 0: student (1, 0)
+        // and teacher (0, 1) normalise to opposite unit vectors, mean squared
+        // gap 1; channel 1: (0, 3) and (0, 5) both become (0, 1), gap 0.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let l = run(
+            1.0,
+            &taps(&[1., 0., 0., 3.], 2),
+            &taps(&[0., 1., 0., 5.], 2),
+            &vs,
+        )
+        .unwrap();
+        assert!((l - 0.5).abs() < 1e-5, "{l}");
+        let mut names: Vec<_> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| format!("{k}{:?}", v.size()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "0.attention.0.bias[2]",
+                "0.attention.0.weight[2, 2, 1, 1]",
+                "0.attention.2.bias[2]",
+                "0.attention.2.weight[2, 2, 1, 1]"
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_channel_mismatch_and_empty_block() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let err = run(
+            1.0,
+            &taps(&[1., 0., 0., 3.], 2),
+            &taps(&[0., 1., 0., 5.], 4),
+            &vs,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("same shape on both sides")
+                && err.contains("student [2, 1, 2], teacher [4, 1, 1]"),
+            "{err}"
+        );
+        let err = run(
+            0.4,
+            &taps(&[1., 0., 0., 3.], 2),
+            &taps(&[0., 1., 0., 5.], 2),
+            &vs,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("att_f = 0.4 leaves no hidden channels"),
+            "{err}"
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //! teacher on images the teacher's decision boundary was pushed toward by an
 //! iterative targeted attack, as in KD-Zoo's train_bss.py.
 
-use kd_core::{AttackSpec, BuildCx, Losses, Method, Progress, Result, StepIo, TapRef, ViewRef, register_method};
+use kd_core::{
+    AttackSpec, BuildCx, Losses, Method, Progress, Result, StepIo, TapRef, ViewRef, register_method,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -61,7 +63,11 @@ impl Bss {
         if p.epoch < self.cfg.warmup_epochs || epoch >= end {
             return None;
         }
-        Some(if self.cfg.decay { 1.0 - epoch / end } else { 1.0 })
+        Some(if self.cfg.decay {
+            1.0 - epoch / end
+        } else {
+            1.0
+        })
     }
 }
 
@@ -75,10 +81,28 @@ impl Method for Bss {
         let bad = [
             (c.t <= 0.0, format!("T must be positive, got {}", c.t)),
             (c.attack_size == 0, "attack_size must be at least 1".into()),
-            (c.step_alpha <= 0.0 || c.num_steps == 0, "step_alpha and num_steps must be positive".into()),
-            (c.eps < 0.0, format!("eps must not be negative, got {}", c.eps)),
-            (c.clamp[0] >= c.clamp[1], format!("clamp must be [low, high] with low < high, got {:?}", c.clamp)),
-            (!(c.active_fraction > 0.0 && c.active_fraction <= 1.0), format!("active_fraction must be in (0, 1], got {}", c.active_fraction)),
+            (
+                c.step_alpha <= 0.0 || c.num_steps == 0,
+                "step_alpha and num_steps must be positive".into(),
+            ),
+            (
+                c.eps < 0.0,
+                format!("eps must not be negative, got {}", c.eps),
+            ),
+            (
+                c.clamp[0] >= c.clamp[1],
+                format!(
+                    "clamp must be [low, high] with low < high, got {:?}",
+                    c.clamp
+                ),
+            ),
+            (
+                !(c.active_fraction > 0.0 && c.active_fraction <= 1.0),
+                format!(
+                    "active_fraction must be in (0, 1], got {}",
+                    c.active_fraction
+                ),
+            ),
         ];
         if let Some((_, msg)) = bad.into_iter().find(|(b, _)| *b) {
             return Err(cx.error(msg));
@@ -104,8 +128,15 @@ impl Method for Bss {
         if view != self.view || self.factor(io.progress()).is_none() {
             return Ok(None);
         }
-        let (s, t, y) = (io.tap(self.s).detach(), io.tap(self.t).detach(), io.target());
-        let correct = s.argmax(1, false).eq_tensor(y).logical_and(&t.argmax(1, false).eq_tensor(y));
+        let (s, t, y) = (
+            io.tap(self.s).detach(),
+            io.tap(self.t).detach(),
+            io.target(),
+        );
+        let correct = s
+            .argmax(1, false)
+            .eq_tensor(y)
+            .logical_and(&t.argmax(1, false).eq_tensor(y));
         let mut rows = correct.nonzero().view([-1]);
         let n = rows.size()[0];
         if n == 0 {
@@ -113,19 +144,33 @@ impl Method for Bss {
         }
         let k = self.cfg.attack_size as i64;
         if n > k {
-            let diff = (t.index_select(0, &rows).softmax(1, Kind::Float) - s.index_select(0, &rows).softmax(1, Kind::Float)).square();
-            let on_target = diff.gather(1, &y.index_select(0, &rows).unsqueeze(1), false).squeeze_dim(1);
+            let diff = (t.index_select(0, &rows).softmax(1, Kind::Float)
+                - s.index_select(0, &rows).softmax(1, Kind::Float))
+            .square();
+            let on_target = diff
+                .gather(1, &y.index_select(0, &rows).unsqueeze(1), false)
+                .squeeze_dim(1);
             let score = diff.sum_dim_intlist(1, false, Kind::Float) - on_target;
             rows = rows.index_select(0, &score.sort(0, true).1.narrow(0, 0, k));
         }
         let classes = t.size()[1];
-        let (p, order) = t.index_select(0, &rows).softmax(1, Kind::Float).sort(1, true);
+        let (p, order) = t
+            .index_select(0, &rows)
+            .softmax(1, Kind::Float)
+            .sort(1, true);
         let (p, order) = (p.narrow(1, 1, classes - 1), order.narrow(1, 1, classes - 1));
-        let u = Tensor::rand([rows.size()[0]], (Kind::Float, t.device())) * p.sum_dim_intlist(1, false, Kind::Float);
-        let first = p.cumsum(1, Kind::Float).lt_tensor(&u.unsqueeze(1)).sum_dim_intlist(1, false, Kind::Int64);
+        let u = Tensor::rand([rows.size()[0]], (Kind::Float, t.device()))
+            * p.sum_dim_intlist(1, false, Kind::Float);
+        let first = p
+            .cumsum(1, Kind::Float)
+            .lt_tensor(&u.unsqueeze(1))
+            .sum_dim_intlist(1, false, Kind::Int64);
         // A draw past the last cumulative sum (rounding) keeps the runner-up.
         let first = first.where_self(&first.lt(classes - 1), &first.zeros_like());
-        Ok(Some((rows, order.gather(1, &first.unsqueeze(1), false).squeeze_dim(1))))
+        Ok(Some((
+            rows,
+            order.gather(1, &first.unsqueeze(1), false).squeeze_dim(1),
+        )))
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
@@ -157,19 +202,50 @@ mod tests {
 
     fn logits_taps(rows: &[[f32; 4]]) -> Taps {
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-        Taps { feat: vec![], preact: vec![], embed: Tensor::new(), logits: Tensor::from_slice(&flat).view([-1, 4]) }
+        Taps {
+            feat: vec![],
+            preact: vec![],
+            embed: Tensor::new(),
+            logits: Tensor::from_slice(&flat).view([-1, 4]),
+        }
     }
 
     fn bss(cfg: Config) -> Bss {
-        let (s, t) = (TapRef { side: Side::Student, tap: Tap::Logits }, TapRef { side: Side::Teacher, tap: Tap::Logits });
-        Bss { s, t, view: ViewRef(0), cfg }
+        let (s, t) = (
+            TapRef {
+                side: Side::Student,
+                tap: Tap::Logits,
+            },
+            TapRef {
+                side: Side::Teacher,
+                tap: Tap::Logits,
+            },
+        );
+        Bss {
+            s,
+            t,
+            view: ViewRef(0),
+            cfg,
+        }
     }
 
     fn at_epoch(epoch: usize) -> Progress {
-        Progress { epoch, epochs: 200, step: 0, steps_per_epoch: 1, global_step: epoch }
+        Progress {
+            epoch,
+            epochs: 200,
+            step: 0,
+            steps_per_epoch: 1,
+            global_step: epoch,
+        }
     }
 
-    fn io<'a>(s: &'a Taps, t: &'a Taps, y: &'a Tensor, views: &'a [Option<ViewTaps>], epoch: usize) -> StepIo<'a> {
+    fn io<'a>(
+        s: &'a Taps,
+        t: &'a Taps,
+        y: &'a Tensor,
+        views: &'a [Option<ViewTaps>],
+        epoch: usize,
+    ) -> StepIo<'a> {
         StepIo {
             student: s,
             teacher: Some(t),
@@ -186,20 +262,62 @@ mod tests {
     #[test]
     fn config_errors_and_view_request() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let shapes = TapShapes { taps: vec![(Tap::Logits, vec![10])] };
+        let shapes = TapShapes {
+            taps: vec![(Tap::Logits, vec![10])],
+        };
         let mut needs = Needs::default();
-        let mut cx = BuildCx::new("bss", &shapes, Some(&shapes), vs.root(), &mut needs, 100, 10);
+        let mut cx = BuildCx::new(
+            "bss",
+            &shapes,
+            Some(&shapes),
+            vs.root(),
+            &mut needs,
+            100,
+            10,
+        );
         for (cfg, msg) in [
-            (Config { t: 0.0, ..Config::default() }, "T must be positive"),
-            (Config { attack_size: 0, ..Config::default() }, "attack_size"),
-            (Config { clamp: [1.0, -1.0], ..Config::default() }, "clamp"),
-            (Config { active_fraction: 1.5, ..Config::default() }, "active_fraction"),
+            (
+                Config {
+                    t: 0.0,
+                    ..Config::default()
+                },
+                "T must be positive",
+            ),
+            (
+                Config {
+                    attack_size: 0,
+                    ..Config::default()
+                },
+                "attack_size",
+            ),
+            (
+                Config {
+                    clamp: [1.0, -1.0],
+                    ..Config::default()
+                },
+                "clamp",
+            ),
+            (
+                Config {
+                    active_fraction: 1.5,
+                    ..Config::default()
+                },
+                "active_fraction",
+            ),
         ] {
             let err = Bss::build(cfg, &mut cx).err().unwrap().to_string();
             assert!(err.contains(msg), "{err}");
         }
         Bss::build(Config::default(), &mut cx).unwrap();
-        assert_eq!(needs.views, vec![AttackSpec { step_alpha: 0.3, num_steps: 10, eps: 1e-4, clamp: (-2.5, 2.5) }]);
+        assert_eq!(
+            needs.views,
+            vec![AttackSpec {
+                step_alpha: 0.3,
+                num_steps: 10,
+                eps: 1e-4,
+                clamp: (-2.5, 2.5)
+            }]
+        );
     }
 
     #[test]
@@ -209,24 +327,56 @@ mod tests {
         assert_eq!(m.factor(at_epoch(10)), Some(1.0 - 1.25 * 10.0 / 200.0));
         assert!((m.factor(at_epoch(159)).unwrap() - (1.0 - 1.25 * 159.0 / 200.0)).abs() < 1e-12);
         assert_eq!(m.factor(at_epoch(160)), None);
-        assert_eq!(bss(Config { decay: false, ..Config::default() }).factor(at_epoch(100)), Some(1.0));
+        assert_eq!(
+            bss(Config {
+                decay: false,
+                ..Config::default()
+            })
+            .factor(at_epoch(100)),
+            Some(1.0)
+        );
     }
 
     #[test]
     fn attacks_rows_both_get_right_with_the_largest_disagreement() {
         // Row 0: student wrong. Rows 1-3 both right; off the target their
         // squared disagreement is about 0.012, 0.080 and 0.224.
-        let s = logits_taps(&[[0., 5., 0., 0.], [5., 0., 0., 0.], [5., 4., 0., 0.], [5., 0., 0., 4.9]]);
-        let t = logits_taps(&[[5., 0., 0., 3.], [5., 0., 0., 3.], [5., 0., 0., 3.], [5., 0., 0., -5.]]);
+        let s = logits_taps(&[
+            [0., 5., 0., 0.],
+            [5., 0., 0., 0.],
+            [5., 4., 0., 0.],
+            [5., 0., 0., 4.9],
+        ]);
+        let t = logits_taps(&[
+            [5., 0., 0., 3.],
+            [5., 0., 0., 3.],
+            [5., 0., 0., 3.],
+            [5., 0., 0., -5.],
+        ]);
         let y = Tensor::from_slice(&[0i64, 0, 0, 0]);
-        let mut m = bss(Config { attack_size: 2, ..Config::default() });
-        assert!(m.attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 5)).unwrap().is_none(), "warm-up");
-        let (rows, classes) = m.attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 50)).unwrap().unwrap();
+        let mut m = bss(Config {
+            attack_size: 2,
+            ..Config::default()
+        });
+        assert!(
+            m.attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 5))
+                .unwrap()
+                .is_none(),
+            "warm-up"
+        );
+        let (rows, classes) = m
+            .attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 50))
+            .unwrap()
+            .unwrap();
         assert_eq!(Vec::<i64>::try_from(rows).unwrap(), vec![3, 2]);
         let classes = Vec::<i64>::try_from(classes).unwrap();
         assert!(classes.iter().all(|&c| c != 0), "{classes:?}");
         let none_right = logits_taps(&[[0., 5., 0., 0.]; 4]);
-        assert!(m.attack_targets(ViewRef(0), &io(&none_right, &t, &y, &[], 50)).unwrap().is_none());
+        assert!(
+            m.attack_targets(ViewRef(0), &io(&none_right, &t, &y, &[], 50))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -235,19 +385,35 @@ mod tests {
         // Teacher's non-top mass is all on class 2, up to e^-30.
         let t = logits_taps(&[[10., -20., 9., -20.]; 64]);
         let y = Tensor::zeros([64], (Kind::Int64, Device::Cpu));
-        let mut m = bss(Config { attack_size: 64, ..Config::default() });
-        let (_, classes) = m.attack_targets(ViewRef(0), &io(&t, &t, &y, &[], 50)).unwrap().unwrap();
-        assert!(Vec::<i64>::try_from(classes).unwrap().iter().all(|&c| c == 2));
+        let mut m = bss(Config {
+            attack_size: 64,
+            ..Config::default()
+        });
+        let (_, classes) = m
+            .attack_targets(ViewRef(0), &io(&t, &t, &y, &[], 50))
+            .unwrap()
+            .unwrap();
+        assert!(
+            Vec::<i64>::try_from(classes)
+                .unwrap()
+                .iter()
+                .all(|&c| c == 2)
+        );
     }
 
     #[test]
     fn kl_on_the_view_scaled_by_the_decay() {
         let clean = logits_taps(&[[1., 0., 0., 0.]]);
         let y = Tensor::from_slice(&[0i64]);
-        let views = [Some(ViewTaps { student: logits_taps(&[[0., 0., 0., 0.]]), teacher: logits_taps(&[[3., 0., 0., 0.]]) })];
+        let views = [Some(ViewTaps {
+            student: logits_taps(&[[0., 0., 0., 0.]]),
+            teacher: logits_taps(&[[3., 0., 0., 0.]]),
+        })];
         let loss = |cfg: Config, epoch| {
             let mut out = Losses::default();
-            bss(cfg).losses(&io(&clean, &clean, &y, &views, epoch), &mut out).unwrap();
+            bss(cfg)
+                .losses(&io(&clean, &clean, &y, &views, epoch), &mut out)
+                .unwrap();
             out.total().double_value(&[])
         };
         // At T = 3, p_t = softmax(1, 0, 0, 0) and p_s is uniform.
@@ -255,7 +421,18 @@ mod tests {
         let p = [e / (e + 3.0), 1.0 / (e + 3.0)];
         let kl = p[0] * (p[0] * 4.0).ln() + 3.0 * p[1] * (p[1] * 4.0).ln();
         assert!((loss(Config::default(), 80) - kl * 0.5).abs() < 1e-6);
-        assert!((loss(Config { t_squared: true, decay: false, ..Config::default() }, 80) - kl * 9.0).abs() < 1e-5);
+        assert!(
+            (loss(
+                Config {
+                    t_squared: true,
+                    decay: false,
+                    ..Config::default()
+                },
+                80
+            ) - kl * 9.0)
+                .abs()
+                < 1e-5
+        );
         assert_eq!(loss(Config::default(), 170), 0.0);
     }
 }

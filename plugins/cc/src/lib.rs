@@ -20,7 +20,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { gamma: 0.4, p_order: 2, tap: "embed".into() }
+        Config {
+            gamma: 0.4,
+            p_order: 2,
+            tap: "embed".into(),
+        }
     }
 }
 
@@ -45,7 +49,8 @@ impl Cc {
 
 impl Method for Cc {
     const NAME: &'static str = "cc";
-    const SUMMARY: &'static str = "Correlation Congruence for Knowledge Distillation (Peng et al., 2019)";
+    const SUMMARY: &'static str =
+        "Correlation Congruence for Knowledge Distillation (Peng et al., 2019)";
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
@@ -71,7 +76,10 @@ impl Method for Cc {
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
-        let (cs, ct) = (self.correlation(io.tap(self.s)), self.correlation(io.tap(self.t)));
+        let (cs, ct) = (
+            self.correlation(io.tap(self.s)),
+            self.correlation(io.tap(self.t)),
+        );
         out.push("cc", cs.mse_loss(&ct, Reduction::Mean));
         Ok(())
     }
@@ -89,7 +97,12 @@ mod tests {
     fn taps(embed: &[f32]) -> Taps {
         let e = Tensor::from_slice(embed).view([2, -1]);
         let fm = e.view([2, -1, 1, 1]);
-        Taps { feat: vec![fm.shallow_clone()], preact: vec![fm], embed: e, logits: Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)) }
+        Taps {
+            feat: vec![fm.shallow_clone()],
+            preact: vec![fm],
+            embed: e,
+            logits: Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)),
+        }
     }
 
     fn run(cfg: Config, s: &Taps, t: &Taps) -> Result<f64> {
@@ -98,7 +111,17 @@ mod tests {
         let mut cx = BuildCx::new("cc", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
         let mut m = Cc::build(cfg, &mut cx)?;
         let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
-        let io = StepIo { student: s, teacher: Some(t), grads: &[], views: &[], target: &target, index: None, contrast_index: None, progress: Progress::default(), train: true };
+        let io = StepIo {
+            student: s,
+            teacher: Some(t),
+            grads: &[],
+            views: &[],
+            target: &target,
+            index: None,
+            contrast_index: None,
+            progress: Progress::default(),
+            train: true,
+        };
         let mut out = Losses::default();
         m.losses(&io, &mut out)?;
         Ok(out.total().double_value(&[]))
@@ -111,7 +134,11 @@ mod tests {
         // and P = 0 terms cancel. mse = 2·e^{-2} / 4 = 0.0676676.
         // Scaling a row must not matter: the kernel sees unit vectors.
         let (s, t) = (taps(&[3., 0., 0., 1.]), taps(&[1., 1., 2., 2.]));
-        let cfg = |p| Config { gamma: 0.5, p_order: p, tap: "embed".into() };
+        let cfg = |p| Config {
+            gamma: 0.5,
+            p_order: p,
+            tap: "embed".into(),
+        };
         let l1 = run(cfg(1), &s, &t).unwrap();
         assert!((l1 - 0.0676676).abs() < 1e-6, "{l1}");
         // Order 2 adds e^{-1}·1²/2 to each off-diagonal gap: (1.5 e^{-1})²/2.
@@ -123,12 +150,30 @@ mod tests {
     #[test]
     fn refuses_feature_maps_and_bad_gamma() {
         let s = taps(&[1., 0., 0., 1.]);
-        let cfg = Config { tap: "feat/0".into(), ..Config::default() };
+        let cfg = Config {
+            tap: "feat/0".into(),
+            ..Config::default()
+        };
         let err = run(cfg, &s, &s).unwrap_err().to_string();
-        assert!(err.contains("tap `feat/0` is [2, 1, 1]") && err.contains("vector tap"), "{err}");
-        let err = run(Config { gamma: 0.0, ..Config::default() }, &s, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("tap `feat/0` is [2, 1, 1]") && err.contains("vector tap"),
+            "{err}"
+        );
+        let err = run(
+            Config {
+                gamma: 0.0,
+                ..Config::default()
+            },
+            &s,
+            &s,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("gamma must be positive"), "{err}");
-        let err = kd_core::build_config::<Cc>(kd_core::serde_json::json!({"p_order": 3})).err().unwrap().to_string();
+        let err = kd_core::build_config::<Cc>(kd_core::serde_json::json!({"p_order": 3}))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("unknown field `p_order`"), "{err}");
     }
 }

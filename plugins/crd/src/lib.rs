@@ -2,7 +2,9 @@
 //! momentum memory banks of both embeddings, the teacher as anchor against
 //! student memories and the student against teacher memories.
 
-use kd_core::{BuildCx, ContrastSpec, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{
+    BuildCx, ContrastSpec, KdError, Losses, Method, Result, StepIo, TapRef, register_method,
+};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init, Module};
 use tch::{Kind, Tensor};
@@ -23,7 +25,12 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { feat_dim: 128, nce_n: 16384, nce_t: 0.1, nce_mom: 0.5 }
+        Config {
+            feat_dim: 128,
+            nce_n: 16384,
+            nce_t: 0.1,
+            nce_mom: 0.5,
+        }
     }
 }
 
@@ -50,11 +57,23 @@ fn normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [1i64], true).clamp_min(1e-12)
 }
 
-/// `nn.Linear` with PyTorch's default initialisation, then L2 normalisation.
+/// `nn.Linear` with PyTorch's default initialisation (U(±1/√in) for both).
 fn embed(p: nn::Path, in_dim: i64, out_dim: i64) -> nn::Linear {
     let bound = 1.0 / (in_dim as f64).sqrt();
-    let init = Init::Uniform { lo: -bound, up: bound };
-    nn::linear(p / "linear", in_dim, out_dim, nn::LinearConfig { ws_init: init, bs_init: Some(init), bias: true })
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    nn::linear(
+        p / "linear",
+        in_dim,
+        out_dim,
+        nn::LinearConfig {
+            ws_init: init,
+            bs_init: Some(init),
+            bias: true,
+        },
+    )
 }
 
 /// Eq. (18): -(log h(pos) + sum log(1 - h(neg))) averaged over the batch.
@@ -71,11 +90,16 @@ impl Crd {
     /// exp(<memory rows, anchor> / T) / Z; the memory rows are constants.
     fn scores(&self, memory: &Tensor, z: &Tensor, anchor: &Tensor, cidx: &Tensor) -> Tensor {
         let (b, k1) = (cidx.size()[0], cidx.size()[1]);
-        let w = memory.index_select(0, &cidx.reshape([-1])).view([b, k1, self.cfg.feat_dim]);
+        let w = memory
+            .index_select(0, &cidx.reshape([-1]))
+            .view([b, k1, self.cfg.feat_dim]);
         let out = (w.bmm(&anchor.unsqueeze(2)).squeeze_dim(2) / self.cfg.nce_t).exp();
         if !self.z_known && z.double_value(&[]) <= 0.0 {
             // The seed fixes Z from the first batch it sees.
-            tch::no_grad(|| z.shallow_clone().copy_(&(out.mean(Kind::Float) * self.n_data as f64)));
+            tch::no_grad(|| {
+                z.shallow_clone()
+                    .copy_(&(out.mean(Kind::Float) * self.n_data as f64))
+            });
         }
         out / z
     }
@@ -87,13 +111,20 @@ impl Method for Crd {
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
-        if cfg.feat_dim <= 0 || cfg.nce_n == 0 || cfg.nce_t <= 0.0 || !(0.0..1.0).contains(&cfg.nce_mom) {
+        if cfg.feat_dim <= 0
+            || cfg.nce_n == 0
+            || cfg.nce_t <= 0.0
+            || !(0.0..1.0).contains(&cfg.nce_mom)
+        {
             return Err(cx.error(format!(
                 "needs feat_dim > 0, nce_n > 0, nce_t > 0 and 0 <= nce_mom < 1; got {cfg:?}"
             )));
         }
         let (s, t) = cx.tap_pair("embed")?;
-        cx.contrast(ContrastSpec { k: cfg.nce_n, other_classes: true })?;
+        cx.contrast(ContrastSpec {
+            k: cfg.nce_n,
+            other_classes: true,
+        })?;
         let (s_dim, t_dim) = (cx.shape(s).iter().product(), cx.shape(t).iter().product());
         let n_data = cx.n_data();
         let root = cx.params();
@@ -109,8 +140,24 @@ impl Method for Crd {
             m
         };
         let (memory_s, memory_t) = (memory("memory_s"), memory("memory_t"));
-        let (z_s, z_t) = (contrast.zeros_no_train("Z_s", &[]), contrast.zeros_no_train("Z_t", &[]));
-        Ok(Crd { s, t, embed_s, embed_t, memory_s, memory_t, z_s, z_t, cfg, n_data, z_known: false, pending: None })
+        let (z_s, z_t) = (
+            contrast.zeros_no_train("Z_s", &[]),
+            contrast.zeros_no_train("Z_t", &[]),
+        );
+        Ok(Crd {
+            s,
+            t,
+            embed_s,
+            embed_t,
+            memory_s,
+            memory_t,
+            z_s,
+            z_t,
+            cfg,
+            n_data,
+            z_known: false,
+            pending: None,
+        })
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
@@ -118,24 +165,41 @@ impl Method for Crd {
         if !io.train {
             return Ok(());
         }
-        let missing = || KdError::Invalid("crd: the engine supplied no sample or contrast indices".into());
-        let (idx, cidx) = (io.index.ok_or_else(missing)?, io.contrast_index.ok_or_else(missing)?);
+        let missing =
+            || KdError::Invalid("crd: the engine supplied no sample or contrast indices".into());
+        let (idx, cidx) = (
+            io.index.ok_or_else(missing)?,
+            io.contrast_index.ok_or_else(missing)?,
+        );
         if cidx.dim() != 2 || cidx.size()[1] != self.cfg.nce_n as i64 + 1 {
-            return Err(KdError::Invalid(format!("crd: contrast indices are {:?}, expected [B, {}]", cidx.size(), self.cfg.nce_n + 1)));
+            return Err(KdError::Invalid(format!(
+                "crd: contrast indices are {:?}, expected [B, {}]",
+                cidx.size(),
+                self.cfg.nce_n + 1
+            )));
         }
         let f_s = normalize(&self.embed_s.forward(&io.tap(self.s).flatten(1, -1)));
-        let f_t = normalize(&self.embed_t.forward(&io.tap(self.t).detach().flatten(1, -1)));
+        let f_t = normalize(
+            &self
+                .embed_t
+                .forward(&io.tap(self.t).detach().flatten(1, -1)),
+        );
         // Teacher as anchor against student memories, and the reverse.
         let out_t = self.scores(&self.memory_s, &self.z_t, &f_t, cidx);
         let out_s = self.scores(&self.memory_t, &self.z_s, &f_s, cidx);
         self.z_known = true;
-        out.push("crd", contrast_loss(&out_s, self.n_data) + contrast_loss(&out_t, self.n_data));
+        out.push(
+            "crd",
+            contrast_loss(&out_s, self.n_data) + contrast_loss(&out_t, self.n_data),
+        );
         self.pending = Some((idx.shallow_clone(), f_s.detach(), f_t.detach()));
         Ok(())
     }
 
     fn after_step(&mut self, _io: &StepIo) -> Result<()> {
-        let Some((idx, f_s, f_t)) = self.pending.take() else { return Ok(()) };
+        let Some((idx, f_s, f_t)) = self.pending.take() else {
+            return Ok(());
+        };
         let mom = self.cfg.nce_mom;
         tch::no_grad(|| {
             for (memory, f) in [(&mut self.memory_t, f_t), (&mut self.memory_s, f_s)] {
@@ -157,7 +221,9 @@ mod tests {
     use super::*;
 
     fn shapes(dim: i64) -> TapShapes {
-        TapShapes { taps: vec![(Tap::Embed, vec![dim]), (Tap::Logits, vec![10])] }
+        TapShapes {
+            taps: vec![(Tap::Embed, vec![dim]), (Tap::Logits, vec![10])],
+        }
     }
 
     fn build(cfg: Config, vs: &VarStore, needs: &mut Needs, n_data: i64) -> Result<Crd> {
@@ -171,14 +237,29 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let mut needs = Needs::default();
         for cfg in [
-            Config { feat_dim: 0, ..Config::default() },
-            Config { nce_t: 0.0, ..Config::default() },
-            Config { nce_mom: 1.0, ..Config::default() },
+            Config {
+                feat_dim: 0,
+                ..Config::default()
+            },
+            Config {
+                nce_t: 0.0,
+                ..Config::default()
+            },
+            Config {
+                nce_mom: 1.0,
+                ..Config::default()
+            },
         ] {
             assert!(build(cfg, &vs, &mut needs, 50_000).is_err());
         }
-        let err = build(Config::default(), &vs, &mut needs, 100).err().unwrap().to_string();
-        assert!(err.contains("16384 negatives but the data set has 100"), "{err}");
+        let err = build(Config::default(), &vs, &mut needs, 100)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("16384 negatives but the data set has 100"),
+            "{err}"
+        );
         assert!(needs.contrast.is_none());
     }
 
@@ -186,31 +267,82 @@ mod tests {
     fn state_names_and_initialisation() {
         let vs = VarStore::new(Device::Cpu);
         let mut needs = Needs::default();
-        build(Config { feat_dim: 12, nce_n: 4, ..Config::default() }, &vs, &mut needs, 40).unwrap();
-        assert_eq!(needs.contrast, Some(ContrastSpec { k: 4, other_classes: true }));
+        build(
+            Config {
+                feat_dim: 12,
+                nce_n: 4,
+                ..Config::default()
+            },
+            &vs,
+            &mut needs,
+            40,
+        )
+        .unwrap();
+        assert_eq!(
+            needs.contrast,
+            Some(ContrastSpec {
+                k: 4,
+                other_classes: true
+            })
+        );
         assert!(needs.index && needs.teacher);
         let vars = vs.variables();
         let mut names: Vec<_> = vars.keys().cloned().collect();
         names.sort();
-        let want = ["contrast.Z_s", "contrast.Z_t", "contrast.memory_s", "contrast.memory_t", "embed_s.linear.bias"];
+        let want = [
+            "contrast.Z_s",
+            "contrast.Z_t",
+            "contrast.memory_s",
+            "contrast.memory_t",
+            "embed_s.linear.bias",
+        ];
         assert_eq!(names[..5], want);
-        assert_eq!(names[5..], ["embed_s.linear.weight", "embed_t.linear.bias", "embed_t.linear.weight"]);
+        assert_eq!(
+            names[5..],
+            [
+                "embed_s.linear.weight",
+                "embed_t.linear.bias",
+                "embed_t.linear.weight"
+            ]
+        );
         assert_eq!(vars["contrast.memory_t"].size(), [40, 12]);
         assert_eq!(vars["embed_t.linear.weight"].size(), [12, 16]);
         let stdv = 1.0 / 4f64.sqrt();
         let m = &vars["contrast.memory_s"];
         assert!(m.abs().max().double_value(&[]) <= stdv && m.std(true).double_value(&[]) > 0.2);
-        assert_eq!(vs.trainable_variables().len(), 4, "banks and Z are not trained");
+        assert_eq!(
+            vs.trainable_variables().len(),
+            4,
+            "banks and Z are not trained"
+        );
     }
 
     #[test]
     fn z_is_set_once_and_banks_move_toward_the_batch() {
         let vs = VarStore::new(Device::Cpu);
         let mut needs = Needs::default();
-        let mut m = build(Config { feat_dim: 4, nce_n: 3, ..Config::default() }, &vs, &mut needs, 10).unwrap();
-        let taps = |dim| Taps { feat: vec![], preact: vec![], embed: Tensor::randn([2, dim], tch::kind::FLOAT_CPU), logits: Tensor::new() };
+        let mut m = build(
+            Config {
+                feat_dim: 4,
+                nce_n: 3,
+                ..Config::default()
+            },
+            &vs,
+            &mut needs,
+            10,
+        )
+        .unwrap();
+        let taps = |dim| Taps {
+            feat: vec![],
+            preact: vec![],
+            embed: Tensor::randn([2, dim], tch::kind::FLOAT_CPU),
+            logits: Tensor::new(),
+        };
         let (s, t) = (taps(8), taps(16));
-        let (y, idx) = (Tensor::from_slice(&[0i64, 1]), Tensor::from_slice(&[5i64, 7]));
+        let (y, idx) = (
+            Tensor::from_slice(&[0i64, 1]),
+            Tensor::from_slice(&[5i64, 7]),
+        );
         let cidx = Tensor::from_slice(&[5i64, 1, 2, 3, 7, 4, 8, 9]).view([2, 4]);
         let io = |train| StepIo {
             student: &s,
@@ -225,18 +357,39 @@ mod tests {
         };
         let mut out = Losses::default();
         m.losses(&io(false), &mut out).unwrap();
-        assert!(out.terms.is_empty() && m.z_s.double_value(&[]) == 0.0, "evaluation leaves CRD alone");
+        assert!(
+            out.terms.is_empty() && m.z_s.double_value(&[]) == 0.0,
+            "evaluation leaves CRD alone"
+        );
         let before = m.memory_s.copy();
         m.losses(&io(true), &mut out).unwrap();
         let z = m.z_s.double_value(&[]);
         assert!(z > 0.0 && m.z_t.double_value(&[]) > 0.0);
         m.after_step(&io(true)).unwrap();
         m.losses(&io(true), &mut out).unwrap();
-        assert_eq!(m.z_s.double_value(&[]), z, "Z stays fixed after the first batch");
-        let changed = (&m.memory_s - &before).abs().sum_dim_intlist(1, false, Kind::Float).gt(0.0);
+        assert_eq!(
+            m.z_s.double_value(&[]),
+            z,
+            "Z stays fixed after the first batch"
+        );
+        let changed = (&m.memory_s - &before)
+            .abs()
+            .sum_dim_intlist(1, false, Kind::Float)
+            .gt(0.0);
         let changed: Vec<bool> = Vec::try_from(changed).unwrap();
-        assert_eq!(changed, [false, false, false, false, false, true, false, true, false, false]);
-        let norms = m.memory_s.index_select(0, &idx).norm_scalaropt_dim(2, [1i64], false);
-        assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-6, "updated rows are unit length");
+        assert_eq!(
+            changed,
+            [
+                false, false, false, false, false, true, false, true, false, false
+            ]
+        );
+        let norms = m
+            .memory_s
+            .index_select(0, &idx)
+            .norm_scalaropt_dim(2, [1i64], false);
+        assert!(
+            (norms - 1.0).abs().max().double_value(&[]) < 1e-6,
+            "updated rows are unit length"
+        );
     }
 }

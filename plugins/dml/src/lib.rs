@@ -49,12 +49,19 @@ mod tests {
     use super::*;
 
     fn shapes() -> TapShapes {
-        TapShapes { taps: vec![(Tap::Logits, vec![3])] }
+        TapShapes {
+            taps: vec![(Tap::Logits, vec![3])],
+        }
     }
 
     fn taps(logits: &[f32]) -> Taps {
         let logits = Tensor::from_slice(logits).view([-1, 3]);
-        Taps { feat: vec![], preact: vec![], embed: Tensor::new(), logits }
+        Taps {
+            feat: vec![],
+            preact: vec![],
+            embed: Tensor::new(),
+            logits,
+        }
     }
 
     #[test]
@@ -87,7 +94,16 @@ mod tests {
             progress: Progress::default(),
             train: true,
         };
-        let mut m = Dml { s: TapRef { side: Side::Student, tap: Tap::Logits }, t: TapRef { side: Side::Teacher, tap: Tap::Logits } };
+        let mut m = Dml {
+            s: TapRef {
+                side: Side::Student,
+                tap: Tap::Logits,
+            },
+            t: TapRef {
+                side: Side::Teacher,
+                tap: Tap::Logits,
+            },
+        };
         let mut out = Losses::default();
         m.losses(&io, &mut out).unwrap();
         let got = out.total().to_kind(Kind::Double).double_value(&[]);

@@ -18,8 +18,15 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let taps = ["feat/2", "feat/3", "embed", "logits"].map(String::from).to_vec();
-        Config { w_irg_vert: 0.1, w_irg_edge: 5.0, w_irg_tran: 5.0, taps }
+        let taps = ["feat/2", "feat/3", "embed", "logits"]
+            .map(String::from)
+            .to_vec();
+        Config {
+            w_irg_vert: 0.1,
+            w_irg_edge: 5.0,
+            w_irg_tran: 5.0,
+            taps,
+        }
     }
 }
 
@@ -36,7 +43,9 @@ const EPS: f64 = 1e-12;
 /// divided by the largest (so scale differences between networks vanish).
 fn edges(x: &Tensor) -> Tensor {
     let x = x.flatten(1, -1);
-    let sq = x.pow_tensor_scalar(2).sum_dim_intlist(1, false, None::<Kind>);
+    let sq = x
+        .pow_tensor_scalar(2)
+        .sum_dim_intlist(1, false, None::<Kind>);
     let d = (sq.unsqueeze(0) + sq.unsqueeze(1) - x.mm(&x.tr()) * 2.0).clamp_min(EPS);
     let n = x.size()[0];
     let d = d * (Tensor::eye(n, (x.kind(), x.device())) * -1.0 + 1.0);
@@ -47,36 +56,64 @@ fn edges(x: &Tensor) -> Tensor {
 /// first to the second's resolution and averaging channel pairs of the second.
 fn transformation(fm1: &Tensor, fm2: &Tensor) -> Tensor {
     let (s1, s2) = (fm1.size(), fm2.size());
-    let fm1 = if s1[2] > s2[2] { fm1.adaptive_avg_pool2d([s2[2], s2[3]]) } else { fm1.shallow_clone() };
-    let fm2 = if s1[1] < s2[1] { (fm2.slice(1, 0, None, 2) + fm2.slice(1, 1, None, 2)) / 2.0 } else { fm2.shallow_clone() };
-    let d = (fm1.flatten(1, -1) - fm2.flatten(1, -1)).pow_tensor_scalar(2).sum_dim_intlist(-1, false, None::<Kind>).clamp_min(EPS);
+    let fm1 = if s1[2] > s2[2] {
+        fm1.adaptive_avg_pool2d([s2[2], s2[3]])
+    } else {
+        fm1.shallow_clone()
+    };
+    let fm2 = if s1[1] < s2[1] {
+        (fm2.slice(1, 0, None, 2) + fm2.slice(1, 1, None, 2)) / 2.0
+    } else {
+        fm2.shallow_clone()
+    };
+    let d = (fm1.flatten(1, -1) - fm2.flatten(1, -1))
+        .pow_tensor_scalar(2)
+        .sum_dim_intlist(-1, false, None::<Kind>)
+        .clamp_min(EPS);
     &d / d.max()
 }
 
-/// The shape `transformation` gives each stage, or why it cannot.
-fn transformed(c1: &[i64], c2: &[i64]) -> std::result::Result<[Vec<i64>; 2], String> {
+/// Whether `transformation` can align the two stages' per-sample shapes.
+fn check_aligned(c1: &[i64], c2: &[i64]) -> std::result::Result<(), String> {
     if c1.len() != 3 || c2.len() != 3 {
         return Err(format!("needs two feature maps, got {c1:?} and {c2:?}"));
     }
-    let a = if c1[1] > c2[1] { vec![c1[0], c2[1], c2[2]] } else { c1.to_vec() };
+    let a = if c1[1] > c2[1] {
+        vec![c1[0], c2[1], c2[2]]
+    } else {
+        c1.to_vec()
+    };
     if c1[0] < c2[0] && c2[0] % 2 == 1 {
-        return Err(format!("the later stage's {} channels cannot be paired", c2[0]));
+        return Err(format!(
+            "the later stage's {} channels cannot be paired",
+            c2[0]
+        ));
     }
-    let b = if c1[0] < c2[0] { vec![c2[0] / 2, c2[1], c2[2]] } else { c2.to_vec() };
+    let b = if c1[0] < c2[0] {
+        vec![c2[0] / 2, c2[1], c2[2]]
+    } else {
+        c2.to_vec()
+    };
     if a != b {
-        return Err(format!("stages {c1:?} and {c2:?} become {a:?} and {b:?}, which differ"));
+        return Err(format!(
+            "stages {c1:?} and {c2:?} become {a:?} and {b:?}, which differ"
+        ));
     }
-    Ok([a, b])
+    Ok(())
 }
 
 impl Method for Irg {
     const NAME: &'static str = "irg";
-    const SUMMARY: &'static str = "Knowledge Distillation via Instance Relationship Graph (Liu et al., 2019)";
+    const SUMMARY: &'static str =
+        "Knowledge Distillation via Instance Relationship Graph (Liu et al., 2019)";
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
         let [fm1, fm2, emb, logits] = cfg.taps.as_slice() else {
-            return Err(cx.error(format!("taps must be [feat/k, feat/k+1, embed, logits], got {:?}", cfg.taps)));
+            return Err(cx.error(format!(
+                "taps must be [feat/k, feat/k+1, embed, logits], got {:?}",
+                cfg.taps
+            )));
         };
         let (s1, t1) = cx.tap_pair(fm1)?;
         let (s2, t2) = cx.tap_pair(fm2)?;
@@ -87,15 +124,22 @@ impl Method for Irg {
             _ => return Err(cx.error(format!("the first two taps must be feature maps of consecutive stages (feat/k, feat/k+1), got `{fm1}`, `{fm2}`"))),
         }
         for (a, b) in [(s1, s2), (t1, t2)] {
-            transformed(&cx.shape(a), &cx.shape(b)).map_err(|e| cx.error(format!("on the {}, {e}", a.side)))?;
+            check_aligned(&cx.shape(a), &cx.shape(b))
+                .map_err(|e| cx.error(format!("on the {}, {e}", a.side)))?;
         }
         if cx.shape(se).len() != 1 || cx.shape(te).len() != 1 {
-            return Err(cx.error(format!("third tap `{emb}` must be a vector tap such as `embed`")));
+            return Err(cx.error(format!(
+                "third tap `{emb}` must be a vector tap such as `embed`"
+            )));
         }
         if sl.tap != Tap::Logits || cx.shape(sl) != cx.shape(tl) {
             return Err(cx.error(format!("fourth tap must be `logits` with the same shape on both sides, got `{logits}`: {:?} vs {:?}", cx.shape(sl), cx.shape(tl))));
         }
-        Ok(Irg { cfg, s: [s1, s2, se, sl], t: [t1, t2, te, tl] })
+        Ok(Irg {
+            cfg,
+            s: [s1, s2, se, sl],
+            t: [t1, t2, te, tl],
+        })
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
@@ -103,7 +147,9 @@ impl Method for Irg {
         let [t1, t2, te, tl] = self.t.map(|r| io.tap(r));
         let mse = |a: Tensor, b: Tensor| a.mse_loss(&b, Reduction::Mean);
         let vert = sl.mse_loss(tl, Reduction::Mean);
-        let edge = (mse(edges(se), edges(te)) + mse(edges(s1), edges(t1)) + mse(edges(s2), edges(t2))) / 3.0;
+        let edge =
+            (mse(edges(se), edges(te)) + mse(edges(s1), edges(t1)) + mse(edges(s2), edges(t2)))
+                / 3.0;
         let tran = mse(transformation(s1, s2), transformation(t1, t2));
         out.push("irg_vert", vert * self.cfg.w_irg_vert);
         out.push("irg_edge", edge * self.cfg.w_irg_edge);
@@ -126,9 +172,18 @@ mod tests {
     /// Batch 3: feat/0 [4,4,4], feat/1 [8,2,2], feat/2 [9,1,1]; embed [1].
     fn taps(seed: i64, embed: &[f32], logits: f64) -> Taps {
         tch::manual_seed(seed);
-        let feat = vec![Tensor::rand([3, 4, 4, 4], F), Tensor::rand([3, 8, 2, 2], F), Tensor::rand([3, 9, 1, 1], F)];
+        let feat = vec![
+            Tensor::rand([3, 4, 4, 4], F),
+            Tensor::rand([3, 8, 2, 2], F),
+            Tensor::rand([3, 9, 1, 1], F),
+        ];
         let preact = feat.iter().map(|f| f - 0.5).collect();
-        Taps { feat, preact, embed: Tensor::from_slice(embed).view([3, 1]), logits: Tensor::full([3, 2], logits, F) }
+        Taps {
+            feat,
+            preact,
+            embed: Tensor::from_slice(embed).view([3, 1]),
+            logits: Tensor::full([3, 2], logits, F),
+        }
     }
 
     fn run(cfg: Config, s: &Taps, t: &Taps) -> Result<f64> {
@@ -137,14 +192,27 @@ mod tests {
         let mut cx = BuildCx::new("irg", &ss, Some(&ts), vs.root(), &mut needs, 10, 2);
         let mut m = Irg::build(cfg, &mut cx)?;
         let target = Tensor::zeros([3], (Kind::Int64, Device::Cpu));
-        let io = StepIo { student: s, teacher: Some(t), grads: &[], views: &[], target: &target, index: None, contrast_index: None, progress: Progress::default(), train: true };
+        let io = StepIo {
+            student: s,
+            teacher: Some(t),
+            grads: &[],
+            views: &[],
+            target: &target,
+            index: None,
+            contrast_index: None,
+            progress: Progress::default(),
+            train: true,
+        };
         let mut out = Losses::default();
         m.losses(&io, &mut out)?;
         Ok(out.total().double_value(&[]))
     }
 
     fn cfg(taps: [&str; 4]) -> Config {
-        Config { taps: taps.map(String::from).to_vec(), ..Config::default() }
+        Config {
+            taps: taps.map(String::from).to_vec(),
+            ..Config::default()
+        }
     }
 
     #[test]
@@ -173,11 +241,29 @@ mod tests {
         assert!(err(["preact/0", "preact/1", "embed", "logits"]).contains("consecutive stages"));
         // feat/1 → feat/2: 9 channels cannot be paired down to 8.
         let e = err(["feat/1", "feat/2", "embed", "logits"]);
-        assert!(e.contains("the later stage's 9 channels cannot be paired"), "{e}");
+        assert!(
+            e.contains("the later stage's 9 channels cannot be paired"),
+            "{e}"
+        );
         assert!(err(["feat/0", "feat/1", "feat/2", "logits"]).contains("vector tap"));
-        assert!(err(["feat/0", "feat/1", "embed", "embed"]).contains("fourth tap must be `logits`"));
+        assert!(
+            err(["feat/0", "feat/1", "embed", "embed"]).contains("fourth tap must be `logits`")
+        );
         assert!(err(["feat/0", "feat/1", "embed", "feat/9"]).contains("unknown tap `feat/9`"));
-        let e = run(Config { taps: vec!["feat/0".into()], ..Config::default() }, &s, &s).err().unwrap().to_string();
-        assert!(e.contains("taps must be [feat/k, feat/k+1, embed, logits]"), "{e}");
+        let e = run(
+            Config {
+                taps: vec!["feat/0".into()],
+                ..Config::default()
+            },
+            &s,
+            &s,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("taps must be [feat/k, feat/k+1, embed, logits]"),
+            "{e}"
+        );
     }
 }

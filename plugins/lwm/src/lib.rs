@@ -27,7 +27,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { tap: "feat/2".into(), cam: Cam::Grad }
+        Config {
+            tap: "feat/2".into(),
+            cam: Cam::Grad,
+        }
     }
 }
 
@@ -51,7 +54,10 @@ impl Lwm {
             Cam::Feature => io.tap(side.fm).shallow_clone(),
         };
         let kind = base.kind();
-        let cam = (weights * base).sum_dim_intlist(1, true, kind).relu().flatten(1, -1);
+        let cam = (weights * base)
+            .sum_dim_intlist(1, true, kind)
+            .relu()
+            .flatten(1, -1);
         let norm = cam.norm_scalaropt_dim(2, [1i64], true).clamp_min(1e-12);
         cam / norm
     }
@@ -66,7 +72,10 @@ impl Method for Lwm {
         let (fm_s, fm_t) = cx.tap_pair(&cfg.tap)?;
         let (ss, st) = (cx.shape(fm_s), cx.shape(fm_t));
         if ss.len() != 3 || st.len() != 3 {
-            return Err(cx.error(format!("tap `{}` must be a feature map [C, H, W]; got {ss:?} and {st:?}", cfg.tap)));
+            return Err(cx.error(format!(
+                "tap `{}` must be a feature map [C, H, W]; got {ss:?} and {st:?}",
+                cfg.tap
+            )));
         }
         if ss[1..] != st[1..] {
             return Err(cx.error(format!(
@@ -75,8 +84,14 @@ impl Method for Lwm {
             )));
         }
         // The student's CAM is differentiated again, so its gradient keeps the graph.
-        let s = Side1 { fm: fm_s, grad: cx.tap_grad(fm_s, true) };
-        let t = Side1 { fm: fm_t, grad: cx.tap_grad(fm_t, false) };
+        let s = Side1 {
+            fm: fm_s,
+            grad: cx.tap_grad(fm_s, true),
+        };
+        let t = Side1 {
+            fm: fm_t,
+            grad: cx.tap_grad(fm_t, false),
+        };
         Ok(Lwm { s, t, cam: cfg.cam })
     }
 
@@ -99,7 +114,11 @@ mod tests {
 
     fn shapes(feat2: &[i64]) -> TapShapes {
         TapShapes {
-            taps: vec![(Tap::Feat(2), feat2.to_vec()), (Tap::Embed, vec![64]), (Tap::Logits, vec![10])],
+            taps: vec![
+                (Tap::Feat(2), feat2.to_vec()),
+                (Tap::Embed, vec![64]),
+                (Tap::Logits, vec![10]),
+            ],
         }
     }
 
@@ -114,12 +133,34 @@ mod tests {
         let s = shapes(&[32, 16, 16]);
         let mut needs = Needs::default();
         for tap in ["embed", "logits"] {
-            let err = build(Config { tap: tap.into(), cam: Cam::Grad }, &s, &s, &mut needs).err().unwrap();
+            let err = build(
+                Config {
+                    tap: tap.into(),
+                    cam: Cam::Grad,
+                },
+                &s,
+                &s,
+                &mut needs,
+            )
+            .err()
+            .unwrap();
             assert!(err.to_string().contains("must be a feature map"), "{err}");
         }
-        let err = build(Config { tap: "feat/9".into(), cam: Cam::Grad }, &s, &s, &mut needs).err().unwrap();
+        let err = build(
+            Config {
+                tap: "feat/9".into(),
+                cam: Cam::Grad,
+            },
+            &s,
+            &s,
+            &mut needs,
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("unknown tap `feat/9`"), "{err}");
-        let err = build(Config::default(), &s, &shapes(&[64, 8, 8]), &mut needs).err().unwrap();
+        let err = build(Config::default(), &s, &shapes(&[64, 8, 8]), &mut needs)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("same size"), "{err}");
         assert!(needs.grads.is_empty());
     }
@@ -129,8 +170,18 @@ mod tests {
         let (s, t) = (shapes(&[32, 16, 16]), shapes(&[64, 16, 16]));
         let mut needs = Needs::default();
         build(Config::default(), &s, &t, &mut needs).unwrap();
-        let got: Vec<_> = needs.grads.iter().map(|g| (g.side, g.wrt, g.create_graph)).collect();
-        assert_eq!(got, vec![(Side::Student, Some(Tap::Feat(2)), true), (Side::Teacher, Some(Tap::Feat(2)), false)]);
+        let got: Vec<_> = needs
+            .grads
+            .iter()
+            .map(|g| (g.side, g.wrt, g.create_graph))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Side::Student, Some(Tap::Feat(2)), true),
+                (Side::Teacher, Some(Tap::Feat(2)), false)
+            ]
+        );
     }
 
     fn loss(cam: Cam) -> f64 {
@@ -139,7 +190,12 @@ mod tests {
         let g_s = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 2.0]).view([1, 2, 1, 2]);
         let g_t = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.0]).view([1, 2, 1, 2]);
         let fm = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 0.0]).view([1, 2, 1, 2]);
-        let taps = Taps { feat: vec![fm.zeros_like(), fm.zeros_like(), fm], preact: vec![], embed: Tensor::new(), logits: Tensor::new() };
+        let taps = Taps {
+            feat: vec![fm.zeros_like(), fm.zeros_like(), fm],
+            preact: vec![],
+            embed: Tensor::new(),
+            logits: Tensor::new(),
+        };
         let target = Tensor::from_slice(&[0i64]);
         let grads = [g_s, g_t];
         let io = StepIo {
@@ -153,8 +209,18 @@ mod tests {
             progress: Progress::default(),
             train: true,
         };
-        let side = |side| Side1 { fm: TapRef { side, tap: Tap::Feat(2) }, grad: GradRef(if side == Side::Student { 0 } else { 1 }) };
-        let mut m = Lwm { s: side(Side::Student), t: side(Side::Teacher), cam };
+        let side = |side| Side1 {
+            fm: TapRef {
+                side,
+                tap: Tap::Feat(2),
+            },
+            grad: GradRef(if side == Side::Student { 0 } else { 1 }),
+        };
+        let mut m = Lwm {
+            s: side(Side::Student),
+            t: side(Side::Teacher),
+            cam,
+        };
         let mut out = Losses::default();
         m.losses(&io, &mut out).unwrap();
         out.total().to_kind(Kind::Double).double_value(&[])
@@ -164,7 +230,11 @@ mod tests {
     fn cam_weights_the_gradient_as_the_seed() {
         let n = 136f64.sqrt();
         let want = ((6.0 / n - 1.0).abs() + 10.0 / n) / 2.0;
-        assert!((loss(Cam::Grad) - want).abs() < 1e-6, "{} vs {want}", loss(Cam::Grad));
+        assert!(
+            (loss(Cam::Grad) - want).abs() < 1e-6,
+            "{} vs {want}",
+            loss(Cam::Grad)
+        );
     }
 
     #[test]
@@ -176,7 +246,12 @@ mod tests {
 
     #[test]
     fn config_names_its_fields() {
-        let err = kd_core::build_config::<Lwm>(kd_core::serde_json::json!({"cam": "pixels"})).err().unwrap();
-        assert!(err.to_string().contains("unknown variant `pixels`"), "{err}");
+        let err = kd_core::build_config::<Lwm>(kd_core::serde_json::json!({"cam": "pixels"}))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("unknown variant `pixels`"),
+            "{err}"
+        );
     }
 }

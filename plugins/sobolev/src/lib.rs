@@ -55,25 +55,50 @@ mod tests {
     #[test]
     fn asks_for_both_input_gradients() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let shapes = TapShapes { taps: vec![(Tap::Logits, vec![10])] };
+        let shapes = TapShapes {
+            taps: vec![(Tap::Logits, vec![10])],
+        };
         let mut needs = Needs::default();
         let mut cx = BuildCx::new("sobolev", &shapes, None, vs.root(), &mut needs, 10, 10);
-        let err = Sobolev::build(Config {}, &mut cx).err().unwrap().to_string();
+        let err = Sobolev::build(Config {}, &mut cx)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("needs a teacher"), "{err}");
 
         let mut needs = Needs::default();
-        let mut cx = BuildCx::new("sobolev", &shapes, Some(&shapes), vs.root(), &mut needs, 10, 10);
+        let mut cx = BuildCx::new(
+            "sobolev",
+            &shapes,
+            Some(&shapes),
+            vs.root(),
+            &mut needs,
+            10,
+            10,
+        );
         Sobolev::build(Config {}, &mut cx).unwrap();
         // `GradSpec` is not re-exported by kd-core; compare its fields.
-        let got: Vec<_> = needs.grads.iter().map(|g| (g.side, g.wrt, g.create_graph)).collect();
-        assert_eq!(got, vec![(Side::Student, None, true), (Side::Teacher, None, false)]);
+        let got: Vec<_> = needs
+            .grads
+            .iter()
+            .map(|g| (g.side, g.wrt, g.create_graph))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(Side::Student, None, true), (Side::Teacher, None, false)]
+        );
     }
 
     #[test]
     fn loss_ignores_gradient_scale() {
         let g_t = Tensor::from_slice(&[3.0f32, 4.0, 0.0, 0.0, 0.0, 2.0]).view([2, 1, 1, 3]);
         let g_s = Tensor::from_slice(&[6.0f32, 8.0, 0.0, 0.0, 1.0, 0.0]).view([2, 1, 1, 3]);
-        let taps = Taps { feat: vec![], preact: vec![], embed: Tensor::new(), logits: Tensor::zeros([2, 10], tch::kind::FLOAT_CPU) };
+        let taps = Taps {
+            feat: vec![],
+            preact: vec![],
+            embed: Tensor::new(),
+            logits: Tensor::zeros([2, 10], tch::kind::FLOAT_CPU),
+        };
         let target = Tensor::from_slice(&[0i64, 1]);
         let grads = [g_s, g_t];
         let io = StepIo {
@@ -88,7 +113,12 @@ mod tests {
             train: true,
         };
         let mut out = Losses::default();
-        Sobolev { s: GradRef(0), t: GradRef(1) }.losses(&io, &mut out).unwrap();
+        Sobolev {
+            s: GradRef(0),
+            t: GradRef(1),
+        }
+        .losses(&io, &mut out)
+        .unwrap();
         // Row 0 matches after normalisation; row 1 is (0,1,0) vs (0,0,1): 2 / 6 elements.
         let got = out.total().to_kind(Kind::Double).double_value(&[]);
         assert!((got - 2.0 / 6.0).abs() < 1e-6, "{got}");

@@ -14,7 +14,9 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()] }
+        Config {
+            taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()],
+        }
     }
 }
 
@@ -32,14 +34,19 @@ fn similarity(fm: &Tensor) -> Tensor {
 
 impl Method for Sp {
     const NAME: &'static str = "sp";
-    const SUMMARY: &'static str = "Similarity-Preserving Knowledge Distillation (Tung & Mori, 2019)";
+    const SUMMARY: &'static str =
+        "Similarity-Preserving Knowledge Distillation (Tung & Mori, 2019)";
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
         if cfg.taps.is_empty() {
             return Err(cx.error("taps must name at least one tap"));
         }
-        let pairs = cfg.taps.iter().map(|name| cx.tap_pair(name)).collect::<Result<Vec<_>>>()?;
+        let pairs = cfg
+            .taps
+            .iter()
+            .map(|name| cx.tap_pair(name))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Sp { pairs })
     }
 
@@ -67,7 +74,12 @@ mod tests {
     fn taps(embed: &[f32], b: i64) -> Taps {
         let e = Tensor::from_slice(embed).view([b, -1]);
         let fm = e.view([b, -1, 1, 1]);
-        Taps { feat: vec![fm.shallow_clone()], preact: vec![fm], embed: e, logits: Tensor::zeros([b, 3], (Kind::Float, Device::Cpu)) }
+        Taps {
+            feat: vec![fm.shallow_clone()],
+            preact: vec![fm],
+            embed: e,
+            logits: Tensor::zeros([b, 3], (Kind::Float, Device::Cpu)),
+        }
     }
 
     fn run(cfg: Config, s: &Taps, t: &Taps) -> Result<f64> {
@@ -76,7 +88,17 @@ mod tests {
         let mut cx = BuildCx::new("sp", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
         let mut m = Sp::build(cfg, &mut cx)?;
         let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
-        let io = StepIo { student: s, teacher: Some(t), grads: &[], views: &[], target: &target, index: None, contrast_index: None, progress: Progress::default(), train: true };
+        let io = StepIo {
+            student: s,
+            teacher: Some(t),
+            grads: &[],
+            views: &[],
+            target: &target,
+            index: None,
+            contrast_index: None,
+            progress: Progress::default(),
+            train: true,
+        };
         let mut out = Losses::default();
         m.losses(&io, &mut out)?;
         Ok(out.total().double_value(&[]))
@@ -87,10 +109,24 @@ mod tests {
         // G_s = I; G_t = all ones, rows normalised to 1/√2. Diagonal error
         // (1 - 1/√2)² = 0.085786, off-diagonal 0.5: mean = 0.292893.
         let (s, t) = (taps(&[1., 0., 0., 1.], 2), taps(&[1., 0., 1., 0.], 2));
-        let one = run(Config { taps: vec!["embed".into()] }, &s, &t).unwrap();
+        let one = run(
+            Config {
+                taps: vec!["embed".into()],
+            },
+            &s,
+            &t,
+        )
+        .unwrap();
         assert!((one - 0.292893).abs() < 1e-5, "{one}");
         // The same tap twice, as a feature map: the mean over taps is unchanged.
-        let two = run(Config { taps: vec!["embed".into(), "feat/0".into()] }, &s, &t).unwrap();
+        let two = run(
+            Config {
+                taps: vec!["embed".into(), "feat/0".into()],
+            },
+            &s,
+            &t,
+        )
+        .unwrap();
         assert!((two - one).abs() < 1e-6, "{two}");
     }
 
@@ -98,8 +134,13 @@ mod tests {
     fn refuses_unknown_and_empty_taps() {
         let s = taps(&[1., 0., 0., 1.], 2);
         let err = run(Config::default(), &s, &s).unwrap_err().to_string();
-        assert!(err.contains("unknown tap `feat/1`") && err.contains("valid taps: feat/0"), "{err}");
-        let err = run(Config { taps: vec![] }, &s, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown tap `feat/1`") && err.contains("valid taps: feat/0"),
+            "{err}"
+        );
+        let err = run(Config { taps: vec![] }, &s, &s)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("at least one tap"), "{err}");
     }
 }

@@ -22,7 +22,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()], init_var: 5.0, sf: 1.0 }
+        Config {
+            taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()],
+            init_var: 5.0,
+            sf: 1.0,
+        }
     }
 }
 
@@ -42,8 +46,22 @@ pub struct Vid {
 }
 
 fn conv1x1(p: nn::Path, i: i64, o: i64) -> nn::Conv2D {
-    let ws_init = Init::Kaiming { dist: NormalOrUniform::Normal, fan: FanInOut::FanOut, non_linearity: NonLinearity::ReLU };
-    nn::conv2d(p, i, o, 1, nn::ConvConfig { bias: false, ws_init, ..Default::default() })
+    let ws_init = Init::Kaiming {
+        dist: NormalOrUniform::Normal,
+        fan: FanInOut::FanOut,
+        non_linearity: NonLinearity::ReLU,
+    };
+    nn::conv2d(
+        p,
+        i,
+        o,
+        1,
+        nn::ConvConfig {
+            bias: false,
+            ws_init,
+            ..Default::default()
+        },
+    )
 }
 
 fn stage(cfg: &Config, name: &str, k: usize, cx: &mut BuildCx) -> Result<Stage> {
@@ -56,7 +74,10 @@ fn stage(cfg: &Config, name: &str, k: usize, cx: &mut BuildCx) -> Result<Stage> 
     }
     let mid = (cfg.sf * ts[0] as f64) as i64;
     if mid < 1 {
-        return Err(cx.error(format!("sf = {} leaves no hidden channels for tap `{name}`", cfg.sf)));
+        return Err(cx.error(format!(
+            "sf = {} leaves no hidden channels for tap `{name}`",
+            cfg.sf
+        )));
     }
     let p = cx.params() / k;
     let r = &p / "regressor";
@@ -69,12 +90,18 @@ fn stage(cfg: &Config, name: &str, k: usize, cx: &mut BuildCx) -> Result<Stage> 
     // softplus(α) + ε = init_var at the start.
     let alpha0 = ((cfg.init_var - EPS).exp() - 1.0).ln();
     let alpha = p.var("alpha", &[ts[0]], Init::Const(alpha0));
-    Ok(Stage { s, t, regressor, alpha })
+    Ok(Stage {
+        s,
+        t,
+        regressor,
+        alpha,
+    })
 }
 
 impl Method for Vid {
     const NAME: &'static str = "vid";
-    const SUMMARY: &'static str = "Variational Information Distillation for Knowledge Transfer (Ahn et al., 2019)";
+    const SUMMARY: &'static str =
+        "Variational Information Distillation for Knowledge Transfer (Ahn et al., 2019)";
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
@@ -84,7 +111,12 @@ impl Method for Vid {
         if cfg.taps.is_empty() {
             return Err(cx.error("taps must name at least one tap"));
         }
-        let stages = cfg.taps.iter().enumerate().map(|(k, name)| stage(&cfg, name, k, cx)).collect::<Result<_>>()?;
+        let stages = cfg
+            .taps
+            .iter()
+            .enumerate()
+            .map(|(k, name)| stage(&cfg, name, k, cx))
+            .collect::<Result<_>>()?;
         Ok(Vid { stages })
     }
 
@@ -108,3 +140,105 @@ impl Method for Vid {
 }
 
 register_method!(Vid);
+
+#[cfg(test)]
+mod tests {
+    use kd_core::{Needs, Progress, TapShapes, Taps};
+    use tch::{Device, Kind};
+
+    use super::*;
+
+    const F: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    fn taps(c: i64, hw: i64, value: f64) -> Taps {
+        let fm = Tensor::full([2, c, hw, hw], value, F);
+        let feat = vec![fm.shallow_clone(), fm.shallow_clone()];
+        Taps {
+            feat,
+            preact: vec![fm.shallow_clone(), fm],
+            embed: Tensor::zeros([2, c], F),
+            logits: Tensor::zeros([2, 3], F),
+        }
+    }
+
+    fn run(cfg: Config, s: &Taps, t: &Taps, vs: &nn::VarStore) -> Result<f64> {
+        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
+        let mut cx = BuildCx::new("vid", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
+        let mut m = Vid::build(cfg, &mut cx)?;
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                tch::no_grad(|| {
+                    let _ = v.zero_();
+                });
+            }
+        }
+        let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
+        let io = StepIo {
+            student: s,
+            teacher: Some(t),
+            grads: &[],
+            views: &[],
+            target: &target,
+            index: None,
+            contrast_index: None,
+            progress: Progress::default(),
+            train: true,
+        };
+        let mut out = Losses::default();
+        m.losses(&io, &mut out)?;
+        Ok(out.total().double_value(&[]))
+    }
+
+    fn cfg(sf: f64, init_var: f64) -> Config {
+        Config {
+            taps: vec!["feat/0".into(), "feat/1".into()],
+            init_var,
+            sf,
+        }
+    }
+
+    #[test]
+    fn zero_regressor_leaves_the_variance_term() {
+        // μ = 0 (regressor zeroed), t = 1, σ² = init_var = 5 on every channel:
+        // ½ (ln 5 + 1/5) = 0.904719 on both taps, so also their mean.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let loss = run(cfg(0.5, 5.0), &taps(4, 2, 0.3), &taps(6, 2, 1.0), &vs).unwrap();
+        assert!((loss - 0.904719).abs() < 1e-5, "{loss}");
+        let mut names: Vec<_> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| format!("{k}{:?}", v.size()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names[..4],
+            [
+                "0.alpha[6]",
+                "0.regressor.0.weight[3, 4, 1, 1]",
+                "0.regressor.2.weight[3, 3, 1, 1]",
+                "0.regressor.4.weight[6, 3, 1, 1]"
+            ]
+        );
+        assert_eq!(names.len(), 8);
+    }
+
+    #[test]
+    fn refuses_mismatched_resolution_and_bad_variance() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let err = run(cfg(1.0, 5.0), &taps(4, 2, 0.), &taps(6, 4, 0.), &vs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("same resolution") && err.contains("student [4, 2, 2], teacher [6, 4, 4]"),
+            "{err}"
+        );
+        let err = run(cfg(1.0, 0.0), &taps(4, 2, 0.), &taps(6, 2, 0.), &vs)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("init_var must exceed"), "{err}");
+        let err = run(cfg(0.1, 5.0), &taps(4, 2, 0.), &taps(6, 2, 0.), &vs)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sf = 0.1 leaves no hidden channels"), "{err}");
+    }
+}

@@ -1,0 +1,145 @@
+//! `kd train-teacher` and `kd distill`: plans built from flags, for the
+//! common cases that need no recipe.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kd_data::{DataSource, SyntheticConfig};
+use kd_engine::{DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Plan, Sgd, StagePlan, Subject, Weight};
+
+/// Flags shared by every command that trains.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// `synthetic`, `cifar10:DIR` or `cifar100:DIR`.
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    /// Synthetic data: training samples.
+    #[arg(long, default_value_t = 5000)]
+    pub train_size: i64,
+    #[arg(long, default_value_t = 0.0)]
+    pub val_fraction: f64,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// Epochs at which the learning rate is multiplied by 0.1 (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Vec<usize>,
+    /// Cosine learning-rate decay instead of milestones.
+    #[arg(long)]
+    pub cosine: bool,
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Seeds; several run one after another and are summarised as mean ± std.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub seeds: Vec<u64>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Folder holding run folders.
+    #[arg(long, default_value = "runs")]
+    pub out: PathBuf,
+    /// Run name (default derived from the models and methods).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// MLflow tracking server (else MLFLOW_TRACKING_URI, else `kd mlflow up`'s).
+    #[arg(long)]
+    pub tracking_uri: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
+}
+
+pub fn data_source(spec: &str, train_size: i64) -> Result<DataSource> {
+    Ok(match spec.split_once(':') {
+        None if spec == "synthetic" => DataSource::Synthetic(SyntheticConfig { train_size, ..Default::default() }),
+        Some(("cifar10", dir)) => DataSource::Cifar10 { path: dir.into() },
+        Some(("cifar100", dir)) => DataSource::Cifar100 { path: dir.into() },
+        _ => bail!("unknown --data `{spec}`; valid: synthetic, cifar10:DIR, cifar100:DIR"),
+    })
+}
+
+impl TrainArgs {
+    fn stage(&self, name: &str, methods: Vec<MethodPlan>) -> StagePlan {
+        StagePlan {
+            name: name.into(),
+            epochs: self.epochs,
+            subject: Subject::Student,
+            train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
+            methods,
+            optimizer: Sgd { lr: self.lr, momentum: self.momentum, nesterov: self.nesterov, weight_decay: self.weight_decay },
+            lr_schedule: if self.cosine {
+                LrSchedule::Cosine { warmup_epochs: 0 }
+            } else if self.milestones.is_empty() {
+                LrSchedule::Constant
+            } else {
+                LrSchedule::Multistep { milestones: self.milestones.clone(), gamma: 0.1 }
+            },
+        }
+    }
+
+    pub fn plan(&self, name: String, student: ModelPlan, teacher: Option<ModelPlan>, stage: &str, methods: Vec<MethodPlan>, seed: u64) -> Result<Plan> {
+        Ok(Plan {
+            name,
+            seed,
+            device: self.device.into(),
+            data: DataPlan {
+                source: data_source(&self.data, self.train_size)?,
+                batch_size: self.batch_size,
+                val_fraction: self.val_fraction,
+                ..Default::default()
+            },
+            student,
+            teacher,
+            stages: vec![self.stage(stage, methods)],
+        })
+    }
+}
+
+/// `NAME[:WEIGHT]` → a method with that weight (default 1).
+pub fn parse_method(spec: &str) -> Result<MethodPlan> {
+    let (name, weight) = match spec.split_once(':') {
+        Some((n, w)) => (n, w.parse::<f64>().with_context(|| format!("weight of `{spec}` is not a number"))?),
+        None => (spec, 1.0),
+    };
+    Ok(MethodPlan { weight: Weight::Const(weight), ..MethodPlan::new(name, weight) })
+}
+
+/// `METHOD.FIELD=VALUE` sets a config field (VALUE as JSON, else a string).
+pub fn apply_config(methods: &mut [MethodPlan], spec: &str) -> Result<()> {
+    let (path, value) = spec.split_once('=').with_context(|| format!("--config `{spec}`: expected METHOD.FIELD=VALUE"))?;
+    let (method, field) = path.split_once('.').with_context(|| format!("--config `{spec}`: expected METHOD.FIELD=VALUE"))?;
+    let value: serde_json::Value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.into()));
+    let m = methods
+        .iter_mut()
+        .find(|m| m.method == method)
+        .with_context(|| format!("--config `{spec}`: no --method `{method}` in this run"))?;
+    if !m.config.is_object() {
+        m.config = serde_json::json!({});
+    }
+    m.config[field] = value;
+    Ok(())
+}

@@ -1,0 +1,30 @@
+use kd_data::Dataset;
+use kd_models::Network;
+use tch::{Device, Kind, Tensor};
+
+/// Top-1 and top-5 accuracy in percent, in eval mode without gradient.
+pub fn accuracy(net: &dyn Network, data: &Dataset, batch_size: usize, device: Device) -> (f64, f64) {
+    let n = data.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let mean = Tensor::from_slice(&data.mean).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
+    let std = Tensor::from_slice(&data.std).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
+    let (mut top1, mut top5) = (0i64, 0i64);
+    tch::no_grad(|| {
+        let mut start = 0;
+        while start < n {
+            let len = (batch_size as i64).min(n - start);
+            let x = (data.images.narrow(0, start, len).to_device(device).to_kind(Kind::Float) / 255.0 - &mean) / &std;
+            let y = data.labels.narrow(0, start, len).to_device(device);
+            let logits = net.forward_taps(&x, false).logits;
+            let k = logits.size()[1].min(5);
+            let (_, pred) = logits.topk(k, 1, true, true);
+            let hit = pred.eq_tensor(&y.unsqueeze(1));
+            top1 += hit.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
+            top5 += hit.sum(Kind::Int64).int64_value(&[]);
+            start += len;
+        }
+    });
+    (100.0 * top1 as f64 / n as f64, 100.0 * top5 as f64 / n as f64)
+}

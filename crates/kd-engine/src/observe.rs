@@ -1,0 +1,74 @@
+//! What the engine reports while it runs. Tracking (MLflow), progress output
+//! and tests implement [`Observer`]; the engine never knows who listens.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One finished epoch of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub test_top1: f64,
+    pub test_top5: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_top1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_top5: Option<f64>,
+    /// Mean weight applied to each method's loss over the epoch.
+    pub weights: BTreeMap<String, f64>,
+    /// Mean of each loss term (before weights) over the epoch.
+    pub terms: BTreeMap<String, f64>,
+    pub images_per_sec: f64,
+    pub best_top1: f64,
+    /// Test top-1 of the peer network in mutual learning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_top1: Option<f64>,
+}
+
+/// Result of one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageResult {
+    pub name: String,
+    pub epochs: Vec<EpochRecord>,
+    pub best_top1: f64,
+    pub best_epoch: usize,
+    pub last_top1: f64,
+    pub last_top5: f64,
+    /// Weights of the stage's network after its last epoch, and at its best
+    /// test top-1 (selected on validation accuracy when a split exists).
+    pub last_weights: PathBuf,
+    pub best_weights: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    pub name: String,
+    pub run_dir: PathBuf,
+    pub stages: Vec<StageResult>,
+}
+
+impl RunResult {
+    /// The last stage, whose numbers a run is known by.
+    pub fn last(&self) -> Option<&StageResult> {
+        self.stages.last()
+    }
+}
+
+pub trait Observer {
+    /// Step-level values (loss terms, total, lr, weights, images/s).
+    fn metrics(&mut self, _step: i64, _values: &[(String, f64)]) {}
+    fn stage_start(&mut self, _index: usize, _name: &str) {}
+    fn epoch(&mut self, _stage: &str, _global_epoch: i64, _record: &EpochRecord) {}
+    fn stage_end(&mut self, _result: &StageResult) {}
+    /// A file the run produced (checkpoints, plots).
+    fn artifact(&mut self, _path: &Path) {}
+}
+
+/// Listens to nothing.
+pub struct Silent;
+impl Observer for Silent {}

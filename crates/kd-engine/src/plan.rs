@@ -1,0 +1,232 @@
+//! The declarative plan of a run: what recipes produce, what `kd plan`
+//! prints as YAML and what `kd run plan.yaml` replays exactly.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use kd_data::DataSource;
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::Weight;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Run name; also the run folder under `out_dir`.
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    #[serde(default)]
+    pub data: DataPlan,
+    pub student: ModelPlan,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<ModelPlan>,
+    pub stages: Vec<StagePlan>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when available, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataPlan {
+    pub source: DataSource,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub augment: bool,
+    /// Fraction of the training set held out for validation (0: none).
+    pub val_fraction: f64,
+}
+
+impl Default for DataPlan {
+    fn default() -> Self {
+        DataPlan { source: DataSource::default(), batch_size: 64, eval_batch_size: 256, augment: true, val_fraction: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPlan {
+    /// Zoo name (`kd models`).
+    pub arch: String,
+    /// safetensors weights to start from (a PyTorch `state_dict` loads as-is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<PathBuf>,
+}
+
+/// Which network a stage trains as its subject.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subject {
+    /// Distillation into the student (the teacher, if any, is frozen).
+    #[default]
+    Student,
+    /// Train the teacher itself, with no teacher of its own.
+    Teacher,
+}
+
+/// What the optimiser of a stage updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    /// The stage's subject network.
+    Network,
+    /// The methods' own modules (connectors, regressors, embeddings).
+    Methods,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StagePlan {
+    pub name: String,
+    pub epochs: usize,
+    #[serde(default)]
+    pub subject: Subject,
+    #[serde(default = "default_train")]
+    pub train: Vec<Part>,
+    pub methods: Vec<MethodPlan>,
+    #[serde(default)]
+    pub optimizer: Sgd,
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+}
+
+fn default_train() -> Vec<Part> {
+    vec![Part::Network, Part::Methods]
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodPlan {
+    /// Registered method name (`kd methods`).
+    pub method: String,
+    /// Name of its loss terms in logs; defaults to the method name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub config: serde_json::Value,
+    #[serde(default = "one")]
+    pub weight: Weight,
+    /// Schedules of the method's schedulable config fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub schedule: BTreeMap<String, Weight>,
+}
+
+fn one() -> Weight {
+    Weight::Const(1.0)
+}
+
+impl MethodPlan {
+    pub fn new(method: &str, weight: f64) -> MethodPlan {
+        MethodPlan { method: method.into(), label: None, config: serde_json::Value::Null, weight: Weight::Const(weight), schedule: BTreeMap::new() }
+    }
+
+    pub fn label(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.method)
+    }
+}
+
+/// SGD with PyTorch's semantics (weight decay added to the gradient,
+/// momentum buffer, optional Nesterov).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sgd {
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+}
+
+impl Default for Sgd {
+    fn default() -> Self {
+        Sgd { lr: 0.05, momentum: 0.9, nesterov: false, weight_decay: 5e-4 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    Constant,
+    /// lr · gamma^(number of milestones passed), stepped per epoch.
+    Multistep { milestones: Vec<usize>, #[serde(default = "tenth")] gamma: f64 },
+    /// Cosine decay to zero over the stage after a linear warm-up, per step.
+    Cosine { #[serde(default)] warmup_epochs: usize },
+}
+
+fn tenth() -> f64 {
+    0.1
+}
+
+impl Default for LrSchedule {
+    fn default() -> Self {
+        LrSchedule::Constant
+    }
+}
+
+impl LrSchedule {
+    /// Learning rate at a point of the stage.
+    pub fn lr(&self, base: f64, p: kd_core::Progress) -> f64 {
+        match self {
+            LrSchedule::Constant => base,
+            LrSchedule::Multistep { milestones, gamma } => {
+                base * gamma.powi(milestones.iter().filter(|&&m| p.epoch >= m).count() as i32)
+            }
+            LrSchedule::Cosine { warmup_epochs } => {
+                let warm = warmup_epochs * p.steps_per_epoch;
+                let total = (p.epochs * p.steps_per_epoch).max(1);
+                if p.global_step < warm {
+                    base * (p.global_step + 1) as f64 / warm as f64
+                } else {
+                    let t = (p.global_step - warm) as f64 / (total - warm).max(1) as f64;
+                    base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kd_core::Progress;
+
+    use super::*;
+
+    fn at(epoch: usize, step: usize) -> Progress {
+        Progress { epoch, epochs: 240, step, steps_per_epoch: 10, global_step: epoch * 10 + step }
+    }
+
+    #[test]
+    fn multistep_matches_repdistiller_schedule() {
+        let s = LrSchedule::Multistep { milestones: vec![150, 180, 210], gamma: 0.1 };
+        let lr = |e| s.lr(0.05, at(e, 0));
+        assert_eq!(lr(0), 0.05);
+        assert_eq!(lr(149), 0.05);
+        assert!((lr(150) - 0.005).abs() < 1e-12);
+        assert!((lr(180) - 0.0005).abs() < 1e-12);
+        assert!((lr(239) - 0.00005).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cosine_warms_up_then_decays() {
+        let s = LrSchedule::Cosine { warmup_epochs: 1 };
+        assert!((s.lr(1.0, at(0, 0)) - 0.1).abs() < 1e-12);
+        assert!((s.lr(1.0, at(0, 9)) - 1.0).abs() < 1e-12);
+        assert!((s.lr(1.0, at(1, 0)) - 1.0).abs() < 1e-12);
+        assert!(s.lr(1.0, at(239, 9)) < 1e-3);
+    }
+
+    #[test]
+    fn unknown_plan_keys_are_refused() {
+        let err = serde_json::from_str::<Sgd>(r#"{"lr": 0.1, "momentun": 0.9}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown field `momentun`, expected one of `lr`, `momentum`, `nesterov`, `weight_decay`"), "{err}");
+    }
+}

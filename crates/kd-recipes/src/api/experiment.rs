@@ -1,0 +1,117 @@
+//! An experiment: the plan of one run, built up before `run(...)`.
+
+use kd_engine::{DataPlan, DeviceChoice, ModelPlan, Plan, StagePlan};
+use rhai::Engine;
+
+use super::models::model;
+use super::{Fallible, count, def};
+use crate::error::user;
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Experiment {
+    pub name: String,
+    pub seed: u64,
+    pub device: DeviceChoice,
+    pub data: DataPlan,
+    pub student: Option<ModelPlan>,
+    pub teacher: Option<ModelPlan>,
+    pub stages: Vec<StagePlan>,
+}
+
+impl Experiment {
+    pub fn plan(&self) -> Result<Plan, String> {
+        let student = self.student.clone().ok_or_else(|| format!("experiment `{}` has no student; add `.student(\"resnet8\")`", self.name))?;
+        if self.stages.is_empty() {
+            return Err(format!("experiment `{}` has no stages; add `.add(stage(\"train\", 240).add(method(\"ce\")))`", self.name));
+        }
+        Ok(Plan {
+            name: self.name.clone(),
+            seed: self.seed,
+            device: self.device,
+            data: self.data.clone(),
+            student,
+            teacher: self.teacher.clone(),
+            stages: self.stages.clone(),
+        })
+    }
+}
+
+pub(super) fn register(e: &mut Engine) {
+    e.register_type_with_name::<Experiment>("Experiment");
+    e.register_fn("to_string", |x: &mut Experiment| match x.plan() {
+        Ok(p) => crate::yaml::to_yaml(std::slice::from_ref(&p)).unwrap_or_default(),
+        Err(msg) => format!("incomplete experiment: {msg}"),
+    });
+    def(
+        e,
+        "experiment",
+        &["name: String", "Experiment"],
+        "A new experiment; `name` is also its run folder, so each run of a recipe needs its own.",
+        |name: &str| -> Fallible<Experiment> {
+            if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                return Err(user(format!("experiment name `{name}` must be a plain folder name")));
+            }
+            Ok(Experiment { name: name.to_string(), ..Experiment::default() })
+        },
+    );
+    def(e, "name", &["experiment: Experiment", "name: String", "Experiment"], "Renames the experiment (and its run folder).", |mut x: Experiment, name: &str| -> Fallible<Experiment> {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(user(format!("experiment name `{name}` must be a plain folder name")));
+        }
+        x.name = name.to_string();
+        Ok(x)
+    });
+    def(e, "seed", &["experiment: Experiment", "seed: int", "Experiment"], "Seed of initialisation and data order.", |mut x: Experiment, seed: i64| -> Fallible<Experiment> {
+        x.seed = count(seed, "seed")? as u64;
+        Ok(x)
+    });
+    def(e, "device", &["experiment: Experiment", "device: String", "Experiment"], "`\"auto\"` (CUDA when available; default), `\"cpu\"` or `\"cuda\"`.", |mut x: Experiment, d: &str| -> Fallible<Experiment> {
+        x.device = match d {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            "cuda" => DeviceChoice::Cuda,
+            other => return Err(user(format!("unknown device `{other}`; devices: auto, cpu, cuda"))),
+        };
+        Ok(x)
+    });
+    def(e, "data", &["experiment: Experiment", "data: Data", "Experiment"], "The data set and its loader settings.", |mut x: Experiment, d: DataPlan| {
+        x.data = d;
+        x
+    });
+    def(e, "student", &["experiment: Experiment", "arch: String", "Experiment"], "The student, a zoo model with fresh weights.", |mut x: Experiment, arch: &str| -> Fallible<Experiment> {
+        x.student = Some(model(arch, None)?);
+        Ok(x)
+    });
+    def(e, "student", &["experiment: Experiment", "model: Model", "Experiment"], "The student, e.g. `model(\"resnet8\", \"init.safetensors\")`.", |mut x: Experiment, m: ModelPlan| {
+        x.student = Some(m);
+        x
+    });
+    def(
+        e,
+        "teacher",
+        &["experiment: Experiment", "arch: String", "Experiment"],
+        "A teacher with fresh weights, for a plan that trains it in a `teacher_stage`.",
+        |mut x: Experiment, arch: &str| -> Fallible<Experiment> {
+            x.teacher = Some(model(arch, None)?);
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "teacher",
+        &["experiment: Experiment", "arch: String", "weights: String", "Experiment"],
+        "A trained teacher: zoo name and checkpoint (safetensors).",
+        |mut x: Experiment, arch: &str, weights: &str| -> Fallible<Experiment> {
+            x.teacher = Some(model(arch, Some(weights))?);
+            Ok(x)
+        },
+    );
+    def(e, "teacher", &["experiment: Experiment", "model: Model", "Experiment"], "The teacher as a `model(...)`.", |mut x: Experiment, m: ModelPlan| {
+        x.teacher = Some(m);
+        x
+    });
+    def(e, "add", &["experiment: Experiment", "stage: Stage", "Experiment"], "Appends a stage; stages run in order on the same networks.", |mut x: Experiment, s: StagePlan| {
+        x.stages.push(s);
+        x
+    });
+}

@@ -1,0 +1,32 @@
+//! Networks: zoo names, checked when written, and weights to start from.
+
+use kd_engine::ModelPlan;
+use rhai::Engine;
+
+use super::{Fallible, def};
+use crate::error::user;
+
+/// A zoo model; an unknown name fails at the call that names it.
+pub(crate) fn model(arch: &str, weights: Option<&str>) -> Fallible<ModelPlan> {
+    let names = kd_models::names();
+    if !names.contains(&arch) {
+        return Err(user(format!("unknown model `{arch}`; zoo models: {}", names.join(", "))));
+    }
+    Ok(ModelPlan { arch: arch.to_string(), weights: weights.map(Into::into) })
+}
+
+pub(super) fn register(e: &mut Engine) {
+    e.register_type_with_name::<ModelPlan>("Model");
+    def(e, "model", &["arch: String", "Model"], "A zoo model (`kd models`) with fresh weights.", |arch: &str| model(arch, None));
+    def(
+        e,
+        "model",
+        &["arch: String", "weights: String", "Model"],
+        "A zoo model starting from a safetensors file (a PyTorch `state_dict` loads as-is).",
+        |arch: &str, weights: &str| model(arch, Some(weights)),
+    );
+    def(e, "weights", &["model: Model", "path: String", "Model"], "The same model starting from other weights.", |mut m: ModelPlan, path: &str| {
+        m.weights = Some(path.into());
+        m
+    });
+}

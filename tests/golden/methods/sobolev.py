@@ -1,0 +1,28 @@
+"""Sobolev / Jacobian matching, as KD-Zoo's kd_losses/sobolev.py, at network
+level: it needs d logit[y] / d image, which `kd probe loss` cannot feed, so
+make() writes nothing yet; `sobolev_loss` is the reference for a later
+network-level golden test (models from tests/golden/models.py return taps)."""
+import torch
+import torch.nn.functional as F
+
+
+def input_grad(logits, img, target, create_graph):
+    # Gradient of sum_i logits[i, y_i]: per sample in eval mode; in train mode
+    # BatchNorm couples the rows, which the reference keeps.
+    picked = logits.gather(1, target.view(-1, 1)).sum()
+    return torch.autograd.grad(picked, img, create_graph=create_graph)[0]
+
+
+def sobolev_loss(student, teacher, img, target):
+    """MSE of the row-wise L2-normalised, flattened input gradients; the
+    teacher's gradient is a constant, the student's keeps its graph."""
+    img = img.detach().clone().requires_grad_(True)
+    g_s = input_grad(student(img)["logits"], img, target, True)
+    g_t = input_grad(teacher(img)["logits"], img, target, False)
+    n_s = F.normalize(g_s.flatten(1), p=2, dim=1)
+    n_t = F.normalize(g_t.flatten(1), p=2, dim=1).detach()
+    return ((n_s - n_t) ** 2).mean()
+
+
+def make():
+    pass
