@@ -152,24 +152,28 @@ impl Loader {
         padded.gather(2, &rows, false).gather(3, &cols, false)
     }
 
-    /// `[B, k + 1]`: the sample itself, then `k` draws with replacement from
-    /// the other classes (CRD's "exact" sampling) or from all other samples.
+    /// `[B, k + 1]`: the sample itself, then `k` negatives from the other
+    /// classes (CRD's "exact" sampling) or from all other samples; distinct
+    /// when the pool holds at least `k`, as `np.random.choice(replace=k > m)`.
     fn contrast(&self, idx: &[i64], k: usize, other_classes: bool, rng: &mut ChaCha8Rng) -> Tensor {
         let n = self.len();
         let mut out = Vec::with_capacity(idx.len() * (k + 1));
         for &i in idx {
             out.push(i);
-            if other_classes {
-                let (start, count) = self.class_span[self.labels_host[i as usize] as usize];
-                for _ in 0..k {
-                    let r = rng.random_range(0..n - count);
-                    out.push(self.by_class[if r < start { r } else { r + count }]);
-                }
+            // The pool is every position outside one contiguous span of
+            // `by_class` (the sample's class), or every index but `i`.
+            let (start, count) = if other_classes {
+                self.class_span[self.labels_host[i as usize] as usize]
             } else {
-                for _ in 0..k {
-                    let r = rng.random_range(0..n as i64 - 1);
-                    out.push(if r < i { r } else { r + 1 });
-                }
+                (i as usize, 1)
+            };
+            let pool = n - count;
+            let map = |r: usize| if r < start { r } else { r + count };
+            let pick = |r: usize| if other_classes { self.by_class[map(r)] } else { map(r) as i64 };
+            if k <= pool {
+                out.extend(rand::seq::index::sample(rng, pool, k).into_iter().map(pick));
+            } else {
+                out.extend((0..k).map(|_| pick(rng.random_range(0..pool))));
             }
         }
         Tensor::from_slice(&out).view([idx.len() as i64, k as i64 + 1])
@@ -240,5 +244,12 @@ mod tests {
         let labels = d.labels.index_select(0, &ci.flatten(0, 1)).view([10, 6]);
         let own = labels.select(1, 0).unsqueeze(1);
         assert!(!labels.narrow(1, 1, 5).eq_tensor(&own).any().int64_value(&[]) != 0);
+        // 20 samples of other classes are available for 5 draws: all distinct.
+        for row in 0..10 {
+            let mut negs: Vec<i64> = Vec::try_from(ci.get(row).narrow(0, 1, 5)).unwrap();
+            negs.sort();
+            negs.dedup();
+            assert_eq!(negs.len(), 5, "row {row} repeats a negative");
+        }
     }
 }

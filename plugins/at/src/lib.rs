@@ -30,7 +30,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { p: 2.0, taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()], variant: Variant::KdZoo }
+        Config {
+            p: 2.0,
+            taps: vec!["feat/1".into(), "feat/2".into(), "feat/3".into()],
+            variant: Variant::KdZoo,
+        }
     }
 }
 
@@ -43,15 +47,25 @@ pub struct At {
 impl At {
     /// KD-Zoo's attention map, `[B, 1, H, W]`.
     fn kd_zoo_map(&self, fm: &Tensor) -> Tensor {
-        let am = fm.abs().pow_tensor_scalar(self.p).sum_dim_intlist(1, true, fm.kind());
+        let am = fm
+            .abs()
+            .pow_tensor_scalar(self.p)
+            .sum_dim_intlist(1, true, fm.kind());
         let norm = am.norm_scalaropt_dim(2, [2, 3], true);
         am / (norm + 1e-6)
     }
 
     /// RepDistiller's attention map, `[B, H·W]`, pooled to `hw` first.
     fn repdistiller_map(&self, fm: &Tensor, hw: (i64, i64)) -> Tensor {
-        let fm = if (fm.size()[2], fm.size()[3]) != hw { fm.adaptive_avg_pool2d([hw.0, hw.1]) } else { fm.shallow_clone() };
-        let am = fm.pow_tensor_scalar(self.p).mean_dim(1, false, fm.kind()).flatten(1, -1);
+        let fm = if (fm.size()[2], fm.size()[3]) != hw {
+            fm.adaptive_avg_pool2d([hw.0, hw.1])
+        } else {
+            fm.shallow_clone()
+        };
+        let am = fm
+            .pow_tensor_scalar(self.p)
+            .mean_dim(1, false, fm.kind())
+            .flatten(1, -1);
         // F.normalize: the norm is floored, not shifted.
         &am / am.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12)
     }
@@ -59,7 +73,8 @@ impl At {
 
 impl Method for At {
     const NAME: &'static str = "at";
-    const SUMMARY: &'static str = "Paying More Attention to Attention (Zagoruyko & Komodakis, 2017)";
+    const SUMMARY: &'static str =
+        "Paying More Attention to Attention (Zagoruyko & Komodakis, 2017)";
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
@@ -74,7 +89,9 @@ impl Method for At {
             let (s, t) = cx.tap_pair(name)?;
             let (ss, ts) = (cx.shape(s), cx.shape(t));
             if ss.len() != 3 || ts.len() != 3 {
-                return Err(cx.error(format!("tap `{name}` is not a feature map (student {ss:?}, teacher {ts:?})")));
+                return Err(cx.error(format!(
+                    "tap `{name}` is not a feature map (student {ss:?}, teacher {ts:?})"
+                )));
             }
             if cfg.variant == Variant::KdZoo && ss[1..] != ts[1..] {
                 return Err(cx.error(format!(
@@ -84,21 +101,33 @@ impl Method for At {
             }
             pairs.push((s, t));
         }
-        Ok(At { pairs, p: cfg.p, variant: cfg.variant })
+        Ok(At {
+            pairs,
+            p: cfg.p,
+            variant: cfg.variant,
+        })
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
         let terms = self.pairs.iter().map(|&(s, t)| {
             let (fs, ft) = (io.tap(s), io.tap(t));
             match self.variant {
-                Variant::KdZoo => self.kd_zoo_map(fs).mse_loss(&self.kd_zoo_map(ft), Reduction::Mean),
+                Variant::KdZoo => self
+                    .kd_zoo_map(fs)
+                    .mse_loss(&self.kd_zoo_map(ft), Reduction::Mean),
                 Variant::Repdistiller => {
-                    let hw = (fs.size()[2].min(ft.size()[2]), fs.size()[3].min(ft.size()[3]));
-                    self.repdistiller_map(fs, hw).mse_loss(&self.repdistiller_map(ft, hw), Reduction::Mean)
+                    let hw = (
+                        fs.size()[2].min(ft.size()[2]),
+                        fs.size()[3].min(ft.size()[3]),
+                    );
+                    self.repdistiller_map(fs, hw)
+                        .mse_loss(&self.repdistiller_map(ft, hw), Reduction::Mean)
                 }
             }
         });
-        let sum = terms.reduce(|a, b| a + b).expect("build refuses an empty tap list");
+        let sum = terms
+            .reduce(|a, b| a + b)
+            .expect("build refuses an empty tap list");
         let loss = match self.variant {
             Variant::KdZoo => sum / self.pairs.len() as f64,
             Variant::Repdistiller => sum,
@@ -120,7 +149,12 @@ mod tests {
     fn taps(maps: Vec<Tensor>) -> Taps {
         let b = maps[0].size()[0];
         let zeros = Tensor::zeros([b, 2], (Kind::Float, Device::Cpu));
-        Taps { preact: maps.iter().map(Tensor::shallow_clone).collect(), feat: maps, embed: zeros.shallow_clone(), logits: zeros }
+        Taps {
+            preact: maps.iter().map(Tensor::shallow_clone).collect(),
+            feat: maps,
+            embed: zeros.shallow_clone(),
+            logits: zeros,
+        }
     }
 
     fn run(cfg: serde_json::Value, s: &Taps, t: &Taps) -> Result<f64> {
@@ -160,7 +194,12 @@ mod tests {
         assert!((l - 0.292893).abs() < 1e-5, "{l}");
         // RepDistiller: the same maps (mean over channels changes nothing once
         // normalised), and the same tap twice sums rather than averages.
-        let r = run(serde_json::json!({"taps": ["feat/0", "preact/0"], "variant": "repdistiller"}), &s, &t).unwrap();
+        let r = run(
+            serde_json::json!({"taps": ["feat/0", "preact/0"], "variant": "repdistiller"}),
+            &s,
+            &t,
+        )
+        .unwrap();
         assert!((r - 2.0 * 0.292893).abs() < 1e-5, "{r}");
         let k = run(serde_json::json!({"taps": ["feat/0", "preact/0"]}), &s, &t).unwrap();
         assert!((k - 0.292893).abs() < 1e-5, "{k}");
@@ -169,7 +208,12 @@ mod tests {
     #[test]
     fn identical_maps_give_zero_and_p_matters() {
         let s = taps(vec![map(&[1., -2., 3., 0.5], 1)]);
-        assert!(run(serde_json::json!({"taps": ["feat/0"]}), &s, &s).unwrap().abs() < 1e-12);
+        assert!(
+            run(serde_json::json!({"taps": ["feat/0"]}), &s, &s)
+                .unwrap()
+                .abs()
+                < 1e-12
+        );
         let t = taps(vec![map(&[1., 2., 3., 4.], 1)]);
         let p2 = run(serde_json::json!({"taps": ["feat/0"]}), &s, &t).unwrap();
         let p1 = run(serde_json::json!({"taps": ["feat/0"], "p": 1.0}), &s, &t).unwrap();
@@ -180,14 +224,30 @@ mod tests {
     fn refuses_bad_taps_and_sizes() {
         let s = taps(vec![map(&[1., 2.], 1)]);
         let err = run(serde_json::json!({}), &s, &s).unwrap_err().to_string();
-        assert!(err.contains("unknown tap `feat/1`") && err.contains("valid taps: feat/0"), "{err}");
-        let err = run(serde_json::json!({"taps": ["embed"]}), &s, &s).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown tap `feat/1`") && err.contains("valid taps: feat/0"),
+            "{err}"
+        );
+        let err = run(serde_json::json!({"taps": ["embed"]}), &s, &s)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a feature map"), "{err}");
         let t = taps(vec![map(&[1., 2., 3., 4.], 1)]);
-        let err = run(serde_json::json!({"taps": ["feat/0"]}), &s, &t).unwrap_err().to_string();
+        let err = run(serde_json::json!({"taps": ["feat/0"]}), &s, &t)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("differ in size"), "{err}");
-        assert!(run(serde_json::json!({"taps": ["feat/0"], "variant": "repdistiller"}), &s, &t).is_ok());
-        let err = run(serde_json::json!({"tap": "feat/0"}), &s, &s).unwrap_err().to_string();
+        assert!(
+            run(
+                serde_json::json!({"taps": ["feat/0"], "variant": "repdistiller"}),
+                &s,
+                &t
+            )
+            .is_ok()
+        );
+        let err = run(serde_json::json!({"tap": "feat/0"}), &s, &s)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `tap`"), "{err}");
     }
 }
