@@ -8,6 +8,18 @@ use kd_engine::{EpochRecord, Observer, StageResult};
 pub struct Console<'a> {
     pub run: String,
     pub next: Option<&'a mut dyn Observer>,
+    /// `console.log` of the run folder, kept as an artifact.
+    pub log: Option<std::fs::File>,
+}
+
+impl Console<'_> {
+    fn line(&mut self, text: String) {
+        eprintln!("{text}");
+        if let Some(f) = &mut self.log {
+            use std::io::Write;
+            let _ = writeln!(f, "{text}");
+        }
+    }
 }
 
 impl Observer for Console<'_> {
@@ -18,7 +30,7 @@ impl Observer for Console<'_> {
     }
 
     fn stage_start(&mut self, index: usize, name: &str) {
-        eprintln!("[{}] stage {} `{name}`", self.run, index + 1);
+        self.line(format!("[{}] stage {} `{name}`", self.run, index + 1));
         if let Some(n) = self.next.as_deref_mut() {
             n.stage_start(index, name);
         }
@@ -27,7 +39,7 @@ impl Observer for Console<'_> {
     fn epoch(&mut self, stage: &str, global: i64, r: &EpochRecord) {
         let val = r.val_top1.map(|v| format!(" val {v:.2}%")).unwrap_or_default();
         let peer = r.peer_top1.map(|v| format!(" peer {v:.2}%")).unwrap_or_default();
-        eprintln!(
+        self.line(format!(
             "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}% (top-5 {:.2}%)  best {:.2}%{peer}  {:.0} img/s",
             self.run,
             r.epoch + 1,
@@ -37,7 +49,7 @@ impl Observer for Console<'_> {
             r.test_top5,
             r.best_top1,
             r.images_per_sec
-        );
+        ));
         if let Some(n) = self.next.as_deref_mut() {
             n.epoch(stage, global, r);
         }

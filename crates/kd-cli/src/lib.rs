@@ -2,6 +2,7 @@
 //! the tests; `main.rs` only maps its result to an exit code.
 
 mod console;
+mod track;
 mod train;
 
 use std::ffi::OsString;
@@ -71,6 +72,18 @@ enum Cmd {
     },
     /// List the model zoo.
     Models,
+    /// The local MLflow server (SQLite store and artifacts under OUT/mlflow).
+    #[command(subcommand)]
+    Mlflow(Mlflow),
+    /// Send to MLflow whatever a run (or every run under a folder) has not
+    /// delivered yet; marks runs whose process died FAILED or KILLED.
+    Sync {
+        /// A run folder, or a folder of runs (default: runs).
+        #[arg(default_value = "runs")]
+        path: PathBuf,
+        #[arg(long)]
+        tracking_uri: Option<String>,
+    },
     /// List registered methods with their config fields and defaults.
     Methods {
         /// Print JSON instead of a table.
@@ -80,6 +93,27 @@ enum Cmd {
     /// Conformance checks against a PyTorch reference.
     #[command(subcommand)]
     Probe(Probe),
+}
+
+#[derive(Subcommand, Debug)]
+enum Mlflow {
+    /// Start the server on loopback and print the UI address.
+    Up {
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Stop the server started by `up`.
+    Down {
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+    },
+    /// Print the server's address if it runs.
+    Status {
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,7 +155,7 @@ where
             let runs = seeds(&train, &name, |run_name, seed| {
                 train.plan(run_name, student.clone(), None, "train", vec![kd_engine::MethodPlan::new("ce", 1.0)], seed)
             })?;
-            let rows = vec![summarize(&name, &execute_all(&registry, &runs, &train)?)];
+            let rows = vec![summarize(&name, &execute_all(&registry, &runs, &train, &format!("{name}_sweep"))?)];
             print!("{}", table(&rows));
             Ok(())
         }
@@ -149,9 +183,9 @@ where
                 let base_runs = seeds(&train, &base, |run_name, seed| {
                     train.plan(run_name, s.clone(), None, "train", vec![kd_engine::MethodPlan::new("ce", 1.0)], seed)
                 })?;
-                rows.push(summarize(&format!("{student} alone (ce)"), &execute_all(&registry, &base_runs, &train)?));
+                rows.push(summarize(&format!("{student} alone (ce)"), &execute_all(&registry, &base_runs, &train, &format!("{base}_sweep"))?));
             }
-            rows.push(summarize(&format!("{student} from {teacher} ({label})"), &execute_all(&registry, &kd_runs, &train)?));
+            rows.push(summarize(&format!("{student} from {teacher} ({label})"), &execute_all(&registry, &kd_runs, &train, &format!("{name}_sweep"))?));
             print!("{}", table(&rows));
             Ok(())
         }
@@ -159,10 +193,31 @@ where
             let text = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
             let plan: Plan = serde_saphyr::from_str(&text).with_context(|| format!("{} is not a valid plan", plan.display()))?;
             kd_engine::validate(&plan, &registry, &NoScripts, true)?;
-            let result = execute(&registry, &plan, &out, resume, tracking_uri.as_deref())?;
+            let ex = Exec { out: &out, resume, tracking_uri: tracking_uri.as_deref(), recipe: None, scripts: &NoScripts };
+            let result = execute(&registry, &plan, &ex, None)?;
             print!("{}", table(&[summarize(&plan.name, &[result])]));
             Ok(())
         }
+        Cmd::Mlflow(Mlflow::Up { out, port }) => {
+            let info = kd_tracking::server::up(&out, port)?;
+            println!("{}", info.url);
+            Ok(())
+        }
+        Cmd::Mlflow(Mlflow::Down { out }) => {
+            match kd_tracking::server::down(&out)? {
+                Some(info) => println!("stopped {}", info.url),
+                None => println!("no server was running under {}", out.display()),
+            }
+            Ok(())
+        }
+        Cmd::Mlflow(Mlflow::Status { out }) => {
+            match kd_tracking::server::status(&out)? {
+                Some(info) => println!("{}", info.url),
+                None => println!("no server running under {}", out.display()),
+            }
+            Ok(())
+        }
+        Cmd::Sync { path, tracking_uri } => sync(&path, tracking_uri.as_deref()),
         Cmd::Models => {
             for name in kd_models::names() {
                 println!("{name}");
@@ -188,12 +243,39 @@ fn seeds(train: &TrainArgs, name: &str, mut make: impl FnMut(String, u64) -> Res
     train.seeds.iter().map(|&seed| make(format!("{name}_s{seed}"), seed)).collect()
 }
 
-fn execute_all(registry: &Registry, plans: &[Plan], train: &TrainArgs) -> Result<Vec<RunResult>> {
+fn execute_all(registry: &Registry, plans: &[Plan], train: &TrainArgs, sweep: &str) -> Result<Vec<RunResult>> {
     // Validate every plan before the first one trains.
     for p in plans {
         kd_engine::validate(p, registry, &NoScripts, true).with_context(|| format!("plan `{}`", p.name))?;
     }
-    plans.iter().map(|p| execute(registry, p, &train.out, train.resume, train.tracking_uri.as_deref())).collect()
+    let ex = Exec { out: &train.out, resume: train.resume, tracking_uri: train.tracking_uri.as_deref(), recipe: None, scripts: &NoScripts };
+    run_sweep(registry, plans, &ex, sweep)
+}
+
+/// Several plans as child runs of one parent run, which gets the summary.
+pub fn run_sweep(registry: &Registry, plans: &[Plan], ex: &Exec, sweep: &str) -> Result<Vec<RunResult>> {
+    if plans.len() == 1 {
+        return Ok(vec![execute(registry, &plans[0], ex, None)?]);
+    }
+    let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
+    let spec = kd_tracking::RunSpec::new(track::EXPERIMENT).name(sweep.to_string()).tracking_uri(uri).tag("kd.sweep", plans.len().to_string());
+    let parent = kd_tracking::Tracker::start(ex.out.join(sweep), spec)?;
+    let mut results = Vec::new();
+    for p in plans {
+        match execute(registry, p, ex, Some(&parent)) {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                parent.finish(kd_tracking::RunStatus::Failed);
+                return Err(e);
+            }
+        }
+    }
+    let s = summarize(sweep, &results);
+    for (k, v) in [("best_top1_mean", s.best.0), ("best_top1_std", s.best.1), ("last_top1_mean", s.last.0), ("last_top1_std", s.last.1)] {
+        parent.metric(&format!("sweep/{k}"), v, 0);
+    }
+    parent.finish(kd_tracking::RunStatus::Finished);
+    Ok(results)
 }
 
 /// Set by Ctrl-C; the engine stops at the next step, keeping its checkpoint.
@@ -208,23 +290,71 @@ fn stop_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
-/// Runs one plan in `out/<plan name>`, printing epochs to stderr.
-pub fn execute(registry: &Registry, plan: &Plan, out: &Path, resume: bool, _tracking_uri: Option<&str>) -> Result<RunResult> {
-    let run_dir = out.join(&plan.name);
+/// Where and how plans run: output folder, resume, tracking.
+pub struct Exec<'a> {
+    pub out: &'a Path,
+    pub resume: bool,
+    pub tracking_uri: Option<&'a str>,
+    pub recipe: Option<&'a Path>,
+    pub scripts: &'a dyn kd_engine::ScheduleResolver,
+}
+
+/// Runs one plan in `out/<plan name>`, printing epochs to stderr and logging
+/// to MLflow (journal first) as a run, or a child run of `parent`.
+pub fn execute(registry: &Registry, plan: &Plan, ex: &Exec, parent: Option<&kd_tracking::Tracker>) -> Result<RunResult> {
+    let run_dir = ex.out.join(&plan.name);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let yaml = serde_saphyr::to_string(plan).context("serialising the plan")?;
     std::fs::write(run_dir.join("plan.yaml"), yaml).with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
-    let mut console = console::Console { run: plan.name.clone(), next: None };
-    let mut opts = RunOptions {
-        run_dir,
-        resume,
-        observer: &mut console,
-        scripts: &NoScripts,
-        stop: Some(stop_flag()),
-        log_every: 10,
-        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    let device = format!("{:?}", kd_engine::device(plan.device)?);
+    let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
+    let mut tracking = track::Tracking::start(&run_dir, plan, uri, parent, track::run_tags(plan, &device, ex.recipe))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("console.log")).ok();
+    let result = {
+        let mut console = console::Console { run: plan.name.clone(), next: Some(&mut tracking), log };
+        let mut opts = RunOptions {
+            run_dir: run_dir.clone(),
+            resume: ex.resume,
+            observer: &mut console,
+            scripts: ex.scripts,
+            stop: Some(stop_flag()),
+            log_every: 10,
+            progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        };
+        kd_engine::run(plan, registry, &mut opts)
     };
-    Ok(kd_engine::run(plan, registry, &mut opts)?)
+    let status = match &result {
+        Ok(_) => kd_tracking::RunStatus::Finished,
+        Err(kd_engine::EngineError::Interrupted(_)) => kd_tracking::RunStatus::Killed,
+        Err(_) => kd_tracking::RunStatus::Failed,
+    };
+    let report = tracking.finish(&run_dir, status);
+    if report.needs_sync() {
+        eprintln!("tracking: the server has not received everything yet; `kd sync {}` sends the rest", run_dir.display());
+    }
+    Ok(result?)
+}
+
+fn sync(path: &Path, flag: Option<&str>) -> Result<()> {
+    let single = path.join("journal.jsonl").exists();
+    let root = if single { path.parent().unwrap_or(Path::new(".")) } else { path };
+    let uri = kd_tracking::resolve_uri(flag, None, root)
+        .context("no tracking server: pass --tracking-uri, set MLFLOW_TRACKING_URI, or start one with `kd mlflow up`")?;
+    let reports = if single { vec![(path.to_path_buf(), kd_tracking::sync(path, &uri))] } else { kd_tracking::sync_all(path, &uri) };
+    let mut failed = 0;
+    for (dir, r) in reports {
+        match r {
+            Ok(rep) => println!("{}: {} sent{}", dir.display(), rep.shipped, rep.closed_as.map(|s| format!(", closed as {s:?}")).unwrap_or_default()),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}: {e}", dir.display());
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} run(s) could not be synced");
+    }
+    Ok(())
 }
 
 fn probe_model(name: &str, weights: &Path, input: &Path, out: &Path, num_classes: i64) -> Result<()> {

@@ -306,6 +306,74 @@ pub fn validate(plan: &Plan, registry: &Registry, scripts: &dyn ScheduleResolver
     Ok(())
 }
 
+/// A stage ready to step: its methods, optimiser and loader.
+struct Prepared {
+    methods: Vec<Active>,
+    peers: Vec<Active>,
+    needs: Needs,
+    opt: Optimizer,
+    loader: Loader,
+    net_trains: bool,
+    mutual: bool,
+}
+
+fn prepare(cx: &StageCx, stage: &StagePlan, student: &mut Net, mut teacher: Option<&mut Net>, carry: &Carry) -> Result<Prepared> {
+    let net_trains = stage.train.contains(&Part::Network);
+    let methods_train = stage.train.contains(&Part::Methods);
+    let name = &stage.name;
+    let (net, other) = roles(stage.subject, student, teacher.as_deref());
+    let device = cx.device;
+    let probe = {
+        let l = Loader::new(&cx.splits.train, loader_cfg(cx, None, false), 0, device)?;
+        l.batch(&[0, 1], 0, 0).images
+    };
+    let s_shapes = shapes_of(net, &probe);
+    let t_shapes = other.as_ref().map(|t| shapes_of(t, &probe));
+    tch::manual_seed((cx.plan.seed + cx.si as u64) as i64);
+    let env = BuildEnv { registry: cx.registry, device, n_data: cx.splits.train.len(), classes: cx.splits.train.num_classes, scripts: cx.scripts };
+    let (mut methods, mut peers, needs) = build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), carry)?;
+    let mutual = needs.mutual;
+
+    // Freezing needs mutable access; the loop below borrows again.
+    {
+        let (net, other): (&mut Net, Option<&mut Net>) = match stage.subject {
+            Subject::Student => (&mut *student, teacher.as_deref_mut()),
+            Subject::Teacher => (teacher.as_deref_mut().expect("checked by the caller"), None),
+        };
+        if net_trains { net.vs.unfreeze() } else { net.vs.freeze() }
+        if let Some(o) = other {
+            if mutual { o.vs.unfreeze() } else { o.vs.freeze() }
+        }
+    }
+    let (net, other) = roles(stage.subject, student, teacher.as_deref());
+    // Parameters of this stage's optimiser, named for the checkpoint.
+    let mut params = Vec::new();
+    if net_trains {
+        params.extend(named_vars(&net.vs, "net."));
+    }
+    if let (Some(t), true) = (other, mutual) {
+        params.extend(named_vars(&t.vs, "peer."));
+    }
+    for (prefix, list) in [("method.", &mut methods), ("peermethod.", &mut peers)] {
+        for (i, a) in list.iter_mut().enumerate() {
+            if methods_train {
+                params.extend(named_vars(&a.vs, &format!("{prefix}{i}.")));
+            } else {
+                a.vs.freeze();
+            }
+        }
+    }
+    let opt = Optimizer::new(stage.optimizer.clone(), params);
+    if opt.is_empty() {
+        return Err(EngineError::Plan(format!("stage `{name}` trains nothing: `train` is {:?} and those have no parameters", stage.train)));
+    }
+
+    let contrast = needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
+    let loader = Loader::new(&cx.splits.train, loader_cfg(cx, contrast, cx.plan.data.augment), cx.plan.seed.wrapping_add(cx.si as u64 * 7919), device)?;
+    Ok(Prepared { methods, peers, needs, opt, loader, net_trains, mutual })
+}
+
+
 /// The stage's subject network and the other one (frozen teacher or peer).
 fn roles<'a>(subject: Subject, student: &'a Net, teacher: Option<&'a Net>) -> (&'a Net, Option<&'a Net>) {
     match subject {
@@ -334,60 +402,12 @@ fn run_stage(
     if stage.subject == Subject::Teacher && teacher.is_none() {
         return Err(EngineError::Plan(format!("stage `{name}` trains the teacher, but the plan has none")));
     }
-    let net_trains = stage.train.contains(&Part::Network);
-    let methods_train = stage.train.contains(&Part::Methods);
-    let (net, other) = roles(stage.subject, student, teacher.as_deref());
-    let device = cx.device;
-    let probe = {
-        let l = Loader::new(&cx.splits.train, loader_cfg(cx, None, false), 0, device)?;
-        l.batch(&[0, 1], 0, 0).images
-    };
-    let s_shapes = shapes_of(net, &probe);
-    let t_shapes = other.as_ref().map(|t| shapes_of(t, &probe));
-    tch::manual_seed((cx.plan.seed + cx.si as u64) as i64);
-    let env = BuildEnv { registry: cx.registry, device, n_data: cx.splits.train.len(), classes: cx.splits.train.num_classes, scripts: cx.scripts };
-    let (mut methods, mut peers, needs) = build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), carry)?;
-    let mutual = needs.mutual;
-
-    // Freezing needs mutable access; the loop below borrows again.
-    {
-        let (net, other): (&mut Net, Option<&mut Net>) = match stage.subject {
-            Subject::Student => (&mut *student, teacher.as_deref_mut()),
-            Subject::Teacher => (teacher.as_deref_mut().expect("checked above"), None),
-        };
-        if net_trains { net.vs.unfreeze() } else { net.vs.freeze() }
-        if let Some(o) = other {
-            if mutual { o.vs.unfreeze() } else { o.vs.freeze() }
-        }
-    }
+    let Prepared { mut methods, mut peers, needs, mut opt, loader, net_trains, mutual } = prepare(cx, stage, student, teacher.as_deref_mut(), carry)?;
     let student: &Net = student;
     let teacher: Option<&Net> = teacher.as_deref();
     let (net, other) = roles(stage.subject, student, teacher);
-    // Parameters of this stage's optimiser, named for the checkpoint.
-    let mut params = Vec::new();
-    if net_trains {
-        params.extend(named_vars(&net.vs, "net."));
-    }
-    if let (Some(t), true) = (other, mutual) {
-        params.extend(named_vars(&t.vs, "peer."));
-    }
-    for (prefix, list) in [("method.", &mut methods), ("peermethod.", &mut peers)] {
-        for (i, a) in list.iter_mut().enumerate() {
-            if methods_train {
-                params.extend(named_vars(&a.vs, &format!("{prefix}{i}.")));
-            } else {
-                a.vs.freeze();
-            }
-        }
-    }
-    let mut opt = Optimizer::new(stage.optimizer.clone(), params);
-    if opt.is_empty() {
-        return Err(EngineError::Plan(format!("stage `{name}` trains nothing: `train` is {:?} and those have no parameters", stage.train)));
-    }
-
-    let contrast = needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
-    let loader = Loader::new(&cx.splits.train, loader_cfg(cx, contrast, cx.plan.data.augment), cx.plan.seed.wrapping_add(cx.si as u64 * 7919), device)?;
     let steps = loader.batches_per_epoch();
+    let device = cx.device;
 
     let (mut history, mut best_top1, mut best_epoch, first_epoch) = match &start {
         Some((meta, file)) => {
@@ -737,4 +757,42 @@ fn apply_fields(a: &mut Active, progress: Progress) -> Result<()> {
         a.method.set_scheduled(field, v)?;
     }
     Ok(())
+}
+
+/// One training step of a plan's first stage on a fixed batch, for
+/// benchmarks: the same code path as `run`, without epochs or evaluation.
+pub struct StepHarness {
+    student: Net,
+    teacher: Option<Net>,
+    prep: Prepared,
+    batch: Batch,
+    subject: Subject,
+    lr: f64,
+}
+
+impl StepHarness {
+    pub fn new(plan: &Plan, registry: &Registry) -> Result<StepHarness> {
+        let device = device(plan.device)?;
+        let splits = kd_data::load(&plan.data.source, 0.0, 0)?;
+        let classes = splits.train.num_classes;
+        tch::manual_seed(plan.seed as i64);
+        let mut student = build_net(&plan.student, classes, device)?;
+        let mut teacher = plan.teacher.as_ref().map(|t| build_net(t, classes, device)).transpose()?;
+        let stage = plan.stages.first().ok_or_else(|| EngineError::Plan("the plan has no stages".into()))?;
+        let ckpt = PathBuf::new();
+        let cx = StageCx { plan, si: 0, registry, device, splits: &splits, ckpt: &ckpt, finished: &[], scripts: &crate::NoScripts };
+        let prep = prepare(&cx, stage, &mut student, teacher.as_mut(), &Carry::new())?;
+        let order = prep.loader.order(0);
+        let batch = prep.loader.batch(&order, 0, 0);
+        Ok(StepHarness { student, teacher, prep, batch, subject: stage.subject, lr: stage.optimizer.lr })
+    }
+
+    /// Runs one step; returns the total loss.
+    pub fn step(&mut self) -> Result<f64> {
+        let (net, other) = roles(self.subject, &self.student, self.teacher.as_ref());
+        let p = &mut self.prep;
+        let nets = StageNets { net, other, net_trains: p.net_trains, mutual: p.mutual, needs: &p.needs };
+        let progress = Progress { epoch: 0, epochs: 1, step: 0, steps_per_epoch: 1, global_step: 0 };
+        Ok(step(&nets, &mut p.methods, &mut p.peers, &self.batch, progress, &mut p.opt, self.lr)?.total)
+    }
 }

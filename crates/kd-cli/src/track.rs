@@ -1,0 +1,161 @@
+//! MLflow tracking of a run: an [`Observer`] that forwards the engine's
+//! events to a [`Tracker`] (journal first, shipped in the background), plus
+//! what a run records about itself: the flattened plan, git commit, teacher
+//! checksum, device, libtorch version, host.
+
+use std::path::Path;
+
+use kd_engine::{EpochRecord, Observer, Plan, StageResult};
+use kd_tracking::{RunSpec, RunStatus, Tracker};
+use sha2::{Digest, Sha256};
+
+pub const EXPERIMENT: &str = "kd";
+
+pub struct Tracking {
+    pub tracker: Tracker,
+}
+
+/// `a.b.0.c = value` for every leaf of a JSON value.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                flatten(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out);
+            }
+        }
+        serde_json::Value::Array(a) if a.iter().any(|x| x.is_object() || x.is_array()) => {
+            for (i, x) in a.iter().enumerate() {
+                flatten(&format!("{prefix}.{i}"), x, out);
+            }
+        }
+        serde_json::Value::Null => {}
+        other => {
+            let mut s = match other {
+                serde_json::Value::String(s) => s.clone(),
+                x => x.to_string(),
+            };
+            // MLflow caps param values; a script schedule carries its source.
+            if s.len() > 500 {
+                s.truncate(497);
+                s.push_str("...");
+            }
+            out.push((prefix.to_string(), s));
+        }
+    }
+}
+
+pub fn plan_params(plan: &Plan) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    flatten("", &serde_json::to_value(plan).unwrap_or_default(), &mut out);
+    out
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git").args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn sha256_file(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+/// Tags every run carries, so a number can be traced to what made it.
+pub fn run_tags(plan: &Plan, device: &str, recipe: Option<&Path>) -> Vec<(String, String)> {
+    let mut tags = vec![
+        ("kd.git_commit".into(), git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())),
+        ("kd.git_dirty".into(), git(&["status", "--porcelain"]).map(|s| (!s.is_empty()).to_string()).unwrap_or_else(|| "unknown".into())),
+        ("kd.device".into(), device.to_string()),
+        ("kd.libtorch".into(), env!("KD_LIBTORCH_VERSION").to_string()),
+        ("kd.host".into(), std::fs::read_to_string("/etc/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_default().trim().to_string()),
+        ("kd.seed".into(), plan.seed.to_string()),
+        ("kd.version".into(), env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    if let Some(w) = plan.teacher.as_ref().and_then(|t| t.weights.as_ref()) {
+        tags.push(("kd.teacher_sha256".into(), sha256_file(w).unwrap_or_else(|| "missing".into())));
+    }
+    if let Some(r) = recipe {
+        tags.push(("kd.recipe".into(), r.display().to_string()));
+        tags.push(("kd.recipe_sha256".into(), sha256_file(r).unwrap_or_else(|| "missing".into())));
+    }
+    tags
+}
+
+impl Tracking {
+    pub fn start(run_dir: &Path, plan: &Plan, uri: Option<String>, parent: Option<&Tracker>, tags: Vec<(String, String)>) -> anyhow::Result<Tracking> {
+        let mut spec = RunSpec::new(EXPERIMENT).name(plan.name.clone()).tracking_uri(uri);
+        for (k, v) in tags {
+            spec = spec.tag(k, v);
+        }
+        let tracker = match parent {
+            Some(p) => p.child(run_dir, spec)?,
+            None => Tracker::start(run_dir, spec)?,
+        };
+        for (k, v) in plan_params(plan) {
+            tracker.param(&k, v);
+        }
+        Ok(Tracking { tracker })
+    }
+
+    /// Plots, plan, log; then the final status.
+    pub fn finish(self, run_dir: &Path, status: RunStatus) -> kd_tracking::FinishReport {
+        if let Ok(history) = kd_tracking::metric_history(run_dir) {
+            let png = run_dir.join("curves.png");
+            if kd_tracking::plot_curves(&history, &png).is_ok() {
+                self.tracker.artifact(&png, "plots");
+            }
+        }
+        for f in ["plan.yaml", "console.log", "epochs.jsonl"] {
+            if run_dir.join(f).exists() {
+                self.tracker.artifact(run_dir.join(f), "");
+            }
+        }
+        if status == RunStatus::Killed {
+            self.tracker.interrupted();
+        }
+        self.tracker.finish(status)
+    }
+}
+
+impl Observer for Tracking {
+    fn metrics(&mut self, step: i64, values: &[(String, f64)]) {
+        for (k, v) in values {
+            self.tracker.metric(k, *v, step);
+        }
+    }
+
+    fn epoch(&mut self, stage: &str, global: i64, r: &EpochRecord) {
+        let t = &self.tracker;
+        t.metric("epoch/train_loss", r.train_loss, global);
+        t.metric("epoch/train_acc_top1", r.train_top1, global);
+        t.metric("epoch/test_acc_top1", r.test_top1, global);
+        t.metric("epoch/test_acc_top5", r.test_top5, global);
+        t.metric("epoch/best_acc_top1", r.best_top1, global);
+        t.metric("epoch/lr", r.lr, global);
+        t.metric("epoch/images_per_sec", r.images_per_sec, global);
+        if let (Some(a), Some(b)) = (r.val_top1, r.val_top5) {
+            t.metric("epoch/val_acc_top1", a, global);
+            t.metric("epoch/val_acc_top5", b, global);
+        }
+        if let Some(p) = r.peer_top1 {
+            t.metric("epoch/peer_test_acc_top1", p, global);
+        }
+        for (label, w) in &r.weights {
+            t.metric(&format!("epoch/weight/{label}"), *w, global);
+        }
+        for (term, v) in &r.terms {
+            t.metric(&format!("epoch/loss/{term}"), *v, global);
+        }
+        t.tag("kd.stage", stage);
+    }
+
+    fn stage_end(&mut self, result: &StageResult) {
+        let t = &self.tracker;
+        t.metric(&format!("stage/{}/best_top1", result.name), result.best_top1, 0);
+        t.metric(&format!("stage/{}/last_top1", result.name), result.last_top1, 0);
+    }
+
+    fn artifact(&mut self, path: &Path) {
+        self.tracker.artifact(path, "checkpoints");
+    }
+}
