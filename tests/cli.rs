@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use kd_engine::tensors;
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden/fixtures")
+        .join(name)
 }
 
 fn err(args: &[&str]) -> String {
@@ -20,8 +22,23 @@ fn err(args: &[&str]) -> String {
 fn probe_model_matches_pytorch_resnet8x4() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
-    let (w, io) = (golden("model_resnet8x4.safetensors"), golden("model_resnet8x4_io.safetensors"));
-    kd_cli::run(["kd", "probe", "model", "resnet8x4", "--weights", w.to_str().unwrap(), "--input", io.to_str().unwrap(), "--out", out.to_str().unwrap()]).unwrap();
+    let (w, io) = (
+        golden("model_resnet8x4.safetensors"),
+        golden("model_resnet8x4_io.safetensors"),
+    );
+    kd_cli::run([
+        "kd",
+        "probe",
+        "model",
+        "resnet8x4",
+        "--weights",
+        w.to_str().unwrap(),
+        "--input",
+        io.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
     let got = tensors::read(&out).unwrap();
     let want = tensors::read(&io).unwrap();
     for name in ["logits", "embed"] {
@@ -34,7 +51,24 @@ fn probe_model_matches_pytorch_resnet8x4() {
 
 fn distill(extra: &[&str]) -> String {
     let w = golden("model_resnet20.safetensors");
-    let mut args = vec!["kd", "distill", "--teacher", "resnet20", "--teacher-weights", w.to_str().unwrap(), "--student", "resnet8", "--epochs", "1", "--train-size", "64", "--device", "cpu", "--out", "/nonexistent-kd-test-out"];
+    let mut args = vec![
+        "kd",
+        "distill",
+        "--teacher",
+        "resnet20",
+        "--teacher-weights",
+        w.to_str().unwrap(),
+        "--student",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--train-size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        "/nonexistent-kd-test-out",
+    ];
     args.extend_from_slice(extra);
     err(&args)
 }
@@ -42,13 +76,21 @@ fn distill(extra: &[&str]) -> String {
 #[test]
 fn unknown_method_lists_registered_ones() {
     let e = distill(&["--method", "stt"]);
-    assert!(e.contains("unknown method `stt`; registered methods: ") && e.contains("crd") && e.contains("st,"), "{e}");
+    assert!(
+        e.contains("unknown method `stt`; registered methods: ")
+            && e.contains("crd")
+            && e.contains("st,"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_config_field_lists_valid_ones() {
     let e = distill(&["--method", "st", "--config", "st.tau=2"]);
-    assert!(e.contains("method `st` config: unknown field `tau`, expected `T`"), "{e}");
+    assert!(
+        e.contains("method `st` config: unknown field `tau`, expected `T`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -60,20 +102,55 @@ fn missing_tap_names_the_valid_taps() {
 #[test]
 fn student_teacher_shape_mismatch_is_refused() {
     let w = golden("model_resnet8x4.safetensors");
-    let e = err(&["kd", "distill", "--teacher", "resnet8x4", "--teacher-weights", w.to_str().unwrap(), "--student", "resnet8", "--method", "afd", "--epochs", "1", "--device", "cpu", "--num-classes-unused"].iter().copied().filter(|a| *a != "--num-classes-unused").collect::<Vec<_>>());
+    let e = err(&[
+        "kd",
+        "distill",
+        "--teacher",
+        "resnet8x4",
+        "--teacher-weights",
+        w.to_str().unwrap(),
+        "--student",
+        "resnet8",
+        "--method",
+        "afd",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--num-classes-unused",
+    ]
+    .iter()
+    .copied()
+    .filter(|a| *a != "--num-classes-unused")
+    .collect::<Vec<_>>());
     assert!(e.contains("afd") && e.contains("feat/1"), "{e}");
 }
 
 #[test]
 fn missing_dataset_names_the_file() {
     let e = distill(&["--method", "st", "--data", "cifar100:/no/such/dir"]);
-    assert!(e.contains("/no/such/dir/train.bin") && e.contains("expected a CIFAR binary file"), "{e}");
+    assert!(
+        e.contains("/no/such/dir/train.bin") && e.contains("expected a CIFAR binary file"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_model_lists_the_zoo() {
-    let e = err(&["kd", "train-teacher", "--arch", "resnet9", "--epochs", "1", "--device", "cpu"]);
-    assert!(e.contains("unknown model `resnet9`; valid models: ") && e.contains("wrn_40_2"), "{e}");
+    let e = err(&[
+        "kd",
+        "train-teacher",
+        "--arch",
+        "resnet9",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("unknown model `resnet9`; valid models: ") && e.contains("wrn_40_2"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -13,7 +13,12 @@ fn fixtures() -> Vec<PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("model_"))
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("model_")
+        })
         .collect();
     all.sort();
     all
@@ -26,25 +31,44 @@ fn close(a: &Tensor, b: &Tensor, rtol: f64, atol: f64) -> Result<(), String> {
     }
     let a = a.to_kind(tch::Kind::Double);
     let b = b.to_kind(tch::Kind::Double);
-    let err = ((&a - &b).abs() / (b.abs() * rtol + atol)).max().double_value(&[]);
+    let err = ((&a - &b).abs() / (b.abs() * rtol + atol))
+        .max()
+        .double_value(&[]);
     if err.is_finite() && err <= 1.0 {
         Ok(())
     } else {
         let diff = (&a - &b).abs().max().double_value(&[]);
-        Err(format!("max abs diff {diff:e} exceeds tolerance (ratio {err:.3})"))
+        Err(format!(
+            "max abs diff {diff:e} exceeds tolerance (ratio {err:.3})"
+        ))
     }
 }
 
 fn check(fixture: &Path, out_dir: &Path) -> Result<(), String> {
     let out = out_dir.join(fixture.file_name().unwrap());
-    kd_cli::run(["kd", "probe", "loss", "--fixture", fixture.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .map_err(|e| format!("{e:#}"))?;
+    kd_cli::run([
+        "kd",
+        "probe",
+        "loss",
+        "--fixture",
+        fixture.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .map_err(|e| format!("{e:#}"))?;
     let want = tensors::read(fixture).map_err(|e| e.to_string())?;
     let got = tensors::read(&out).map_err(|e| e.to_string())?;
-    let get = |name: &str| got.get(name).ok_or_else(|| format!("probe output lacks `{name}`"));
+    let get = |name: &str| {
+        got.get(name)
+            .ok_or_else(|| format!("probe output lacks `{name}`"))
+    };
     let mut checked = 0;
     for (name, expected) in want.with_prefix("expect/") {
-        let (rtol, atol) = if name == "loss" { (1e-5, 1e-7) } else { (1e-4, 1e-6) };
+        let (rtol, atol) = if name == "loss" {
+            (1e-5, 1e-7)
+        } else {
+            (1e-4, 1e-6)
+        };
         close(get(name)?, expected, rtol, atol).map_err(|e| format!("{name}: {e}"))?;
         checked += 1;
     }
@@ -62,7 +86,10 @@ fn golden_fixtures_match_pytorch() {
     let mut ran = 0;
     for f in fixtures() {
         let stem = f.file_stem().unwrap().to_string_lossy().to_string();
-        if filter.as_ref().is_some_and(|only| !stem.starts_with(only.as_str())) {
+        if filter
+            .as_ref()
+            .is_some_and(|only| !stem.starts_with(only.as_str()))
+        {
             continue;
         }
         ran += 1;
@@ -71,5 +98,10 @@ fn golden_fixtures_match_pytorch() {
         }
     }
     assert!(ran > 0, "no fixtures found");
-    assert!(failures.is_empty(), "{} of {ran} fixtures differ from PyTorch:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {ran} fixtures differ from PyTorch:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -3,7 +3,10 @@
 
 use kd_core::Registry;
 use kd_data::{DataSource, SyntheticConfig};
-use kd_engine::{DataPlan, DeviceChoice, MethodPlan, ModelPlan, NoScripts, Plan, RunOptions, RunResult, Silent, StagePlan};
+use kd_engine::{
+    DataPlan, DeviceChoice, MethodPlan, ModelPlan, NoScripts, Plan, RunOptions, RunResult, Silent,
+    StagePlan,
+};
 use serde_json::{Value, json};
 
 fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
@@ -16,25 +19,46 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
         seed: 0,
         device: DeviceChoice::Cpu,
         data: DataPlan {
-            source: DataSource::Synthetic(SyntheticConfig { train_size: 256, test_size: 64, ..Default::default() }),
+            source: DataSource::Synthetic(SyntheticConfig {
+                train_size: 256,
+                test_size: 64,
+                ..Default::default()
+            }),
             batch_size: 32,
             ..Default::default()
         },
-        student: ModelPlan { arch: "resnet8".into(), weights: None },
-        teacher: Some(ModelPlan { arch: "resnet14".into(), weights: None }),
+        student: ModelPlan {
+            arch: "resnet8".into(),
+            weights: None,
+        },
+        teacher: Some(ModelPlan {
+            arch: "resnet14".into(),
+            weights: None,
+        }),
         stages: vec![StagePlan {
             name: "distill".into(),
             epochs,
             subject: Default::default(),
             train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
             methods: vec![MethodPlan::new("ce", 1.0), m],
-            optimizer: kd_engine::Sgd { lr: 0.02, ..Default::default() },
+            optimizer: kd_engine::Sgd {
+                lr: 0.02,
+                ..Default::default()
+            },
             lr_schedule: Default::default(),
         }],
     };
     kd_engine::validate(&plan, &registry, &NoScripts, true).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = RunOptions { run_dir: dir.path().into(), resume: false, observer: &mut Silent, scripts: &NoScripts, stop: None, log_every: 0, progress_bar: false };
+    let mut opts = RunOptions {
+        run_dir: dir.path().into(),
+        resume: false,
+        observer: &mut Silent,
+        scripts: &NoScripts,
+        stop: None,
+        log_every: 0,
+        progress_bar: false,
+    };
     kd_engine::run(&plan, &registry, &mut opts).unwrap()
 }
 
@@ -46,11 +70,24 @@ fn check(method: &str, config: Value, weight: f64) {
     let e = &r.stages[0].epochs[epochs - 2..];
     assert_eq!(e.len(), 2);
     for rec in e {
-        assert!(rec.train_loss.is_finite(), "{method}: loss {}", rec.train_loss);
-        let term = rec.terms.keys().find(|k| k.starts_with(&format!("{method}/"))).unwrap_or_else(|| panic!("{method}: no term in {:?}", rec.terms));
+        assert!(
+            rec.train_loss.is_finite(),
+            "{method}: loss {}",
+            rec.train_loss
+        );
+        let term = rec
+            .terms
+            .keys()
+            .find(|k| k.starts_with(&format!("{method}/")))
+            .unwrap_or_else(|| panic!("{method}: no term in {:?}", rec.terms));
         assert!(rec.terms[term].is_finite());
     }
-    assert!(e[1].train_loss < e[0].train_loss, "{method}: loss went {} -> {}", e[0].train_loss, e[1].train_loss);
+    assert!(
+        e[1].train_loss < e[0].train_loss,
+        "{method}: loss went {} -> {}",
+        e[0].train_loss,
+        e[1].train_loss
+    );
 }
 
 macro_rules! trains {
@@ -90,7 +127,12 @@ fn dml_trains_both_networks() {
     let r = train("dml", json!({}), 1.0, 2);
     let e = &r.stages[0].epochs;
     let peer_ce = |i: usize| e[i].terms["peer/ce/ce"];
-    assert!(peer_ce(1) < peer_ce(0), "the peer's own cross-entropy must fall: {} -> {}", peer_ce(0), peer_ce(1));
+    assert!(
+        peer_ce(1) < peer_ce(0),
+        "the peer's own cross-entropy must fall: {} -> {}",
+        peer_ce(0),
+        peer_ce(1)
+    );
     assert!(e[1].train_loss < e[0].train_loss);
     assert!(e.iter().all(|r| r.peer_top1.is_some()));
 }

@@ -14,10 +14,13 @@ fn main() {
         // PyTorch's torch/version.py sits beside torch/lib: record the exact
         // build (e.g. 2.11.0+cu130) with every run.
         let py = std::path::Path::new(&lib).join("../version.py");
-        if let Ok(text) = std::fs::read_to_string(&py) {
-            if let Some(line) = text.lines().find(|l| l.starts_with("__version__")) {
-                version = line.split(['\'', '"']).nth(1).unwrap_or("unknown").to_string();
-            }
+        let text = std::fs::read_to_string(&py).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.starts_with("__version__")) {
+            version = line
+                .split(['\'', '"'])
+                .nth(1)
+                .unwrap_or("unknown")
+                .to_string();
         }
     }
     println!("cargo:rustc-env=KD_LIBTORCH_VERSION={version}");

@@ -37,8 +37,14 @@ impl Observer for Console<'_> {
     }
 
     fn epoch(&mut self, stage: &str, global: i64, r: &EpochRecord) {
-        let val = r.val_top1.map(|v| format!(" val {v:.2}%")).unwrap_or_default();
-        let peer = r.peer_top1.map(|v| format!(" peer {v:.2}%")).unwrap_or_default();
+        let val = r
+            .val_top1
+            .map(|v| format!(" val {v:.2}%"))
+            .unwrap_or_default();
+        let peer = r
+            .peer_top1
+            .map(|v| format!(" peer {v:.2}%"))
+            .unwrap_or_default();
         self.line(format!(
             "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}% (top-5 {:.2}%)  best {:.2}%{peer}  {:.0} img/s",
             self.run,

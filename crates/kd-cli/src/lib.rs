@@ -20,7 +20,11 @@ use kd_engine::{ModelPlan, NoScripts, Plan, RunOptions, RunResult};
 use crate::train::{TrainArgs, apply_config, parse_method};
 
 #[derive(Parser, Debug)]
-#[command(name = "kd", version, about = "Knowledge distillation on libtorch: recipes, plugins, tracking")]
+#[command(
+    name = "kd",
+    version,
+    about = "Knowledge distillation on libtorch: recipes, plugins, tracking"
+)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -150,16 +154,41 @@ where
     let registry = Registry::global()?;
     match cli.cmd {
         Cmd::TrainTeacher { arch, train } => {
-            let name = train.name.clone().unwrap_or_else(|| format!("teacher_{arch}"));
-            let student = ModelPlan { arch, weights: None };
+            let name = train
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("teacher_{arch}"));
+            let student = ModelPlan {
+                arch,
+                weights: None,
+            };
             let runs = seeds(&train, &name, |run_name, seed| {
-                train.plan(run_name, student.clone(), None, "train", vec![kd_engine::MethodPlan::new("ce", 1.0)], seed)
+                train.plan(
+                    run_name,
+                    student.clone(),
+                    None,
+                    "train",
+                    vec![kd_engine::MethodPlan::new("ce", 1.0)],
+                    seed,
+                )
             })?;
-            let rows = vec![summarize(&name, &execute_all(&registry, &runs, &train, &format!("{name}_sweep"))?)];
+            let rows = vec![summarize(
+                &name,
+                &execute_all(&registry, &runs, &train, &format!("{name}_sweep"))?,
+            )];
             print!("{}", table(&rows));
             Ok(())
         }
-        Cmd::Distill { teacher, teacher_weights, student, methods, ce, configs, baseline, train } => {
+        Cmd::Distill {
+            teacher,
+            teacher_weights,
+            student,
+            methods,
+            ce,
+            configs,
+            baseline,
+            train,
+        } => {
             let mut plans = Vec::new();
             for m in &methods {
                 plans.push(parse_method(m)?);
@@ -170,30 +199,76 @@ where
             if ce > 0.0 {
                 plans.insert(0, kd_engine::MethodPlan::new("ce", ce));
             }
-            let label = methods.iter().map(|m| m.split(':').next().unwrap_or(m)).collect::<Vec<_>>().join("+");
-            let name = train.name.clone().unwrap_or_else(|| format!("{student}_from_{teacher}_{label}"));
-            let t = ModelPlan { arch: teacher.clone(), weights: Some(teacher_weights) };
-            let s = ModelPlan { arch: student.clone(), weights: None };
+            let label = methods
+                .iter()
+                .map(|m| m.split(':').next().unwrap_or(m))
+                .collect::<Vec<_>>()
+                .join("+");
+            let name = train
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{student}_from_{teacher}_{label}"));
+            let t = ModelPlan {
+                arch: teacher.clone(),
+                weights: Some(teacher_weights),
+            };
+            let s = ModelPlan {
+                arch: student.clone(),
+                weights: None,
+            };
             let kd_runs = seeds(&train, &name, |run_name, seed| {
-                train.plan(run_name, s.clone(), Some(t.clone()), "distill", plans.clone(), seed)
+                train.plan(
+                    run_name,
+                    s.clone(),
+                    Some(t.clone()),
+                    "distill",
+                    plans.clone(),
+                    seed,
+                )
             })?;
             let mut rows = Vec::new();
             if baseline {
                 let base = format!("{student}_baseline");
                 let base_runs = seeds(&train, &base, |run_name, seed| {
-                    train.plan(run_name, s.clone(), None, "train", vec![kd_engine::MethodPlan::new("ce", 1.0)], seed)
+                    train.plan(
+                        run_name,
+                        s.clone(),
+                        None,
+                        "train",
+                        vec![kd_engine::MethodPlan::new("ce", 1.0)],
+                        seed,
+                    )
                 })?;
-                rows.push(summarize(&format!("{student} alone (ce)"), &execute_all(&registry, &base_runs, &train, &format!("{base}_sweep"))?));
+                rows.push(summarize(
+                    &format!("{student} alone (ce)"),
+                    &execute_all(&registry, &base_runs, &train, &format!("{base}_sweep"))?,
+                ));
             }
-            rows.push(summarize(&format!("{student} from {teacher} ({label})"), &execute_all(&registry, &kd_runs, &train, &format!("{name}_sweep"))?));
+            rows.push(summarize(
+                &format!("{student} from {teacher} ({label})"),
+                &execute_all(&registry, &kd_runs, &train, &format!("{name}_sweep"))?,
+            ));
             print!("{}", table(&rows));
             Ok(())
         }
-        Cmd::Run { plan, out, resume, tracking_uri } => {
-            let text = std::fs::read_to_string(&plan).with_context(|| format!("reading {}", plan.display()))?;
-            let plan: Plan = serde_saphyr::from_str(&text).with_context(|| format!("{} is not a valid plan", plan.display()))?;
+        Cmd::Run {
+            plan,
+            out,
+            resume,
+            tracking_uri,
+        } => {
+            let text = std::fs::read_to_string(&plan)
+                .with_context(|| format!("reading {}", plan.display()))?;
+            let plan: Plan = serde_saphyr::from_str(&text)
+                .with_context(|| format!("{} is not a valid plan", plan.display()))?;
             kd_engine::validate(&plan, &registry, &NoScripts, true)?;
-            let ex = Exec { out: &out, resume, tracking_uri: tracking_uri.as_deref(), recipe: None, scripts: &NoScripts };
+            let ex = Exec {
+                out: &out,
+                resume,
+                tracking_uri: tracking_uri.as_deref(),
+                recipe: None,
+                scripts: &NoScripts,
+            };
             let result = execute(&registry, &plan, &ex, None)?;
             print!("{}", table(&[summarize(&plan.name, &[result])]));
             Ok(())
@@ -224,7 +299,13 @@ where
             }
             Ok(())
         }
-        Cmd::Probe(Probe::Model { name, weights, input, out, num_classes }) => probe_model(&name, &weights, &input, &out, num_classes),
+        Cmd::Probe(Probe::Model {
+            name,
+            weights,
+            input,
+            out,
+            num_classes,
+        }) => probe_model(&name, &weights, &input, &out, num_classes),
         Cmd::Methods { json } => print_methods(&registry, json),
         Cmd::Probe(Probe::Loss { fixture, out }) => {
             let result = kd_engine::probe::probe_loss(&fixture, &registry)
@@ -236,29 +317,57 @@ where
 }
 
 /// One plan per seed; the run name gets a `_s<seed>` suffix.
-fn seeds(train: &TrainArgs, name: &str, mut make: impl FnMut(String, u64) -> Result<Plan>) -> Result<Vec<Plan>> {
+fn seeds(
+    train: &TrainArgs,
+    name: &str,
+    mut make: impl FnMut(String, u64) -> Result<Plan>,
+) -> Result<Vec<Plan>> {
     if train.seeds.is_empty() {
         bail!("--seeds needs at least one seed");
     }
-    train.seeds.iter().map(|&seed| make(format!("{name}_s{seed}"), seed)).collect()
+    train
+        .seeds
+        .iter()
+        .map(|&seed| make(format!("{name}_s{seed}"), seed))
+        .collect()
 }
 
-fn execute_all(registry: &Registry, plans: &[Plan], train: &TrainArgs, sweep: &str) -> Result<Vec<RunResult>> {
+fn execute_all(
+    registry: &Registry,
+    plans: &[Plan],
+    train: &TrainArgs,
+    sweep: &str,
+) -> Result<Vec<RunResult>> {
     // Validate every plan before the first one trains.
     for p in plans {
-        kd_engine::validate(p, registry, &NoScripts, true).with_context(|| format!("plan `{}`", p.name))?;
+        kd_engine::validate(p, registry, &NoScripts, true)
+            .with_context(|| format!("plan `{}`", p.name))?;
     }
-    let ex = Exec { out: &train.out, resume: train.resume, tracking_uri: train.tracking_uri.as_deref(), recipe: None, scripts: &NoScripts };
+    let ex = Exec {
+        out: &train.out,
+        resume: train.resume,
+        tracking_uri: train.tracking_uri.as_deref(),
+        recipe: None,
+        scripts: &NoScripts,
+    };
     run_sweep(registry, plans, &ex, sweep)
 }
 
 /// Several plans as child runs of one parent run, which gets the summary.
-pub fn run_sweep(registry: &Registry, plans: &[Plan], ex: &Exec, sweep: &str) -> Result<Vec<RunResult>> {
+pub fn run_sweep(
+    registry: &Registry,
+    plans: &[Plan],
+    ex: &Exec,
+    sweep: &str,
+) -> Result<Vec<RunResult>> {
     if plans.len() == 1 {
         return Ok(vec![execute(registry, &plans[0], ex, None)?]);
     }
     let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
-    let spec = kd_tracking::RunSpec::new(track::EXPERIMENT).name(sweep.to_string()).tracking_uri(uri).tag("kd.sweep", plans.len().to_string());
+    let spec = kd_tracking::RunSpec::new(track::EXPERIMENT)
+        .name(sweep.to_string())
+        .tracking_uri(uri)
+        .tag("kd.sweep", plans.len().to_string());
     let parent = kd_tracking::Tracker::start(ex.out.join(sweep), spec)?;
     let mut results = Vec::new();
     for p in plans {
@@ -271,7 +380,12 @@ pub fn run_sweep(registry: &Registry, plans: &[Plan], ex: &Exec, sweep: &str) ->
         }
     }
     let s = summarize(sweep, &results);
-    for (k, v) in [("best_top1_mean", s.best.0), ("best_top1_std", s.best.1), ("last_top1_mean", s.last.0), ("last_top1_std", s.last.1)] {
+    for (k, v) in [
+        ("best_top1_mean", s.best.0),
+        ("best_top1_std", s.best.1),
+        ("last_top1_mean", s.last.0),
+        ("last_top1_std", s.last.1),
+    ] {
         parent.metric(&format!("sweep/{k}"), v, 0);
     }
     parent.finish(kd_tracking::RunStatus::Finished);
@@ -301,17 +415,37 @@ pub struct Exec<'a> {
 
 /// Runs one plan in `out/<plan name>`, printing epochs to stderr and logging
 /// to MLflow (journal first) as a run, or a child run of `parent`.
-pub fn execute(registry: &Registry, plan: &Plan, ex: &Exec, parent: Option<&kd_tracking::Tracker>) -> Result<RunResult> {
+pub fn execute(
+    registry: &Registry,
+    plan: &Plan,
+    ex: &Exec,
+    parent: Option<&kd_tracking::Tracker>,
+) -> Result<RunResult> {
     let run_dir = ex.out.join(&plan.name);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let yaml = serde_saphyr::to_string(plan).context("serialising the plan")?;
-    std::fs::write(run_dir.join("plan.yaml"), yaml).with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
+    std::fs::write(run_dir.join("plan.yaml"), yaml)
+        .with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
     let device = format!("{:?}", kd_engine::device(plan.device)?);
     let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
-    let mut tracking = track::Tracking::start(&run_dir, plan, uri, parent, track::run_tags(plan, &device, ex.recipe))?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("console.log")).ok();
+    let mut tracking = track::Tracking::start(
+        &run_dir,
+        plan,
+        uri,
+        parent,
+        track::run_tags(plan, &device, ex.recipe),
+    )?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("console.log"))
+        .ok();
     let result = {
-        let mut console = console::Console { run: plan.name.clone(), next: Some(&mut tracking), log };
+        let mut console = console::Console {
+            run: plan.name.clone(),
+            next: Some(&mut tracking),
+            log,
+        };
         let mut opts = RunOptions {
             run_dir: run_dir.clone(),
             resume: ex.resume,
@@ -330,21 +464,39 @@ pub fn execute(registry: &Registry, plan: &Plan, ex: &Exec, parent: Option<&kd_t
     };
     let report = tracking.finish(&run_dir, status);
     if report.needs_sync() {
-        eprintln!("tracking: the server has not received everything yet; `kd sync {}` sends the rest", run_dir.display());
+        eprintln!(
+            "tracking: the server has not received everything yet; `kd sync {}` sends the rest",
+            run_dir.display()
+        );
     }
     Ok(result?)
 }
 
 fn sync(path: &Path, flag: Option<&str>) -> Result<()> {
     let single = path.join("journal.jsonl").exists();
-    let root = if single { path.parent().unwrap_or(Path::new(".")) } else { path };
+    let root = if single {
+        path.parent().unwrap_or(Path::new("."))
+    } else {
+        path
+    };
     let uri = kd_tracking::resolve_uri(flag, None, root)
         .context("no tracking server: pass --tracking-uri, set MLFLOW_TRACKING_URI, or start one with `kd mlflow up`")?;
-    let reports = if single { vec![(path.to_path_buf(), kd_tracking::sync(path, &uri))] } else { kd_tracking::sync_all(path, &uri) };
+    let reports = if single {
+        vec![(path.to_path_buf(), kd_tracking::sync(path, &uri))]
+    } else {
+        kd_tracking::sync_all(path, &uri)
+    };
     let mut failed = 0;
     for (dir, r) in reports {
         match r {
-            Ok(rep) => println!("{}: {} sent{}", dir.display(), rep.shipped, rep.closed_as.map(|s| format!(", closed as {s:?}")).unwrap_or_default()),
+            Ok(rep) => println!(
+                "{}: {} sent{}",
+                dir.display(),
+                rep.shipped,
+                rep.closed_as
+                    .map(|s| format!(", closed as {s:?}"))
+                    .unwrap_or_default()
+            ),
             Err(e) => {
                 failed += 1;
                 eprintln!("{}: {e}", dir.display());
@@ -357,10 +509,22 @@ fn sync(path: &Path, flag: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn probe_model(name: &str, weights: &Path, input: &Path, out: &Path, num_classes: i64) -> Result<()> {
+fn probe_model(
+    name: &str,
+    weights: &Path,
+    input: &Path,
+    out: &Path,
+    num_classes: i64,
+) -> Result<()> {
     let file = kd_engine::tensors::read(input)?;
-    let x = file.get("input").context("input file has no tensor named `input`")?;
-    let classes = if num_classes > 0 { num_classes } else { infer_classes(weights)? };
+    let x = file
+        .get("input")
+        .context("input file has no tensor named `input`")?;
+    let classes = if num_classes > 0 {
+        num_classes
+    } else {
+        infer_classes(weights)?
+    };
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let net = kd_models::build(name, &vs.root(), classes)?;
     kd_models::load_weights(&mut vs, weights)?;
@@ -394,7 +558,11 @@ fn print_methods(registry: &Registry, json: bool) -> Result<()> {
         return Ok(());
     }
     for e in registry.iter() {
-        let fields: Vec<String> = e.fields().iter().map(|f| format!("{}={}", f.name, f.default)).collect();
+        let fields: Vec<String> = e
+            .fields()
+            .iter()
+            .map(|f| format!("{}={}", f.name, f.default))
+            .collect();
         println!("{:<10} {}", e.name, e.summary);
         if !fields.is_empty() {
             println!("{:<10}   config: {}", "", fields.join(", "));
@@ -415,7 +583,11 @@ where
         Err(e) => {
             if let Some(clap_err) = e.downcast_ref::<clap::Error>() {
                 let _ = clap_err.print();
-                return if clap_err.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+                return if clap_err.use_stderr() {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
             }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -20,7 +20,15 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
     match v {
         serde_json::Value::Object(m) => {
             for (k, x) in m {
-                flatten(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out);
+                flatten(
+                    &if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    },
+                    x,
+                    out,
+                );
             }
         }
         serde_json::Value::Array(a) if a.iter().any(|x| x.is_object() || x.is_array()) => {
@@ -46,13 +54,19 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
 
 pub fn plan_params(plan: &Plan) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    flatten("", &serde_json::to_value(plan).unwrap_or_default(), &mut out);
+    flatten(
+        "",
+        &serde_json::to_value(plan).unwrap_or_default(),
+        &mut out,
+    );
     out
 }
 
 fn git(args: &[&str]) -> Option<String> {
     let out = std::process::Command::new("git").args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub fn sha256_file(path: &Path) -> Option<String> {
@@ -63,27 +77,60 @@ pub fn sha256_file(path: &Path) -> Option<String> {
 /// Tags every run carries, so a number can be traced to what made it.
 pub fn run_tags(plan: &Plan, device: &str, recipe: Option<&Path>) -> Vec<(String, String)> {
     let mut tags = vec![
-        ("kd.git_commit".into(), git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())),
-        ("kd.git_dirty".into(), git(&["status", "--porcelain"]).map(|s| (!s.is_empty()).to_string()).unwrap_or_else(|| "unknown".into())),
+        (
+            "kd.git_commit".into(),
+            git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
+        ),
+        (
+            "kd.git_dirty".into(),
+            git(&["status", "--porcelain"])
+                .map(|s| (!s.is_empty()).to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
         ("kd.device".into(), device.to_string()),
-        ("kd.libtorch".into(), env!("KD_LIBTORCH_VERSION").to_string()),
-        ("kd.host".into(), std::fs::read_to_string("/etc/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_default().trim().to_string()),
+        (
+            "kd.libtorch".into(),
+            env!("KD_LIBTORCH_VERSION").to_string(),
+        ),
+        (
+            "kd.host".into(),
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
         ("kd.seed".into(), plan.seed.to_string()),
         ("kd.version".into(), env!("CARGO_PKG_VERSION").to_string()),
     ];
     if let Some(w) = plan.teacher.as_ref().and_then(|t| t.weights.as_ref()) {
-        tags.push(("kd.teacher_sha256".into(), sha256_file(w).unwrap_or_else(|| "missing".into())));
+        tags.push((
+            "kd.teacher_sha256".into(),
+            sha256_file(w).unwrap_or_else(|| "missing".into()),
+        ));
     }
     if let Some(r) = recipe {
         tags.push(("kd.recipe".into(), r.display().to_string()));
-        tags.push(("kd.recipe_sha256".into(), sha256_file(r).unwrap_or_else(|| "missing".into())));
+        tags.push((
+            "kd.recipe_sha256".into(),
+            sha256_file(r).unwrap_or_else(|| "missing".into()),
+        ));
     }
     tags
 }
 
 impl Tracking {
-    pub fn start(run_dir: &Path, plan: &Plan, uri: Option<String>, parent: Option<&Tracker>, tags: Vec<(String, String)>) -> anyhow::Result<Tracking> {
-        let mut spec = RunSpec::new(EXPERIMENT).name(plan.name.clone()).tracking_uri(uri);
+    pub fn start(
+        run_dir: &Path,
+        plan: &Plan,
+        uri: Option<String>,
+        parent: Option<&Tracker>,
+        tags: Vec<(String, String)>,
+    ) -> anyhow::Result<Tracking> {
+        let mut spec = RunSpec::new(EXPERIMENT)
+            .name(plan.name.clone())
+            .tracking_uri(uri);
         for (k, v) in tags {
             spec = spec.tag(k, v);
         }
@@ -151,8 +198,16 @@ impl Observer for Tracking {
 
     fn stage_end(&mut self, result: &StageResult) {
         let t = &self.tracker;
-        t.metric(&format!("stage/{}/best_top1", result.name), result.best_top1, 0);
-        t.metric(&format!("stage/{}/last_top1", result.name), result.last_top1, 0);
+        t.metric(
+            &format!("stage/{}/best_top1", result.name),
+            result.best_top1,
+            0,
+        );
+        t.metric(
+            &format!("stage/{}/last_top1", result.name),
+            result.last_top1,
+            0,
+        );
     }
 
     fn artifact(&mut self, path: &Path) {

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use kd_data::{DataSource, SyntheticConfig};
-use kd_engine::{DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Plan, Sgd, StagePlan, Subject, Weight};
+use kd_engine::{
+    DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Plan, Sgd, StagePlan, Subject,
+    Weight,
+};
 
 /// Flags shared by every command that trains.
 #[derive(Args, Debug, Clone)]
@@ -75,7 +78,10 @@ impl From<DeviceArg> for DeviceChoice {
 
 pub fn data_source(spec: &str, train_size: i64) -> Result<DataSource> {
     Ok(match spec.split_once(':') {
-        None if spec == "synthetic" => DataSource::Synthetic(SyntheticConfig { train_size, ..Default::default() }),
+        None if spec == "synthetic" => DataSource::Synthetic(SyntheticConfig {
+            train_size,
+            ..Default::default()
+        }),
         Some(("cifar10", dir)) => DataSource::Cifar10 { path: dir.into() },
         Some(("cifar100", dir)) => DataSource::Cifar100 { path: dir.into() },
         _ => bail!("unknown --data `{spec}`; valid: synthetic, cifar10:DIR, cifar100:DIR"),
@@ -90,18 +96,34 @@ impl TrainArgs {
             subject: Subject::Student,
             train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
             methods,
-            optimizer: Sgd { lr: self.lr, momentum: self.momentum, nesterov: self.nesterov, weight_decay: self.weight_decay },
+            optimizer: Sgd {
+                lr: self.lr,
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: self.weight_decay,
+            },
             lr_schedule: if self.cosine {
                 LrSchedule::Cosine { warmup_epochs: 0 }
             } else if self.milestones.is_empty() {
                 LrSchedule::Constant
             } else {
-                LrSchedule::Multistep { milestones: self.milestones.clone(), gamma: 0.1 }
+                LrSchedule::Multistep {
+                    milestones: self.milestones.clone(),
+                    gamma: 0.1,
+                }
             },
         }
     }
 
-    pub fn plan(&self, name: String, student: ModelPlan, teacher: Option<ModelPlan>, stage: &str, methods: Vec<MethodPlan>, seed: u64) -> Result<Plan> {
+    pub fn plan(
+        &self,
+        name: String,
+        student: ModelPlan,
+        teacher: Option<ModelPlan>,
+        stage: &str,
+        methods: Vec<MethodPlan>,
+        seed: u64,
+    ) -> Result<Plan> {
         Ok(Plan {
             name,
             seed,
@@ -122,17 +144,29 @@ impl TrainArgs {
 /// `NAME[:WEIGHT]` → a method with that weight (default 1).
 pub fn parse_method(spec: &str) -> Result<MethodPlan> {
     let (name, weight) = match spec.split_once(':') {
-        Some((n, w)) => (n, w.parse::<f64>().with_context(|| format!("weight of `{spec}` is not a number"))?),
+        Some((n, w)) => (
+            n,
+            w.parse::<f64>()
+                .with_context(|| format!("weight of `{spec}` is not a number"))?,
+        ),
         None => (spec, 1.0),
     };
-    Ok(MethodPlan { weight: Weight::Const(weight), ..MethodPlan::new(name, weight) })
+    Ok(MethodPlan {
+        weight: Weight::Const(weight),
+        ..MethodPlan::new(name, weight)
+    })
 }
 
 /// `METHOD.FIELD=VALUE` sets a config field (VALUE as JSON, else a string).
 pub fn apply_config(methods: &mut [MethodPlan], spec: &str) -> Result<()> {
-    let (path, value) = spec.split_once('=').with_context(|| format!("--config `{spec}`: expected METHOD.FIELD=VALUE"))?;
-    let (method, field) = path.split_once('.').with_context(|| format!("--config `{spec}`: expected METHOD.FIELD=VALUE"))?;
-    let value: serde_json::Value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.into()));
+    let (path, value) = spec
+        .split_once('=')
+        .with_context(|| format!("--config `{spec}`: expected METHOD.FIELD=VALUE"))?;
+    let (method, field) = path
+        .split_once('.')
+        .with_context(|| format!("--config `{spec}`: expected METHOD.FIELD=VALUE"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.into()));
     let m = methods
         .iter_mut()
         .find(|m| m.method == method)

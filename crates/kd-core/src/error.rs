@@ -9,7 +9,11 @@ pub enum KdError {
     #[error("method `{method}` config: {msg}")]
     Config { method: String, msg: String },
     #[error("unknown tap `{name}` on the {side}; valid taps: {valid}")]
-    UnknownTap { name: String, side: String, valid: String },
+    UnknownTap {
+        name: String,
+        side: String,
+        valid: String,
+    },
     #[error("method `{method}`: {msg}")]
     Plan { method: String, msg: String },
     #[error("method `{0}` is registered twice")]

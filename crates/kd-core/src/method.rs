@@ -36,7 +36,10 @@ pub trait Method: Send + Sized + 'static {
     fn set_scheduled(&mut self, field: &str, _value: f64) -> Result<()> {
         Err(KdError::Plan {
             method: Self::NAME.into(),
-            msg: format!("field `{field}` cannot be scheduled; schedulable: {:?}", Self::SCHEDULABLE),
+            msg: format!(
+                "field `{field}` cannot be scheduled; schedulable: {:?}",
+                Self::SCHEDULABLE
+            ),
         })
     }
 }
@@ -146,19 +149,32 @@ impl<'a> BuildCx<'a> {
         n_data: i64,
         num_classes: i64,
     ) -> Self {
-        BuildCx { method, student, teacher, params, needs, n_data, num_classes }
+        BuildCx {
+            method,
+            student,
+            teacher,
+            params,
+            needs,
+            n_data,
+            num_classes,
+        }
     }
 
     fn shapes(&self, side: Side) -> Result<&'a TapShapes> {
         match side {
             Side::Student => Ok(self.student),
-            Side::Teacher => self.teacher.ok_or_else(|| self.error("needs a teacher, and this stage has none")),
+            Side::Teacher => self
+                .teacher
+                .ok_or_else(|| self.error("needs a teacher, and this stage has none")),
         }
     }
 
     /// A feature tap by name (`feat/2`, `preact/3`, `embed`, `logits`).
     pub fn tap(&mut self, side: Side, name: &str) -> Result<TapRef> {
-        let tap = self.shapes(side)?.resolve(name, side).map_err(|e| self.error(e.to_string()))?;
+        let tap = self
+            .shapes(side)?
+            .resolve(name, side)
+            .map_err(|e| self.error(e.to_string()))?;
         if side == Side::Teacher {
             self.needs.teacher = true;
         }
@@ -167,7 +183,10 @@ impl<'a> BuildCx<'a> {
 
     /// The same tap on both sides, checked to exist on both.
     pub fn tap_pair(&mut self, name: &str) -> Result<(TapRef, TapRef)> {
-        Ok((self.tap(Side::Student, name)?, self.tap(Side::Teacher, name)?))
+        Ok((
+            self.tap(Side::Student, name)?,
+            self.tap(Side::Teacher, name)?,
+        ))
     }
 
     /// Per-sample shape of a tap (no batch dimension).
@@ -193,12 +212,20 @@ impl<'a> BuildCx<'a> {
     /// Gradient of the target-class logit w.r.t. the input image.
     pub fn input_grad(&mut self, side: Side, create_graph: bool) -> Result<GradRef> {
         self.shapes(side)?;
-        Ok(self.push_grad(GradSpec { side, wrt: None, create_graph }))
+        Ok(self.push_grad(GradSpec {
+            side,
+            wrt: None,
+            create_graph,
+        }))
     }
 
     /// Gradient of the target-class logit w.r.t. a feature tap.
     pub fn tap_grad(&mut self, tap: TapRef, create_graph: bool) -> GradRef {
-        self.push_grad(GradSpec { side: tap.side, wrt: Some(tap.tap), create_graph })
+        self.push_grad(GradSpec {
+            side: tap.side,
+            wrt: Some(tap.tap),
+            create_graph,
+        })
     }
 
     fn push_grad(&mut self, spec: GradSpec) -> GradRef {
@@ -229,12 +256,15 @@ impl<'a> BuildCx<'a> {
     /// Per-sample indices plus `k` contrast indices drawn by the loader.
     pub fn contrast(&mut self, spec: ContrastSpec) -> Result<()> {
         if spec.k as i64 >= self.n_data {
-            return Err(self.error(format!("asks for {} negatives but the data set has {} samples", spec.k, self.n_data)));
+            return Err(self.error(format!(
+                "asks for {} negatives but the data set has {} samples",
+                spec.k, self.n_data
+            )));
         }
         match &self.needs.contrast {
-            Some(other) if *other != spec => {
-                Err(self.error(format!("asks for contrast sampling {spec:?}, another method asked for {other:?}")))
-            }
+            Some(other) if *other != spec => Err(self.error(format!(
+                "asks for contrast sampling {spec:?}, another method asked for {other:?}"
+            ))),
             _ => {
                 self.needs.index = true;
                 self.needs.contrast = Some(spec);
@@ -261,7 +291,10 @@ impl<'a> BuildCx<'a> {
 
     /// An error attributed to the method being built.
     pub fn error(&self, msg: impl Into<String>) -> KdError {
-        KdError::Plan { method: self.method.to_string(), msg: msg.into() }
+        KdError::Plan {
+            method: self.method.to_string(),
+            msg: msg.into(),
+        }
     }
 }
 
@@ -293,7 +326,9 @@ impl StepIo<'_> {
     pub fn tap(&self, t: TapRef) -> &Tensor {
         let taps = match t.side {
             Side::Student => self.student,
-            Side::Teacher => self.teacher.expect("engine supplies the teacher to methods that requested it"),
+            Side::Teacher => self
+                .teacher
+                .expect("engine supplies the teacher to methods that requested it"),
         };
         taps.get(t.tap).expect("taps are validated at build time")
     }
@@ -312,11 +347,13 @@ impl StepIo<'_> {
     }
 
     pub fn index(&self) -> &Tensor {
-        self.index.expect("engine supplies indices to methods that requested them")
+        self.index
+            .expect("engine supplies indices to methods that requested them")
     }
 
     pub fn contrast_index(&self) -> &Tensor {
-        self.contrast_index.expect("engine supplies contrast indices to methods that requested them")
+        self.contrast_index
+            .expect("engine supplies contrast indices to methods that requested them")
     }
 
     pub fn progress(&self) -> Progress {

@@ -67,13 +67,23 @@ fn default_config<M: Method>() -> Value {
 
 /// Deserialises a method's config; an empty or null value means all defaults.
 pub fn build_config<M: Method>(cfg: Value) -> Result<M::Config> {
-    let cfg = if cfg.is_null() { Value::Object(Default::default()) } else { cfg };
-    serde_json::from_value(cfg).map_err(|e| KdError::Config { method: M::NAME.into(), msg: e.to_string() })
+    let cfg = if cfg.is_null() {
+        Value::Object(Default::default())
+    } else {
+        cfg
+    };
+    serde_json::from_value(cfg).map_err(|e| KdError::Config {
+        method: M::NAME.into(),
+        msg: e.to_string(),
+    })
 }
 
 fn check_config<M: Method>(cfg: Value) -> Result<Value> {
     let typed = build_config::<M>(cfg)?;
-    serde_json::to_value(typed).map_err(|e| KdError::Config { method: M::NAME.into(), msg: e.to_string() })
+    serde_json::to_value(typed).map_err(|e| KdError::Config {
+        method: M::NAME.into(),
+        msg: e.to_string(),
+    })
 }
 
 fn build_dyn<M: Method>(cfg: Value, cx: &mut BuildCx) -> Result<Box<dyn DynMethod>> {
@@ -99,7 +109,9 @@ impl Registry {
         Registry::from_entries(inventory::iter::<MethodEntry>())
     }
 
-    pub fn from_entries(entries: impl IntoIterator<Item = &'static MethodEntry>) -> Result<Registry> {
+    pub fn from_entries(
+        entries: impl IntoIterator<Item = &'static MethodEntry>,
+    ) -> Result<Registry> {
         let mut map = BTreeMap::new();
         for e in entries {
             if map.insert(e.name, e).is_some() {
@@ -110,10 +122,13 @@ impl Registry {
     }
 
     pub fn get(&self, name: &str) -> Result<&'static MethodEntry> {
-        self.entries.get(name).copied().ok_or_else(|| KdError::UnknownMethod {
-            name: name.to_string(),
-            valid: self.names().join(", "),
-        })
+        self.entries
+            .get(name)
+            .copied()
+            .ok_or_else(|| KdError::UnknownMethod {
+                name: name.to_string(),
+                valid: self.names().join(", "),
+            })
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -163,7 +178,10 @@ mod tests {
 
     #[test]
     fn unknown_field_names_valid_ones() {
-        let err = A1.resolve_config(serde_json::json!({"tau": 1})).unwrap_err().to_string();
+        let err = A1
+            .resolve_config(serde_json::json!({"tau": 1}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `tau`, expected `T`"), "{err}");
     }
 

@@ -88,7 +88,12 @@ impl Taps {
     pub fn named(&self) -> Vec<(Tap, &Tensor)> {
         let mut out: Vec<(Tap, &Tensor)> = Vec::new();
         out.extend(self.feat.iter().enumerate().map(|(k, t)| (Tap::Feat(k), t)));
-        out.extend(self.preact.iter().enumerate().map(|(k, t)| (Tap::Preact(k), t)));
+        out.extend(
+            self.preact
+                .iter()
+                .enumerate()
+                .map(|(k, t)| (Tap::Preact(k), t)),
+        );
         out.push((Tap::Embed, &self.embed));
         out.push((Tap::Logits, &self.logits));
         out
@@ -124,11 +129,18 @@ impl TapShapes {
     }
 
     pub fn get(&self, tap: Tap) -> Option<&[i64]> {
-        self.taps.iter().find(|(t, _)| *t == tap).map(|(_, s)| s.as_slice())
+        self.taps
+            .iter()
+            .find(|(t, _)| *t == tap)
+            .map(|(_, s)| s.as_slice())
     }
 
     pub fn names(&self) -> String {
-        self.taps.iter().map(|(t, _)| t.to_string()).collect::<Vec<_>>().join(", ")
+        self.taps
+            .iter()
+            .map(|(t, _)| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Resolves a user-given tap name, or says which names exist.
@@ -163,7 +175,13 @@ mod tests {
         let shapes = TapShapes {
             taps: vec![(Tap::Feat(0), vec![16, 32, 32]), (Tap::Logits, vec![10])],
         };
-        let err = shapes.resolve("feat/4", Side::Teacher).unwrap_err().to_string();
-        assert_eq!(err, "unknown tap `feat/4` on the teacher; valid taps: feat/0, logits");
+        let err = shapes
+            .resolve("feat/4", Side::Teacher)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "unknown tap `feat/4` on the teacher; valid taps: feat/0, logits"
+        );
     }
 }

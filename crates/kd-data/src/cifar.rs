@@ -16,19 +16,29 @@ const CIFAR100_STD: [f64; 3] = [0.2675, 0.2565, 0.2761];
 
 /// Reads files of records `[label bytes][3072 pixels]`; `label_at` picks the
 /// byte that holds the label (CIFAR-100: 0 coarse, 1 fine).
-fn read_records(files: &[&Path], label_bytes: usize, label_at: usize, classes: i64) -> Result<(Tensor, Tensor), DataError> {
+fn read_records(
+    files: &[&Path],
+    label_bytes: usize,
+    label_at: usize,
+    classes: i64,
+) -> Result<(Tensor, Tensor), DataError> {
     let record = label_bytes + PIXELS;
     let mut labels = Vec::new();
     let mut pixels = Vec::new();
     for path in files {
         let bytes = std::fs::read(path).map_err(|e| DataError::File {
             path: path.to_path_buf(),
-            msg: format!("cannot read ({e}); expected a CIFAR binary file of {record}-byte records"),
+            msg: format!(
+                "cannot read ({e}); expected a CIFAR binary file of {record}-byte records"
+            ),
         })?;
         if bytes.is_empty() || bytes.len() % record != 0 {
             return Err(DataError::File {
                 path: path.to_path_buf(),
-                msg: format!("{} bytes is not a whole number of {record}-byte CIFAR records", bytes.len()),
+                msg: format!(
+                    "{} bytes is not a whole number of {record}-byte CIFAR records",
+                    bytes.len()
+                ),
             });
         }
         for (i, rec) in bytes.chunks_exact(record).enumerate() {
@@ -44,27 +54,44 @@ fn read_records(files: &[&Path], label_bytes: usize, label_at: usize, classes: i
         }
     }
     let n = labels.len() as i64;
-    Ok((Tensor::from_slice(&pixels).view([n, 3, 32, 32]), Tensor::from_slice(&labels).to_kind(Kind::Int64)))
+    Ok((
+        Tensor::from_slice(&pixels).view([n, 3, 32, 32]),
+        Tensor::from_slice(&labels).to_kind(Kind::Int64),
+    ))
 }
 
 fn dataset(images: Tensor, labels: Tensor, classes: i64, mean: [f64; 3], std: [f64; 3]) -> Dataset {
-    Dataset { images, labels, num_classes: classes, mean, std }
+    Dataset {
+        images,
+        labels,
+        num_classes: classes,
+        mean,
+        std,
+    }
 }
 
 /// Reads `dir/data_batch_{1..5}.bin` (train) and `dir/test_batch.bin` (test).
 pub fn read_cifar10(dir: &Path) -> Result<(Dataset, Dataset), DataError> {
-    let train: Vec<_> = (1..=5).map(|i| dir.join(format!("data_batch_{i}.bin"))).collect();
+    let train: Vec<_> = (1..=5)
+        .map(|i| dir.join(format!("data_batch_{i}.bin")))
+        .collect();
     let train_refs: Vec<&Path> = train.iter().map(|p| p.as_path()).collect();
     let (xi, yi) = read_records(&train_refs, 1, 0, 10)?;
     let (xt, yt) = read_records(&[&dir.join("test_batch.bin")], 1, 0, 10)?;
-    Ok((dataset(xi, yi, 10, CIFAR10_MEAN, CIFAR10_STD), dataset(xt, yt, 10, CIFAR10_MEAN, CIFAR10_STD)))
+    Ok((
+        dataset(xi, yi, 10, CIFAR10_MEAN, CIFAR10_STD),
+        dataset(xt, yt, 10, CIFAR10_MEAN, CIFAR10_STD),
+    ))
 }
 
 /// Reads `dir/train.bin` and `dir/test.bin` with their fine (100-class) labels.
 pub fn read_cifar100(dir: &Path) -> Result<(Dataset, Dataset), DataError> {
     let (xi, yi) = read_records(&[&dir.join("train.bin")], 2, 1, 100)?;
     let (xt, yt) = read_records(&[&dir.join("test.bin")], 2, 1, 100)?;
-    Ok((dataset(xi, yi, 100, CIFAR100_MEAN, CIFAR100_STD), dataset(xt, yt, 100, CIFAR100_MEAN, CIFAR100_STD)))
+    Ok((
+        dataset(xi, yi, 100, CIFAR100_MEAN, CIFAR100_STD),
+        dataset(xt, yt, 100, CIFAR100_MEAN, CIFAR100_STD),
+    ))
 }
 
 #[cfg(test)]
@@ -90,13 +117,18 @@ mod tests {
     fn cifar10_reads_all_batches_channel_major() {
         let dir = tempfile::tempdir().unwrap();
         for b in 1..=5 {
-            write(&dir.path().join(format!("data_batch_{b}.bin")), 2, 1, |i| vec![(i + b) as u8 % 10]);
+            write(&dir.path().join(format!("data_batch_{b}.bin")), 2, 1, |i| {
+                vec![(i + b) as u8 % 10]
+            });
         }
         write(&dir.path().join("test_batch.bin"), 3, 1, |i| vec![i as u8]);
         let (train, test) = read_cifar10(dir.path()).unwrap();
         assert_eq!(train.images.size(), [10, 3, 32, 32]);
         assert_eq!(test.len(), 3);
-        assert_eq!(Vec::<i64>::try_from(&train.labels).unwrap(), [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]);
+        assert_eq!(
+            Vec::<i64>::try_from(&train.labels).unwrap(),
+            [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+        );
         // record 1 of the test file: channel c is filled with 3 + c
         let px = test.images.get(1);
         for c in 0..3 {
@@ -107,10 +139,15 @@ mod tests {
     #[test]
     fn cifar100_uses_fine_labels() {
         let dir = tempfile::tempdir().unwrap();
-        write(&dir.path().join("train.bin"), 4, 2, |i| vec![7, 90 + i as u8]);
+        write(&dir.path().join("train.bin"), 4, 2, |i| {
+            vec![7, 90 + i as u8]
+        });
         write(&dir.path().join("test.bin"), 1, 2, |_| vec![1, 42]);
         let (train, test) = read_cifar100(dir.path()).unwrap();
-        assert_eq!(Vec::<i64>::try_from(&train.labels).unwrap(), [90, 91, 92, 93]);
+        assert_eq!(
+            Vec::<i64>::try_from(&train.labels).unwrap(),
+            [90, 91, 92, 93]
+        );
         assert_eq!(test.labels.int64_value(&[0]), 42);
         assert_eq!(train.num_classes, 100);
     }
@@ -119,7 +156,10 @@ mod tests {
     fn missing_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let err = read_cifar100(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("train.bin") && err.contains("cannot read"), "{err}");
+        assert!(
+            err.contains("train.bin") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -127,14 +167,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("train.bin"), vec![0u8; 3000]).unwrap();
         let err = read_cifar100(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("3000 bytes is not a whole number of 3074-byte CIFAR records"), "{err}");
+        assert!(
+            err.contains("3000 bytes is not a whole number of 3074-byte CIFAR records"),
+            "{err}"
+        );
     }
 
     #[test]
     fn out_of_range_label_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         for b in 1..=5 {
-            write(&dir.path().join(format!("data_batch_{b}.bin")), 1, 1, |_| vec![12]);
+            write(
+                &dir.path().join(format!("data_batch_{b}.bin")),
+                1,
+                1,
+                |_| vec![12],
+            );
         }
         write(&dir.path().join("test_batch.bin"), 1, 1, |_| vec![0]);
         let err = read_cifar10(dir.path()).unwrap_err().to_string();

@@ -73,9 +73,13 @@ impl Dataset {
 pub enum DataSource {
     Synthetic(SyntheticConfig),
     /// Folder holding `data_batch_{1..5}.bin` and `test_batch.bin`.
-    Cifar10 { path: PathBuf },
+    Cifar10 {
+        path: PathBuf,
+    },
     /// Folder holding `train.bin` and `test.bin` (fine labels are used).
-    Cifar100 { path: PathBuf },
+    Cifar100 {
+        path: PathBuf,
+    },
 }
 
 impl Default for DataSource {
@@ -101,18 +105,31 @@ pub fn load(source: &DataSource, val_fraction: f64, split_seed: u64) -> Result<S
         DataSource::Cifar100 { path } => cifar::read_cifar100(path)?,
     };
     if !(0.0..1.0).contains(&val_fraction) {
-        return Err(DataError::Invalid(format!("val_fraction must be in [0, 1), got {val_fraction}")));
+        return Err(DataError::Invalid(format!(
+            "val_fraction must be in [0, 1), got {val_fraction}"
+        )));
     }
     let n_val = (train.len() as f64 * val_fraction).round() as i64;
     if n_val == 0 {
-        return Ok(Splits { train, val: None, test });
+        return Ok(Splits {
+            train,
+            val: None,
+            test,
+        });
     }
     let perm = loader::permutation(train.len() as usize, split_seed);
     let perm = Tensor::from_slice(&perm);
-    let (val_idx, train_idx) = (perm.narrow(0, 0, n_val), perm.narrow(0, n_val, train.len() - n_val));
+    let (val_idx, train_idx) = (
+        perm.narrow(0, 0, n_val),
+        perm.narrow(0, n_val, train.len() - n_val),
+    );
     let mut train_idx = train_idx.sort(0, false).0;
     train_idx = train_idx.to_kind(Kind::Int64);
-    Ok(Splits { val: Some(train.select(&val_idx.sort(0, false).0)), train: train.select(&train_idx), test })
+    Ok(Splits {
+        val: Some(train.select(&val_idx.sort(0, false).0)),
+        train: train.select(&train_idx),
+        test,
+    })
 }
 
 /// Training-set size and number of classes of a source, without reading it.

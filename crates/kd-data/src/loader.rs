@@ -48,7 +48,8 @@ pub struct Loader {
 
 pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
     // splitmix64 over the combined key: nearby keys give unrelated streams.
-    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut z =
+        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -61,7 +62,12 @@ pub(crate) fn permutation(n: usize, seed: u64) -> Vec<i64> {
 }
 
 impl Loader {
-    pub fn new(data: &Dataset, cfg: LoaderConfig, seed: u64, device: Device) -> Result<Loader, DataError> {
+    pub fn new(
+        data: &Dataset,
+        cfg: LoaderConfig,
+        seed: u64,
+        device: Device,
+    ) -> Result<Loader, DataError> {
         if cfg.batch_size == 0 {
             return Err(DataError::Invalid("batch size must be at least 1".into()));
         }
@@ -77,12 +83,23 @@ impl Loader {
         }
         if let Some((k, other)) = cfg.contrast {
             let n = labels_host.len();
-            let smallest_pool = if other { class_span.iter().map(|s| n - s.1).min().unwrap_or(0) } else { n - 1 };
+            let smallest_pool = if other {
+                class_span.iter().map(|s| n - s.1).min().unwrap_or(0)
+            } else {
+                n - 1
+            };
             if smallest_pool == 0 {
-                return Err(DataError::Invalid(format!("cannot draw {k} contrast indices: no sample of another class")));
+                return Err(DataError::Invalid(format!(
+                    "cannot draw {k} contrast indices: no sample of another class"
+                )));
             }
         }
-        let stats = |v: [f64; 3]| Tensor::from_slice(&v).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
+        let stats = |v: [f64; 3]| {
+            Tensor::from_slice(&v)
+                .to_kind(Kind::Float)
+                .view([1, 3, 1, 1])
+                .to_device(device)
+        };
         Ok(Loader {
             images: data.images.to_device(device),
             labels: data.labels.to_device(device),
@@ -106,7 +123,11 @@ impl Loader {
 
     pub fn batches_per_epoch(&self) -> usize {
         let (n, b) = (self.len(), self.cfg.batch_size);
-        if self.cfg.drop_last && n >= b { n / b } else { n.div_ceil(b) }
+        if self.cfg.drop_last && n >= b {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
     }
 
     /// The sample order of an epoch.
@@ -126,10 +147,22 @@ impl Loader {
         let device = self.images.device();
         let index = Tensor::from_slice(idx).to_device(device);
         let raw = self.images.index_select(0, &index).to_kind(Kind::Float) / 255.0;
-        let raw = if self.cfg.augment { self.augment(&raw, &mut rng) } else { raw };
+        let raw = if self.cfg.augment {
+            self.augment(&raw, &mut rng)
+        } else {
+            raw
+        };
         let images = (raw - &self.mean) / &self.std;
-        let contrast_index = self.cfg.contrast.map(|(k, other)| self.contrast(idx, k, other, &mut rng).to_device(device));
-        Batch { images, labels: self.labels.index_select(0, &index), index, contrast_index }
+        let contrast_index = self
+            .cfg
+            .contrast
+            .map(|(k, other)| self.contrast(idx, k, other, &mut rng).to_device(device));
+        Batch {
+            images,
+            labels: self.labels.index_select(0, &index),
+            index,
+            contrast_index,
+        }
     }
 
     /// Random 32x32 crop of the zero-padded image, then a random flip,
@@ -144,11 +177,14 @@ impl Loader {
         let flip: Vec<bool> = (0..b).map(|_| rng.random_bool(0.5)).collect();
         let oy = Tensor::from_slice(&oy).to_device(dev).view([b, 1, 1, 1]);
         let ox = Tensor::from_slice(&ox).to_device(dev).view([b, 1, 1, 1]);
-        let rows = (Tensor::arange(h, (Kind::Int64, dev)).view([1, 1, h, 1]) + oy).expand([b, c, h, w + 2 * pad], false);
+        let rows = (Tensor::arange(h, (Kind::Int64, dev)).view([1, 1, h, 1]) + oy)
+            .expand([b, c, h, w + 2 * pad], false);
         let cols = Tensor::arange(w, (Kind::Int64, dev)).view([1, 1, 1, w]) + ox;
         let flip_t = Tensor::from_slice(&flip).to_device(dev).view([b, 1, 1, 1]);
         // A flipped crop reads its columns right to left.
-        let cols = cols.where_self(&flip_t.logical_not(), &cols.flip([3])).expand([b, c, h, w], false);
+        let cols = cols
+            .where_self(&flip_t.logical_not(), &cols.flip([3]))
+            .expand([b, c, h, w], false);
         padded.gather(2, &rows, false).gather(3, &cols, false)
     }
 
@@ -169,7 +205,13 @@ impl Loader {
             };
             let pool = n - count;
             let map = |r: usize| if r < start { r } else { r + count };
-            let pick = |r: usize| if other_classes { self.by_class[map(r)] } else { map(r) as i64 };
+            let pick = |r: usize| {
+                if other_classes {
+                    self.by_class[map(r)]
+                } else {
+                    map(r) as i64
+                }
+            };
             if k <= pool {
                 out.extend(rand::seq::index::sample(rng, pool, k).into_iter().map(pick));
             } else {
@@ -185,13 +227,28 @@ mod tests {
     use super::*;
 
     fn data(n: i64, classes: i64) -> Dataset {
-        let images = Tensor::arange(n * 3 * 32 * 32, (Kind::Int64, Device::Cpu)).remainder(251).to_kind(Kind::Uint8).view([n, 3, 32, 32]);
+        let images = Tensor::arange(n * 3 * 32 * 32, (Kind::Int64, Device::Cpu))
+            .remainder(251)
+            .to_kind(Kind::Uint8)
+            .view([n, 3, 32, 32]);
         let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
-        Dataset { images, labels, num_classes: classes, mean: [0.0; 3], std: [1.0; 3] }
+        Dataset {
+            images,
+            labels,
+            num_classes: classes,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
     }
 
     fn cfg(bs: usize) -> LoaderConfig {
-        LoaderConfig { batch_size: bs, shuffle: true, augment: true, drop_last: false, contrast: Some((5, true)) }
+        LoaderConfig {
+            batch_size: bs,
+            shuffle: true,
+            augment: true,
+            drop_last: false,
+            contrast: Some((5, true)),
+        }
     }
 
     #[test]
@@ -204,16 +261,34 @@ mod tests {
         assert_ne!(l.order(0), o1);
         let (a, b) = (l.batch(&o1, 1, 2), l.batch(&o2, 1, 2));
         assert_eq!(a.images.size(), [4, 3, 32, 32]);
-        assert!(a.images.equal(&b.images) && a.contrast_index.unwrap().equal(&b.contrast_index.unwrap()));
-        let mut seen: Vec<i64> = (0..3).flat_map(|b| Vec::<i64>::try_from(&l.batch(&o1, 1, b).index).unwrap()).collect();
+        assert!(
+            a.images.equal(&b.images)
+                && a.contrast_index.unwrap().equal(&b.contrast_index.unwrap())
+        );
+        let mut seen: Vec<i64> = (0..3)
+            .flat_map(|b| Vec::<i64>::try_from(&l.batch(&o1, 1, b).index).unwrap())
+            .collect();
         seen.sort();
-        assert_eq!(seen, (0..20).collect::<Vec<_>>(), "an epoch visits every sample once");
+        assert_eq!(
+            seen,
+            (0..20).collect::<Vec<_>>(),
+            "an epoch visits every sample once"
+        );
     }
 
     #[test]
     fn crop_without_shift_or_flip_is_identity_and_flip_mirrors() {
         let d = data(64, 2);
-        let l = Loader::new(&d, LoaderConfig { contrast: None, ..cfg(64) }, 3, Device::Cpu).unwrap();
+        let l = Loader::new(
+            &d,
+            LoaderConfig {
+                contrast: None,
+                ..cfg(64)
+            },
+            3,
+            Device::Cpu,
+        )
+        .unwrap();
         let order: Vec<i64> = (0..64).collect();
         let batch = l.batch(&order, 0, 0);
         let raw = d.images.to_kind(Kind::Float) / 255.0;
@@ -243,7 +318,14 @@ mod tests {
         assert!(ci.select(1, 0).equal(&b.index));
         let labels = d.labels.index_select(0, &ci.flatten(0, 1)).view([10, 6]);
         let own = labels.select(1, 0).unsqueeze(1);
-        assert!(!labels.narrow(1, 1, 5).eq_tensor(&own).any().int64_value(&[]) != 0);
+        assert!(
+            !labels
+                .narrow(1, 1, 5)
+                .eq_tensor(&own)
+                .any()
+                .int64_value(&[])
+                != 0
+        );
         // 20 samples of other classes are available for 5 draws: all distinct.
         for row in 0..10 {
             let mut negs: Vec<i64> = Vec::try_from(ci.get(row).narrow(0, 1, 5)).unwrap();

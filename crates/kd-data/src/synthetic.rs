@@ -35,7 +35,14 @@ pub struct SyntheticConfig {
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        SyntheticConfig { classes: 10, train_size: 5000, test_size: 1000, seed: 0, noise: 0.12, label_noise: 0.1 }
+        SyntheticConfig {
+            classes: 10,
+            train_size: 5000,
+            test_size: 1000,
+            seed: 0,
+            noise: 0.12,
+            label_noise: 0.1,
+        }
     }
 }
 
@@ -78,10 +85,24 @@ fn prototypes(classes: i64, rng: &mut Noise) -> Prototypes {
     let groups = classes / 2;
     let mut spread = |n: i64, lo: f64, hi: f64| rng.rand(&[n, 1]) * (hi - lo) + lo;
     let (gf, cf) = (spread(groups, 1.5, 3.5), spread(classes, 4.0, 7.0));
-    let group = Tensor::cat(&[gf, rng.rand(&[groups, 1]) * PI, rng.rand(&[groups, 3]) * 2.0 - 1.0], 1);
+    let group = Tensor::cat(
+        &[
+            gf,
+            rng.rand(&[groups, 1]) * PI,
+            rng.rand(&[groups, 3]) * 2.0 - 1.0,
+        ],
+        1,
+    );
     // Siblings' own gratings differ in orientation by at least 45 degrees.
     let base = rng.rand(&[groups, 1]) * PI;
-    let sibling_angle = Tensor::cat(&[&base, &(&base + PI / 4.0 + rng.rand(&[groups, 1]) * (PI / 2.0))], 1).view([classes, 1]);
+    let sibling_angle = Tensor::cat(
+        &[
+            &base,
+            &(&base + PI / 4.0 + rng.rand(&[groups, 1]) * (PI / 2.0)),
+        ],
+        1,
+    )
+    .view([classes, 1]);
     let class = Tensor::cat(&[cf, sibling_angle, rng.rand(&[classes, 3]) * 2.0 - 1.0], 1);
     Prototypes { group, class }
 }
@@ -94,7 +115,8 @@ fn render(params: &Tensor, amps: &Tensor) -> Tensor {
     let (u, v) = (coord.view([1, 1, 1, SIDE]), coord.view([1, 1, SIDE, 1]));
     let p = |i: i64| params.select(2, i).unsqueeze(-1).unsqueeze(-1);
     let (f, theta, phase) = (p(0), p(1), p(5));
-    let wave = ((u * theta.cos() + v * theta.sin()) * f * (2.0 * PI) + phase).sin() * amps.unsqueeze(-1).unsqueeze(-1);
+    let wave = ((u * theta.cos() + v * theta.sin()) * f * (2.0 * PI) + phase).sin()
+        * amps.unsqueeze(-1).unsqueeze(-1);
     let colour = params.narrow(2, 2, 3);
     Tensor::einsum("ngc,nghw->nchw", &[colour, wave], None::<i64>)
 }
@@ -106,7 +128,15 @@ fn jitter(t: &Tensor, rng: &mut Noise) -> Tensor {
     let f = t.select(1, 0) * (rng.randn(&[n]) * 0.08 + 1.0);
     let th = t.select(1, 1) + rng.randn(&[n]) * 0.12;
     let col = t.narrow(1, 2, 3) + rng.randn(&[n, 3]) * 0.15;
-    Tensor::cat(&[f.unsqueeze(1), th.unsqueeze(1), col, rng.rand(&[n, 1]) * (2.0 * PI)], 1)
+    Tensor::cat(
+        &[
+            f.unsqueeze(1),
+            th.unsqueeze(1),
+            col,
+            rng.rand(&[n, 1]) * (2.0 * PI),
+        ],
+        1,
+    )
 }
 
 fn distractor(n: i64, rng: &mut Noise) -> Tensor {
@@ -118,7 +148,12 @@ fn distractor(n: i64, rng: &mut Noise) -> Tensor {
 
 fn draw(protos: &Prototypes, labels: &Tensor, noise: f64, rng: &mut Noise) -> Tensor {
     let n = labels.size()[0];
-    let group = jitter(&protos.group.index_select(0, &labels.divide_scalar_mode(2, "floor")), rng);
+    let group = jitter(
+        &protos
+            .group
+            .index_select(0, &labels.divide_scalar_mode(2, "floor")),
+        rng,
+    );
     let own = jitter(&protos.class.index_select(0, labels), rng);
     let params = Tensor::stack(&[group, own, distractor(n, rng), distractor(n, rng)], 1);
     let amps = Tensor::stack(
@@ -136,13 +171,21 @@ fn draw(protos: &Prototypes, labels: &Tensor, noise: f64, rng: &mut Noise) -> Te
 
 pub(crate) fn generate(cfg: &SyntheticConfig) -> Result<(Dataset, Dataset), DataError> {
     if cfg.classes < 2 || cfg.classes % 2 != 0 {
-        return Err(DataError::Invalid(format!("synthetic classes must be even and at least 2, got {}", cfg.classes)));
+        return Err(DataError::Invalid(format!(
+            "synthetic classes must be even and at least 2, got {}",
+            cfg.classes
+        )));
     }
     if cfg.train_size < 1 || cfg.test_size < 1 {
-        return Err(DataError::Invalid("synthetic train_size and test_size must be positive".into()));
+        return Err(DataError::Invalid(
+            "synthetic train_size and test_size must be positive".into(),
+        ));
     }
     if !(0.0..0.5).contains(&cfg.label_noise) {
-        return Err(DataError::Invalid(format!("synthetic label_noise must be in [0, 0.5), got {}", cfg.label_noise)));
+        return Err(DataError::Invalid(format!(
+            "synthetic label_noise must be in [0, 0.5), got {}",
+            cfg.label_noise
+        )));
     }
     let rng = &mut Noise(ChaCha8Rng::seed_from_u64(cfg.seed));
     let protos = prototypes(cfg.classes, rng);
@@ -155,14 +198,32 @@ pub(crate) fn generate(cfg: &SyntheticConfig) -> Result<(Dataset, Dataset), Data
     let sibling = train_y.bitwise_xor(1);
     let train_y = sibling.where_self(&flip, &train_y);
     let stats = |x: &Tensor| -> [f64; 3] {
-        let m = Vec::<f64>::try_from(x.to_kind(Kind::Double).mean_dim([0, 2, 3].as_slice(), false, Kind::Double) / 255.0).unwrap_or_else(|_| vec![0.5; 3]);
+        let m = Vec::<f64>::try_from(
+            x.to_kind(Kind::Double)
+                .mean_dim([0, 2, 3].as_slice(), false, Kind::Double)
+                / 255.0,
+        )
+        .unwrap_or_else(|_| vec![0.5; 3]);
         [m[0], m[1], m[2]]
     };
     let mean = stats(&train_x);
-    let centred = train_x.to_kind(Kind::Double) / 255.0 - Tensor::from_slice(&mean).view([1, 3, 1, 1]);
-    let std_v: Vec<f64> = Vec::try_from(centred.square().mean_dim([0, 2, 3].as_slice(), false, Kind::Double).sqrt()).unwrap_or_else(|_| vec![0.25; 3]);
+    let centred =
+        train_x.to_kind(Kind::Double) / 255.0 - Tensor::from_slice(&mean).view([1, 3, 1, 1]);
+    let std_v: Vec<f64> = Vec::try_from(
+        centred
+            .square()
+            .mean_dim([0, 2, 3].as_slice(), false, Kind::Double)
+            .sqrt(),
+    )
+    .unwrap_or_else(|_| vec![0.25; 3]);
     let std = [std_v[0].max(1e-3), std_v[1].max(1e-3), std_v[2].max(1e-3)];
-    let make = |images, labels| Dataset { images, labels, num_classes: cfg.classes, mean, std };
+    let make = |images, labels| Dataset {
+        images,
+        labels,
+        num_classes: cfg.classes,
+        mean,
+        std,
+    };
     Ok((make(train_x, train_y), make(test_x, test_y)))
 }
 
@@ -171,7 +232,11 @@ mod tests {
     use super::*;
 
     fn small() -> SyntheticConfig {
-        SyntheticConfig { train_size: 200, test_size: 50, ..Default::default() }
+        SyntheticConfig {
+            train_size: 200,
+            test_size: 50,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -187,19 +252,43 @@ mod tests {
 
     #[test]
     fn label_noise_flips_to_siblings_only() {
-        let cfg = SyntheticConfig { train_size: 2000, label_noise: 0.2, ..small() };
+        let cfg = SyntheticConfig {
+            train_size: 2000,
+            label_noise: 0.2,
+            ..small()
+        };
         let (train, test) = generate(&cfg).unwrap();
         let clean = Tensor::arange(2000, (Kind::Int64, Device::Cpu)).remainder(10);
         let changed = train.labels.ne_tensor(&clean);
-        let rate = changed.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        let rate = changed
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
         assert!((0.15..0.25).contains(&rate), "flip rate {rate}");
-        assert!(train.labels.eq_tensor(&clean.bitwise_xor(1)).logical_or(&changed.logical_not()).all().int64_value(&[]) == 1);
-        assert!(test.labels.equal(&Tensor::arange(50, (Kind::Int64, Device::Cpu)).remainder(10)), "test labels stay clean");
+        assert!(
+            train
+                .labels
+                .eq_tensor(&clean.bitwise_xor(1))
+                .logical_or(&changed.logical_not())
+                .all()
+                .int64_value(&[])
+                == 1
+        );
+        assert!(
+            test.labels
+                .equal(&Tensor::arange(50, (Kind::Int64, Device::Cpu)).remainder(10)),
+            "test labels stay clean"
+        );
     }
 
     #[test]
     fn odd_classes_are_refused() {
-        let err = generate(&SyntheticConfig { classes: 7, ..small() }).unwrap_err().to_string();
+        let err = generate(&SyntheticConfig {
+            classes: 7,
+            ..small()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("even"), "{err}");
     }
 }

@@ -18,7 +18,11 @@ fn taps(shapes: &TapShapes) -> Taps {
         s.extend_from_slice(shapes.get(tap).unwrap());
         Tensor::randn(&s, (Kind::Float, Device::Cpu))
     };
-    let depth = shapes.taps.iter().filter(|(t, _)| matches!(t, Tap::Feat(_))).count();
+    let depth = shapes
+        .taps
+        .iter()
+        .filter(|(t, _)| matches!(t, Tap::Feat(_)))
+        .count();
     Taps {
         feat: (0..depth).map(|k| t(Tap::Feat(k)).relu()).collect(),
         preact: (0..depth).map(|k| t(Tap::Preact(k))).collect(),
@@ -30,7 +34,12 @@ fn taps(shapes: &TapShapes) -> Taps {
 fn shapes_of(arch: &str) -> TapShapes {
     let vs = nn::VarStore::new(Device::Cpu);
     let net = kd_models::build(arch, &vs.root(), 100).unwrap();
-    tch::no_grad(|| TapShapes::of(&net.forward_taps(&Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)), false)))
+    tch::no_grad(|| {
+        TapShapes::of(&net.forward_taps(
+            &Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            false,
+        ))
+    })
 }
 
 fn losses(c: &mut Criterion) {
@@ -44,7 +53,15 @@ fn losses(c: &mut Criterion) {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut needs = Needs::default();
         let built = {
-            let mut cx = BuildCx::new(entry.name, &s_shapes, Some(&t_shapes), vs.root(), &mut needs, n_data, 100);
+            let mut cx = BuildCx::new(
+                entry.name,
+                &s_shapes,
+                Some(&t_shapes),
+                vs.root(),
+                &mut needs,
+                n_data,
+                100,
+            );
             entry.build(serde_json::Value::Null, &mut cx)
         };
         let Ok(mut method) = built else {
@@ -55,7 +72,10 @@ fn losses(c: &mut Criterion) {
         let teacher = taps(&t_shapes);
         let target = Tensor::randint(100, [BATCH], (Kind::Int64, Device::Cpu));
         let index = Tensor::randint(n_data, [BATCH], (Kind::Int64, Device::Cpu));
-        let contrast = needs.contrast.as_ref().map(|c| Tensor::randint(n_data, [BATCH, c.k as i64 + 1], (Kind::Int64, Device::Cpu)));
+        let contrast = needs
+            .contrast
+            .as_ref()
+            .map(|c| Tensor::randint(n_data, [BATCH, c.k as i64 + 1], (Kind::Int64, Device::Cpu)));
         let grads: Vec<Tensor> = needs
             .grads
             .iter()
@@ -68,15 +88,40 @@ fn losses(c: &mut Criterion) {
                 Tensor::randn(&s, (Kind::Float, Device::Cpu)).set_requires_grad(g.create_graph)
             })
             .collect();
-        let views: Vec<Option<ViewTaps>> = needs.views.iter().map(|_| Some(ViewTaps { student: taps(&s_shapes), teacher: taps(&t_shapes) })).collect();
-        let leaves: Vec<Tensor> = student.named().iter().map(|(_, t)| t.set_requires_grad(true)).collect();
+        let views: Vec<Option<ViewTaps>> = needs
+            .views
+            .iter()
+            .map(|_| {
+                Some(ViewTaps {
+                    student: taps(&s_shapes),
+                    teacher: taps(&t_shapes),
+                })
+            })
+            .collect();
+        let leaves: Vec<Tensor> = student
+            .named()
+            .iter()
+            .map(|(_, t)| t.set_requires_grad(true))
+            .collect();
         let student = Taps {
-            feat: leaves[..student.feat.len()].iter().map(|t| t.shallow_clone()).collect(),
-            preact: leaves[student.feat.len()..2 * student.feat.len()].iter().map(|t| t.shallow_clone()).collect(),
+            feat: leaves[..student.feat.len()]
+                .iter()
+                .map(|t| t.shallow_clone())
+                .collect(),
+            preact: leaves[student.feat.len()..2 * student.feat.len()]
+                .iter()
+                .map(|t| t.shallow_clone())
+                .collect(),
             embed: leaves[leaves.len() - 2].shallow_clone(),
             logits: leaves[leaves.len() - 1].shallow_clone(),
         };
-        let progress = Progress { epoch: 20, epochs: 240, step: 0, steps_per_epoch: 782, global_step: 20 * 782 };
+        let progress = Progress {
+            epoch: 20,
+            epochs: 240,
+            step: 0,
+            steps_per_epoch: 782,
+            global_step: 20 * 782,
+        };
         group.bench_function(entry.name, |b| {
             b.iter(|| {
                 let io = StepIo {
@@ -96,7 +141,7 @@ fn losses(c: &mut Criterion) {
                 if total.requires_grad() {
                     total.backward();
                 }
-                black_box(total);
+                let _ = black_box(total);
             })
         });
     }
@@ -112,9 +157,24 @@ fn plan(method: &str, weight: f64) -> Plan {
         name: "bench".into(),
         seed: 0,
         device: DeviceChoice::Auto,
-        data: DataPlan { source: DataSource::Synthetic(SyntheticConfig { classes: 100, train_size: 128, test_size: 2, ..Default::default() }), batch_size: BATCH as usize, ..Default::default() },
-        student: ModelPlan { arch: "resnet8x4".into(), weights: None },
-        teacher: Some(ModelPlan { arch: "resnet32x4".into(), weights: None }),
+        data: DataPlan {
+            source: DataSource::Synthetic(SyntheticConfig {
+                classes: 100,
+                train_size: 128,
+                test_size: 2,
+                ..Default::default()
+            }),
+            batch_size: BATCH as usize,
+            ..Default::default()
+        },
+        student: ModelPlan {
+            arch: "resnet8x4".into(),
+            weights: None,
+        },
+        teacher: Some(ModelPlan {
+            arch: "resnet32x4".into(),
+            weights: None,
+        }),
         stages: vec![StagePlan {
             name: "distill".into(),
             epochs: 1,
@@ -133,7 +193,9 @@ fn train_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     let mut h = StepHarness::new(&plan("st", 0.9), &registry).unwrap();
-    group.bench_function("resnet32x4_to_resnet8x4_st_b64", |b| b.iter(|| black_box(h.step().unwrap())));
+    group.bench_function("resnet32x4_to_resnet8x4_st_b64", |b| {
+        b.iter(|| black_box(h.step().unwrap()))
+    });
     group.finish();
 }
 

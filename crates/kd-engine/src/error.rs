@@ -13,20 +13,33 @@ pub enum EngineError {
     #[error(transparent)]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("plan: {0}")]
     Plan(String),
-    #[error("loss term `{term}` is {value} at epoch {epoch}, step {step}; stopped, the last good checkpoint is kept")]
-    NonFinite { term: String, value: f64, epoch: usize, step: usize },
+    #[error(
+        "loss term `{term}` is {value} at epoch {epoch}, step {step}; stopped, the last good checkpoint is kept"
+    )]
+    NonFinite {
+        term: String,
+        value: f64,
+        epoch: usize,
+        step: usize,
+    },
     #[error("interrupted; resume with the same command (checkpoint {0})")]
     Interrupted(PathBuf),
 }
 
 impl EngineError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        EngineError::Io { path: path.to_path_buf(), source }
+        EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 

@@ -3,19 +3,37 @@ use kd_models::Network;
 use tch::{Device, Kind, Tensor};
 
 /// Top-1 and top-5 accuracy in percent, in eval mode without gradient.
-pub fn accuracy(net: &dyn Network, data: &Dataset, batch_size: usize, device: Device) -> (f64, f64) {
+pub fn accuracy(
+    net: &dyn Network,
+    data: &Dataset,
+    batch_size: usize,
+    device: Device,
+) -> (f64, f64) {
     let n = data.len();
     if n == 0 {
         return (0.0, 0.0);
     }
-    let mean = Tensor::from_slice(&data.mean).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
-    let std = Tensor::from_slice(&data.std).to_kind(Kind::Float).view([1, 3, 1, 1]).to_device(device);
+    let mean = Tensor::from_slice(&data.mean)
+        .to_kind(Kind::Float)
+        .view([1, 3, 1, 1])
+        .to_device(device);
+    let std = Tensor::from_slice(&data.std)
+        .to_kind(Kind::Float)
+        .view([1, 3, 1, 1])
+        .to_device(device);
     let (mut top1, mut top5) = (0i64, 0i64);
     tch::no_grad(|| {
         let mut start = 0;
         while start < n {
             let len = (batch_size as i64).min(n - start);
-            let x = (data.images.narrow(0, start, len).to_device(device).to_kind(Kind::Float) / 255.0 - &mean) / &std;
+            let x = (data
+                .images
+                .narrow(0, start, len)
+                .to_device(device)
+                .to_kind(Kind::Float)
+                / 255.0
+                - &mean)
+                / &std;
             let y = data.labels.narrow(0, start, len).to_device(device);
             let logits = net.forward_taps(&x, false).logits;
             let k = logits.size()[1].min(5);
@@ -26,5 +44,8 @@ pub fn accuracy(net: &dyn Network, data: &Dataset, batch_size: usize, device: De
             start += len;
         }
     });
-    (100.0 * top1 as f64 / n as f64, 100.0 * top5 as f64 / n as f64)
+    (
+        100.0 * top1 as f64 / n as f64,
+        100.0 * top5 as f64 / n as f64,
+    )
 }

@@ -18,6 +18,8 @@ pub use error::{EngineError, Result};
 pub use eval::accuracy;
 pub use observe::{EpochRecord, Observer, RunResult, Silent, StageResult};
 pub use optim::Optimizer;
-pub use plan::{DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Sgd, StagePlan, Subject};
+pub use plan::{
+    DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Sgd, StagePlan, Subject,
+};
 pub use run::{RunOptions, StepHarness, device, run, validate};
 pub use schedule::{NoScripts, Schedule, ScheduleFn, ScheduleResolver, Weight};

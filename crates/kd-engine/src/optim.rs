@@ -45,17 +45,30 @@ impl Optimizer {
     /// `d = g + wd·p; buf = m·buf + d; d = nesterov ? d + m·buf : buf; p -= lr·d`.
     /// A zero buffer makes the first step `buf = d`, as PyTorch's.
     pub fn step(&mut self, lr: f64) {
-        let Sgd { momentum, nesterov, weight_decay, .. } = self.cfg;
+        let Sgd {
+            momentum,
+            nesterov,
+            weight_decay,
+            ..
+        } = self.cfg;
         tch::no_grad(|| {
             for (_, p, buf) in &mut self.params {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let mut d = if weight_decay != 0.0 { &g + &*p * weight_decay } else { g };
+                let mut d = if weight_decay != 0.0 {
+                    &g + &*p * weight_decay
+                } else {
+                    g
+                };
                 if momentum != 0.0 {
                     let _ = buf.g_mul_scalar_(momentum).g_add_(&d);
-                    d = if nesterov { d + &*buf * momentum } else { buf.shallow_clone() };
+                    d = if nesterov {
+                        d + &*buf * momentum
+                    } else {
+                        buf.shallow_clone()
+                    };
                 }
                 let _ = p.g_sub_(&(d * lr));
             }
@@ -68,7 +81,10 @@ impl Optimizer {
     }
 
     pub fn buffer_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.params.iter_mut().find(|(n, _, _)| n == name).map(|(_, _, b)| b)
+        self.params
+            .iter_mut()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, b)| b)
     }
 }
 
@@ -82,7 +98,12 @@ mod tests {
     #[test]
     fn matches_pytorch_sgd_rule() {
         for nesterov in [false, true] {
-            let cfg = Sgd { lr: 0.1, momentum: 0.9, nesterov, weight_decay: 0.01 };
+            let cfg = Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov,
+                weight_decay: 0.01,
+            };
             let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
             let mut opt = Optimizer::new(cfg.clone(), vec![("p".into(), p.shallow_clone())]);
             let (mut w, mut buf) = ([1.0f64, -2.0], [0.0f64, 0.0]);
@@ -100,7 +121,10 @@ mod tests {
             }
             let got: Vec<f64> = Vec::try_from(&p.detach()).unwrap();
             for i in 0..2 {
-                assert!((got[i] - w[i]).abs() < 1e-12, "nesterov={nesterov}: {got:?} vs {w:?}");
+                assert!(
+                    (got[i] - w[i]).abs() < 1e-12,
+                    "nesterov={nesterov}: {got:?} vs {w:?}"
+                );
             }
         }
     }

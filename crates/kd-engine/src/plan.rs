@@ -49,7 +49,13 @@ pub struct DataPlan {
 
 impl Default for DataPlan {
     fn default() -> Self {
-        DataPlan { source: DataSource::default(), batch_size: 64, eval_batch_size: 256, augment: true, val_fraction: 0.0 }
+        DataPlan {
+            source: DataSource::default(),
+            batch_size: 64,
+            eval_batch_size: 256,
+            augment: true,
+            val_fraction: 0.0,
+        }
     }
 }
 
@@ -127,7 +133,13 @@ fn one() -> Weight {
 
 impl MethodPlan {
     pub fn new(method: &str, weight: f64) -> MethodPlan {
-        MethodPlan { method: method.into(), label: None, config: serde_json::Value::Null, weight: Weight::Const(weight), schedule: BTreeMap::new() }
+        MethodPlan {
+            method: method.into(),
+            label: None,
+            config: serde_json::Value::Null,
+            weight: Weight::Const(weight),
+            schedule: BTreeMap::new(),
+        }
     }
 
     pub fn label(&self) -> &str {
@@ -148,28 +160,35 @@ pub struct Sgd {
 
 impl Default for Sgd {
     fn default() -> Self {
-        Sgd { lr: 0.05, momentum: 0.9, nesterov: false, weight_decay: 5e-4 }
+        Sgd {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+        }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LrSchedule {
+    #[default]
     Constant,
     /// lr · gamma^(number of milestones passed), stepped per epoch.
-    Multistep { milestones: Vec<usize>, #[serde(default = "tenth")] gamma: f64 },
+    Multistep {
+        milestones: Vec<usize>,
+        #[serde(default = "tenth")]
+        gamma: f64,
+    },
     /// Cosine decay to zero over the stage after a linear warm-up, per step.
-    Cosine { #[serde(default)] warmup_epochs: usize },
+    Cosine {
+        #[serde(default)]
+        warmup_epochs: usize,
+    },
 }
 
 fn tenth() -> f64 {
     0.1
-}
-
-impl Default for LrSchedule {
-    fn default() -> Self {
-        LrSchedule::Constant
-    }
 }
 
 impl LrSchedule {
@@ -201,12 +220,21 @@ mod tests {
     use super::*;
 
     fn at(epoch: usize, step: usize) -> Progress {
-        Progress { epoch, epochs: 240, step, steps_per_epoch: 10, global_step: epoch * 10 + step }
+        Progress {
+            epoch,
+            epochs: 240,
+            step,
+            steps_per_epoch: 10,
+            global_step: epoch * 10 + step,
+        }
     }
 
     #[test]
     fn multistep_matches_repdistiller_schedule() {
-        let s = LrSchedule::Multistep { milestones: vec![150, 180, 210], gamma: 0.1 };
+        let s = LrSchedule::Multistep {
+            milestones: vec![150, 180, 210],
+            gamma: 0.1,
+        };
         let lr = |e| s.lr(0.05, at(e, 0));
         assert_eq!(lr(0), 0.05);
         assert_eq!(lr(149), 0.05);
@@ -226,7 +254,9 @@ mod tests {
 
     #[test]
     fn unknown_plan_keys_are_refused() {
-        let err = serde_json::from_str::<Sgd>(r#"{"lr": 0.1, "momentun": 0.9}"#).unwrap_err().to_string();
+        let err = serde_json::from_str::<Sgd>(r#"{"lr": 0.1, "momentun": 0.9}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `momentun`, expected one of `lr`, `momentum`, `nesterov`, `weight_decay`"), "{err}");
     }
 }

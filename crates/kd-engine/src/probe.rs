@@ -10,13 +10,21 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::tensors::{self, TensorFile};
 use crate::{EngineError, Result};
 
+/// Taps, their shapes, and the given (tap, leaf tensor) pairs.
+type GivenTaps = (Taps, TapShapes, Vec<(Tap, Tensor)>);
+
 /// Taps given by a fixture; absent ones are empty placeholders that no
 /// method can reach, since `BuildCx` validates against the given shapes.
-fn taps_from(file: &TensorFile, prefix: &str, requires_grad: bool) -> Result<Option<(Taps, TapShapes, Vec<(Tap, Tensor)>)>> {
+fn taps_from(file: &TensorFile, prefix: &str, requires_grad: bool) -> Result<Option<GivenTaps>> {
     let mut given = Vec::new();
     for (name, t) in file.with_prefix(prefix) {
-        let tap = Tap::parse(name).ok_or_else(|| EngineError::Plan(format!("fixture tensor `{prefix}{name}` is not a tap name")))?;
-        let t = t.to_kind(Kind::Float).detach().set_requires_grad(requires_grad);
+        let tap = Tap::parse(name).ok_or_else(|| {
+            EngineError::Plan(format!("fixture tensor `{prefix}{name}` is not a tap name"))
+        })?;
+        let t = t
+            .to_kind(Kind::Float)
+            .detach()
+            .set_requires_grad(requires_grad);
         given.push((tap, t));
     }
     if given.is_empty() {
@@ -54,22 +62,37 @@ fn taps_from(file: &TensorFile, prefix: &str, requires_grad: bool) -> Result<Opt
 /// for the fixture layout.
 pub fn probe_loss(path: &Path, registry: &Registry) -> Result<TensorFile> {
     let file = tensors::read(path)?;
-    let bad = |msg: String| EngineError::Format { path: path.to_path_buf(), msg };
-    let method = file.metadata.get("method").ok_or_else(|| bad("metadata has no `method`".into()))?;
+    let bad = |msg: String| EngineError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let method = file
+        .metadata
+        .get("method")
+        .ok_or_else(|| bad("metadata has no `method`".into()))?;
     let entry = registry.get(method)?;
     let params: serde_json::Value = match file.metadata.get("params") {
-        Some(p) => serde_json::from_str(p).map_err(|e| bad(format!("metadata `params` is not JSON: {e}")))?,
+        Some(p) => serde_json::from_str(p)
+            .map_err(|e| bad(format!("metadata `params` is not JSON: {e}")))?,
         None => serde_json::Value::Null,
     };
-    let (student, s_shapes, s_leaves) =
-        taps_from(&file, "student/", true)?.ok_or_else(|| bad("no `student/<tap>` tensors".into()))?;
+    let (student, s_shapes, s_leaves) = taps_from(&file, "student/", true)?
+        .ok_or_else(|| bad("no `student/<tap>` tensors".into()))?;
     let teacher = taps_from(&file, "teacher/", false)?;
-    let target = file.get("batch/target").ok_or_else(|| bad("no `batch/target`".into()))?;
+    let target = file
+        .get("batch/target")
+        .ok_or_else(|| bad("no `batch/target`".into()))?;
     let index = file.get("batch/index");
     let contrast_index = file.get("batch/contrast_index");
-    let max_index = [index, contrast_index].into_iter().flatten().map(|t| t.max().int64_value(&[]) + 1).max();
+    let max_index = [index, contrast_index]
+        .into_iter()
+        .flatten()
+        .map(|t| t.max().int64_value(&[]) + 1)
+        .max();
     let n_data = match file.metadata.get("n_data") {
-        Some(n) => n.parse().map_err(|_| bad(format!("metadata `n_data` is not an integer: {n}")))?,
+        Some(n) => n
+            .parse()
+            .map_err(|_| bad(format!("metadata `n_data` is not an integer: {n}")))?,
         None => max_index.unwrap_or(target.size()[0]),
     };
     let num_classes = s_shapes.get(Tap::Logits).map(|s| s[0]).unwrap_or(10);
@@ -103,7 +126,13 @@ pub fn probe_loss(path: &Path, registry: &Registry) -> Result<TensorFile> {
         target,
         index,
         contrast_index,
-        progress: Progress { epoch: 0, epochs: 1, step: 0, steps_per_epoch: 1, global_step: 0 },
+        progress: Progress {
+            epoch: 0,
+            epochs: 1,
+            step: 0,
+            steps_per_epoch: 1,
+            global_step: 0,
+        },
         train: true,
     };
     let mut losses = Losses::default();
@@ -140,13 +169,20 @@ fn set_vars(vs: &mut nn::VarStore, file: &TensorFile, path: &Path) -> Result<()>
             known.sort();
             return Err(EngineError::Format {
                 path: path.to_path_buf(),
-                msg: format!("fixture sets `method/{name}`, which the method does not have; it has: {}", known.join(", ")),
+                msg: format!(
+                    "fixture sets `method/{name}`, which the method does not have; it has: {}",
+                    known.join(", ")
+                ),
             });
         };
         if var.size() != value.size() {
             return Err(EngineError::Format {
                 path: path.to_path_buf(),
-                msg: format!("`method/{name}` has shape {:?}, the method's has {:?}", value.size(), var.size()),
+                msg: format!(
+                    "`method/{name}` has shape {:?}, the method's has {:?}",
+                    value.size(),
+                    var.size()
+                ),
             });
         }
         tch::no_grad(|| var.shallow_clone().copy_(&value.to_kind(var.kind())));

@@ -18,21 +18,46 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
         return (f64::NAN, f64::NAN);
     }
     let mean = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (mean, var.sqrt())
 }
 
 pub fn summarize(config: &str, runs: &[RunResult]) -> Summary {
     let last_stage = |r: &RunResult| r.last().cloned();
-    let best: Vec<f64> = runs.iter().filter_map(last_stage).map(|s| s.best_top1).collect();
-    let last: Vec<f64> = runs.iter().filter_map(last_stage).map(|s| s.last_top1).collect();
-    Summary { config: config.to_string(), runs: runs.len(), best: mean_std(&best), last: mean_std(&last) }
+    let best: Vec<f64> = runs
+        .iter()
+        .filter_map(last_stage)
+        .map(|s| s.best_top1)
+        .collect();
+    let last: Vec<f64> = runs
+        .iter()
+        .filter_map(last_stage)
+        .map(|s| s.last_top1)
+        .collect();
+    Summary {
+        config: config.to_string(),
+        runs: runs.len(),
+        best: mean_std(&best),
+        last: mean_std(&last),
+    }
 }
 
 /// A plain-text table, one row per configuration.
 pub fn table(rows: &[Summary]) -> String {
-    let width = rows.iter().map(|r| r.config.len()).max().unwrap_or(6).max(6);
-    let mut out = format!("{:<width$}  {:>4}  {:>16}  {:>16}\n", "config", "runs", "best top-1 (%)", "last top-1 (%)");
+    let width = rows
+        .iter()
+        .map(|r| r.config.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let mut out = format!(
+        "{:<width$}  {:>4}  {:>16}  {:>16}\n",
+        "config", "runs", "best top-1 (%)", "last top-1 (%)"
+    );
     for r in rows {
         out += &format!(
             "{:<width$}  {:>4}  {:>16}  {:>16}\n",

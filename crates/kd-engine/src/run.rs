@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use kd_core::{BuildCx, DynMethod, Losses, Needs, Progress, Registry, Side, StepIo, TapShapes, ViewRef, ViewTaps};
+use kd_core::{
+    BuildCx, DynMethod, Losses, Needs, Progress, Registry, Side, StepIo, TapShapes, ViewRef,
+    ViewTaps,
+};
 use kd_data::{Batch, Loader, LoaderConfig, Splits};
 use kd_models::Network;
 use serde::{Deserialize, Serialize};
@@ -38,7 +41,9 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto => Ok(Device::cuda_if_available()),
         DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        DeviceChoice::Cuda => Err(EngineError::Plan("device `cuda` asked for, but no CUDA device is available; use `cpu` or `auto`".into())),
+        DeviceChoice::Cuda => Err(EngineError::Plan(
+            "device `cuda` asked for, but no CUDA device is available; use `cpu` or `auto`".into(),
+        )),
     }
 }
 
@@ -87,7 +92,11 @@ pub fn run(plan: &Plan, registry: &Registry, opts: &mut RunOptions) -> Result<Ru
     let classes = splits.train.num_classes;
     tch::manual_seed(plan.seed as i64);
     let mut student = build_net(&plan.student, classes, device)?;
-    let mut teacher = plan.teacher.as_ref().map(|t| build_net(t, classes, device)).transpose()?;
+    let mut teacher = plan
+        .teacher
+        .as_ref()
+        .map(|t| build_net(t, classes, device))
+        .transpose()?;
     std::fs::create_dir_all(&opts.run_dir).map_err(|e| EngineError::io(&opts.run_dir, e))?;
 
     let ckpt_path = opts.run_dir.join("checkpoint.safetensors");
@@ -99,39 +108,78 @@ pub fn run(plan: &Plan, registry: &Registry, opts: &mut RunOptions) -> Result<Ru
             .metadata
             .get("resume")
             .and_then(|m| serde_json::from_str(m).ok())
-            .ok_or_else(|| EngineError::Format { path: ckpt_path.clone(), msg: "not a kd checkpoint (no resume metadata)".into() })?;
+            .ok_or_else(|| EngineError::Format {
+                path: ckpt_path.clone(),
+                msg: "not a kd checkpoint (no resume metadata)".into(),
+            })?;
         load_into(&student.vs, &file, "student.", &ckpt_path)?;
         if let Some(t) = &teacher {
             load_into(&t.vs, &file, "teacher.", &ckpt_path)?;
         }
         for (name, t) in file.with_prefix("carry.") {
             if let Some((label, var)) = name.split_once('/') {
-                carry.entry(label.to_string()).or_default().push((var.to_string(), t.to_device(device)));
+                carry
+                    .entry(label.to_string())
+                    .or_default()
+                    .push((var.to_string(), t.to_device(device)));
             }
         }
         resume = Some((meta, file));
     }
 
-    let mut results: Vec<StageResult> = resume.as_ref().map(|r| r.0.finished.clone()).unwrap_or_default();
+    let mut results: Vec<StageResult> = resume
+        .as_ref()
+        .map(|r| r.0.finished.clone())
+        .unwrap_or_default();
     for (si, stage) in plan.stages.iter().enumerate() {
         if si < results.len() {
             continue;
         }
         let start = resume.take().filter(|(m, _)| m.stage == si);
-        let cx = StageCx { plan, si, registry, device, splits: &splits, ckpt: &ckpt_path, finished: &results, scripts: opts.scripts };
-        let result = run_stage(&cx, stage, &mut student, teacher.as_mut(), &mut carry, start, opts)?;
+        let cx = StageCx {
+            plan,
+            si,
+            registry,
+            device,
+            splits: &splits,
+            ckpt: &ckpt_path,
+            finished: &results,
+            scripts: opts.scripts,
+        };
+        let result = run_stage(
+            &cx,
+            stage,
+            &mut student,
+            teacher.as_mut(),
+            &mut carry,
+            start,
+            opts,
+        )?;
         results.push(result);
     }
     // The run is complete: a later `--resume` has nothing left to do.
-    write_checkpoint(&ckpt_path, &student, teacher.as_ref(), &[], &[], None, &carry, &Resume {
-        stage: plan.stages.len(),
-        next_epoch: 0,
-        history: vec![],
-        best_top1: 0.0,
-        best_epoch: 0,
-        finished: results.clone(),
-    })?;
-    Ok(RunResult { name: plan.name.clone(), run_dir: opts.run_dir.clone(), stages: results })
+    write_checkpoint(
+        &ckpt_path,
+        &student,
+        teacher.as_ref(),
+        &[],
+        &[],
+        None,
+        &carry,
+        &Resume {
+            stage: plan.stages.len(),
+            next_epoch: 0,
+            history: vec![],
+            best_top1: 0.0,
+            best_epoch: 0,
+            finished: results.clone(),
+        },
+    )?;
+    Ok(RunResult {
+        name: plan.name.clone(),
+        run_dir: opts.run_dir.clone(),
+        stages: results,
+    })
 }
 
 struct StageCx<'a> {
@@ -149,7 +197,10 @@ fn load_into(vs: &nn::VarStore, file: &TensorFile, prefix: &str, path: &Path) ->
     let vars = vs.variables();
     for (name, var) in &vars {
         let key = format!("{prefix}{name}");
-        let src = file.get(&key).ok_or_else(|| EngineError::Format { path: path.to_path_buf(), msg: format!("checkpoint lacks `{key}`") })?;
+        let src = file.get(&key).ok_or_else(|| EngineError::Format {
+            path: path.to_path_buf(),
+            msg: format!("checkpoint lacks `{key}`"),
+        })?;
         tch::no_grad(|| var.shallow_clone().copy_(src));
     }
     Ok(())
@@ -181,12 +232,24 @@ fn build_methods(
     for mp in &stage.methods {
         let entry = cx.registry.get(&mp.method)?;
         if out.iter().any(|a| a.label == mp.label()) {
-            return Err(EngineError::Plan(format!("stage `{}` uses label `{}` twice; give one a distinct `label`", stage.name, mp.label())));
+            return Err(EngineError::Plan(format!(
+                "stage `{}` uses label `{}` twice; give one a distinct `label`",
+                stage.name,
+                mp.label()
+            )));
         }
         let vs = nn::VarStore::new(cx.device);
         let first_view = needs.views.len();
         let method = {
-            let mut bcx = BuildCx::new(entry.name, s_shapes, t_shapes, vs.root(), needs, cx.n_data, cx.classes);
+            let mut bcx = BuildCx::new(
+                entry.name,
+                s_shapes,
+                t_shapes,
+                vs.root(),
+                needs,
+                cx.n_data,
+                cx.classes,
+            );
             entry.build(mp.config.clone(), &mut bcx)?
         };
         let views = first_view..needs.views.len();
@@ -208,13 +271,24 @@ fn build_methods(
             }
             fields.push((field.clone(), w.compile(cx.scripts)?));
         }
-        out.push(Active { label: mp.label().to_string(), method, vs, weight: mp.weight.compile(cx.scripts)?, fields, views });
+        out.push(Active {
+            label: mp.label().to_string(),
+            method,
+            vs,
+            weight: mp.weight.compile(cx.scripts)?,
+            fields,
+            views,
+        });
     }
     Ok(out)
 }
 
 fn named_vars(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (format!("{prefix}{n}"), t)).collect();
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (format!("{prefix}{n}"), t))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -253,7 +327,15 @@ fn build_stage(
     }
     let t = t_shapes.expect("mutual requires a teacher, checked at build");
     let mut peer_needs = Needs::default();
-    let peers = build_methods(stage, env, t, Some(s_shapes), &mut peer_needs, carry, "peer/")?;
+    let peers = build_methods(
+        stage,
+        env,
+        t,
+        Some(s_shapes),
+        &mut peer_needs,
+        carry,
+        "peer/",
+    )?;
     if !needs.grads.is_empty() || !needs.views.is_empty() || needs.contrast.is_some() {
         return Err(EngineError::Plan(format!(
             "stage `{}`: mutual learning cannot be combined with gradient taps, adversarial views or contrast sampling",
@@ -267,7 +349,12 @@ fn build_stage(
 /// description without loading data or training. `check_files`: also require
 /// weight files to exist and fit (off for plans whose weights an earlier run
 /// of the same recipe will write).
-pub fn validate(plan: &Plan, registry: &Registry, scripts: &dyn ScheduleResolver, check_files: bool) -> Result<()> {
+pub fn validate(
+    plan: &Plan,
+    registry: &Registry,
+    scripts: &dyn ScheduleResolver,
+    check_files: bool,
+) -> Result<()> {
     let (n_train, classes) = kd_data::describe(&plan.data.source)?;
     let n_data = n_train - (n_train as f64 * plan.data.val_fraction).round() as i64;
     let device = Device::Cpu;
@@ -289,13 +376,25 @@ pub fn validate(plan: &Plan, registry: &Registry, scripts: &dyn ScheduleResolver
         return Err(EngineError::Plan("batch_size must be at least 1".into()));
     }
     let probe = Tensor::zeros([2, 3, 32, 32], (Kind::Float, device));
-    let env = BuildEnv { registry, device, n_data, classes, scripts };
+    let env = BuildEnv {
+        registry,
+        device,
+        n_data,
+        classes,
+        scripts,
+    };
     for stage in &plan.stages {
         if stage.epochs == 0 || stage.methods.is_empty() {
-            return Err(EngineError::Plan(format!("stage `{}` needs at least one epoch and one method", stage.name)));
+            return Err(EngineError::Plan(format!(
+                "stage `{}` needs at least one epoch and one method",
+                stage.name
+            )));
         }
         if stage.subject == Subject::Teacher && teacher.is_none() {
-            return Err(EngineError::Plan(format!("stage `{}` trains the teacher, but the plan has none", stage.name)));
+            return Err(EngineError::Plan(format!(
+                "stage `{}` trains the teacher, but the plan has none",
+                stage.name
+            )));
         }
         let (net, other) = roles(stage.subject, &student, teacher.as_ref());
         let s_shapes = shapes_of(net, &probe);
@@ -317,7 +416,13 @@ struct Prepared {
     mutual: bool,
 }
 
-fn prepare(cx: &StageCx, stage: &StagePlan, student: &mut Net, mut teacher: Option<&mut Net>, carry: &Carry) -> Result<Prepared> {
+fn prepare(
+    cx: &StageCx,
+    stage: &StagePlan,
+    student: &mut Net,
+    mut teacher: Option<&mut Net>,
+    carry: &Carry,
+) -> Result<Prepared> {
     let net_trains = stage.train.contains(&Part::Network);
     let methods_train = stage.train.contains(&Part::Methods);
     let name = &stage.name;
@@ -330,8 +435,15 @@ fn prepare(cx: &StageCx, stage: &StagePlan, student: &mut Net, mut teacher: Opti
     let s_shapes = shapes_of(net, &probe);
     let t_shapes = other.as_ref().map(|t| shapes_of(t, &probe));
     tch::manual_seed((cx.plan.seed + cx.si as u64) as i64);
-    let env = BuildEnv { registry: cx.registry, device, n_data: cx.splits.train.len(), classes: cx.splits.train.num_classes, scripts: cx.scripts };
-    let (mut methods, mut peers, needs) = build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), carry)?;
+    let env = BuildEnv {
+        registry: cx.registry,
+        device,
+        n_data: cx.splits.train.len(),
+        classes: cx.splits.train.num_classes,
+        scripts: cx.scripts,
+    };
+    let (mut methods, mut peers, needs) =
+        build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), carry)?;
     let mutual = needs.mutual;
 
     // Freezing needs mutable access; the loop below borrows again.
@@ -340,9 +452,17 @@ fn prepare(cx: &StageCx, stage: &StagePlan, student: &mut Net, mut teacher: Opti
             Subject::Student => (&mut *student, teacher.as_deref_mut()),
             Subject::Teacher => (teacher.as_deref_mut().expect("checked by the caller"), None),
         };
-        if net_trains { net.vs.unfreeze() } else { net.vs.freeze() }
+        if net_trains {
+            net.vs.unfreeze()
+        } else {
+            net.vs.freeze()
+        }
         if let Some(o) = other {
-            if mutual { o.vs.unfreeze() } else { o.vs.freeze() }
+            if mutual {
+                o.vs.unfreeze()
+            } else {
+                o.vs.freeze()
+            }
         }
     }
     let (net, other) = roles(stage.subject, student, teacher.as_deref());
@@ -365,20 +485,42 @@ fn prepare(cx: &StageCx, stage: &StagePlan, student: &mut Net, mut teacher: Opti
     }
     let opt = Optimizer::new(stage.optimizer.clone(), params);
     if opt.is_empty() {
-        return Err(EngineError::Plan(format!("stage `{name}` trains nothing: `train` is {:?} and those have no parameters", stage.train)));
+        return Err(EngineError::Plan(format!(
+            "stage `{name}` trains nothing: `train` is {:?} and those have no parameters",
+            stage.train
+        )));
     }
 
     let contrast = needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
-    let loader = Loader::new(&cx.splits.train, loader_cfg(cx, contrast, cx.plan.data.augment), cx.plan.seed.wrapping_add(cx.si as u64 * 7919), device)?;
-    Ok(Prepared { methods, peers, needs, opt, loader, net_trains, mutual })
+    let loader = Loader::new(
+        &cx.splits.train,
+        loader_cfg(cx, contrast, cx.plan.data.augment),
+        cx.plan.seed.wrapping_add(cx.si as u64 * 7919),
+        device,
+    )?;
+    Ok(Prepared {
+        methods,
+        peers,
+        needs,
+        opt,
+        loader,
+        net_trains,
+        mutual,
+    })
 }
 
-
 /// The stage's subject network and the other one (frozen teacher or peer).
-fn roles<'a>(subject: Subject, student: &'a Net, teacher: Option<&'a Net>) -> (&'a Net, Option<&'a Net>) {
+fn roles<'a>(
+    subject: Subject,
+    student: &'a Net,
+    teacher: Option<&'a Net>,
+) -> (&'a Net, Option<&'a Net>) {
     match subject {
         Subject::Student => (student, teacher),
-        Subject::Teacher => (teacher.expect("a teacher stage has a teacher, checked by run_stage"), None),
+        Subject::Teacher => (
+            teacher.expect("a teacher stage has a teacher, checked by run_stage"),
+            None,
+        ),
     }
 }
 
@@ -400,9 +542,19 @@ fn run_stage(
         return Err(EngineError::Plan(format!("stage `{name}` has no methods")));
     }
     if stage.subject == Subject::Teacher && teacher.is_none() {
-        return Err(EngineError::Plan(format!("stage `{name}` trains the teacher, but the plan has none")));
+        return Err(EngineError::Plan(format!(
+            "stage `{name}` trains the teacher, but the plan has none"
+        )));
     }
-    let Prepared { mut methods, mut peers, needs, mut opt, loader, net_trains, mutual } = prepare(cx, stage, student, teacher.as_deref_mut(), carry)?;
+    let Prepared {
+        mut methods,
+        mut peers,
+        needs,
+        mut opt,
+        loader,
+        net_trains,
+        mutual,
+    } = prepare(cx, stage, student, teacher.as_deref_mut(), carry)?;
     let student: &Net = student;
     let teacher: Option<&Net> = teacher.as_deref();
     let (net, other) = roles(stage.subject, student, teacher);
@@ -422,33 +574,74 @@ fn run_stage(
                     tch::no_grad(|| buf.copy_(t));
                 }
             }
-            (meta.history.clone(), meta.best_top1, meta.best_epoch, meta.next_epoch)
+            (
+                meta.history.clone(),
+                meta.best_top1,
+                meta.best_epoch,
+                meta.next_epoch,
+            )
         }
         None => (Vec::new(), f64::NEG_INFINITY, 0, 0),
     };
-    let nets = StageNets { net, other, net_trains, mutual, needs: &needs };
-    let (last_path, best_path) = (cx.ckpt.with_file_name(format!("{name}.last.safetensors")), cx.ckpt.with_file_name(format!("{name}.best.safetensors")));
+    let nets = StageNets {
+        net,
+        other,
+        net_trains,
+        mutual,
+        needs: &needs,
+    };
+    let (last_path, best_path) = (
+        cx.ckpt.with_file_name(format!("{name}.last.safetensors")),
+        cx.ckpt.with_file_name(format!("{name}.best.safetensors")),
+    );
     opts.observer.stage_start(cx.si, name);
     let epochs_before: i64 = cx.finished.iter().map(|r| r.epochs.len() as i64).sum();
 
     for epoch in first_epoch..stage.epochs {
         let order = loader.order(epoch);
-        let bar = progress_bar(opts.progress_bar, steps, &format!("{name} {}/{}", epoch + 1, stage.epochs));
+        let bar = progress_bar(
+            opts.progress_bar,
+            steps,
+            &format!("{name} {}/{}", epoch + 1, stage.epochs),
+        );
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
         let mut weight_sum = vec![0.0; methods.len()];
         let mut term_sum: BTreeMap<String, f64> = BTreeMap::new();
         let mut lr = 0.0;
         for b in 0..steps {
-            if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            if opts
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+            {
                 return Err(EngineError::Interrupted(cx.ckpt.to_path_buf()));
             }
-            let progress = Progress { epoch, epochs: stage.epochs, step: b, steps_per_epoch: steps, global_step: epoch * steps + b };
+            let progress = Progress {
+                epoch,
+                epochs: stage.epochs,
+                step: b,
+                steps_per_epoch: steps,
+                global_step: epoch * steps + b,
+            };
             lr = stage.lr_schedule.lr(stage.optimizer.lr, progress);
             let batch = loader.batch(&order, epoch, b);
-            let out = step(&nets, &mut methods, &mut peers, &batch, progress, &mut opt, lr)?;
+            let out = step(
+                &nets,
+                &mut methods,
+                &mut peers,
+                &batch,
+                progress,
+                &mut opt,
+                lr,
+            )?;
             if let Some((term, value)) = out.terms.iter().find(|(_, v)| !v.is_finite()) {
-                return Err(EngineError::NonFinite { term: term.clone(), value: *value, epoch, step: b });
+                return Err(EngineError::NonFinite {
+                    term: term.clone(),
+                    value: *value,
+                    epoch,
+                    step: b,
+                });
             }
             loss_sum += out.total * out.n as f64;
             correct += out.correct;
@@ -461,20 +654,57 @@ fn run_stage(
             }
             let global = (epochs_before as usize + epoch) * steps + b;
             if opts.log_every > 0 && (b % opts.log_every == 0 || b + 1 == steps) {
-                let mut values: Vec<(String, f64)> = vec![("train/loss".into(), out.total), ("train/lr".into(), lr)];
+                let mut values: Vec<(String, f64)> =
+                    vec![("train/loss".into(), out.total), ("train/lr".into(), lr)];
                 values.extend(out.terms.iter().map(|(t, v)| (format!("loss/{t}"), *v)));
-                values.extend(methods.iter().zip(&out.weights).map(|(a, w)| (format!("weight/{}", a.label), *w)));
-                values.push(("train/images_per_sec".into(), seen as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+                values.extend(
+                    methods
+                        .iter()
+                        .zip(&out.weights)
+                        .map(|(a, w)| (format!("weight/{}", a.label), *w)),
+                );
+                values.push((
+                    "train/images_per_sec".into(),
+                    seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                ));
                 opts.observer.metrics(global as i64, &values);
             }
-            bar.set_message(format!("loss {:.4} acc {:.2}%", loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64));
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}%",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64
+            ));
             bar.inc(1);
         }
         bar.finish_and_clear();
         let ips = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let (test_top1, test_top5) = eval::accuracy(nets.net.model.as_ref(), &cx.splits.test, cx.plan.data.eval_batch_size, device);
-        let val = cx.splits.val.as_ref().map(|v| eval::accuracy(nets.net.model.as_ref(), v, cx.plan.data.eval_batch_size, device));
-        let peer_top1 = if mutual { nets.other.map(|t| eval::accuracy(t.model.as_ref(), &cx.splits.test, cx.plan.data.eval_batch_size, device).0) } else { None };
+        let (test_top1, test_top5) = eval::accuracy(
+            nets.net.model.as_ref(),
+            &cx.splits.test,
+            cx.plan.data.eval_batch_size,
+            device,
+        );
+        let val = cx.splits.val.as_ref().map(|v| {
+            eval::accuracy(
+                nets.net.model.as_ref(),
+                v,
+                cx.plan.data.eval_batch_size,
+                device,
+            )
+        });
+        let peer_top1 = if mutual {
+            nets.other.map(|t| {
+                eval::accuracy(
+                    t.model.as_ref(),
+                    &cx.splits.test,
+                    cx.plan.data.eval_batch_size,
+                    device,
+                )
+                .0
+            })
+        } else {
+            None
+        };
         let selector = val.map(|v| v.0).unwrap_or(test_top1);
         if selector > best_top1 || history.is_empty() {
             best_top1 = selector;
@@ -490,17 +720,41 @@ fn run_stage(
             test_top5,
             val_top1: val.map(|v| v.0),
             val_top5: val.map(|v| v.1),
-            weights: methods.iter().zip(&weight_sum).map(|(a, s)| (a.label.clone(), s / steps as f64)).collect(),
-            terms: term_sum.into_iter().map(|(t, s)| (t, s / steps as f64)).collect(),
+            weights: methods
+                .iter()
+                .zip(&weight_sum)
+                .map(|(a, s)| (a.label.clone(), s / steps as f64))
+                .collect(),
+            terms: term_sum
+                .into_iter()
+                .map(|(t, s)| (t, s / steps as f64))
+                .collect(),
             images_per_sec: ips,
             best_top1,
             peer_top1,
         };
         history.push(record.clone());
         append_jsonl(&cx.ckpt.with_file_name("epochs.jsonl"), name, &record)?;
-        let meta = Resume { stage: cx.si, next_epoch: epoch + 1, history: history.clone(), best_top1, best_epoch, finished: cx.finished.to_vec() };
-        write_checkpoint(cx.ckpt, student, teacher, &methods, &peers, Some(&opt), carry, &meta)?;
-        opts.observer.epoch(name, epochs_before + epoch as i64, &record);
+        let meta = Resume {
+            stage: cx.si,
+            next_epoch: epoch + 1,
+            history: history.clone(),
+            best_top1,
+            best_epoch,
+            finished: cx.finished.to_vec(),
+        };
+        write_checkpoint(
+            cx.ckpt,
+            student,
+            teacher,
+            &methods,
+            &peers,
+            Some(&opt),
+            carry,
+            &meta,
+        )?;
+        opts.observer
+            .epoch(name, epochs_before + epoch as i64, &record);
     }
     kd_models::save_weights(&nets.net.vs, &last_path)?;
     for a in &methods {
@@ -509,7 +763,10 @@ fn run_stage(
     for a in &peers {
         carry.insert(format!("peer/{}", a.label), named_vars(&a.vs, ""));
     }
-    let last = history.last().cloned().expect("a stage has at least one epoch");
+    let last = history
+        .last()
+        .cloned()
+        .expect("a stage has at least one epoch");
     let result = StageResult {
         name: name.clone(),
         best_top1,
@@ -527,7 +784,13 @@ fn run_stage(
 }
 
 fn loader_cfg(cx: &StageCx, contrast: Option<(usize, bool)>, augment: bool) -> LoaderConfig {
-    LoaderConfig { batch_size: cx.plan.data.batch_size, shuffle: true, augment, drop_last: false, contrast }
+    LoaderConfig {
+        batch_size: cx.plan.data.batch_size,
+        shuffle: true,
+        augment,
+        drop_last: false,
+        contrast,
+    }
 }
 
 fn progress_bar(enabled: bool, steps: usize, prefix: &str) -> indicatif::ProgressBar {
@@ -535,9 +798,11 @@ fn progress_bar(enabled: bool, steps: usize, prefix: &str) -> indicatif::Progres
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(steps as u64);
-    let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(prefix.to_string());
     bar
@@ -545,7 +810,11 @@ fn progress_bar(enabled: bool, steps: usize, prefix: &str) -> indicatif::Progres
 
 fn append_jsonl(path: &Path, stage: &str, record: &EpochRecord) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| EngineError::io(path, e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| EngineError::io(path, e))?;
     let line = serde_json::json!({"stage": stage, "record": record});
     writeln!(f, "{line}").map_err(|e| EngineError::io(path, e))
 }
@@ -602,14 +871,27 @@ fn checkpoint_file(
             file.push(format!("carry.{label}/{n}"), t);
         }
     }
-    file.metadata.insert("resume".into(), serde_json::to_string(meta).map_err(|e| EngineError::Plan(e.to_string()))?);
-    file.metadata.insert("format".into(), "kd-checkpoint-1".into());
+    file.metadata.insert(
+        "resume".into(),
+        serde_json::to_string(meta).map_err(|e| EngineError::Plan(e.to_string()))?,
+    );
+    file.metadata
+        .insert("format".into(), "kd-checkpoint-1".into());
     Ok(file)
 }
 
 /// Gradient of the target-class logit w.r.t. the input or a tap.
-fn target_grad(taps: &kd_core::Taps, input: &Tensor, wrt: Option<kd_core::Tap>, target: &Tensor, create_graph: bool) -> Tensor {
-    let picked = taps.logits.gather(1, &target.unsqueeze(1), false).sum(Kind::Float);
+fn target_grad(
+    taps: &kd_core::Taps,
+    input: &Tensor,
+    wrt: Option<kd_core::Tap>,
+    target: &Tensor,
+    create_graph: bool,
+) -> Tensor {
+    let picked = taps
+        .logits
+        .gather(1, &target.unsqueeze(1), false)
+        .sum(Kind::Float);
     let x = match wrt {
         Some(t) => taps.get(t).expect("grad taps are validated at build"),
         None => input,
@@ -635,7 +917,11 @@ fn step(
 
     // Teacher (or peer). A frozen teacher runs in eval mode without graph
     // unless a gradient tap of it was asked for.
-    let t_input = if grad_of(Side::Teacher) { x.detach().set_requires_grad(true) } else { x.shallow_clone() };
+    let t_input = if grad_of(Side::Teacher) {
+        x.detach().set_requires_grad(true)
+    } else {
+        x.shallow_clone()
+    };
     let t_live = nets.other.map(|t| {
         if nets.mutual || grad_of(Side::Teacher) {
             t.model.forward_taps(&t_input, nets.mutual)
@@ -643,7 +929,11 @@ fn step(
             tch::no_grad(|| t.model.forward_taps(&t_input, false))
         }
     });
-    let s_input = if grad_of(Side::Student) { x.detach().set_requires_grad(true) } else { x.shallow_clone() };
+    let s_input = if grad_of(Side::Student) {
+        x.detach().set_requires_grad(true)
+    } else {
+        x.shallow_clone()
+    };
     let s_taps = if nets.net_trains || grad_of(Side::Student) {
         nets.net.model.forward_taps(&s_input, nets.net_trains)
     } else {
@@ -653,9 +943,20 @@ fn step(
     for g in &needs.grads {
         let grad = match g.side {
             Side::Student => target_grad(&s_taps, &s_input, g.wrt, y, g.create_graph),
-            Side::Teacher => target_grad(t_live.as_ref().expect("teacher grads need a teacher"), &t_input, g.wrt, y, false).detach(),
+            Side::Teacher => target_grad(
+                t_live.as_ref().expect("teacher grads need a teacher"),
+                &t_input,
+                g.wrt,
+                y,
+                false,
+            )
+            .detach(),
         };
-        grads.push(if g.create_graph && g.side == Side::Student { grad } else { grad.detach() });
+        grads.push(if g.create_graph && g.side == Side::Student {
+            grad
+        } else {
+            grad.detach()
+        });
     }
     let t_taps = t_live.as_ref().map(|t| t.detach());
     macro_rules! base_io {
@@ -676,15 +977,26 @@ fn step(
 
     let mut views: Vec<Option<ViewTaps>> = (0..needs.views.len()).map(|_| None).collect();
     if !needs.views.is_empty() {
-        let teacher = nets.other.expect("adversarial views need a teacher, checked at build");
+        let teacher = nets
+            .other
+            .expect("adversarial views need a teacher, checked at build");
         for a in methods.iter_mut() {
             for v in a.views.clone() {
                 let picked = a.method.attack_targets(ViewRef(v), &base_io!(&[]))?;
                 if let Some((rows, classes)) = picked.filter(|(rows, _)| rows.numel() > 0) {
-                    let adv = attack::attack(teacher.model.as_ref(), &x.index_select(0, &rows), &y.index_select(0, &rows), &classes, &needs.views[v]);
+                    let adv = attack::attack(
+                        teacher.model.as_ref(),
+                        &x.index_select(0, &rows),
+                        &y.index_select(0, &rows),
+                        &classes,
+                        &needs.views[v],
+                    );
                     let t_adv = tch::no_grad(|| teacher.model.forward_taps(&adv, false));
                     let s_adv = nets.net.model.forward_taps(&adv, nets.net_trains);
-                    views[v] = Some(ViewTaps { student: s_adv, teacher: t_adv });
+                    views[v] = Some(ViewTaps {
+                        student: s_adv,
+                        teacher: t_adv,
+                    });
                 }
             }
         }
@@ -713,7 +1025,13 @@ fn step(
     if nets.mutual {
         let t_live = t_live.as_ref().expect("mutual learning has a peer");
         let s_det = s_taps.detach();
-        let peer_io = StepIo { student: t_live, teacher: Some(&s_det), grads: &[], views: &[], ..base_io!(&[]) };
+        let peer_io = StepIo {
+            student: t_live,
+            teacher: Some(&s_det),
+            grads: &[],
+            views: &[],
+            ..base_io!(&[])
+        };
         for a in peers.iter_mut() {
             apply_fields(a, progress)?;
             let w = a.weight.value(progress)?;
@@ -729,14 +1047,31 @@ fn step(
 
     // One device-to-host copy for every number logged this step.
     let correct = s_taps.logits.argmax(1, false).eq_tensor(y).sum(Kind::Float);
-    let mut scalars: Vec<Tensor> = terms.iter().map(|(_, t)| t.detach().to_kind(Kind::Float).reshape([1])).collect();
+    let mut scalars: Vec<Tensor> = terms
+        .iter()
+        .map(|(_, t)| t.detach().to_kind(Kind::Float).reshape([1]))
+        .collect();
     scalars.push(total.detach().to_kind(Kind::Float).reshape([1]));
     scalars.push(correct.reshape([1]));
-    let host: Vec<f64> = Vec::try_from(Tensor::cat(&scalars, 0).to_device(Device::Cpu).to_kind(Kind::Double))?;
+    let host: Vec<f64> = Vec::try_from(
+        Tensor::cat(&scalars, 0)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double),
+    )?;
     let (total_v, correct_v) = (host[host.len() - 2], host[host.len() - 1]);
-    let term_values: Vec<(String, f64)> = terms.iter().map(|(n, _)| n.clone()).zip(host.iter().copied()).collect();
+    let term_values: Vec<(String, f64)> = terms
+        .iter()
+        .map(|(n, _)| n.clone())
+        .zip(host.iter().copied())
+        .collect();
     if term_values.iter().any(|(_, v)| !v.is_finite()) || !total_v.is_finite() {
-        return Ok(StepOut { weights, terms: term_values, total: total_v, correct: 0, n: 0 });
+        return Ok(StepOut {
+            weights,
+            terms: term_values,
+            total: total_v,
+            correct: 0,
+            n: 0,
+        });
     }
 
     opt.zero_grad();
@@ -748,7 +1083,13 @@ fn step(
         }
         Ok(())
     })?;
-    Ok(StepOut { weights, terms: term_values, total: total_v, correct: correct_v as i64, n: y.size()[0] })
+    Ok(StepOut {
+        weights,
+        terms: term_values,
+        total: total_v,
+        correct: correct_v as i64,
+        n: y.size()[0],
+    })
 }
 
 fn apply_fields(a: &mut Active, progress: Progress) -> Result<()> {
@@ -777,22 +1118,66 @@ impl StepHarness {
         let classes = splits.train.num_classes;
         tch::manual_seed(plan.seed as i64);
         let mut student = build_net(&plan.student, classes, device)?;
-        let mut teacher = plan.teacher.as_ref().map(|t| build_net(t, classes, device)).transpose()?;
-        let stage = plan.stages.first().ok_or_else(|| EngineError::Plan("the plan has no stages".into()))?;
+        let mut teacher = plan
+            .teacher
+            .as_ref()
+            .map(|t| build_net(t, classes, device))
+            .transpose()?;
+        let stage = plan
+            .stages
+            .first()
+            .ok_or_else(|| EngineError::Plan("the plan has no stages".into()))?;
         let ckpt = PathBuf::new();
-        let cx = StageCx { plan, si: 0, registry, device, splits: &splits, ckpt: &ckpt, finished: &[], scripts: &crate::NoScripts };
+        let cx = StageCx {
+            plan,
+            si: 0,
+            registry,
+            device,
+            splits: &splits,
+            ckpt: &ckpt,
+            finished: &[],
+            scripts: &crate::NoScripts,
+        };
         let prep = prepare(&cx, stage, &mut student, teacher.as_mut(), &Carry::new())?;
         let order = prep.loader.order(0);
         let batch = prep.loader.batch(&order, 0, 0);
-        Ok(StepHarness { student, teacher, prep, batch, subject: stage.subject, lr: stage.optimizer.lr })
+        Ok(StepHarness {
+            student,
+            teacher,
+            prep,
+            batch,
+            subject: stage.subject,
+            lr: stage.optimizer.lr,
+        })
     }
 
     /// Runs one step; returns the total loss.
     pub fn step(&mut self) -> Result<f64> {
         let (net, other) = roles(self.subject, &self.student, self.teacher.as_ref());
         let p = &mut self.prep;
-        let nets = StageNets { net, other, net_trains: p.net_trains, mutual: p.mutual, needs: &p.needs };
-        let progress = Progress { epoch: 0, epochs: 1, step: 0, steps_per_epoch: 1, global_step: 0 };
-        Ok(step(&nets, &mut p.methods, &mut p.peers, &self.batch, progress, &mut p.opt, self.lr)?.total)
+        let nets = StageNets {
+            net,
+            other,
+            net_trains: p.net_trains,
+            mutual: p.mutual,
+            needs: &p.needs,
+        };
+        let progress = Progress {
+            epoch: 0,
+            epochs: 1,
+            step: 0,
+            steps_per_epoch: 1,
+            global_step: 0,
+        };
+        Ok(step(
+            &nets,
+            &mut p.methods,
+            &mut p.peers,
+            &self.batch,
+            progress,
+            &mut p.opt,
+            self.lr,
+        )?
+        .total)
     }
 }

@@ -27,7 +27,10 @@ pub enum Schedule {
     /// Cosine from `from` to `to` over the stage.
     Cosine { from: f64, to: f64 },
     /// `values[i]` from epoch `epochs[i]` on (`epochs[0]` is 0).
-    Step { epochs: Vec<usize>, values: Vec<f64> },
+    Step {
+        epochs: Vec<usize>,
+        values: Vec<f64>,
+    },
     /// A function of the recipe, `fn name(p)` with `p.epoch`, `p.step`,
     /// `p.fraction`; `source` is the recipe text it was compiled from.
     Script { function: String, source: String },
@@ -52,12 +55,16 @@ impl ScheduleFn for Builtin {
                     0.0
                 }
             }
-            Schedule::Cosine { from, to } => to + (from - to) * 0.5 * (1.0 + (std::f64::consts::PI * p.fraction()).cos()),
+            Schedule::Cosine { from, to } => {
+                to + (from - to) * 0.5 * (1.0 + (std::f64::consts::PI * p.fraction()).cos())
+            }
             Schedule::Step { epochs, values } => {
                 let i = epochs.iter().rposition(|&e| p.epoch >= e).unwrap_or(0);
                 values[i]
             }
-            Schedule::Script { .. } => unreachable!("script schedules are resolved by the recipe layer"),
+            Schedule::Script { .. } => {
+                unreachable!("script schedules are resolved by the recipe layer")
+            }
         })
     }
 }
@@ -80,17 +87,25 @@ pub struct NoScripts;
 
 impl ScheduleResolver for NoScripts {
     fn resolve(&self, function: &str, _: &str) -> Result<Box<dyn ScheduleFn>> {
-        Err(EngineError::Plan(format!("schedule `{function}` is a recipe function; run the recipe with `kd run`")))
+        Err(EngineError::Plan(format!(
+            "schedule `{function}` is a recipe function; run the recipe with `kd run`"
+        )))
     }
 }
 
 impl Weight {
     pub fn check(&self) -> Result<()> {
         match self {
-            Weight::Schedule(Schedule::Step { epochs, values }) if epochs.len() != values.len() || epochs.first() != Some(&0) => {
-                Err(EngineError::Plan("step schedule needs as many values as epochs, starting at epoch 0".into()))
+            Weight::Schedule(Schedule::Step { epochs, values })
+                if epochs.len() != values.len() || epochs.first() != Some(&0) =>
+            {
+                Err(EngineError::Plan(
+                    "step schedule needs as many values as epochs, starting at epoch 0".into(),
+                ))
             }
-            Weight::Schedule(Schedule::Warmup { epochs, .. }) if *epochs <= 0.0 => Err(EngineError::Plan("warmup epochs must be positive".into())),
+            Weight::Schedule(Schedule::Warmup { epochs, .. }) if *epochs <= 0.0 => {
+                Err(EngineError::Plan("warmup epochs must be positive".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -99,7 +114,9 @@ impl Weight {
         self.check()?;
         Ok(match self {
             Weight::Const(v) => Box::new(Constant(*v)),
-            Weight::Schedule(Schedule::Script { function, source }) => scripts.resolve(function, source)?,
+            Weight::Schedule(Schedule::Script { function, source }) => {
+                scripts.resolve(function, source)?
+            }
             Weight::Schedule(s) => Box::new(Builtin(s.clone())),
         })
     }
@@ -110,23 +127,42 @@ mod tests {
     use super::*;
 
     fn at(epoch: usize, step: usize) -> Progress {
-        Progress { epoch, epochs: 100, step, steps_per_epoch: 10, global_step: epoch * 10 + step }
+        Progress {
+            epoch,
+            epochs: 100,
+            step,
+            steps_per_epoch: 10,
+            global_step: epoch * 10 + step,
+        }
     }
 
     fn eval(s: Schedule, p: Progress) -> f64 {
-        Weight::Schedule(s).compile(&NoScripts).unwrap().value(p).unwrap()
+        Weight::Schedule(s)
+            .compile(&NoScripts)
+            .unwrap()
+            .value(p)
+            .unwrap()
     }
 
     #[test]
     fn builtins_follow_their_definition() {
-        let warm = || Schedule::Warmup { value: 8.0, epochs: 20.0 };
+        let warm = || Schedule::Warmup {
+            value: 8.0,
+            epochs: 20.0,
+        };
         assert_eq!(eval(warm(), at(0, 0)), 0.0);
         assert!((eval(warm(), at(10, 0)) - 4.0).abs() < 1e-12);
         assert_eq!(eval(warm(), at(50, 0)), 8.0);
-        let until = || Schedule::Until { value: 2.0, fraction: 0.75 };
+        let until = || Schedule::Until {
+            value: 2.0,
+            fraction: 0.75,
+        };
         assert_eq!(eval(until(), at(74, 9)), 2.0);
         assert_eq!(eval(until(), at(75, 0)), 0.0);
-        let step = || Schedule::Step { epochs: vec![0, 50], values: vec![1.0, 0.0] };
+        let step = || Schedule::Step {
+            epochs: vec![0, 50],
+            values: vec![1.0, 0.0],
+        };
         assert_eq!(eval(step(), at(49, 9)), 1.0);
         assert_eq!(eval(step(), at(50, 0)), 0.0);
         assert!((eval(Schedule::Cosine { from: 1.0, to: 0.0 }, at(50, 0)) - 0.5).abs() < 1e-12);
@@ -136,9 +172,19 @@ mod tests {
     fn weights_parse_as_number_or_schedule() {
         let w: Weight = serde_json::from_str("0.9").unwrap();
         assert_eq!(w, Weight::Const(0.9));
-        let w: Weight = serde_json::from_str(r#"{"kind": "warmup", "value": 8, "epochs": 20}"#).unwrap();
-        assert_eq!(w, Weight::Schedule(Schedule::Warmup { value: 8.0, epochs: 20.0 }));
-        let bad = Weight::Schedule(Schedule::Step { epochs: vec![5], values: vec![1.0] });
+        let w: Weight =
+            serde_json::from_str(r#"{"kind": "warmup", "value": 8, "epochs": 20}"#).unwrap();
+        assert_eq!(
+            w,
+            Weight::Schedule(Schedule::Warmup {
+                value: 8.0,
+                epochs: 20.0
+            })
+        );
+        let bad = Weight::Schedule(Schedule::Step {
+            epochs: vec![5],
+            values: vec![1.0],
+        });
         assert!(bad.check().is_err());
     }
 }

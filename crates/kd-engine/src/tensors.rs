@@ -23,14 +23,18 @@ impl TensorFile {
     }
 
     /// Tensors whose name starts with `prefix`, with the prefix removed.
-    pub fn with_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a Tensor)> + 'a {
+    pub fn with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Tensor)> + 'a {
         self.tensors
             .iter()
             .filter_map(move |(n, t)| n.strip_prefix(prefix).map(|rest| (rest, t)))
     }
 
     pub fn push(&mut self, name: impl Into<String>, t: &Tensor) {
-        self.tensors.push((name.into(), t.detach().to_device(Device::Cpu)));
+        self.tensors
+            .push((name.into(), t.detach().to_device(Device::Cpu)));
     }
 }
 
@@ -66,16 +70,29 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 
 pub fn read(path: &Path) -> Result<TensorFile, EngineError> {
     let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
-    let bad = |msg: String| EngineError::Format { path: path.to_path_buf(), msg };
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e:?}")))?;
+    let bad = |msg: String| EngineError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e:?}")))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e:?}")))?;
-    let mut out = TensorFile { metadata: meta.metadata().clone().unwrap_or_default(), ..Default::default() };
+    let mut out = TensorFile {
+        metadata: meta.metadata().clone().unwrap_or_default(),
+        ..Default::default()
+    };
     let mut views = st.tensors();
     views.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, view) in views {
-        let kind = kind_of(view.dtype()).ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}` has unsupported dtype {:?}",
+                view.dtype()
+            ))
+        })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.tensors.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
+        out.tensors
+            .push((name, Tensor::from_data_size(view.data(), &shape, kind)));
     }
     Ok(out)
 }
@@ -116,20 +133,34 @@ pub fn write(path: &Path, file: &TensorFile) -> Result<(), EngineError> {
         let shape = t.size().iter().map(|&d| d as usize).collect();
         raws.push((name.clone(), Raw { dtype, shape, data }));
     }
-    let meta = if file.metadata.is_empty() { None } else { Some(file.metadata.clone()) };
-    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &meta)
-        .map_err(|e| EngineError::Format { path: path.to_path_buf(), msg: format!("{e:?}") })?;
+    let meta = if file.metadata.is_empty() {
+        None
+    } else {
+        Some(file.metadata.clone())
+    };
+    let bytes =
+        safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &meta).map_err(|e| {
+            EngineError::Format {
+                path: path.to_path_buf(),
+                msg: format!("{e:?}"),
+            }
+        })?;
     atomic_write(path, &bytes)
 }
 
 /// Writes to a sibling temp file, syncs, then renames over `path`.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let tmp = dir.join(format!(
         ".{}.tmp{}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let mut f = std::fs::File::create(&tmp).map_err(|e| EngineError::io(&tmp, e))?;

@@ -4,25 +4,25 @@
 /// Forces the plugins to be linked; call once before reading the registry.
 pub fn link() {}
 
-pub use kd_plugin_ce;
-pub use kd_plugin_logits;
-pub use kd_plugin_st;
-pub use kd_plugin_sobolev;
-pub use kd_plugin_lwm;
-pub use kd_plugin_bss;
-pub use kd_plugin_crd;
-pub use kd_plugin_dml;
-pub use kd_plugin_sp;
-pub use kd_plugin_cc;
-pub use kd_plugin_irg;
-pub use kd_plugin_vid;
-pub use kd_plugin_ofd;
+pub use kd_plugin_ab;
 pub use kd_plugin_afd;
 pub use kd_plugin_at;
+pub use kd_plugin_bss;
+pub use kd_plugin_cc;
+pub use kd_plugin_ce;
+pub use kd_plugin_crd;
+pub use kd_plugin_dml;
 pub use kd_plugin_fitnet;
-pub use kd_plugin_nst;
-pub use kd_plugin_pkt;
-pub use kd_plugin_rkd;
 pub use kd_plugin_fsp;
 pub use kd_plugin_ft;
-pub use kd_plugin_ab;
+pub use kd_plugin_irg;
+pub use kd_plugin_logits;
+pub use kd_plugin_lwm;
+pub use kd_plugin_nst;
+pub use kd_plugin_ofd;
+pub use kd_plugin_pkt;
+pub use kd_plugin_rkd;
+pub use kd_plugin_sobolev;
+pub use kd_plugin_sp;
+pub use kd_plugin_st;
+pub use kd_plugin_vid;

@@ -21,5 +21,8 @@ fn every_plugin_is_registered() {
             missing.push(name);
         }
     }
-    assert!(missing.is_empty(), "plugins not linked into crates/kd-methods: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "plugins not linked into crates/kd-methods: {missing:?}"
+    );
 }

@@ -101,7 +101,7 @@ impl Client {
         Ok(Client {
             base: base.to_string(),
             agent,
-            timeout: Duration::from_secs(15),
+            timeout: Duration::from_secs(30),
         })
     }
 
@@ -317,9 +317,14 @@ impl Client {
         url: &str,
         resp: std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<(u16, String)> {
-        let transport = |e: ureq::Error| Error::Transport {
-            url: url.to_string(),
-            reason: e.to_string(),
+        let transport = |e: ureq::Error| match e {
+            ureq::Error::Timeout(_) => Error::Timeout {
+                url: url.to_string(),
+            },
+            e => Error::Transport {
+                url: url.to_string(),
+                reason: e.to_string(),
+            },
         };
         let mut resp = resp.map_err(transport)?;
         let status = resp.status().as_u16();

@@ -15,6 +15,10 @@ pub enum Error {
     },
     #[error("cannot reach MLflow at {url}: {reason}")]
     Transport { url: String, reason: String },
+    /// The server took longer than the request's limit; it may still have
+    /// done the work.
+    #[error("MLflow at {url} did not answer in time")]
+    Timeout { url: String },
     #[error("unexpected answer from MLflow at {url}: {reason}")]
     Protocol { url: String, reason: String },
     #[error("tracking URI `{0}` is not an http(s) MLflow server address")]
@@ -58,7 +62,7 @@ impl Error {
     /// the request itself, and repeating it would get the same answer.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Transport { .. } | Error::ParentPending { .. } => true,
+            Error::Transport { .. } | Error::Timeout { .. } | Error::ParentPending { .. } => true,
             Error::Server { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             // A proxy in front of MLflow may answer with HTML while the
             // backend restarts.

@@ -477,6 +477,26 @@ mod tests {
     }
 
     #[test]
+    fn metric_values_come_back_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::open(dir.path(), 1).unwrap();
+        let value = |s: i64| (s as f64).sqrt() - 3.0 + 1e-9 * s as f64;
+        for s in 0..5000 {
+            let ev = Event::Metric {
+                key: "m".into(),
+                value: value(s),
+                step: s,
+            };
+            w.append(0, ev).unwrap();
+        }
+        w.flush().unwrap();
+        let h = metric_history(dir.path()).unwrap();
+        for &(s, v) in &h["m"] {
+            assert_eq!(v.to_bits(), value(s).to_bits(), "step {s}");
+        }
+    }
+
+    #[test]
     fn reader_waits_for_complete_lines_and_writer_cuts_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(JOURNAL_FILE);

@@ -183,6 +183,9 @@ fn launch(mlflow: &Path, home: &Path, port: u16) -> Result<ServerInfo> {
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         // One worker: a single user, and SQLite serialises writes anyway.
         .args(["--workers", "1"])
+        // MLflow 3 otherwise forks a pool of job consumers (GenAI
+        // evaluation jobs), eight more processes that kd never uses.
+        .env("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         .current_dir(home)
         .stdin(Stdio::null())
         .stdout(log)

@@ -29,6 +29,9 @@ use crate::journal::{AckLog, Entry, Event, JournalReader, Summary, now_ms};
 /// journal, so a long outage costs disk, not memory.
 const READ_AHEAD: usize = 10_000;
 
+/// The smallest `log-batch` a slow server gets.
+const MIN_BATCH: usize = 25;
+
 /// Appends an event to the run's journal (through the writer thread when a
 /// tracker is live, directly during `sync`).
 pub(crate) type Record = Box<dyn FnMut(i64, Event) -> Result<()> + Send>;
@@ -46,6 +49,9 @@ pub(crate) struct Shipper {
     /// After a refused batch, entries up to here go one per request so only
     /// the culprit is refused.
     isolate_until: u64,
+    /// Entries per `log-batch` request: halved when the server is too slow
+    /// to answer one in time, grown back after successes.
+    batch_cap: usize,
     record: Record,
     pub(crate) shipped: u64,
     pub(crate) rejected: Vec<String>,
@@ -77,6 +83,7 @@ impl Shipper {
             run,
             parent_run,
             isolate_until: 0,
+            batch_cap: MAX_ENTITIES_PER_BATCH,
             record,
             shipped: 0,
             rejected: Vec::new(),
@@ -92,16 +99,25 @@ impl Shipper {
     }
 
     /// Ships what the journal holds now. `Ok(true)`: nothing is left;
-    /// `Ok(false)`: the deadline came first. Errors leave everything
-    /// unacknowledged in place for the next attempt.
-    pub(crate) fn ship(&mut self, deadline: Option<Instant>) -> Result<bool> {
+    /// `Ok(false)`: stopped early, at `deadline` (which also bounds each
+    /// request) or between requests once `pause_at` passed. Errors leave
+    /// everything unacknowledged in place for the next attempt.
+    pub(crate) fn ship(
+        &mut self,
+        deadline: Option<Instant>,
+        pause_at: Option<Instant>,
+    ) -> Result<bool> {
         loop {
             self.fill()?;
             if self.pending.is_empty() {
                 return Ok(true);
             }
+            let now = Instant::now();
+            if pause_at.is_some_and(|p| now >= p) {
+                return Ok(false);
+            }
             if let Some(d) = deadline {
-                let left = d.saturating_duration_since(Instant::now());
+                let left = d.saturating_duration_since(now);
                 if left.is_zero() {
                     return Ok(false);
                 }
@@ -237,6 +253,7 @@ impl Shipper {
                 }
                 _ => false,
             };
+            let full = full || (size > 0 && m + pt + 1 > self.batch_cap);
             if n > 0 && (full || bytes + size > MAX_BATCH_BYTES) {
                 break;
             }
@@ -303,9 +320,15 @@ impl Shipper {
                 self.acks.ack(last, None)?;
                 self.pending.drain(..n);
                 self.shipped += n as u64;
+                self.batch_cap = (self.batch_cap * 2).min(MAX_ENTITIES_PER_BATCH);
                 Ok(())
             }
-            Err(e) if !refuses_entry(&e) => Err(e),
+            Err(e) if !refuses_entry(&e) => {
+                if matches!(e, Error::Timeout { .. }) {
+                    self.batch_cap = (self.batch_cap / 2).max(MIN_BATCH);
+                }
+                Err(e)
+            }
             Err(_) if n > 1 => {
                 self.isolate_until = last;
                 Ok(())

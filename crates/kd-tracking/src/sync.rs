@@ -122,7 +122,7 @@ fn sync_at_depth(run_dir: &Path, tracking_uri: &str, depth: usize) -> Result<Syn
     });
     let run = Arc::new(OnceLock::new());
     let mut shipper = Shipper::new(&dir, client, &summary, run.clone(), None, record)?;
-    shipper.ship(None)?;
+    shipper.ship(None, None)?;
     Ok(SyncReport {
         run_id: run.get().map(|r| r.run_id.clone()).unwrap_or_default(),
         shipped: shipper.shipped,
@@ -130,4 +130,43 @@ fn sync_at_depth(run_dir: &Path, tracking_uri: &str, depth: usize) -> Result<Syn
         closed_as,
         bad_lines: shipper.bad_lines(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::{RunSpec, Tracker};
+
+    #[test]
+    fn a_live_run_is_not_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        // Refused before any network access: the port does not matter.
+        let e = sync(dir.path(), "http://127.0.0.1:9").unwrap_err();
+        assert!(matches!(e, Error::RunLive(_)), "{e}");
+        t.finish(RunStatus::Finished);
+    }
+
+    #[test]
+    fn sync_all_finds_runs_parents_first_and_skips_the_server_store() {
+        let root = tempfile::tempdir().unwrap();
+        for d in ["b", "a/t1", "a", "mlflow/x"] {
+            let dir = root.path().join(d);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(JOURNAL_FILE), "").unwrap();
+        }
+        let mut found = Vec::new();
+        find_journals(root.path(), &mut found);
+        found.sort_by_key(|d| (d.components().count(), d.clone()));
+        let rel: Vec<_> = found
+            .iter()
+            .map(|d| {
+                d.strip_prefix(root.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(rel, ["a", "b", "a/t1"]);
+    }
 }

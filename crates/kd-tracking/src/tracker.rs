@@ -73,7 +73,9 @@ impl Default for Options {
         Options {
             flush_interval: Duration::from_secs(1),
             finish_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(10),
+            // Shipping runs in the background, so a patient limit costs
+            // nothing; `finish` bounds the wait on its own.
+            request_timeout: Duration::from_secs(30),
             max_backoff: Duration::from_secs(30),
         }
     }
@@ -106,11 +108,13 @@ enum Msg {
     /// Written and fsynced before the sender hears back (the server run id:
     /// the shipper must find it in the journal before it can finish).
     Durable(i64, Event, Sender<()>),
-    Close(Instant),
+    /// Sync, hand the deadline to the shipper, then answer.
+    Close(Instant, Sender<()>),
 }
 
 #[derive(Default)]
 struct Shared {
+    logged: u64,
     acked: u64,
     error: Option<String>,
     rejected: Vec<String>,
@@ -121,7 +125,7 @@ struct Shared {
 pub struct Tracker {
     dir: PathBuf,
     tx: Option<Sender<Msg>>,
-    journal: Option<JoinHandle<u64>>,
+    journal: Option<JoinHandle<()>>,
     shipper: Option<JoinHandle<()>>,
     run: Arc<OnceLock<RunInfo>>,
     shared: Arc<Mutex<Shared>>,
@@ -175,9 +179,10 @@ impl Tracker {
         });
     }
 
-    /// Uploads a file (or a folder, recursively) under `dest` in the run's
-    /// artifacts ("" for the root). The file is read when shipped, so it must
-    /// stay in place; files inside the run folder are the safe choice.
+    /// Uploads a file (or a folder, recursively) to `dest/<its name>` in the
+    /// run's artifacts (`dest` "" for the root). It is read when shipped, so
+    /// it must stay in place; files inside the run folder are the safe
+    /// choice.
     pub fn artifact(&self, path: impl AsRef<Path>, dest: &str) {
         let path = path.as_ref();
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -222,15 +227,27 @@ impl Tracker {
             return FinishReport::default();
         };
         let deadline = Instant::now() + self.opts.finish_timeout;
+        let (done_tx, done_rx) = mpsc::channel();
         let _ = tx.send(Msg::Log(now_ms(), Event::Status { status }));
-        let _ = tx.send(Msg::Close(deadline));
+        let _ = tx.send(Msg::Close(deadline, done_tx));
         drop(tx);
-        if let Some(h) = self.shipper.take() {
-            let _ = h.join();
+        // The status is on disk before anything waits on the network.
+        let _ = done_rx.recv_timeout(self.opts.finish_timeout + JOURNAL_GRACE);
+        // A request already in flight when the deadline passes is not
+        // waited for: the thread is left to end on its own timeout.
+        let shipped = self
+            .shipper
+            .take()
+            .is_none_or(|h| join_until(h, deadline + SHIP_GRACE).is_some());
+        // Without the shipper's end the journal thread cannot end either
+        // (it serves the shipper); the status is on disk already.
+        if let Some(h) = self.journal.take()
+            && shipped
+        {
+            join_until(h, Instant::now() + JOURNAL_GRACE);
         }
-        let logged = self.journal.take().and_then(|h| h.join().ok()).unwrap_or(0);
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        let acked = shared.acked;
+        let (logged, acked) = (shared.logged, shared.acked);
         FinishReport {
             run_id: self.run_id(),
             logged,
@@ -239,6 +256,22 @@ impl Tracker {
             rejected: shared.rejected.clone(),
         }
     }
+}
+
+/// How long `finish` waits past its deadline for the shipper's last answer.
+const SHIP_GRACE: Duration = Duration::from_millis(500);
+/// How long `finish` waits for local disk writes.
+const JOURNAL_GRACE: Duration = Duration::from_secs(5);
+
+/// Joins `h` if it ends before `until`; otherwise lets it run detached.
+fn join_until<T>(h: JoinHandle<T>, until: Instant) -> Option<T> {
+    while !h.is_finished() {
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.join().ok()
 }
 
 impl Drop for Tracker {
@@ -279,11 +312,12 @@ fn open(
     } else {
         Event::Resume { pid }
     };
-    writer.append(now_ms(), first)?;
+    let first = writer.append(now_ms(), first)?.seq;
     writer.sync()?;
 
     let run = Arc::new(OnceLock::new());
     let shared = Arc::new(Mutex::new(Shared {
+        logged: first,
         acked,
         ..Shared::default()
     }));
@@ -320,7 +354,7 @@ fn open(
     }
     let sh = shared.clone();
     let journal = spawn("kd-journal", move || {
-        journal_loop(writer, lock, rx, notify, sh)
+        journal_loop(writer, first, lock, rx, notify, sh)
     })?;
     Ok(Tracker {
         dir,
@@ -372,15 +406,15 @@ fn standard_tags(mut tags: BTreeMap<String, String>) -> BTreeMap<String, String>
 const FSYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// Owns the journal file (and the run folder's lock) until every sender,
-/// the shipper's included, is gone. Returns the last `seq` written.
+/// the shipper's included, is gone.
 fn journal_loop(
     mut w: JournalWriter,
+    mut last: u64,
     _lock: RunLock,
     rx: Receiver<Msg>,
     notify: Option<Sender<Instant>>,
     shared: Arc<Mutex<Shared>>,
-) -> u64 {
-    let mut last = 0;
+) {
     let mut dirty_since: Option<Instant> = None;
     let fail = |e: Error| {
         let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -409,15 +443,17 @@ fn journal_loop(
                 }
                 dirty_since.get_or_insert_with(Instant::now);
             }
-            Ok(Msg::Close(deadline)) => {
+            Ok(Msg::Close(deadline, done)) => {
                 if let Err(e) = w.sync() {
                     fail(e);
                 }
                 dirty_since = None;
+                shared.lock().unwrap_or_else(|p| p.into_inner()).logged = last;
                 // Only now is the final status visible to the shipper.
                 if let Some(n) = &notify {
                     let _ = n.send(deadline);
                 }
+                let _ = done.send(());
             }
             Err(RecvTimeoutError::Timeout) => urgent = true,
             Err(RecvTimeoutError::Disconnected) => {
@@ -438,21 +474,28 @@ fn journal_loop(
         if let Err(e) = synced {
             fail(e);
         }
+        shared.lock().unwrap_or_else(|p| p.into_inner()).logged = last;
         if done {
-            return last;
+            return;
         }
     }
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const SLICE: Duration = Duration::from_secs(2);
 
 fn ship_loop(mut s: Shipper, rx: Receiver<Instant>, opts: Options, shared: Arc<Mutex<Shared>>) {
     let mut failing = false;
     let mut delay = FIRST_BACKOFF;
-    // (deadline, whether the server was already failing when asked to close)
+    // (deadline, whether the server was failing when asked to close)
     let mut closing: Option<(Instant, bool)> = None;
+    let mut backlog = false;
     loop {
-        let wait = if failing { delay } else { opts.flush_interval };
+        let wait = match (failing, backlog) {
+            (true, _) => delay,
+            (false, true) => Duration::ZERO,
+            (false, false) => opts.flush_interval,
+        };
         match closing {
             None => match rx.recv_timeout(wait) {
                 Ok(d) => closing = Some((d, failing)),
@@ -464,7 +507,12 @@ fn ship_loop(mut s: Shipper, rx: Receiver<Instant>, opts: Options, shared: Arc<M
             }
             Some(_) => {}
         }
-        let result = s.ship(closing.map(|c| c.0));
+        // A long backlog goes in slices, so a `finish` is heard in between.
+        let result = match closing {
+            Some((deadline, _)) => s.ship(Some(deadline), None),
+            None => s.ship(None, Some(Instant::now() + SLICE)),
+        };
+        backlog = matches!(result, Ok(false));
         {
             let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
             sh.acked = s.acked();
@@ -483,11 +531,141 @@ fn ship_loop(mut s: Shipper, rx: Receiver<Instant>, opts: Options, shared: Arc<M
                 delay = (delay * 2).min(opts.max_backoff);
             }
         }
-        if let Some((deadline, gave_up)) = closing {
+        if let Some((deadline, was_failing)) = closing {
             let caught_up = result.as_ref().is_ok_and(|done| *done);
-            if caught_up || gave_up || Instant::now() >= deadline {
+            // A server already away when training ended gets one attempt.
+            let give_up = was_failing && result.is_err();
+            if caught_up || give_up || Instant::now() >= deadline {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Entry, JOURNAL_FILE};
+
+    fn entries(dir: &Path) -> Vec<Entry> {
+        std::fs::read_to_string(dir.join(JOURNAL_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn tracker_is_shared_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Tracker>();
+    }
+
+    #[test]
+    fn journal_only_run_records_everything_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::start(dir.path(), RunSpec::new("e").name("r").tag("k", "v")).unwrap();
+        t.param("lr", 0.1);
+        t.metric("loss", f64::NAN, 3);
+        t.interrupted();
+        let report = t.finish(RunStatus::Killed);
+        assert_eq!((report.logged, report.acked), (5, 0));
+        assert!(report.needs_sync() && report.run_id.is_none());
+
+        let e = entries(dir.path());
+        let seqs: Vec<u64> = e.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        let Event::Start {
+            experiment,
+            run_name,
+            tags,
+            pid,
+            ..
+        } = &e[0].event
+        else {
+            panic!("{:?}", e[0]);
+        };
+        assert_eq!((experiment.as_str(), run_name.as_deref()), ("e", Some("r")));
+        assert_eq!(tags["k"], "v");
+        assert_eq!(tags["mlflow.source.type"], "LOCAL");
+        assert_eq!(*pid, std::process::id());
+        assert!(matches!(&e[2].event, Event::Metric { value, step: 3, .. } if value.is_nan()));
+        assert_eq!(e[3].event, Event::Interrupted);
+        assert_eq!(
+            e[4].event,
+            Event::Status {
+                status: RunStatus::Killed
+            }
+        );
+    }
+
+    #[test]
+    fn reopening_a_run_folder_resumes_its_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        Tracker::start(dir.path(), RunSpec::new("e"))
+            .unwrap()
+            .finish(RunStatus::Finished);
+        let t = Tracker::start(dir.path(), RunSpec::new("ignored")).unwrap();
+        assert!(matches!(
+            Tracker::start(dir.path(), RunSpec::new("e")),
+            Err(Error::RunLive(_))
+        ));
+        t.metric("m", 1.0, 0);
+        drop(t); // without finish: the run failed
+        let e = entries(dir.path());
+        let seqs: Vec<u64> = e.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert!(matches!(e[2].event, Event::Resume { .. }));
+        assert_eq!(
+            e[4].event,
+            Event::Status {
+                status: RunStatus::Failed
+            }
+        );
+    }
+
+    /// A server that accepts connections and never answers: the worst case
+    /// for `finish`, worse than one that is down.
+    #[test]
+    fn finish_is_bounded_when_the_server_hangs() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        let hold = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming().take(8) {
+                held.push(conn);
+            }
+            std::thread::sleep(Duration::from_secs(40));
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            flush_interval: Duration::from_millis(50),
+            finish_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(1),
+        };
+        let t = Tracker::start_with(dir.path(), RunSpec::new("e").tracking_uri(Some(uri)), opts)
+            .unwrap();
+        for s in 0..10 {
+            t.metric("m", s as f64, s);
+        }
+        std::thread::sleep(Duration::from_millis(300)); // a request is in flight
+        let started = Instant::now();
+        let report = t.finish(RunStatus::Finished);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(report.needs_sync(), "{report:?}");
+        assert_eq!(report.logged, 12);
+        let last = entries(dir.path()).pop().unwrap();
+        assert_eq!(
+            last.event,
+            Event::Status {
+                status: RunStatus::Finished
+            }
+        );
+        drop(hold); // detached; the test binary's exit ends it
     }
 }

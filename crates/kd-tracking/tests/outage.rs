@@ -52,10 +52,13 @@ fn server_outage_loses_and_duplicates_nothing() {
 
     srv.kill();
     log(300..400);
+    std::thread::sleep(Duration::from_secs(1)); // the shipper notices
     let started = Instant::now();
     let report = t.finish(RunStatus::Finished);
+    // One last attempt against a server known to be away, not the full
+    // finish timeout (20 s here).
     assert!(
-        started.elapsed() < Duration::from_secs(8),
+        started.elapsed() < Duration::from_secs(5),
         "finish must give up on a dead server: {:?}",
         started.elapsed()
     );

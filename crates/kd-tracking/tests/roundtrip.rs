@@ -106,6 +106,17 @@ fn nested_run_with_params_tags_metrics_and_artifact(uri: &str, work: &Path) {
     assert_eq!((again.shipped, again.closed_as), (0, None));
     assert_eq!(again.run_id, child_id);
     assert_eq!(history(uri, &child_id, "train/loss").len(), n as usize);
+
+    // Reopening the folder resumes the same server run.
+    let resumed = Tracker::start_with(&child_dir, spec("ignored"), fast()).unwrap();
+    assert_eq!(resumed.run_id().as_deref(), Some(child_id.as_str()));
+    resumed.metric("train/loss", 0.0, n);
+    let report = resumed.finish(RunStatus::Finished);
+    assert!(!report.needs_sync(), "{report:?}");
+    assert_eq!(history(uri, &child_id, "train/loss").len(), n as usize + 1);
+    let run = common::run(uri, &child_id);
+    assert_eq!(run["info"]["status"], "FINISHED");
+    assert_eq!(run["info"]["run_name"], "trial-0");
 }
 
 fn error_keeps_mlflow_error_code(uri: &str) {
@@ -158,8 +169,9 @@ fn crashed_run_without_server_is_synced_and_failed(uri: &str, work: &Path, inter
         "crashed"
     });
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "crash_helper", "--nocapture", "--test-threads=1"])
-        .env(CRASH_DIR, &dir);
+    cmd.args(["--exact", "crash_helper", "--test-threads=1"])
+        .env(CRASH_DIR, &dir)
+        .stdout(std::process::Stdio::null());
     if interrupted {
         cmd.env(CRASH_INTERRUPT, "1");
     }

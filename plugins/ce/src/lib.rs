@@ -12,7 +12,9 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { label_smoothing: 0.0 }
+        Config {
+            label_smoothing: 0.0,
+        }
     }
 }
 
@@ -28,16 +30,24 @@ impl Method for Ce {
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
         if !(0.0..1.0).contains(&cfg.label_smoothing) {
-            return Err(cx.error(format!("label_smoothing must be in [0, 1), got {}", cfg.label_smoothing)));
+            return Err(cx.error(format!(
+                "label_smoothing must be in [0, 1), got {}",
+                cfg.label_smoothing
+            )));
         }
-        Ok(Ce { logits: cx.tap(Side::Student, "logits")?, smoothing: cfg.label_smoothing })
+        Ok(Ce {
+            logits: cx.tap(Side::Student, "logits")?,
+            smoothing: cfg.label_smoothing,
+        })
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
         let logits = io.tap(self.logits);
         let loss = logits.log_softmax(1, logits.kind()).nll_loss(io.target());
         let loss = if self.smoothing > 0.0 {
-            let uniform = -logits.log_softmax(1, logits.kind()).mean_dim(1, false, logits.kind());
+            let uniform = -logits
+                .log_softmax(1, logits.kind())
+                .mean_dim(1, false, logits.kind());
             loss * (1.0 - self.smoothing) + uniform.mean(logits.kind()) * self.smoothing
         } else {
             loss

@@ -23,7 +23,11 @@ impl Method for Logits {
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
-        out.push("logits", io.tap(self.s).mse_loss(io.tap(self.t), tch::Reduction::Mean));
+        out.push(
+            "logits",
+            io.tap(self.s)
+                .mse_loss(io.tap(self.t), tch::Reduction::Mean),
+        );
         Ok(())
     }
 }

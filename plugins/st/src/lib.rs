@@ -25,7 +25,8 @@ pub struct St {
 
 impl Method for St {
     const NAME: &'static str = "st";
-    const SUMMARY: &'static str = "Distilling the Knowledge in a Neural Network (Hinton et al., 2015)";
+    const SUMMARY: &'static str =
+        "Distilling the Knowledge in a Neural Network (Hinton et al., 2015)";
     const SCHEDULABLE: &'static [&'static str] = &["T"];
     type Config = Config;
 
@@ -51,9 +52,18 @@ impl Method for St {
 
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
         match field {
-            "T" if value > 0.0 => Ok(self.temp = value),
-            "T" => Err(KdError::Plan { method: "st".into(), msg: format!("scheduled T must be positive, got {value}") }),
-            _ => Err(KdError::Plan { method: "st".into(), msg: format!("field `{field}` cannot be scheduled; schedulable: T") }),
+            "T" if value > 0.0 => {
+                self.temp = value;
+                Ok(())
+            }
+            "T" => Err(KdError::Plan {
+                method: "st".into(),
+                msg: format!("scheduled T must be positive, got {value}"),
+            }),
+            _ => Err(KdError::Plan {
+                method: "st".into(),
+                msg: format!("field `{field}` cannot be scheduled; schedulable: T"),
+            }),
         }
     }
 }

@@ -59,8 +59,9 @@ impl Drop for Mlflow {
 pub fn fast() -> Options {
     Options {
         flush_interval: Duration::from_millis(200),
-        finish_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(5),
+        finish_timeout: Duration::from_secs(20),
+        // A loaded test machine makes SQLite-backed MLflow slow.
+        request_timeout: Duration::from_secs(20),
         max_backoff: Duration::from_secs(1),
     }
 }
