@@ -64,15 +64,24 @@ enum Cmd {
         #[command(flatten)]
         train: TrainArgs,
     },
-    /// Run a saved plan (YAML, as printed by `kd plan`) exactly.
+    /// Run a recipe (`.rhai`) or a saved plan (YAML, as printed by `kd plan`).
     Run {
-        plan: PathBuf,
+        path: PathBuf,
+        /// `NAME=VALUE`: overrides a recipe's `param("NAME", default)`.
+        #[arg(long = "set")]
+        sets: Vec<String>,
         #[arg(long, default_value = "runs")]
         out: PathBuf,
         #[arg(long)]
         resume: bool,
         #[arg(long)]
         tracking_uri: Option<String>,
+    },
+    /// Print the plans a recipe resolves to, as YAML, validated; nothing trains.
+    Plan {
+        recipe: PathBuf,
+        #[arg(long = "set")]
+        sets: Vec<String>,
     },
     /// List the model zoo.
     Models,
@@ -251,26 +260,32 @@ where
             print!("{}", table(&rows));
             Ok(())
         }
-        Cmd::Run {
-            plan,
-            out,
-            resume,
-            tracking_uri,
-        } => {
-            let text = std::fs::read_to_string(&plan)
-                .with_context(|| format!("reading {}", plan.display()))?;
-            let plan: Plan = serde_saphyr::from_str(&text)
-                .with_context(|| format!("{} is not a valid plan", plan.display()))?;
-            kd_engine::validate(&plan, &registry, &NoScripts, true)?;
-            let ex = Exec {
-                out: &out,
-                resume,
-                tracking_uri: tracking_uri.as_deref(),
-                recipe: None,
-                scripts: &NoScripts,
-            };
-            let result = execute(&registry, &plan, &ex, None)?;
-            print!("{}", table(&[summarize(&plan.name, &[result])]));
+        Cmd::Plan { recipe, sets } => {
+            let recipe = load_recipe(&recipe, &sets)?;
+            print!("{}", kd_recipes::to_yaml(&recipe.plans(&registry)?)?);
+            Ok(())
+        }
+        Cmd::Run { path, sets, out, resume, tracking_uri } => {
+            let scripts = kd_recipes::Scripts::new();
+            let ex = Exec { out: &out, resume, tracking_uri: tracking_uri.as_deref(), recipe: Some(&path), scripts: &scripts };
+            if kd_recipes::is_recipe(&path) {
+                let recipe = load_recipe(&path, &sets)?;
+                let runs = recipe.execute(&registry, &mut |plan| execute(&registry, plan, &ex, None))?;
+                eprint!("{}", kd_recipes::summary_table(&runs));
+                return Ok(());
+            }
+            if !sets.is_empty() {
+                bail!("--set applies to recipes (.rhai), not to saved plans");
+            }
+            let plans = kd_recipes::read_plans(&path)?;
+            for plan in &plans {
+                kd_recipes::validate(plan, &registry, &scripts)?;
+            }
+            let mut rows = Vec::new();
+            for plan in &plans {
+                rows.push(summarize(&plan.name, &[execute(&registry, plan, &ex, None)?]));
+            }
+            print!("{}", table(&rows));
             Ok(())
         }
         Cmd::Mlflow(Mlflow::Up { out, port }) => {
@@ -314,6 +329,11 @@ where
             Ok(())
         }
     }
+}
+
+fn load_recipe(path: &Path, sets: &[String]) -> Result<kd_recipes::Recipe> {
+    let overrides = sets.iter().map(|s| kd_recipes::parse_set(s)).collect::<Result<Vec<_>, _>>()?;
+    Ok(kd_recipes::Recipe::load(path, &overrides)?)
 }
 
 /// One plan per seed; the run name gets a `_s<seed>` suffix.

@@ -346,9 +346,9 @@ fn build_stage(
 }
 
 /// Checks a plan against the registry, the model zoo, the taps and the data
-/// description without loading data or training. `check_files`: also require
-/// weight files to exist and fit (off for plans whose weights an earlier run
-/// of the same recipe will write).
+/// description without loading data or training. `check_files`: also check
+/// that weight files which exist fit their models (off for plans whose
+/// weights an earlier run of the same recipe will write).
 pub fn validate(
     plan: &Plan,
     registry: &Registry,
@@ -362,8 +362,12 @@ pub fn validate(
         let vs = nn::VarStore::new(device);
         let model = kd_models::build(&m.arch, &vs.root(), classes)?;
         let mut net = Net { vs, model };
+        // Files that exist must fit; a missing one (like a missing data set)
+        // is reported by the run that needs it, naming the file.
         if let (Some(w), true) = (&m.weights, check_files) {
-            kd_models::load_weights(&mut net.vs, w)?;
+            if w.exists() {
+                kd_models::load_weights(&mut net.vs, w)?;
+            }
         }
         Ok(net)
     };
