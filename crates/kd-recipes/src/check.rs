@@ -7,21 +7,39 @@ use std::path::PathBuf;
 use kd_core::{Progress, Registry};
 use kd_engine::{Plan, Schedule, ScheduleResolver, Weight};
 
-pub(crate) fn plan(plan: &Plan, registry: &Registry, scripts: &dyn ScheduleResolver, pending: &[PathBuf]) -> Result<(), String> {
+pub(crate) fn plan(
+    plan: &Plan,
+    registry: &Registry,
+    scripts: &dyn ScheduleResolver,
+    pending: &[PathBuf],
+) -> Result<(), String> {
     // Weights an earlier run of this recipe will write do not exist yet.
-    let waits = [Some(&plan.student), plan.teacher.as_ref()].into_iter().flatten().any(|m| m.weights.as_ref().is_some_and(|w| pending.contains(w)));
+    let waits = [Some(&plan.student), plan.teacher.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|m| m.weights.as_ref().is_some_and(|w| pending.contains(w)));
     kd_engine::validate(plan, registry, scripts, !waits).map_err(|e| e.to_string())?;
     let (n_train, _) = kd_data::describe(&plan.data.source).map_err(|e| e.to_string())?;
     let n = (n_train as f64 * (1.0 - plan.data.val_fraction)).round() as usize;
     let steps = n.div_ceil(plan.data.batch_size.max(1)).max(1);
     for stage in &plan.stages {
         for m in &stage.methods {
-            let weights = std::iter::once(("weight".to_string(), &m.weight)).chain(m.schedule.iter().map(|(f, w)| (format!("schedule of `{f}`"), w)));
+            let weights = std::iter::once(("weight".to_string(), &m.weight)).chain(
+                m.schedule
+                    .iter()
+                    .map(|(f, w)| (format!("schedule of `{f}`"), w)),
+            );
             for (what, w) in weights {
                 if !matches!(w, Weight::Schedule(Schedule::Script { .. })) {
                     continue;
                 }
-                let fail = |e: kd_engine::EngineError| format!("stage `{}`, method `{}`, {what}: {e}", stage.name, m.label());
+                let fail = |e: kd_engine::EngineError| {
+                    format!(
+                        "stage `{}`, method `{}`, {what}: {e}",
+                        stage.name,
+                        m.label()
+                    )
+                };
                 let mut f = w.compile(scripts).map_err(fail)?;
                 for p in probes(stage.epochs, steps) {
                     f.value(p).map_err(fail)?;
@@ -34,6 +52,16 @@ pub(crate) fn plan(plan: &Plan, registry: &Registry, scripts: &dyn ScheduleResol
 
 /// The first step, the middle and the last step of a stage.
 fn probes(epochs: usize, steps_per_epoch: usize) -> [Progress; 3] {
-    let at = |epoch: usize, step: usize| Progress { epoch, epochs, step, steps_per_epoch, global_step: epoch * steps_per_epoch + step };
-    [at(0, 0), at(epochs / 2, 0), at(epochs.saturating_sub(1), steps_per_epoch - 1)]
+    let at = |epoch: usize, step: usize| Progress {
+        epoch,
+        epochs,
+        step,
+        steps_per_epoch,
+        global_step: epoch * steps_per_epoch + step,
+    };
+    [
+        at(0, 0),
+        at(epochs / 2, 0),
+        at(epochs.saturating_sub(1), steps_per_epoch - 1),
+    ]
 }

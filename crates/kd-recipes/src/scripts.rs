@@ -1,10 +1,11 @@
 //! Script schedules: a loss weight or method field given as a Rhai function
 //! of training progress. A plan stores it as `script{function, source}`:
 //! `source` is the text of the file defining the function and `function` its
-//! name, followed by the values a closure captured, as Rhai literals:
-//! `ramp` or `anon$3f2a…(0.5, "x")`. [`Scripts`] compiles each source once
-//! and calls the function on the compiled AST without evaluating the script
-//! again, so replaying a plan never re-runs a recipe.
+//! name (for a closure, the position of its body), followed by the values a
+//! closure captured, as Rhai literals: `ramp` or `closure@12:40(0.5, "x")`.
+//! [`Scripts`] compiles each source once and calls the function on the
+//! compiled AST without evaluating the script again, so replaying a plan
+//! never re-runs a recipe.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,10 @@ impl Scripts {
     pub fn new() -> Scripts {
         let mut engine = sandbox::engine(sandbox::limits::SCHEDULE_OPERATIONS);
         crate::api::register_progress(&mut engine);
-        Scripts { engine: Arc::new(engine), compiled: Mutex::default() }
+        Scripts {
+            engine: Arc::new(engine),
+            compiled: Mutex::default(),
+        }
     }
 
     fn compile(&self, source: &str) -> Result<Arc<AST>, EngineError> {
@@ -40,7 +44,10 @@ impl Scripts {
         if let Some(ast) = compiled.get(source) {
             return Ok(Arc::clone(ast));
         }
-        let ast = self.engine.compile(source).map_err(|e| EngineError::Plan(format!("schedule source does not compile: {e}")))?;
+        let ast = self
+            .engine
+            .compile(source)
+            .map_err(|e| EngineError::Plan(format!("schedule source does not compile: {e}")))?;
         let ast = Arc::new(ast);
         compiled.insert(source.to_string(), Arc::clone(&ast));
         Ok(ast)
@@ -51,11 +58,17 @@ impl Scripts {
         let Some((name, rest)) = function.split_once('(') else {
             return Ok((function.trim().to_string(), Vec::new()));
         };
-        let args = rest.strip_suffix(')').ok_or_else(|| EngineError::Plan(format!("schedule function `{function}`: missing `)`")))?;
+        let args = rest.strip_suffix(')').ok_or_else(|| {
+            EngineError::Plan(format!("schedule function `{function}`: missing `)`"))
+        })?;
         let values = self
             .engine
             .eval_expression::<Array>(&format!("[{args}]"))
-            .map_err(|e| EngineError::Plan(format!("schedule function `{function}`: captured values do not parse: {e}")))?;
+            .map_err(|e| {
+                EngineError::Plan(format!(
+                    "schedule function `{function}`: captured values do not parse: {e}"
+                ))
+            })?;
         Ok((name.trim().to_string(), values.into_iter().collect()))
     }
 }
@@ -63,13 +76,62 @@ impl Scripts {
 impl ScheduleResolver for Scripts {
     fn resolve(&self, function: &str, source: &str) -> kd_engine::Result<Box<dyn ScheduleFn>> {
         let ast = self.compile(source)?;
-        let (name, captured) = self.parse_function(function)?;
+        let (stable, captured) = self.parse_function(function)?;
         let arity = captured.len() + 1;
-        if !ast.iter_functions().any(|f| f.name == name && f.params.len() == arity) {
-            return Err(EngineError::Plan(format!("schedule function `{name}` taking {arity} parameter(s) is not defined in its source")));
-        }
-        Ok(Box::new(ScriptSchedule { engine: Arc::clone(&self.engine), ast, name, captured, scope: Scope::new() }))
+        let name = runtime_name(&ast, &stable, arity).ok_or_else(|| {
+            EngineError::Plan(format!("schedule function `{stable}` taking {arity} parameter(s) is not defined in its source"))
+        })?;
+        Ok(Box::new(ScriptSchedule {
+            engine: Arc::clone(&self.engine),
+            ast,
+            name,
+            captured,
+            scope: Scope::new(),
+        }))
     }
+}
+
+const CLOSURE: &str = "closure@";
+
+/// How a plan names a script function: by its name, or for a closure, whose
+/// Rhai name is a hash seeded anew in every process, by the position of its
+/// body in the source: `closure@LINE:COLUMN`.
+pub(crate) fn stable_name(ast: &AST, name: &str, arity: usize) -> Result<String, String> {
+    if !name.starts_with("anon$") {
+        return Ok(name.to_string());
+    }
+    let def = ast
+        .iter_fn_def()
+        .find(|f| f.name == name && f.params.len() == arity)
+        .ok_or_else(|| format!("closure `{name}` not found in its source"))?;
+    let pos = def.body.start_position();
+    match (pos.line(), pos.position()) {
+        (Some(l), Some(c)) => Ok(format!("{CLOSURE}{l}:{c}")),
+        _ => Err(
+            "a closure without a source position cannot be stored in a plan; use a named function"
+                .into(),
+        ),
+    }
+}
+
+/// The name in this process of the function a plan names.
+fn runtime_name(ast: &AST, stable: &str, arity: usize) -> Option<String> {
+    let Some(at) = stable.strip_prefix(CLOSURE) else {
+        return ast
+            .iter_functions()
+            .any(|f| f.name == stable && f.params.len() == arity)
+            .then(|| stable.to_string());
+    };
+    let (line, column) = at.split_once(':')?;
+    let (line, column): (usize, usize) = (line.parse().ok()?, column.parse().ok()?);
+    ast.iter_fn_def()
+        .find(|f| {
+            f.name.starts_with("anon$")
+                && f.params.len() == arity
+                && f.body.start_position().line() == Some(line)
+                && f.body.start_position().position() == Some(column)
+        })
+        .map(|f| f.name.to_string())
 }
 
 struct ScriptSchedule {
@@ -86,7 +148,12 @@ impl ScheduleFn for ScriptSchedule {
         args.extend(self.captured.iter().cloned());
         args.push(Dynamic::from(p));
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-        let fail = |msg: String| EngineError::Plan(format!("schedule `{}` at epoch {}, step {}: {msg}", self.name, p.epoch, p.step));
+        let fail = |msg: String| {
+            EngineError::Plan(format!(
+                "schedule `{}` at epoch {}, step {}: {msg}",
+                self.name, p.epoch, p.step
+            ))
+        };
         let out: Dynamic = self
             .engine
             .call_fn_with_options(options, &mut self.scope, &self.ast, &self.name, args)

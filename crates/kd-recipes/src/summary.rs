@@ -21,18 +21,35 @@ pub fn table(runs: &[RunRecord]) -> String {
             None => groups.push((key, vec![r])),
         }
     }
-    let mut rows = vec![["configuration".to_string(), "seeds".into(), "best top-1".into(), "last top-1".into()]];
+    let mut rows = vec![[
+        "configuration".to_string(),
+        "seeds".into(),
+        "best top-1".into(),
+        "last top-1".into(),
+    ]];
     for (_, members) in &groups {
-        let pick = |f: fn(&RunResult) -> f64| members.iter().map(|r| f(&r.result)).collect::<Vec<f64>>();
+        let pick =
+            |f: fn(&RunResult) -> f64| members.iter().map(|r| f(&r.result)).collect::<Vec<f64>>();
         let best = pick(|r| r.last().map_or(f64::NAN, |s| s.best_top1));
         let last = pick(|r| r.last().map_or(f64::NAN, |s| s.last_top1));
         let seeds: Vec<String> = members.iter().map(|r| r.plan.seed.to_string()).collect();
-        rows.push([label(members), seeds.join(","), mean_std(&best), mean_std(&last)]);
+        rows.push([
+            label(members),
+            seeds.join(","),
+            mean_std(&best),
+            mean_std(&last),
+        ]);
     }
-    let widths: Vec<usize> = (0..4).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..4)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in &rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -55,18 +72,30 @@ fn label(members: &[&RunRecord]) -> String {
     }
     let mut prefix = first.as_str();
     for r in &members[1..] {
-        let common = prefix.chars().zip(r.plan.name.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+        let common = prefix
+            .chars()
+            .zip(r.plan.name.chars())
+            .take_while(|(a, b)| a == b)
+            .map(|(a, _)| a.len_utf8())
+            .sum();
         prefix = &prefix[..common];
     }
     let mut prefix = prefix.trim_end_matches(|c: char| c.is_ascii_digit());
     for marker in ["seed", "s"] {
-        if let Some(p) = prefix.strip_suffix(marker).filter(|p| p.ends_with(['-', '_', '.'])) {
+        if let Some(p) = prefix
+            .strip_suffix(marker)
+            .filter(|p| p.ends_with(['-', '_', '.']))
+        {
             prefix = p;
             break;
         }
     }
     let prefix = prefix.trim_end_matches(['-', '_', '.', ' ']);
-    if prefix.is_empty() { first.clone() } else { prefix.to_string() }
+    if prefix.is_empty() {
+        first.clone()
+    } else {
+        prefix.to_string()
+    }
 }
 
 fn mean_std(xs: &[f64]) -> String {
@@ -101,7 +130,10 @@ mod tests {
             seed,
             device: Default::default(),
             data: Default::default(),
-            student: ModelPlan { arch: "resnet8".into(), weights: None },
+            student: ModelPlan {
+                arch: "resnet8".into(),
+                weights: None,
+            },
             teacher: None,
             stages: vec![stage],
         };
@@ -115,7 +147,14 @@ mod tests {
             last_weights: "l".into(),
             best_weights: "b".into(),
         };
-        RunRecord { plan, result: RunResult { name: name.into(), run_dir: "d".into(), stages: vec![st] } }
+        RunRecord {
+            plan,
+            result: RunResult {
+                name: name.into(),
+                run_dir: "d".into(),
+                stages: vec![st],
+            },
+        }
     }
 
     #[test]
@@ -130,7 +169,17 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         // mean 72, sample std 2 (population std would be 1.63).
-        assert!(lines[1].starts_with("st ") && lines[1].contains("0,1,2") && lines[1].contains("72.00 ± 2.00") && lines[1].contains("70.00 ± 1.00"), "{t}");
-        assert!(lines[2].starts_with("hi-lr") && lines[2].ends_with("60.00  59.50"), "{t}");
+        assert!(
+            lines[1].starts_with("st ")
+                && lines[1].contains("0,1,2")
+                && lines[1].contains("72.00 ± 2.00")
+                && lines[1].contains("70.00 ± 1.00"),
+            "{t}"
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["hi-lr", "0", "60.00", "59.50"],
+            "{t}"
+        );
     }
 }

@@ -8,14 +8,21 @@ use super::{Fallible, def, number, positive, typed};
 use crate::error::user;
 
 fn with(source: DataSource) -> DataPlan {
-    DataPlan { source, ..DataPlan::default() }
+    DataPlan {
+        source,
+        ..DataPlan::default()
+    }
 }
 
 pub(super) fn register(e: &mut Engine) {
     e.register_type_with_name::<DataPlan>("Data");
-    def(e, "synthetic", &["Data"], "The embedded synthetic set with its default size (no download).", || {
-        with(DataSource::Synthetic(SyntheticConfig::default()))
-    });
+    def(
+        e,
+        "synthetic",
+        &["Data"],
+        "The embedded synthetic set with its default size (no download).",
+        || with(DataSource::Synthetic(SyntheticConfig::default())),
+    );
     def(
         e,
         "synthetic",
@@ -26,24 +33,50 @@ pub(super) fn register(e: &mut Engine) {
             Ok(with(DataSource::Synthetic(cfg)))
         },
     );
-    def(e, "cifar10", &["path: String", "Data"], "CIFAR-10 from the folder holding `data_batch_{1..5}.bin` and `test_batch.bin`.", |path: &str| {
-        with(DataSource::Cifar10 { path: path.into() })
-    });
-    def(e, "cifar100", &["path: String", "Data"], "CIFAR-100 from the folder holding `train.bin` and `test.bin`.", |path: &str| {
-        with(DataSource::Cifar100 { path: path.into() })
-    });
-    def(e, "batch_size", &["data: Data", "n: int", "Data"], "Training batch size.", |mut d: DataPlan, n: i64| -> Fallible<DataPlan> {
-        d.batch_size = positive(n, "batch_size")?;
-        Ok(d)
-    });
-    def(e, "eval_batch_size", &["data: Data", "n: int", "Data"], "Batch size for evaluation.", |mut d: DataPlan, n: i64| -> Fallible<DataPlan> {
-        d.eval_batch_size = positive(n, "eval_batch_size")?;
-        Ok(d)
-    });
-    def(e, "augment", &["data: Data", "on: bool", "Data"], "Random crop and flip of training images (on by default).", |mut d: DataPlan, on: bool| {
-        d.augment = on;
-        d
-    });
+    def(
+        e,
+        "cifar10",
+        &["path: String", "Data"],
+        "CIFAR-10 from the folder holding `data_batch_{1..5}.bin` and `test_batch.bin`.",
+        |path: &str| with(DataSource::Cifar10 { path: path.into() }),
+    );
+    def(
+        e,
+        "cifar100",
+        &["path: String", "Data"],
+        "CIFAR-100 from the folder holding `train.bin` and `test.bin`.",
+        |path: &str| with(DataSource::Cifar100 { path: path.into() }),
+    );
+    def(
+        e,
+        "batch_size",
+        &["data: Data", "n: int", "Data"],
+        "Training batch size.",
+        |mut d: DataPlan, n: i64| -> Fallible<DataPlan> {
+            d.batch_size = positive(n, "batch_size")?;
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "eval_batch_size",
+        &["data: Data", "n: int", "Data"],
+        "Batch size for evaluation.",
+        |mut d: DataPlan, n: i64| -> Fallible<DataPlan> {
+            d.eval_batch_size = positive(n, "eval_batch_size")?;
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "augment",
+        &["data: Data", "on: bool", "Data"],
+        "Random crop and flip of training images (on by default).",
+        |mut d: DataPlan, on: bool| {
+            d.augment = on;
+            d
+        },
+    );
     def(
         e,
         "validation",
@@ -52,7 +85,9 @@ pub(super) fn register(e: &mut Engine) {
         |mut d: DataPlan, fraction: Dynamic| -> Fallible<DataPlan> {
             let f = number(&fraction, "validation fraction")?;
             if !(0.0..1.0).contains(&f) {
-                return Err(user(format!("validation fraction must be in [0, 1), got {f}")));
+                return Err(user(format!(
+                    "validation fraction must be in [0, 1), got {f}"
+                )));
             }
             d.val_fraction = f;
             Ok(d)

@@ -1,10 +1,10 @@
 //! An experiment: the plan of one run, built up before `run(...)`.
 
 use kd_engine::{DataPlan, DeviceChoice, ModelPlan, Plan, StagePlan};
-use rhai::Engine;
+use rhai::{Engine, FuncRegistration};
 
 use super::models::model;
-use super::{Fallible, count, def};
+use super::{Fallible, count, def, doc_comment};
 use crate::error::user;
 
 #[derive(Debug, Clone, Default)]
@@ -20,9 +20,17 @@ pub(crate) struct Experiment {
 
 impl Experiment {
     pub fn plan(&self) -> Result<Plan, String> {
-        let student = self.student.clone().ok_or_else(|| format!("experiment `{}` has no student; add `.student(\"resnet8\")`", self.name))?;
+        let student = self.student.clone().ok_or_else(|| {
+            format!(
+                "experiment `{}` has no student; add `.student(\"resnet8\")`",
+                self.name
+            )
+        })?;
         if self.stages.is_empty() {
-            return Err(format!("experiment `{}` has no stages; add `.add(stage(\"train\", 240).add(method(\"ce\")))`", self.name));
+            return Err(format!(
+                "experiment `{}` has no stages; add `.add(stage(\"train\", 240).add(method(\"ce\")))`",
+                self.name
+            ));
         }
         Ok(Plan {
             name: self.name.clone(),
@@ -49,43 +57,98 @@ pub(super) fn register(e: &mut Engine) {
         "A new experiment; `name` is also its run folder, so each run of a recipe needs its own.",
         |name: &str| -> Fallible<Experiment> {
             if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-                return Err(user(format!("experiment name `{name}` must be a plain folder name")));
+                return Err(user(format!(
+                    "experiment name `{name}` must be a plain folder name"
+                )));
             }
-            Ok(Experiment { name: name.to_string(), ..Experiment::default() })
+            Ok(Experiment {
+                name: name.to_string(),
+                ..Experiment::default()
+            })
         },
     );
-    def(e, "name", &["experiment: Experiment", "name: String", "Experiment"], "Renames the experiment (and its run folder).", |mut x: Experiment, name: &str| -> Fallible<Experiment> {
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-            return Err(user(format!("experiment name `{name}` must be a plain folder name")));
-        }
-        x.name = name.to_string();
-        Ok(x)
-    });
-    def(e, "seed", &["experiment: Experiment", "seed: int", "Experiment"], "Seed of initialisation and data order.", |mut x: Experiment, seed: i64| -> Fallible<Experiment> {
-        x.seed = count(seed, "seed")? as u64;
-        Ok(x)
-    });
-    def(e, "device", &["experiment: Experiment", "device: String", "Experiment"], "`\"auto\"` (CUDA when available; default), `\"cpu\"` or `\"cuda\"`.", |mut x: Experiment, d: &str| -> Fallible<Experiment> {
-        x.device = match d {
-            "auto" => DeviceChoice::Auto,
-            "cpu" => DeviceChoice::Cpu,
-            "cuda" => DeviceChoice::Cuda,
-            other => return Err(user(format!("unknown device `{other}`; devices: auto, cpu, cuda"))),
-        };
-        Ok(x)
-    });
-    def(e, "data", &["experiment: Experiment", "data: Data", "Experiment"], "The data set and its loader settings.", |mut x: Experiment, d: DataPlan| {
-        x.data = d;
-        x
-    });
-    def(e, "student", &["experiment: Experiment", "arch: String", "Experiment"], "The student, a zoo model with fresh weights.", |mut x: Experiment, arch: &str| -> Fallible<Experiment> {
-        x.student = Some(model(arch, None)?);
-        Ok(x)
-    });
-    def(e, "student", &["experiment: Experiment", "model: Model", "Experiment"], "The student, e.g. `model(\"resnet8\", \"init.safetensors\")`.", |mut x: Experiment, m: ModelPlan| {
-        x.student = Some(m);
-        x
-    });
+    FuncRegistration::new_getter("name")
+        .with_params_info(["experiment: &mut Experiment", "String"])
+        .with_comments([doc_comment("The experiment's name.")])
+        .register_into_engine(e, |x: &mut Experiment| x.name.clone());
+    FuncRegistration::new_getter("seed")
+        .with_params_info(["experiment: &mut Experiment", "int"])
+        .with_comments([doc_comment("The experiment's seed.")])
+        .register_into_engine(e, |x: &mut Experiment| x.seed as i64);
+    def(
+        e,
+        "name",
+        &["experiment: Experiment", "name: String", "Experiment"],
+        "Renames the experiment (and its run folder).",
+        |mut x: Experiment, name: &str| -> Fallible<Experiment> {
+            if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                return Err(user(format!(
+                    "experiment name `{name}` must be a plain folder name"
+                )));
+            }
+            x.name = name.to_string();
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "seed",
+        &["experiment: Experiment", "seed: int", "Experiment"],
+        "Seed of initialisation and data order.",
+        |mut x: Experiment, seed: i64| -> Fallible<Experiment> {
+            x.seed = count(seed, "seed")? as u64;
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "device",
+        &["experiment: Experiment", "device: String", "Experiment"],
+        "`\"auto\"` (CUDA when available; default), `\"cpu\"` or `\"cuda\"`.",
+        |mut x: Experiment, d: &str| -> Fallible<Experiment> {
+            x.device = match d {
+                "auto" => DeviceChoice::Auto,
+                "cpu" => DeviceChoice::Cpu,
+                "cuda" => DeviceChoice::Cuda,
+                other => {
+                    return Err(user(format!(
+                        "unknown device `{other}`; devices: auto, cpu, cuda"
+                    )));
+                }
+            };
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "data",
+        &["experiment: Experiment", "data: Data", "Experiment"],
+        "The data set and its loader settings.",
+        |mut x: Experiment, d: DataPlan| {
+            x.data = d;
+            x
+        },
+    );
+    def(
+        e,
+        "student",
+        &["experiment: Experiment", "arch: String", "Experiment"],
+        "The student, a zoo model with fresh weights.",
+        |mut x: Experiment, arch: &str| -> Fallible<Experiment> {
+            x.student = Some(model(arch, None)?);
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "student",
+        &["experiment: Experiment", "model: Model", "Experiment"],
+        "The student, e.g. `model(\"resnet8\", \"init.safetensors\")`.",
+        |mut x: Experiment, m: ModelPlan| {
+            x.student = Some(m);
+            x
+        },
+    );
     def(
         e,
         "teacher",
@@ -99,19 +162,36 @@ pub(super) fn register(e: &mut Engine) {
     def(
         e,
         "teacher",
-        &["experiment: Experiment", "arch: String", "weights: String", "Experiment"],
+        &[
+            "experiment: Experiment",
+            "arch: String",
+            "weights: String",
+            "Experiment",
+        ],
         "A trained teacher: zoo name and checkpoint (safetensors).",
         |mut x: Experiment, arch: &str, weights: &str| -> Fallible<Experiment> {
             x.teacher = Some(model(arch, Some(weights))?);
             Ok(x)
         },
     );
-    def(e, "teacher", &["experiment: Experiment", "model: Model", "Experiment"], "The teacher as a `model(...)`.", |mut x: Experiment, m: ModelPlan| {
-        x.teacher = Some(m);
-        x
-    });
-    def(e, "add", &["experiment: Experiment", "stage: Stage", "Experiment"], "Appends a stage; stages run in order on the same networks.", |mut x: Experiment, s: StagePlan| {
-        x.stages.push(s);
-        x
-    });
+    def(
+        e,
+        "teacher",
+        &["experiment: Experiment", "model: Model", "Experiment"],
+        "The teacher as a `model(...)`.",
+        |mut x: Experiment, m: ModelPlan| {
+            x.teacher = Some(m);
+            x
+        },
+    );
+    def(
+        e,
+        "add",
+        &["experiment: Experiment", "stage: Stage", "Experiment"],
+        "Appends a stage; stages run in order on the same networks.",
+        |mut x: Experiment, s: StagePlan| {
+            x.stages.push(s);
+            x
+        },
+    );
 }

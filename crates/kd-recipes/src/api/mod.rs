@@ -6,6 +6,7 @@ mod data;
 mod experiment;
 mod methods;
 mod models;
+mod results;
 mod runs;
 mod schedules;
 mod stages;
@@ -17,10 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kd_core::Registry;
 use kd_engine::{Plan, RunResult};
-use rhai::{Dynamic, Engine, EvalAltResult, FuncRegistration, RhaiNativeFunc, Variant};
+use rhai::{Dynamic, Engine, EvalAltResult, FuncRegistration, RhaiNativeFunc};
 
 pub(crate) use experiment::Experiment;
-pub(crate) use runs::Outcome;
+pub(crate) use results::Outcome;
 pub(crate) use schedules::register_progress;
 
 use crate::error::user;
@@ -41,12 +42,20 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub fn new(registry: Registry, sources: Arc<Sources>, overrides: BTreeMap<String, String>, link: Option<Link>) -> Session {
+    pub fn new(
+        registry: Registry,
+        sources: Arc<Sources>,
+        overrides: BTreeMap<String, String>,
+        link: Option<Link>,
+    ) -> Session {
         Session {
             registry,
             sources,
             scripts: Scripts::new(),
-            params: Mutex::new(Params { overrides, read: BTreeSet::new() }),
+            params: Mutex::new(Params {
+                overrides,
+                read: BTreeSet::new(),
+            }),
             log: Mutex::default(),
             link,
         }
@@ -101,19 +110,31 @@ pub(crate) fn register(engine: &mut Engine, session: &Arc<Session>) {
 /// Registers a function with its parameter names and doc comment, which the
 /// editor stub (`recipes/kd.d.rhai`) and error hints show. `params` ends
 /// with the return type.
-pub(crate) fn def<A: 'static, const N: usize, const X: bool, R: Variant + Clone, const F: bool>(
+pub(crate) fn def<
+    A: 'static,
+    const N: usize,
+    const X: bool,
+    R: Clone + Send + Sync + 'static,
+    const F: bool,
+>(
     engine: &mut Engine,
     name: &str,
     params: &[&str],
     doc: &str,
     f: impl RhaiNativeFunc<A, N, X, R, F> + Send + Sync + 'static,
 ) {
-    FuncRegistration::new(name).with_params_info(params).with_comments([doc_comment(doc)]).register_into_engine(engine, f);
+    FuncRegistration::new(name)
+        .with_params_info(params)
+        .with_comments([doc_comment(doc)])
+        .register_into_engine(engine, f);
 }
 
 /// `doc` as a Rhai doc comment, every line starting with `///`.
 pub(crate) fn doc_comment(doc: &str) -> String {
-    doc.lines().map(|l| format!("/// {l}").trim_end().to_string()).collect::<Vec<_>>().join("\n")
+    doc.lines()
+        .map(|l| format!("/// {l}").trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A number given as int or float.
@@ -121,7 +142,10 @@ pub(crate) fn number(v: &Dynamic, what: &str) -> Fallible<f64> {
     match (v.as_float(), v.as_int()) {
         (Ok(f), _) => Ok(f),
         (_, Ok(i)) => Ok(i as f64),
-        _ => Err(user(format!("{what} must be a number, got {}", v.type_name()))),
+        _ => Err(user(format!(
+            "{what} must be a number, got {}",
+            v.type_name()
+        ))),
     }
 }
 

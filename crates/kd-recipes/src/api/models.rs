@@ -10,14 +10,26 @@ use crate::error::user;
 pub(crate) fn model(arch: &str, weights: Option<&str>) -> Fallible<ModelPlan> {
     let names = kd_models::names();
     if !names.contains(&arch) {
-        return Err(user(format!("unknown model `{arch}`; zoo models: {}", names.join(", "))));
+        return Err(user(format!(
+            "unknown model `{arch}`; zoo models: {}",
+            names.join(", ")
+        )));
     }
-    Ok(ModelPlan { arch: arch.to_string(), weights: weights.map(Into::into) })
+    Ok(ModelPlan {
+        arch: arch.to_string(),
+        weights: weights.map(Into::into),
+    })
 }
 
 pub(super) fn register(e: &mut Engine) {
     e.register_type_with_name::<ModelPlan>("Model");
-    def(e, "model", &["arch: String", "Model"], "A zoo model (`kd models`) with fresh weights.", |arch: &str| model(arch, None));
+    def(
+        e,
+        "model",
+        &["arch: String", "Model"],
+        "A zoo model (`kd models`) with fresh weights.",
+        |arch: &str| model(arch, None),
+    );
     def(
         e,
         "model",
@@ -25,8 +37,14 @@ pub(super) fn register(e: &mut Engine) {
         "A zoo model starting from a safetensors file (a PyTorch `state_dict` loads as-is).",
         |arch: &str, weights: &str| model(arch, Some(weights)),
     );
-    def(e, "weights", &["model: Model", "path: String", "Model"], "The same model starting from other weights.", |mut m: ModelPlan, path: &str| {
-        m.weights = Some(path.into());
-        m
-    });
+    def(
+        e,
+        "weights",
+        &["model: Model", "path: String", "Model"],
+        "The same model starting from other weights.",
+        |mut m: ModelPlan, path: &str| {
+            m.weights = Some(path.into());
+            m
+        },
+    );
 }

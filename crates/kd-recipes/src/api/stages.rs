@@ -22,17 +22,27 @@ fn part(v: &Dynamic) -> Fallible<Part> {
     match v.clone().into_string().as_deref() {
         Ok("network") => Ok(Part::Network),
         Ok("methods") => Ok(Part::Methods),
-        Ok(other) => Err(user(format!("unknown part `{other}`; parts: network, methods"))),
-        Err(t) => Err(user(format!("train parts are strings (\"network\", \"methods\"), got {t}"))),
+        Ok(other) => Err(user(format!(
+            "unknown part `{other}`; parts: network, methods"
+        ))),
+        Err(t) => Err(user(format!(
+            "train parts are strings (\"network\", \"methods\"), got {t}"
+        ))),
     }
 }
 
 pub(super) fn register(e: &mut Engine) {
     e.register_type_with_name::<StagePlan>("Stage");
-    e.register_fn("to_string", |s: &mut StagePlan| serde_json::to_string(s).unwrap_or_default());
-    def(e, "stage", &["name: String", "epochs: int", "Stage"], "A stage training the student; add methods with `.add(method(...))`.", |name: &str, epochs: i64| {
-        stage(name, epochs, Subject::Student)
+    e.register_fn("to_string", |s: &mut StagePlan| {
+        serde_json::to_string(s).unwrap_or_default()
     });
+    def(
+        e,
+        "stage",
+        &["name: String", "epochs: int", "Stage"],
+        "A stage training the student; add methods with `.add(method(...))`.",
+        |name: &str, epochs: i64| stage(name, epochs, Subject::Student),
+    );
     def(
         e,
         "teacher_stage",
@@ -40,14 +50,26 @@ pub(super) fn register(e: &mut Engine) {
         "A stage training the teacher itself (the plan needs a teacher), e.g. with `method(\"ce\")`.",
         |name: &str, epochs: i64| stage(name, epochs, Subject::Teacher),
     );
-    def(e, "epochs", &["stage: Stage", "n: int", "Stage"], "Number of epochs.", |mut s: StagePlan, n: i64| -> Fallible<StagePlan> {
-        s.epochs = positive(n, "epochs")?;
-        Ok(s)
-    });
-    def(e, "add", &["stage: Stage", "method: Method", "Stage"], "Adds a loss; the stage minimises the weighted sum of its methods' losses.", |mut s: StagePlan, m: MethodPlan| {
-        s.methods.push(m);
-        s
-    });
+    def(
+        e,
+        "epochs",
+        &["stage: Stage", "n: int", "Stage"],
+        "Number of epochs.",
+        |mut s: StagePlan, n: i64| -> Fallible<StagePlan> {
+            s.epochs = positive(n, "epochs")?;
+            Ok(s)
+        },
+    );
+    def(
+        e,
+        "add",
+        &["stage: Stage", "method: Method", "Stage"],
+        "Adds a loss; the stage minimises the weighted sum of its methods' losses.",
+        |mut s: StagePlan, m: MethodPlan| {
+            s.methods.push(m);
+            s
+        },
+    );
     def(
         e,
         "train",
@@ -68,10 +90,16 @@ pub(super) fn register(e: &mut Engine) {
             Ok(s)
         },
     );
-    def(e, "lr", &["stage: Stage", "lr: float", "Stage"], "Base learning rate.", |mut s: StagePlan, lr: Dynamic| -> Fallible<StagePlan> {
-        s.optimizer.lr = number(&lr, "lr")?;
-        Ok(s)
-    });
+    def(
+        e,
+        "lr",
+        &["stage: Stage", "lr: float", "Stage"],
+        "Base learning rate.",
+        |mut s: StagePlan, lr: Dynamic| -> Fallible<StagePlan> {
+            s.optimizer.lr = number(&lr, "lr")?;
+            Ok(s)
+        },
+    );
     def(
         e,
         "multistep",
@@ -82,33 +110,53 @@ pub(super) fn register(e: &mut Engine) {
             Ok(s)
         },
     );
-    def(e, "multistep", &["stage: Stage", "milestones: Array", "Stage"], "LR times 0.1 at each milestone epoch.", |mut s: StagePlan, milestones: Array| -> Fallible<StagePlan> {
-        s.lr_schedule = multistep(&milestones, 0.1)?;
-        Ok(s)
-    });
+    def(
+        e,
+        "multistep",
+        &["stage: Stage", "milestones: Array", "Stage"],
+        "LR times 0.1 at each milestone epoch.",
+        |mut s: StagePlan, milestones: Array| -> Fallible<StagePlan> {
+            s.lr_schedule = multistep(&milestones, 0.1)?;
+            Ok(s)
+        },
+    );
     def(
         e,
         "cosine_lr",
         &["stage: Stage", "warmup_epochs: int", "Stage"],
         "Cosine LR decay to 0 over the stage, after a linear warm-up.",
         |mut s: StagePlan, warmup: i64| -> Fallible<StagePlan> {
-            s.lr_schedule = LrSchedule::Cosine { warmup_epochs: count(warmup, "warmup_epochs")? };
+            s.lr_schedule = LrSchedule::Cosine {
+                warmup_epochs: count(warmup, "warmup_epochs")?,
+            };
             Ok(s)
         },
     );
-    def(e, "constant_lr", &["stage: Stage", "Stage"], "Constant LR (the default).", |mut s: StagePlan| {
-        s.lr_schedule = LrSchedule::Constant;
-        s
-    });
+    def(
+        e,
+        "constant_lr",
+        &["stage: Stage", "Stage"],
+        "Constant LR (the default).",
+        |mut s: StagePlan| {
+            s.lr_schedule = LrSchedule::Constant;
+            s
+        },
+    );
 }
 
 fn multistep(milestones: &Array, gamma: f64) -> Fallible<LrSchedule> {
     let milestones = milestones
         .iter()
-        .map(|v| v.as_int().map_err(|t| user(format!("milestones must be ints, got {t}"))).and_then(|i| count(i, "milestone")))
+        .map(|v| {
+            v.as_int()
+                .map_err(|t| user(format!("milestones must be ints, got {t}")))
+                .and_then(|i| count(i, "milestone"))
+        })
         .collect::<Fallible<Vec<usize>>>()?;
     if milestones.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(user(format!("milestones must increase, got {milestones:?}")));
+        return Err(user(format!(
+            "milestones must increase, got {milestones:?}"
+        )));
     }
     Ok(LrSchedule::Multistep { milestones, gamma })
 }
