@@ -18,7 +18,9 @@ fn recipes(dir: &Path, out: &mut Vec<PathBuf>) {
         let p = e.unwrap().path();
         if p.is_dir() && p.file_name().unwrap() != "lib" {
             recipes(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rhai") && !p.to_string_lossy().ends_with(".d.rhai") {
+        } else if p.extension().is_some_and(|x| x == "rhai")
+            && !p.to_string_lossy().ends_with(".d.rhai")
+        {
             out.push(p);
         }
     }
@@ -28,10 +30,18 @@ fn recipes(dir: &Path, out: &mut Vec<PathBuf>) {
 fn every_recipe_passes_kd_plan() {
     let mut all = Vec::new();
     recipes(&root().join("recipes"), &mut all);
-    assert!(all.len() >= 44, "expected a recipe per method and dataset, found {}", all.len());
+    assert!(
+        all.len() >= 44,
+        "expected a recipe per method and dataset, found {}",
+        all.len()
+    );
     let failures: Vec<String> = all
         .iter()
-        .filter_map(|p| kd_cli::run(["kd", "plan", p.to_str().unwrap()]).err().map(|e| format!("{}: {e:#}", p.display())))
+        .filter_map(|p| {
+            kd_cli::run(["kd", "plan", p.to_str().unwrap()])
+                .err()
+                .map(|e| format!("{}: {e:#}", p.display()))
+        })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -42,7 +52,10 @@ fn epochs_jsonl(run_dir: &Path) -> Vec<(String, Value)> {
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            (v["stage"].as_str().unwrap().to_string(), v["record"].clone())
+            (
+                v["stage"].as_str().unwrap().to_string(),
+                v["record"].clone(),
+            )
         })
         .collect()
 }
@@ -51,19 +64,58 @@ fn epochs_jsonl(run_dir: &Path) -> Vec<(String, Value)> {
 fn quickstart_runs_end_to_end() {
     let out = tempfile::tempdir().unwrap();
     let r = root().join("recipes/quickstart.rhai");
-    kd_cli::run(["kd", "run", r.to_str().unwrap(), "--set", "epochs=1", "--set", "device=cpu", "--out", out.path().to_str().unwrap(), "--tracking-uri", "none"]).unwrap();
+    kd_cli::run([
+        "kd",
+        "run",
+        r.to_str().unwrap(),
+        "--set",
+        "epochs=1",
+        "--set",
+        "device=cpu",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--tracking-uri",
+        "none",
+    ])
+    .unwrap();
     let recs = epochs_jsonl(&out.path().join("quickstart"));
-    assert_eq!(recs.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["teacher", "distill"]);
-    assert!(recs.iter().all(|(_, r)| r["test_top1"].as_f64().unwrap() > 10.0), "both stages learn something: {recs:?}");
-    assert!(out.path().join("quickstart/distill.best.safetensors").exists());
+    assert_eq!(
+        recs.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["teacher", "distill"]
+    );
+    assert!(
+        recs.iter()
+            .all(|(_, r)| r["test_top1"].as_f64().unwrap() > 10.0),
+        "both stages learn something: {recs:?}"
+    );
+    assert!(
+        out.path()
+            .join("quickstart/distill.best.safetensors")
+            .exists()
+    );
 }
 
 #[test]
 fn scheduled_weights_are_logged_as_applied() {
     let out = tempfile::tempdir().unwrap();
     let r = root().join("recipes/examples/three_losses.rhai");
-    kd_cli::run(["kd", "run", r.to_str().unwrap(), "--set", "epochs=2", "--out", out.path().to_str().unwrap(), "--tracking-uri", "none"]).unwrap();
-    let recs: Vec<Value> = epochs_jsonl(&out.path().join("three-losses")).into_iter().filter(|(s, _)| s == "distill").map(|(_, r)| r).collect();
+    kd_cli::run([
+        "kd",
+        "run",
+        r.to_str().unwrap(),
+        "--set",
+        "epochs=2",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--tracking-uri",
+        "none",
+    ])
+    .unwrap();
+    let recs: Vec<Value> = epochs_jsonl(&out.path().join("three-losses"))
+        .into_iter()
+        .filter(|(s, _)| s == "distill")
+        .map(|(_, r)| r)
+        .collect();
     assert_eq!(recs.len(), 2);
     // 2500 samples, batch 64: 40 steps an epoch, 80 in the stage.
     let (n, total) = (40.0, 80.0);
@@ -72,9 +124,15 @@ fn scheduled_weights_are_logged_as_applied() {
         let sp = rec["weights"]["sp"].as_f64().unwrap();
         assert_eq!(sp, if e == 0 { 0.0 } else { 3000.0 });
         // st: `0.9 * min(1.0, p.fraction * 2.0)`, averaged over the epoch's steps.
-        let want: f64 = (0..40).map(|s| 0.9 * f64::min(1.0, (e as f64 * n + s as f64) / total * 2.0)).sum::<f64>() / n;
+        let want: f64 = (0..40)
+            .map(|s| 0.9 * f64::min(1.0, (e as f64 * n + s as f64) / total * 2.0))
+            .sum::<f64>()
+            / n;
         let st = rec["weights"]["st"].as_f64().unwrap();
-        assert!((st - want).abs() < 1e-9, "epoch {e}: st weight {st}, function gives {want}");
+        assert!(
+            (st - want).abs() < 1e-9,
+            "epoch {e}: st weight {st}, function gives {want}"
+        );
     }
 }
 
@@ -83,17 +141,37 @@ fn seed_sweep_summarises_mean_and_std() {
     kd_methods::link();
     let registry = Registry::global().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let recipe = kd_recipes::Recipe::load(root().join("recipes/examples/seed_sweep.rhai"), &[("epochs".into(), "1".into())]).unwrap();
+    let recipe = kd_recipes::Recipe::load(
+        root().join("recipes/examples/seed_sweep.rhai"),
+        &[("epochs".into(), "1".into())],
+    )
+    .unwrap();
     let scripts = kd_recipes::Scripts::new();
     let runs = recipe
         .execute(&registry, &mut |plan| {
-            let mut opts = RunOptions { run_dir: out.path().join(&plan.name), resume: false, observer: &mut Silent, scripts: &scripts, stop: None, log_every: 0, progress_bar: false };
+            let mut opts = RunOptions {
+                run_dir: out.path().join(&plan.name),
+                resume: false,
+                observer: &mut Silent,
+                scripts: &scripts,
+                stop: None,
+                log_every: 0,
+                progress_bar: false,
+            };
             Ok(kd_engine::run(plan, &registry, &mut opts)?)
         })
         .unwrap();
-    assert_eq!(runs.len(), 7, "a teacher, then 3 seeds of two configurations");
+    assert_eq!(
+        runs.len(),
+        7,
+        "a teacher, then 3 seeds of two configurations"
+    );
     let table = kd_recipes::summary_table(&runs);
-    assert_eq!(table.matches('±').count(), 4, "mean ± std of best and last for both sweeps:\n{table}");
+    assert_eq!(
+        table.matches('±').count(),
+        4,
+        "mean ± std of best and last for both sweeps:\n{table}"
+    );
     let _ = NoScripts;
 }
 
@@ -102,7 +180,19 @@ fn ft_init_stage_trains_only_the_paraphraser() {
     let out = tempfile::tempdir().unwrap();
     let r = root().join("recipes/synthetic/ft/resnet8_from_resnet20.rhai");
     kd_cli::run([
-        "kd", "run", r.to_str().unwrap(), "--set", "epochs=1", "--set", "init_epochs=1", "--set", "train_size=256", "--out", out.path().to_str().unwrap(), "--tracking-uri", "none",
+        "kd",
+        "run",
+        r.to_str().unwrap(),
+        "--set",
+        "epochs=1",
+        "--set",
+        "init_epochs=1",
+        "--set",
+        "train_size=256",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--tracking-uri",
+        "none",
     ])
     .unwrap();
     let dir = out.path().join("ft_resnet8_from_resnet20_synthetic");
@@ -115,11 +205,23 @@ fn ft_init_stage_trains_only_the_paraphraser() {
     let _fresh = kd_models::build("resnet8", &vs.root(), 10).unwrap();
     let after = kd_engine::tensors::read(&dir.join("paraphraser.last.safetensors")).unwrap();
     for (name, t) in vs.variables() {
-        assert!(after.get(&name).unwrap().equal(&t), "student `{name}` changed in the paraphraser stage");
+        assert!(
+            after.get(&name).unwrap().equal(&t),
+            "student `{name}` changed in the paraphraser stage"
+        );
     }
     // ... while the paraphraser did learn: its reconstruction loss fell.
-    let para: Vec<f64> = epochs_jsonl(&dir).into_iter().filter(|(s, _)| s == "paraphraser").map(|(_, r)| r["train_loss"].as_f64().unwrap()).collect();
+    let para: Vec<f64> = epochs_jsonl(&dir)
+        .into_iter()
+        .filter(|(s, _)| s == "paraphraser")
+        .map(|(_, r)| r["train_loss"].as_f64().unwrap())
+        .collect();
     assert!(para[0].is_finite());
     let distill = kd_engine::tensors::read(&dir.join("distill.last.safetensors")).unwrap();
-    assert!(vs.variables().iter().any(|(n, t)| !distill.get(n).unwrap().equal(t)), "the main stage trains the student");
+    assert!(
+        vs.variables()
+            .iter()
+            .any(|(n, t)| !distill.get(n).unwrap().equal(t)),
+        "the main stage trains the student"
+    );
 }

@@ -265,12 +265,25 @@ where
             print!("{}", kd_recipes::to_yaml(&recipe.plans(&registry)?)?);
             Ok(())
         }
-        Cmd::Run { path, sets, out, resume, tracking_uri } => {
+        Cmd::Run {
+            path,
+            sets,
+            out,
+            resume,
+            tracking_uri,
+        } => {
             let scripts = kd_recipes::Scripts::new();
-            let ex = Exec { out: &out, resume, tracking_uri: tracking_uri.as_deref(), recipe: Some(&path), scripts: &scripts };
+            let ex = Exec {
+                out: &out,
+                resume,
+                tracking_uri: tracking_uri.as_deref(),
+                recipe: Some(&path),
+                scripts: &scripts,
+            };
             if kd_recipes::is_recipe(&path) {
                 let recipe = load_recipe(&path, &sets)?;
-                let runs = recipe.execute(&registry, &mut |plan| execute(&registry, plan, &ex, None))?;
+                let runs =
+                    recipe.execute(&registry, &mut |plan| execute(&registry, plan, &ex, None))?;
                 eprint!("{}", kd_recipes::summary_table(&runs));
                 return Ok(());
             }
@@ -283,7 +296,10 @@ where
             }
             let mut rows = Vec::new();
             for plan in &plans {
-                rows.push(summarize(&plan.name, &[execute(&registry, plan, &ex, None)?]));
+                rows.push(summarize(
+                    &plan.name,
+                    &[execute(&registry, plan, &ex, None)?],
+                ));
             }
             print!("{}", table(&rows));
             Ok(())
@@ -332,7 +348,10 @@ where
 }
 
 fn load_recipe(path: &Path, sets: &[String]) -> Result<kd_recipes::Recipe> {
-    let overrides = sets.iter().map(|s| kd_recipes::parse_set(s)).collect::<Result<Vec<_>, _>>()?;
+    let overrides = sets
+        .iter()
+        .map(|s| kd_recipes::parse_set(s))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(kd_recipes::Recipe::load(path, &overrides)?)
 }
 

@@ -20,6 +20,9 @@ pub struct TrainArgs {
     /// Synthetic data: training samples.
     #[arg(long, default_value_t = 5000)]
     pub train_size: i64,
+    /// Synthetic data: number of classes (even).
+    #[arg(long, default_value_t = 10)]
+    pub classes: i64,
     #[arg(long, default_value_t = 0.0)]
     pub val_fraction: f64,
     #[arg(long, default_value_t = 30)]
@@ -76,10 +79,11 @@ impl From<DeviceArg> for DeviceChoice {
     }
 }
 
-pub fn data_source(spec: &str, train_size: i64) -> Result<DataSource> {
+pub fn data_source(spec: &str, train_size: i64, classes: i64) -> Result<DataSource> {
     Ok(match spec.split_once(':') {
         None if spec == "synthetic" => DataSource::Synthetic(SyntheticConfig {
             train_size,
+            classes,
             ..Default::default()
         }),
         Some(("cifar10", dir)) => DataSource::Cifar10 { path: dir.into() },
@@ -129,7 +133,7 @@ impl TrainArgs {
             seed,
             device: self.device.into(),
             data: DataPlan {
-                source: data_source(&self.data, self.train_size)?,
+                source: data_source(&self.data, self.train_size, self.classes)?,
                 batch_size: self.batch_size,
                 val_fraction: self.val_fraction,
                 ..Default::default()

@@ -364,10 +364,10 @@ pub fn validate(
         let mut net = Net { vs, model };
         // Files that exist must fit; a missing one (like a missing data set)
         // is reported by the run that needs it, naming the file.
-        if let (Some(w), true) = (&m.weights, check_files) {
-            if w.exists() {
-                kd_models::load_weights(&mut net.vs, w)?;
-            }
+        if let (Some(w), true) = (&m.weights, check_files)
+            && w.exists()
+        {
+            kd_models::load_weights(&mut net.vs, w)?;
         }
         Ok(net)
     };
