@@ -18,7 +18,7 @@ demo: build
 
 ## The whole test suite.
 test: bootstrap
-	@$(ENV) cargo build -p kd-cli && cargo nextest run --workspace --no-fail-fast
+	@$(ENV) cargo build -p kd-cli && OMP_NUM_THREADS=1 cargo nextest run --workspace --no-fail-fast
 
 ## Regenerate the golden fixtures from the PyTorch reference script.
 golden: bootstrap

@@ -128,9 +128,9 @@ fn student_teacher_shape_mismatch_is_refused() {
 
 #[test]
 fn missing_dataset_names_the_file() {
-    let e = distill(&["--method", "st", "--data", "cifar100:/no/such/dir"]);
+    let e = distill(&["--method", "st", "--data", "cifar10:/no/such/dir"]);
     assert!(
-        e.contains("/no/such/dir/train.bin") && e.contains("expected a CIFAR binary file"),
+        e.contains("/no/such/dir/data_batch_1.bin") && e.contains("expected a CIFAR binary file"),
         "{e}"
     );
 }

@@ -569,7 +569,6 @@ fn probe_model(
     kd_models::load_weights(&mut vs, weights)?;
     let taps = tch::no_grad(|| net.forward_taps(&x.to_kind(tch::Kind::Float), false));
     let mut outf = kd_engine::tensors::TensorFile::default();
-    outf.push("logits", &taps.logits);
     for (tap, t) in taps.named() {
         outf.push(tap.to_string(), t);
     }

@@ -119,6 +119,14 @@ impl View for &Raw {
 }
 
 pub fn write(path: &Path, file: &TensorFile) -> Result<(), EngineError> {
+    let mut names: Vec<&str> = file.tensors.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(EngineError::Format {
+            path: path.to_path_buf(),
+            msg: format!("tensor `{}` given twice", w[0]),
+        });
+    }
     let mut raws = Vec::with_capacity(file.tensors.len());
     for (name, t) in &file.tensors {
         let t = t.detach().to_device(Device::Cpu).contiguous();
