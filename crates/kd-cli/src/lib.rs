@@ -152,6 +152,11 @@ enum Probe {
     },
 }
 
+/// The supervised term of the shortcut commands (`train-teacher`,
+/// `distill`); recipes name their losses themselves. The only method the
+/// command line names, and only as the default a flag (`--ce`) weights.
+const LABEL_LOSS: &str = "ce";
+
 /// Runs `kd` with the given arguments (the first is the program name).
 pub fn run<I, T>(args: I) -> Result<()>
 where
@@ -177,7 +182,7 @@ where
                     student.clone(),
                     None,
                     "train",
-                    vec![kd_engine::MethodPlan::new("ce", 1.0)],
+                    vec![kd_engine::MethodPlan::new(LABEL_LOSS, 1.0)],
                     seed,
                 )
             })?;
@@ -206,7 +211,7 @@ where
                 apply_config(&mut plans, c)?;
             }
             if ce > 0.0 {
-                plans.insert(0, kd_engine::MethodPlan::new("ce", ce));
+                plans.insert(0, kd_engine::MethodPlan::new(LABEL_LOSS, ce));
             }
             let label = methods
                 .iter()
@@ -244,7 +249,7 @@ where
                         s.clone(),
                         None,
                         "train",
-                        vec![kd_engine::MethodPlan::new("ce", 1.0)],
+                        vec![kd_engine::MethodPlan::new(LABEL_LOSS, 1.0)],
                         seed,
                     )
                 })?;
