@@ -60,24 +60,27 @@ fn epochs_jsonl(run_dir: &Path) -> Vec<(String, Value)> {
         .collect()
 }
 
-#[test]
-fn quickstart_runs_end_to_end() {
+/// `kd run <recipe> --set ... --out <tempdir> --tracking-uri none`; returns the out folder.
+fn run_recipe(rel: &str, sets: &[&str]) -> tempfile::TempDir {
     let out = tempfile::tempdir().unwrap();
-    let r = root().join("recipes/quickstart.rhai");
-    kd_cli::run([
-        "kd",
-        "run",
-        r.to_str().unwrap(),
-        "--set",
-        "epochs=1",
-        "--set",
-        "device=cpu",
+    let recipe = root().join(rel);
+    let mut args = vec!["kd", "run", recipe.to_str().unwrap()];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    args.extend([
         "--out",
         out.path().to_str().unwrap(),
         "--tracking-uri",
         "none",
-    ])
-    .unwrap();
+    ]);
+    kd_cli::run(args).unwrap();
+    out
+}
+
+#[test]
+fn quickstart_runs_end_to_end() {
+    let out = run_recipe("recipes/quickstart.rhai", &["epochs=1", "device=cpu"]);
     let recs = epochs_jsonl(&out.path().join("quickstart"));
     assert_eq!(
         recs.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
@@ -97,20 +100,7 @@ fn quickstart_runs_end_to_end() {
 
 #[test]
 fn scheduled_weights_are_logged_as_applied() {
-    let out = tempfile::tempdir().unwrap();
-    let r = root().join("recipes/examples/three_losses.rhai");
-    kd_cli::run([
-        "kd",
-        "run",
-        r.to_str().unwrap(),
-        "--set",
-        "epochs=2",
-        "--out",
-        out.path().to_str().unwrap(),
-        "--tracking-uri",
-        "none",
-    ])
-    .unwrap();
+    let out = run_recipe("recipes/examples/three_losses.rhai", &["epochs=2"]);
     let recs: Vec<Value> = epochs_jsonl(&out.path().join("three-losses"))
         .into_iter()
         .filter(|(s, _)| s == "distill")
@@ -177,24 +167,10 @@ fn seed_sweep_summarises_mean_and_std() {
 
 #[test]
 fn ft_init_stage_trains_only_the_paraphraser() {
-    let out = tempfile::tempdir().unwrap();
-    let r = root().join("recipes/synthetic/ft/resnet8_from_resnet20.rhai");
-    kd_cli::run([
-        "kd",
-        "run",
-        r.to_str().unwrap(),
-        "--set",
-        "epochs=1",
-        "--set",
-        "init_epochs=1",
-        "--set",
-        "train_size=256",
-        "--out",
-        out.path().to_str().unwrap(),
-        "--tracking-uri",
-        "none",
-    ])
-    .unwrap();
+    let out = run_recipe(
+        "recipes/synthetic/ft/resnet8_from_resnet20.rhai",
+        &["epochs=1", "init_epochs=1", "train_size=256"],
+    );
     let dir = out.path().join("ft_resnet8_from_resnet20_synthetic");
     let stages: Vec<String> = epochs_jsonl(&dir).into_iter().map(|(s, _)| s).collect();
     assert_eq!(stages, ["teacher", "paraphraser", "distill"]);
