@@ -13,6 +13,7 @@ mod method;
 mod progress;
 mod registry;
 mod tap;
+pub mod testing;
 
 pub use error::{KdError, Result};
 pub use method::{

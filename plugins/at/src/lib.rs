@@ -141,42 +141,16 @@ register_method!(At);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
-    use tch::{Device, Kind, nn};
+    use kd_core::{Taps, testing};
 
     use super::*;
 
     fn taps(maps: Vec<Tensor>) -> Taps {
-        let b = maps[0].size()[0];
-        let zeros = Tensor::zeros([b, 2], (Kind::Float, Device::Cpu));
-        Taps {
-            preact: maps.iter().map(Tensor::shallow_clone).collect(),
-            feat: maps,
-            embed: zeros.shallow_clone(),
-            logits: zeros,
-        }
+        testing::maps(maps, 2)
     }
 
     fn run(cfg: serde_json::Value, s: &Taps, t: &Taps) -> Result<f64> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("at", &ss, Some(&ts), vs.root(), &mut needs, 10, 2);
-        let mut m = At::build(kd_core::build_config::<At>(cfg)?, &mut cx)?;
-        let target = Tensor::zeros([1], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        Ok(out.total().double_value(&[]))
+        testing::loss::<At>(cfg, s, Some(t))
     }
 
     fn map(v: &[f32], c: i64) -> Tensor {

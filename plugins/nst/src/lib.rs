@@ -74,42 +74,17 @@ register_method!(Nst);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
-    use tch::{Device, Kind, nn};
+    use kd_core::{Taps, testing};
+    use tch::{Device, Kind};
 
     use super::*;
 
     fn taps(fm: Tensor) -> Taps {
-        let b = fm.size()[0];
-        let zeros = Tensor::zeros([b, 2], (Kind::Float, Device::Cpu));
-        Taps {
-            feat: vec![fm.shallow_clone()],
-            preact: vec![fm],
-            embed: zeros.shallow_clone(),
-            logits: zeros,
-        }
+        testing::maps(vec![fm], 2)
     }
 
     fn run(cfg: serde_json::Value, s: &Taps, t: &Taps) -> Result<f64> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("nst", &ss, Some(&ts), vs.root(), &mut needs, 10, 2);
-        let mut m = Nst::build(kd_core::build_config::<Nst>(cfg)?, &mut cx)?;
-        let target = Tensor::zeros([1], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        Ok(out.total().double_value(&[]))
+        testing::loss::<Nst>(cfg, s, Some(t))
     }
 
     #[test]

@@ -65,42 +65,17 @@ register_method!(Pkt);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
-    use tch::{Device, Kind, nn};
+    use kd_core::{Taps, testing};
 
     use super::*;
 
+    /// Batch `b` of embeddings, also as a feature map `feat/0` of 1×1 maps.
     fn taps(embed: &[f32], b: i64) -> Taps {
-        let e = Tensor::from_slice(embed).view([b, -1]);
-        let fm = e.view([b, -1, 1, 1]);
-        Taps {
-            feat: vec![fm.shallow_clone()],
-            preact: vec![fm],
-            embed: e,
-            logits: Tensor::zeros([b, 3], (Kind::Float, Device::Cpu)),
-        }
+        testing::maps(vec![Tensor::from_slice(embed).view([b, -1, 1, 1])], 3)
     }
 
     fn run(cfg: serde_json::Value, s: &Taps, t: &Taps) -> Result<f64> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("pkt", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
-        let mut m = Pkt::build(kd_core::build_config::<Pkt>(cfg)?, &mut cx)?;
-        let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        Ok(out.total().double_value(&[]))
+        testing::loss::<Pkt>(cfg, s, Some(t))
     }
 
     #[test]
