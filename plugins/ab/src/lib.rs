@@ -157,44 +157,19 @@ register_method!(Ab);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
-    use tch::{Device, Kind, nn};
+    use kd_core::{Taps, testing};
+    use tch::{Device, Kind};
 
     use super::*;
 
     fn taps(maps: Vec<Tensor>) -> Taps {
-        let b = maps[0].size()[0];
-        let zeros = Tensor::zeros([b, 2], (Kind::Float, Device::Cpu));
-        Taps {
-            feat: maps.iter().map(Tensor::relu).collect(),
-            preact: maps,
-            embed: zeros.shallow_clone(),
-            logits: zeros,
-        }
+        testing::preacts(maps, 2)
     }
 
+    /// Builds and runs one step; returns the loss and the method's variables.
     fn run(cfg: serde_json::Value, s: &Taps, t: &Taps) -> Result<(f64, Vec<String>)> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("ab", &ss, Some(&ts), vs.root(), &mut needs, 10, 2);
-        let mut m = Ab::build(kd_core::build_config::<Ab>(cfg)?, &mut cx)?;
-        let target = Tensor::zeros([1], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        let mut names: Vec<String> = vs.variables().into_keys().collect();
-        names.sort();
-        Ok((out.total().double_value(&[]), names))
+        let mut m = testing::build::<Ab>(cfg, s, Some(t))?;
+        Ok((m.loss(s, Some(t))?, m.names()))
     }
 
     fn fm(v: &[f32]) -> Tensor {

@@ -144,55 +144,31 @@ register_method!(Afd);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
-    use tch::Device;
+    use kd_core::{Taps, testing};
 
     use super::*;
-
-    const F: (Kind, Device) = (Kind::Float, Device::Cpu);
 
     fn taps(fm: &[f32], c: i64) -> Taps {
         let fm = Tensor::from_slice(fm)
             .view([1, c, 1, -1])
             .repeat([2, 1, 1, 1]);
-        Taps {
-            feat: vec![fm.shallow_clone()],
-            preact: vec![fm],
-            embed: Tensor::zeros([2, 1], F),
-            logits: Tensor::zeros([2, 3], F),
-        }
+        testing::maps(vec![fm], 3)
     }
 
-    fn run(att_f: f64, s: &Taps, t: &Taps, vs: &nn::VarStore) -> Result<f64> {
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("afd", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
-        let mut m = Afd::build(
-            Config {
-                taps: vec!["feat/0".into()],
-                att_f,
-            },
-            &mut cx,
-        )?;
-        for (_, mut v) in vs.variables() {
+    /// One step with every parameter zeroed; returns the loss and the
+    /// method's variables with their shapes.
+    fn run(att_f: f64, s: &Taps, t: &Taps) -> Result<(f64, Vec<String>)> {
+        let cfg = Config {
+            taps: vec!["feat/0".into()],
+            att_f,
+        };
+        let mut m = testing::build_typed::<Afd>(cfg, s, Some(t))?;
+        for (_, mut v) in m.vs.variables() {
             tch::no_grad(|| {
                 let _ = v.zero_();
             });
         }
-        let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        Ok(out.total().double_value(&[]))
+        Ok((m.loss(s, Some(t))?, m.names_and_sizes()))
     }
 
     #[test]
@@ -200,21 +176,13 @@ mod tests {
         // A zeroed SE block gives ρ = ½ per channel. Channel 0: student (1, 0)
         // and teacher (0, 1) normalise to opposite unit vectors, mean squared
         // gap 1; channel 1: (0, 3) and (0, 5) both become (0, 1), gap 0.
-        let vs = nn::VarStore::new(Device::Cpu);
-        let l = run(
+        let (l, names) = run(
             1.0,
             &taps(&[1., 0., 0., 3.], 2),
             &taps(&[0., 1., 0., 5.], 2),
-            &vs,
         )
         .unwrap();
         assert!((l - 0.5).abs() < 1e-5, "{l}");
-        let mut names: Vec<_> = vs
-            .variables()
-            .into_iter()
-            .map(|(k, v)| format!("{k}{:?}", v.size()))
-            .collect();
-        names.sort();
         assert_eq!(
             names,
             [
@@ -228,12 +196,10 @@ mod tests {
 
     #[test]
     fn refuses_channel_mismatch_and_empty_block() {
-        let vs = nn::VarStore::new(Device::Cpu);
         let err = run(
             1.0,
             &taps(&[1., 0., 0., 3.], 2),
             &taps(&[0., 1., 0., 5.], 4),
-            &vs,
         )
         .unwrap_err()
         .to_string();
@@ -246,7 +212,6 @@ mod tests {
             0.4,
             &taps(&[1., 0., 0., 3.], 2),
             &taps(&[0., 1., 0., 5.], 2),
-            &vs,
         )
         .unwrap_err()
         .to_string();

@@ -178,45 +178,19 @@ register_method!(FitNet);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
+    use kd_core::{Taps, testing};
     use tch::{Device, Kind};
 
     use super::*;
 
     fn taps(fm: Tensor) -> Taps {
-        let b = fm.size()[0];
-        let zeros = Tensor::zeros([b, 2], (Kind::Float, Device::Cpu));
-        Taps {
-            feat: vec![fm.shallow_clone()],
-            preact: vec![fm],
-            embed: zeros.shallow_clone(),
-            logits: zeros,
-        }
+        testing::maps(vec![fm], 2)
     }
 
     /// Builds and runs one step; returns the loss and the method's variables.
     fn run(cfg: serde_json::Value, s: &Taps, t: &Taps) -> Result<(f64, Vec<String>)> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("fitnet", &ss, Some(&ts), vs.root(), &mut needs, 10, 2);
-        let mut m = FitNet::build(kd_core::build_config::<FitNet>(cfg)?, &mut cx)?;
-        let target = Tensor::zeros([1], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        let mut names: Vec<String> = vs.variables().into_keys().collect();
-        names.sort();
-        Ok((out.total().double_value(&[]), names))
+        let mut m = testing::build::<FitNet>(cfg, s, Some(t))?;
+        Ok((m.loss(s, Some(t))?, m.names()))
     }
 
     #[test]

@@ -128,7 +128,7 @@ register_method!(Ofd);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
+    use kd_core::{Taps, testing};
     use tch::Device;
 
     use super::*;
@@ -136,44 +136,26 @@ mod tests {
     const F: (Kind, Device) = (Kind::Float, Device::Cpu);
 
     fn taps(fm: Tensor) -> Taps {
-        let b = fm.size()[0];
-        Taps {
-            feat: vec![fm.relu()],
-            preact: vec![fm],
-            embed: Tensor::zeros([b, 1], F),
-            logits: Tensor::zeros([b, 3], F),
-        }
+        testing::preacts(vec![fm], 3)
     }
 
     /// Builds on `tap` with the connector's conv set to the identity.
     fn build(tap: &str, s: &Taps, t: &Taps) -> Result<(Ofd, nn::VarStore)> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("ofd", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
-        let m = Ofd::build(
-            Config {
-                taps: vec![tap.into()],
-            },
-            &mut cx,
-        )?;
-        let mut w = vs.variables()["0.connector.0.weight"].shallow_clone();
+        let cfg = Config {
+            taps: vec![tap.into()],
+        };
+        let built = testing::build_typed::<Ofd>(cfg, s, Some(t))?;
+        let mut w = built.vs.variables()["0.connector.0.weight"].shallow_clone();
         let c = w.size()[0];
         tch::no_grad(|| w.copy_(&Tensor::eye(c, F).view([c, c, 1, 1])));
-        Ok((m, vs))
+        Ok((built.method, built.vs))
     }
 
     fn step(m: &mut Ofd, s: &Taps, t: &Taps, train: bool) -> f64 {
         let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
         let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
             train,
+            ..testing::io(s, Some(t), &target)
         };
         let mut out = Losses::default();
         m.losses(&io, &mut out).unwrap();

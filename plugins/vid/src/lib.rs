@@ -143,50 +143,31 @@ register_method!(Vid);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
+    use kd_core::{Taps, testing};
     use tch::{Device, Kind};
 
     use super::*;
 
     const F: (Kind, Device) = (Kind::Float, Device::Cpu);
 
+    /// Batch 2, `feat/0` and `feat/1` the same `c`×`hw`×`hw` map of `value`.
     fn taps(c: i64, hw: i64, value: f64) -> Taps {
         let fm = Tensor::full([2, c, hw, hw], value, F);
-        let feat = vec![fm.shallow_clone(), fm.shallow_clone()];
-        Taps {
-            feat,
-            preact: vec![fm.shallow_clone(), fm],
-            embed: Tensor::zeros([2, c], F),
-            logits: Tensor::zeros([2, 3], F),
-        }
+        testing::maps(vec![fm.shallow_clone(), fm], 3)
     }
 
-    fn run(cfg: Config, s: &Taps, t: &Taps, vs: &nn::VarStore) -> Result<f64> {
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("vid", &ss, Some(&ts), vs.root(), &mut needs, 10, 3);
-        let mut m = Vid::build(cfg, &mut cx)?;
-        for (_, mut v) in vs.variables() {
+    /// One step with the regressor's convolutions zeroed; returns the loss
+    /// and the method's variables with their shapes.
+    fn run(cfg: Config, s: &Taps, t: &Taps) -> Result<(f64, Vec<String>)> {
+        let mut m = testing::build_typed::<Vid>(cfg, s, Some(t))?;
+        for (_, mut v) in m.vs.variables() {
             if v.dim() == 4 {
                 tch::no_grad(|| {
                     let _ = v.zero_();
                 });
             }
         }
-        let target = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        Ok(out.total().double_value(&[]))
+        Ok((m.loss(s, Some(t))?, m.names_and_sizes()))
     }
 
     fn cfg(sf: f64, init_var: f64) -> Config {
@@ -201,15 +182,8 @@ mod tests {
     fn zero_regressor_leaves_the_variance_term() {
         // μ = 0 (regressor zeroed), t = 1, σ² = init_var = 5 on every channel:
         // ½ (ln 5 + 1/5) = 0.904719 on both taps, so also their mean.
-        let vs = nn::VarStore::new(Device::Cpu);
-        let loss = run(cfg(0.5, 5.0), &taps(4, 2, 0.3), &taps(6, 2, 1.0), &vs).unwrap();
+        let (loss, names) = run(cfg(0.5, 5.0), &taps(4, 2, 0.3), &taps(6, 2, 1.0)).unwrap();
         assert!((loss - 0.904719).abs() < 1e-5, "{loss}");
-        let mut names: Vec<_> = vs
-            .variables()
-            .into_iter()
-            .map(|(k, v)| format!("{k}{:?}", v.size()))
-            .collect();
-        names.sort();
         assert_eq!(
             names[..4],
             [
@@ -224,19 +198,18 @@ mod tests {
 
     #[test]
     fn refuses_mismatched_resolution_and_bad_variance() {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let err = run(cfg(1.0, 5.0), &taps(4, 2, 0.), &taps(6, 4, 0.), &vs)
+        let err = run(cfg(1.0, 5.0), &taps(4, 2, 0.), &taps(6, 4, 0.))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("same resolution") && err.contains("student [4, 2, 2], teacher [6, 4, 4]"),
             "{err}"
         );
-        let err = run(cfg(1.0, 0.0), &taps(4, 2, 0.), &taps(6, 2, 0.), &vs)
+        let err = run(cfg(1.0, 0.0), &taps(4, 2, 0.), &taps(6, 2, 0.))
             .unwrap_err()
             .to_string();
         assert!(err.contains("init_var must exceed"), "{err}");
-        let err = run(cfg(0.1, 5.0), &taps(4, 2, 0.), &taps(6, 2, 0.), &vs)
+        let err = run(cfg(0.1, 5.0), &taps(4, 2, 0.), &taps(6, 2, 0.))
             .unwrap_err()
             .to_string();
         assert!(err.contains("sf = 0.1 leaves no hidden channels"), "{err}");
