@@ -215,7 +215,7 @@ register_method!(Crd);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, Tap, TapShapes, Taps};
+    use kd_core::{Needs, Tap, TapShapes, Taps, testing, testing::Built};
     use tch::{Device, nn::VarStore};
 
     use super::*;
@@ -226,15 +226,20 @@ mod tests {
         }
     }
 
-    fn build(cfg: Config, vs: &VarStore, needs: &mut Needs, n_data: i64) -> Result<Crd> {
-        let (s, t) = (shapes(8), shapes(16));
+    /// Student embeddings of 8, teacher embeddings of 16, 10 classes.
+    fn build(cfg: Config, n_data: i64) -> Result<Built<Crd>> {
+        testing::build_on::<Crd>(cfg, &shapes(8), Some(&shapes(16)), n_data, 10)
+    }
+
+    /// The same, with the requests left in `needs` also when the build fails.
+    fn try_build(cfg: Config, needs: &mut Needs, n_data: i64) -> Result<Crd> {
+        let (s, t, vs) = (shapes(8), shapes(16), VarStore::new(Device::Cpu));
         let mut cx = BuildCx::new("crd", &s, Some(&t), vs.root(), needs, n_data, 10);
         Crd::build(cfg, &mut cx)
     }
 
     #[test]
     fn config_errors() {
-        let vs = VarStore::new(Device::Cpu);
         let mut needs = Needs::default();
         for cfg in [
             Config {
@@ -250,9 +255,9 @@ mod tests {
                 ..Config::default()
             },
         ] {
-            assert!(build(cfg, &vs, &mut needs, 50_000).is_err());
+            assert!(try_build(cfg, &mut needs, 50_000).is_err());
         }
-        let err = build(Config::default(), &vs, &mut needs, 100)
+        let err = try_build(Config::default(), &mut needs, 100)
             .err()
             .unwrap()
             .to_string();
@@ -265,16 +270,12 @@ mod tests {
 
     #[test]
     fn state_names_and_initialisation() {
-        let vs = VarStore::new(Device::Cpu);
-        let mut needs = Needs::default();
-        build(
+        let Built { vs, needs, .. } = build(
             Config {
                 feat_dim: 12,
                 nce_n: 4,
                 ..Config::default()
             },
-            &vs,
-            &mut needs,
             40,
         )
         .unwrap();
@@ -319,19 +320,16 @@ mod tests {
 
     #[test]
     fn z_is_set_once_and_banks_move_toward_the_batch() {
-        let vs = VarStore::new(Device::Cpu);
-        let mut needs = Needs::default();
         let mut m = build(
             Config {
                 feat_dim: 4,
                 nce_n: 3,
                 ..Config::default()
             },
-            &vs,
-            &mut needs,
             10,
         )
-        .unwrap();
+        .unwrap()
+        .method;
         let taps = |dim| Taps {
             feat: vec![],
             preact: vec![],
@@ -345,15 +343,10 @@ mod tests {
         );
         let cidx = Tensor::from_slice(&[5i64, 1, 2, 3, 7, 4, 8, 9]).view([2, 4]);
         let io = |train| StepIo {
-            student: &s,
-            teacher: Some(&t),
-            grads: &[],
-            views: &[],
-            target: &y,
             index: Some(&idx),
             contrast_index: Some(&cidx),
-            progress: Progress::default(),
             train,
+            ..testing::io(&s, Some(&t), &y)
         };
         let mut out = Losses::default();
         m.losses(&io(false), &mut out).unwrap();

@@ -43,8 +43,8 @@ register_method!(Dml);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, Side, Tap, TapShapes, Taps};
-    use tch::{Device, Kind, Tensor, nn};
+    use kd_core::{Side, Tap, TapShapes, Taps, testing};
+    use tch::{Kind, Tensor};
 
     use super::*;
 
@@ -66,13 +66,10 @@ mod tests {
 
     #[test]
     fn needs_a_peer() {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let mut needs = Needs::default();
         let s = shapes();
-        let mut cx = BuildCx::new("dml", &s, None, vs.root(), &mut needs, 10, 3);
-        assert!(Dml::build(Config {}, &mut cx).is_err());
-        let mut cx = BuildCx::new("dml", &s, Some(&s), vs.root(), &mut needs, 10, 3);
-        Dml::build(Config {}, &mut cx).unwrap();
+        let build = |t| testing::build_on::<Dml>(Config {}, &s, t, testing::N_DATA, 3);
+        assert!(build(None).is_err());
+        let needs = build(Some(&s)).unwrap().needs;
         assert!(needs.mutual && needs.teacher);
     }
 
@@ -83,17 +80,7 @@ mod tests {
         let s = taps(&[0.0, 2f32.ln(), 0.0]);
         let t = taps(&[0.0, 0.0, 0.0]);
         let target = Tensor::from_slice(&[0i64]);
-        let io = StepIo {
-            student: &s,
-            teacher: Some(&t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
+        let io = testing::io(&s, Some(&t), &target);
         let mut m = Dml {
             s: TapRef {
                 side: Side::Student,

@@ -295,49 +295,27 @@ register_method!(Ft);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
+    use kd_core::{TapShapes, Taps, testing, testing::Built};
     use tch::{Device, Kind};
 
     use super::*;
 
     fn taps(fm: Tensor) -> Taps {
-        let b = fm.size()[0];
-        let zeros = Tensor::zeros([b, 2], (Kind::Float, Device::Cpu));
-        Taps {
-            feat: vec![fm.shallow_clone()],
-            preact: vec![fm],
-            embed: zeros.shallow_clone(),
-            logits: zeros,
-        }
+        testing::maps(vec![fm], 2)
     }
 
-    fn build(
-        vs: &nn::VarStore,
-        cfg: serde_json::Value,
-        s: &Taps,
-        t: &Taps,
-        classes: i64,
-    ) -> Result<Ft> {
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("ft", &ss, Some(&ts), vs.root(), &mut needs, 10, classes);
-        Ft::build(kd_core::build_config::<Ft>(cfg)?, &mut cx)
+    /// Builds on the shapes of `s` and `t` for a data set of `classes` classes.
+    fn build(cfg: serde_json::Value, s: &Taps, t: &Taps, classes: i64) -> Result<Built<Ft>> {
+        let cfg = kd_core::build_config::<Ft>(cfg)?;
+        let (ss, ts) = (TapShapes::of(s), TapShapes::of(t));
+        testing::build_on::<Ft>(cfg, &ss, Some(&ts), testing::N_DATA, classes)
     }
 
     fn step(m: &mut Ft, s: &Taps, t: &Taps) -> Vec<(String, Tensor)> {
         let target = Tensor::zeros([1], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
         let mut out = Losses::default();
-        m.losses(&io, &mut out).unwrap();
+        m.losses(&testing::io(s, Some(t), &target), &mut out)
+            .unwrap();
         out.terms
     }
 
@@ -359,15 +337,14 @@ mod tests {
     #[test]
     fn state_dict_names_follow_the_reference() {
         let (s, t) = maps(4, 8);
-        let vs = nn::VarStore::new(Device::Cpu);
-        build(
-            &vs,
+        let vs = build(
             serde_json::json!({"tap": "feat/0", "use_bn": true}),
             &s,
             &t,
             100,
         )
-        .unwrap();
+        .unwrap()
+        .vs;
         let enc = names(&vs, "paraphraser.encoder.");
         assert_eq!(enc.len(), 3 * 5);
         assert!(
@@ -392,8 +369,9 @@ mod tests {
         );
         assert_eq!(names(&vs, "translator.").len(), 15);
         // KD-Zoo's rule: BatchNorm only for 10 classes; biased convolutions otherwise.
-        let vs = nn::VarStore::new(Device::Cpu);
-        build(&vs, serde_json::json!({"tap": "feat/0"}), &s, &t, 100).unwrap();
+        let vs = build(serde_json::json!({"tap": "feat/0"}), &s, &t, 100)
+            .unwrap()
+            .vs;
         let want = [
             "translator.encoder.0.bias",
             "translator.encoder.0.weight",
@@ -401,8 +379,9 @@ mod tests {
         ];
         assert_eq!(names(&vs, "translator.")[..3], want);
         assert_eq!(names(&vs, "translator.").len(), 6);
-        let vs = nn::VarStore::new(Device::Cpu);
-        build(&vs, serde_json::json!({"tap": "feat/0"}), &s, &t, 10).unwrap();
+        let vs = build(serde_json::json!({"tap": "feat/0"}), &s, &t, 10)
+            .unwrap()
+            .vs;
         assert_eq!(names(&vs, "translator.").len(), 15);
     }
 
@@ -410,9 +389,10 @@ mod tests {
     fn each_phase_trains_its_own_module() {
         let (s, t) = maps(4, 8);
         for (phase, trained) in [("paraphraser", "paraphraser."), ("transfer", "translator.")] {
-            let vs = nn::VarStore::new(Device::Cpu);
             let cfg = serde_json::json!({"tap": "feat/0", "use_bn": true, "phase": phase});
-            let mut m = build(&vs, cfg, &s, &t, 10).unwrap();
+            let Built {
+                method: mut m, vs, ..
+            } = build(cfg, &s, &t, 10).unwrap();
             let trainable = vs.trainable_variables();
             // Conv weight, BatchNorm weight and bias per block; 3 blocks a stack.
             assert_eq!(
@@ -452,15 +432,14 @@ mod tests {
         // Without BatchNorm, a translator equal to the paraphraser's encoder
         // maps the teacher's own map to the teacher factor.
         let (_, t) = maps(8, 8);
-        let vs = nn::VarStore::new(Device::Cpu);
         let mut m = build(
-            &vs,
             serde_json::json!({"tap": "feat/0", "use_bn": false}),
             &t,
             &t,
             10,
         )
-        .unwrap();
+        .unwrap()
+        .method;
         tch::no_grad(|| {
             for (a, b) in m.translator.iter().zip(&m.encoder) {
                 a.weight.shallow_clone().copy_(&b.weight);
@@ -482,15 +461,14 @@ mod tests {
     #[test]
     fn initialisation_follows_kd_zoo() {
         let (s, t) = maps(16, 64);
-        let vs = nn::VarStore::new(Device::Cpu);
-        build(
-            &vs,
+        let vs = build(
             serde_json::json!({"tap": "feat/0", "use_bn": false}),
             &s,
             &t,
             10,
         )
-        .unwrap();
+        .unwrap()
+        .vs;
         let v = vs.variables();
         // Conv: N(0, 2 / (c_out · 9)), here c_out = 32.
         let std = v["paraphraser.encoder.6.weight"]
@@ -522,8 +500,7 @@ mod tests {
     #[test]
     fn refuses_bad_config() {
         let (s, t) = maps(4, 8);
-        let vs = nn::VarStore::new(Device::Cpu);
-        let err = build(&vs, serde_json::json!({}), &s, &t, 10)
+        let err = build(serde_json::json!({}), &s, &t, 10)
             .err()
             .unwrap()
             .to_string();
@@ -531,29 +508,23 @@ mod tests {
             err.contains("unknown tap `feat/3`") && err.contains("valid taps: feat/0"),
             "{err}"
         );
-        let err = build(
-            &vs,
-            serde_json::json!({"tap": "feat/0", "k": 0.1}),
-            &s,
-            &t,
-            10,
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let err = build(serde_json::json!({"tap": "feat/0", "k": 0.1}), &s, &t, 10)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("no factor channels"), "{err}");
-        let err = build(&vs, serde_json::json!({"tap": "embed"}), &s, &t, 10)
+        let err = build(serde_json::json!({"tap": "embed"}), &s, &t, 10)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("not a feature map"), "{err}");
         let big = taps(Tensor::zeros([4, 8, 5, 5], (Kind::Float, Device::Cpu)));
-        let err = build(&vs, serde_json::json!({"tap": "feat/0"}), &s, &big, 10)
+        let err = build(serde_json::json!({"tap": "feat/0"}), &s, &big, 10)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("differ in size"), "{err}");
-        let err = build(&vs, serde_json::json!({"phase": "init"}), &s, &t, 10)
+        let err = build(serde_json::json!({"phase": "init"}), &s, &t, 10)
             .err()
             .unwrap()
             .to_string();

@@ -162,8 +162,8 @@ register_method!(Irg);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Needs, Progress, TapShapes, Taps};
-    use tch::{Device, nn};
+    use kd_core::{Taps, testing};
+    use tch::Device;
 
     use super::*;
 
@@ -187,25 +187,7 @@ mod tests {
     }
 
     fn run(cfg: Config, s: &Taps, t: &Taps) -> Result<f64> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        let (ss, ts, mut needs) = (TapShapes::of(s), TapShapes::of(t), Needs::default());
-        let mut cx = BuildCx::new("irg", &ss, Some(&ts), vs.root(), &mut needs, 10, 2);
-        let mut m = Irg::build(cfg, &mut cx)?;
-        let target = Tensor::zeros([3], (Kind::Int64, Device::Cpu));
-        let io = StepIo {
-            student: s,
-            teacher: Some(t),
-            grads: &[],
-            views: &[],
-            target: &target,
-            index: None,
-            contrast_index: None,
-            progress: Progress::default(),
-            train: true,
-        };
-        let mut out = Losses::default();
-        m.losses(&io, &mut out)?;
-        Ok(out.total().double_value(&[]))
+        testing::loss_typed::<Irg>(cfg, s, Some(t))
     }
 
     fn cfg(taps: [&str; 4]) -> Config {
