@@ -1,4 +1,5 @@
-"""Writes the golden fixtures that `kd probe loss` is checked against.
+"""Writes the golden fixtures that `kd probe loss` and `kd probe step` are
+checked against.
 
 Each module in `methods/` computes a method's loss with PyTorch, following the
 reference implementation's formulas, and returns fixtures through `fixture()`.
@@ -14,6 +15,25 @@ Fixture layout (safetensors):
   expected  expect/loss (float32 scalar, before the recipe's weight),
             expect/grad/student/<tap> (d loss / d tap for every student tap given),
             expect/method/<state_dict key> (parameters and buffers after the call)
+
+Step fixtures (`step_fixture()`, metadata probe = step) are for methods that
+need the networks themselves (input or feature gradients, adversarial views);
+`kd probe step` runs one training step of the engine on them, without the
+update: student in train mode (BatchNorm batch statistics, running statistics
+updated), teacher in eval mode.
+  metadata  method, params as above; student, teacher = zoo names (models.py);
+            optionally epoch, epochs (zero-based epoch of the stage, default 0 of 1)
+  inputs    student.weights/<state_dict key>, teacher.weights/<state_dict key>
+            (float16 holding float32 values rounded to float16 first, so exact),
+            batch/input (NCHW, normalised; float16 the same way), batch/target (int64 [B]),
+            optionally batch/attack_u (float32 [B]: one uniform draw per batch row
+            for the method's random choice, e.g. BSS's attack class),
+            method/<state_dict key>
+  expected  expect/loss (the method's loss before the recipe's weight, any factor
+            the method applies itself included),
+            expect/grad/student/<parameter> (d loss / d parameter, every parameter),
+            expect/buffers/student/<buffer> (BatchNorm running statistics after the step),
+            expect/method/<state_dict key>
 """
 import importlib
 import json
@@ -73,6 +93,69 @@ def fixture(name, method, params, student, teacher, target, *, index=None,
         meta["n_data"] = str(n_data)  # data set size the method is built for (memory banks)
     save_file(tensors, str(OUT / f"{name}.safetensors"), metadata=meta)
     print(f"{name}: {method} loss={loss.item():.6g}")
+
+
+def zoo_net(arch, seed, num_classes=10):
+    """A zoo network of models.py, its parameters moved off their init and its
+    BatchNorm statistics calibrated, every value rounded to float16 so that
+    step fixtures can store it at half the size without changing it."""
+    import models
+    torch.manual_seed(seed)
+    net = models.build(models.arch_of(arch), num_classes)
+    models.perturb_and_calibrate(net)
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    net.arch = arch
+    return net
+
+
+def step_fixture(name, method, params, student, teacher, img, target, *, loss_fn,
+                 attack_u=None, epoch=None, epochs=None):
+    """Saves the networks and the batch, then runs `loss_fn(student, teacher,
+    img, target)` with the student in train mode and the teacher in eval mode
+    and saves the loss, the gradient of every student parameter and the
+    student's buffers after it."""
+    tensors = {}
+    for side, net in (("student", student), ("teacher", teacher)):
+        for k, v in net.state_dict().items():
+            if k.endswith("num_batches_tracked"):
+                continue
+            assert torch.equal(v.half().float(), v), f"{side} {k} is not float16-exact"
+            tensors[f"{side}.weights/{k}"] = v.detach().half().clone()
+    assert torch.equal(img.half().float(), img), "input is not float16-exact"
+    tensors["batch/input"] = img.half().clone()
+    tensors["batch/target"] = target.long().clone()
+    if attack_u is not None:
+        tensors["batch/attack_u"] = attack_u.float().clone()
+    student.train()
+    teacher.eval()
+    student.zero_grad()
+    loss = loss_fn(student, teacher, img, target)
+    loss.backward()
+    tensors["expect/loss"] = loss.detach().float().reshape(())
+    for k, p in student.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        tensors[f"expect/grad/student/{k}"] = g.detach().clone()
+    for k, b in student.named_buffers():
+        if not k.endswith("num_batches_tracked"):
+            tensors[f"expect/buffers/student/{k}"] = b.detach().clone()
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {"probe": "step", "method": method, "params": json.dumps(params),
+            "student": student.arch, "teacher": teacher.arch}
+    if epoch is not None:
+        meta["epoch"], meta["epochs"] = str(epoch), str(epochs)
+    OUT.mkdir(exist_ok=True)
+    save_file(tensors, str(OUT / f"{name}.safetensors"), metadata=meta)
+    print(f"{name}: {method} step loss={loss.item():.6g}")
+
+
+def step_batch(seed, batch=8, num_classes=10):
+    """A float16-exact batch of normalised-looking images and random labels."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(batch, 3, 32, 32, generator=g).half().float()
+    return img, torch.randint(0, num_classes, (batch,), generator=g)
 
 
 def resnet_taps(batch, seed, channels=(16, 16, 32, 64), spatial=(32, 32, 16, 8), classes=10):

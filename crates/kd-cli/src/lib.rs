@@ -138,6 +138,16 @@ enum Probe {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run one training step of a method on a fixture's networks and batch
+    /// (student in train mode, teacher in eval mode, no update); write the
+    /// loss, the gradient of every student parameter, the student's buffers
+    /// and the method state.
+    Step {
+        #[arg(long)]
+        fixture: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run a zoo model in eval mode on `input`; write `logits` and every tap.
     Model {
         name: String,
@@ -345,6 +355,12 @@ where
         Cmd::Methods { json } => print_methods(&registry, json),
         Cmd::Probe(Probe::Loss { fixture, out }) => {
             let result = kd_engine::probe::probe_loss(&fixture, &registry)
+                .with_context(|| format!("probing {}", fixture.display()))?;
+            kd_engine::tensors::write(&out, &result)?;
+            Ok(())
+        }
+        Cmd::Probe(Probe::Step { fixture, out }) => {
+            let result = kd_engine::probe::probe_step(&fixture, &registry)
                 .with_context(|| format!("probing {}", fixture.display()))?;
             kd_engine::tensors::write(&out, &result)?;
             Ok(())

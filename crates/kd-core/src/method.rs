@@ -29,7 +29,20 @@ pub trait Method: Send + Sized + 'static {
 
     /// For an adversarial view this method requested: which rows of the batch
     /// to attack and toward which class. `None` skips the view this step.
-    fn attack_targets(&mut self, _view: ViewRef, _io: &StepIo) -> Result<Option<(Tensor, Tensor)>> {
+    ///
+    /// `draws` are uniforms in [0, 1), one per batch row (`[B]`, float32 on
+    /// the batch's device), for any random choice made here. The engine takes
+    /// them from a stream keyed by the run's seed, stage, epoch and batch, so
+    /// a method that uses them instead of torch's global generator is
+    /// reproducible and resumes exactly; the conformance probe feeds them
+    /// from a fixture. Index them by batch row, so a row's draw does not
+    /// depend on which other rows were chosen.
+    fn attack_targets(
+        &mut self,
+        _view: ViewRef,
+        _io: &StepIo,
+        _draws: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
 
@@ -49,7 +62,12 @@ pub trait DynMethod: Send {
     fn name(&self) -> &'static str;
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()>;
     fn after_step(&mut self, io: &StepIo) -> Result<()>;
-    fn attack_targets(&mut self, view: ViewRef, io: &StepIo) -> Result<Option<(Tensor, Tensor)>>;
+    fn attack_targets(
+        &mut self,
+        view: ViewRef,
+        io: &StepIo,
+        draws: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>>;
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()>;
 }
 
@@ -63,8 +81,13 @@ impl<M: Method> DynMethod for M {
     fn after_step(&mut self, io: &StepIo) -> Result<()> {
         Method::after_step(self, io)
     }
-    fn attack_targets(&mut self, view: ViewRef, io: &StepIo) -> Result<Option<(Tensor, Tensor)>> {
-        Method::attack_targets(self, view, io)
+    fn attack_targets(
+        &mut self,
+        view: ViewRef,
+        io: &StepIo,
+        draws: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Method::attack_targets(self, view, io, draws)
     }
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
         Method::set_scheduled(self, field, value)

@@ -1,12 +1,19 @@
-//! The conformance harness: runs one method on taps read from a fixture, as a
-//! training step would, and writes the loss, the gradients w.r.t. every
-//! student tap and the method's parameters and buffers after the call.
+//! The conformance harness. `probe_loss` runs one method on taps read from a
+//! fixture, as a training step would, and writes the loss, the gradients
+//! w.r.t. every student tap and the method's parameters and buffers after
+//! the call. `probe_step` runs one training step of a method on networks and
+//! a batch read from a fixture, for methods that need the networks
+//! themselves (gradient taps, adversarial views), and writes the loss, the
+//! gradients w.r.t. every student parameter, the student's buffers and the
+//! method's state after the step.
 
 use std::path::Path;
 
 use kd_core::{BuildCx, Losses, Needs, Progress, Registry, StepIo, Tap, TapShapes, Taps};
 use tch::{Device, Kind, Tensor, nn};
 
+use crate::plan::{MethodPlan, StagePlan, Subject};
+use crate::run::{self, Net};
 use crate::tensors::{self, TensorFile};
 use crate::{EngineError, Result};
 
@@ -188,4 +195,229 @@ fn set_vars(vs: &mut nn::VarStore, file: &TensorFile, path: &Path) -> Result<()>
         tch::no_grad(|| var.shallow_clone().copy_(&value.to_kind(var.kind())));
     }
     Ok(())
+}
+
+/// A fixture's metadata value parsed as `T`, or `default` when absent.
+fn meta_or<T: std::str::FromStr>(
+    file: &TensorFile,
+    key: &str,
+    default: T,
+    what: &str,
+    path: &Path,
+) -> Result<T> {
+    match file.metadata.get(key) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| EngineError::Format {
+            path: path.to_path_buf(),
+            msg: format!("metadata `{key}` must be {what}, got `{v}`"),
+        }),
+    }
+}
+
+/// Copies the fixture's `<prefix><state_dict key>` tensors into a network:
+/// every variable must be given with its shape, and nothing else may be.
+fn set_weights(net: &Net, file: &TensorFile, prefix: &str, path: &Path) -> Result<()> {
+    let bad = |msg: String| EngineError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let vars = net.vs.variables();
+    let mut missing: Vec<&String> = vars
+        .keys()
+        .filter(|k| file.get(&format!("{prefix}{k}")).is_none())
+        .collect();
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(bad(format!(
+            "`{prefix}*` lacks {} of the network's {} tensors: {}",
+            missing.len(),
+            vars.len(),
+            missing
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for (name, value) in file.with_prefix(prefix) {
+        // PyTorch's BatchNorm counter has no counterpart here and no effect
+        // with a fixed momentum.
+        if name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let var = vars.get(name).ok_or_else(|| {
+            bad(format!(
+                "`{prefix}{name}` is not a tensor of the network; state_dict keys look like `conv1.weight`, `layer1.0.bn1.running_mean`"
+            ))
+        })?;
+        if var.size() != value.size() {
+            return Err(bad(format!(
+                "`{prefix}{name}` has shape {:?}, the network's has {:?}",
+                value.size(),
+                var.size()
+            )));
+        }
+        tch::no_grad(|| var.shallow_clone().copy_(&value.to_kind(var.kind())));
+    }
+    Ok(())
+}
+
+/// Runs the step fixture at `path`: one training step of its method, the
+/// student in train mode and the teacher in eval mode, with the engine's
+/// own step and without the update. See tests/golden/gen.py for the layout.
+///
+/// `loss` is the sum of the method's terms before the recipe's weight; a
+/// factor the method applies itself (BSS's epoch decay at the fixture's
+/// `epoch` of `epochs`) is included.
+pub fn probe_step(path: &Path, registry: &Registry) -> Result<TensorFile> {
+    let file = tensors::read(path)?;
+    let bad = |msg: String| EngineError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let meta = |key: &str| {
+        file.metadata
+            .get(key)
+            .ok_or_else(|| bad(format!("metadata has no `{key}`")))
+    };
+    let method = meta("method")?;
+    registry.get(method)?;
+    let params: serde_json::Value = match file.metadata.get("params") {
+        Some(p) => serde_json::from_str(p)
+            .map_err(|e| bad(format!("metadata `params` is not JSON: {e}")))?,
+        None => serde_json::Value::Null,
+    };
+    let student_arch = meta("student")?;
+    let teacher_arch = file.metadata.get("teacher");
+    let epoch: usize = meta_or(&file, "epoch", 0, "a non-negative integer", path)?;
+    let epochs: usize = meta_or(&file, "epochs", 1, "a positive integer", path)?;
+    if epoch >= epochs {
+        return Err(bad(format!(
+            "metadata `epoch` ({epoch}) must be below `epochs` ({epochs}); epochs count from 0"
+        )));
+    }
+
+    let input = file
+        .get("batch/input")
+        .ok_or_else(|| bad("no `batch/input` (NCHW images)".into()))?;
+    if input.dim() != 4 {
+        return Err(bad(format!(
+            "`batch/input` must be NCHW, got shape {:?}",
+            input.size()
+        )));
+    }
+    let rows = input.size()[0];
+    let target = file
+        .get("batch/target")
+        .ok_or_else(|| bad("no `batch/target`".into()))?;
+    if target.size() != [rows] || target.kind() != Kind::Int64 {
+        return Err(bad(format!(
+            "`batch/target` must be int64 [{rows}], got {:?} {:?}",
+            target.kind(),
+            target.size()
+        )));
+    }
+    let draws = match file.get("batch/attack_u") {
+        None => None,
+        Some(u) => {
+            let u = u.to_kind(Kind::Float);
+            let in_range = u.numel() == 0
+                || (u.min().double_value(&[]) >= 0.0 && u.max().double_value(&[]) < 1.0);
+            if u.size() != [rows] || !in_range {
+                return Err(bad(format!(
+                    "`batch/attack_u` must be [{rows}] uniforms in [0, 1), got shape {:?}",
+                    u.size()
+                )));
+            }
+            Some(u)
+        }
+    };
+
+    let classes_given = file
+        .tensors
+        .iter()
+        .find(|(n, _)| {
+            n.starts_with("student.weights/")
+                && (n.ends_with("fc.bias") || n.ends_with("classifier.bias"))
+        })
+        .map(|(_, t)| t.size()[0]);
+    let classes = match classes_given {
+        Some(c) => meta_or(&file, "num_classes", c, "an integer", path)?,
+        None => meta("num_classes")?
+            .parse()
+            .map_err(|_| bad("metadata `num_classes` must be an integer".into()))?,
+    };
+    let n_data: i64 = meta_or(&file, "n_data", rows, "an integer", path)?;
+
+    let device = Device::Cpu;
+    let mut student = Net::zoo(student_arch, classes, device)?;
+    set_weights(&student, &file, "student.weights/", path)?;
+    let mut teacher = match teacher_arch {
+        Some(arch) => {
+            let t = Net::zoo(arch, classes, device)?;
+            set_weights(&t, &file, "teacher.weights/", path)?;
+            Some(t)
+        }
+        None => None,
+    };
+
+    let mut mp = MethodPlan::new(method, 1.0);
+    mp.config = params;
+    let stage = StagePlan {
+        name: "probe".into(),
+        epochs,
+        subject: Subject::Student,
+        train: vec![crate::Part::Network, crate::Part::Methods],
+        methods: vec![mp],
+        optimizer: Default::default(),
+        lr_schedule: Default::default(),
+    };
+    let batch = kd_data::Batch {
+        images: input.to_kind(Kind::Float),
+        labels: target.shallow_clone(),
+        index: Tensor::arange(rows, (Kind::Int64, device)),
+        contrast_index: None,
+    };
+    let progress = Progress {
+        epoch,
+        epochs,
+        step: 0,
+        steps_per_epoch: 1,
+        global_step: epoch,
+    };
+    let probed = run::probe_step(
+        registry,
+        &stage,
+        &mut student,
+        teacher.as_mut(),
+        &mut |vs| set_vars(vs, &file, path),
+        &batch,
+        progress,
+        draws,
+        n_data,
+        classes,
+    )?;
+
+    let mut out = TensorFile::default();
+    out.metadata.insert("method".into(), method.clone());
+    let loss: f64 = probed.terms.iter().map(|(_, v)| v).sum();
+    out.push("loss", &Tensor::from(loss as f32));
+    for (name, v) in &probed.terms {
+        out.push(format!("terms/{name}"), &Tensor::from(*v as f32));
+    }
+    let mut vars: Vec<_> = student.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in vars {
+        if t.requires_grad() {
+            let g = t.grad();
+            let g = if g.defined() { g } else { t.zeros_like() };
+            out.push(format!("grad/student/{name}"), &g);
+        } else {
+            out.push(format!("buffers/student/{name}"), &t);
+        }
+    }
+    for (name, t) in &probed.method_vars {
+        out.push(format!("method/{name}"), t);
+    }
+    Ok(out)
 }

@@ -47,18 +47,26 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
-struct Net {
-    vs: nn::VarStore,
+pub(crate) struct Net {
+    pub(crate) vs: nn::VarStore,
     model: Box<dyn Network>,
 }
 
-fn build_net(m: &ModelPlan, classes: i64, device: Device) -> Result<Net> {
-    let mut vs = nn::VarStore::new(device);
-    let model = kd_models::build(&m.arch, &vs.root(), classes)?;
-    if let Some(w) = &m.weights {
-        kd_models::load_weights(&mut vs, w)?;
+impl Net {
+    /// A zoo network with fresh weights.
+    pub(crate) fn zoo(arch: &str, classes: i64, device: Device) -> Result<Net> {
+        let vs = nn::VarStore::new(device);
+        let model = kd_models::build(arch, &vs.root(), classes)?;
+        Ok(Net { vs, model })
     }
-    Ok(Net { vs, model })
+}
+
+fn build_net(m: &ModelPlan, classes: i64, device: Device) -> Result<Net> {
+    let mut net = Net::zoo(&m.arch, classes, device)?;
+    if let Some(w) = &m.weights {
+        kd_models::load_weights(&mut net.vs, w)?;
+    }
+    Ok(net)
 }
 
 /// A method instance of a stage, with its own parameters and schedules.
@@ -300,6 +308,16 @@ struct StageNets<'a> {
     net_trains: bool,
     mutual: bool,
     needs: &'a Needs,
+    draws: &'a Draws,
+}
+
+/// What a step does with its loss.
+enum Update<'a> {
+    /// Training: backward, then an SGD step at this learning rate.
+    Sgd(&'a mut Optimizer, f64),
+    /// Backward only, leaving the gradients for the caller (the probe, on
+    /// networks whose gradients start empty).
+    Backward,
 }
 
 struct StepOut {
@@ -409,45 +427,84 @@ pub fn validate(
     Ok(())
 }
 
-/// A stage ready to step: its methods, optimiser and loader.
+/// A stage ready to step: its methods, optimiser and where its draws come from.
 struct Prepared {
     methods: Vec<Active>,
     peers: Vec<Active>,
     needs: Needs,
     opt: Optimizer,
-    loader: Loader,
+    draws: Draws,
     net_trains: bool,
     mutual: bool,
 }
 
-fn prepare(
-    cx: &StageCx,
+/// Where a step's per-row uniform draws (`Method::attack_targets`) come from.
+enum Draws {
+    /// Training: a ChaCha stream keyed by this stage seed and (epoch, batch),
+    /// never torch's global generator, so that a resumed run draws exactly
+    /// what the uninterrupted one did.
+    Seeded(u64),
+    /// Fixed by the caller (the conformance probe).
+    Given(Tensor),
+}
+
+/// splitmix64 of a combined key: nearby keys give unrelated seeds.
+fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    let mut z =
+        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Tells the draw stream apart from the loader's, which is keyed by the
+/// same run seed.
+const DRAW_STREAM: u64 = 0x6472_6177_735f_7631;
+
+impl Draws {
+    fn seeded(run_seed: u64, stage: usize) -> Draws {
+        Draws::Seeded(mix(run_seed, stage as u64, DRAW_STREAM))
+    }
+
+    fn for_step(&self, p: Progress, rows: i64, device: Device) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        match self {
+            Draws::Seeded(seed) => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(
+                    *seed,
+                    p.epoch as u64,
+                    p.step as u64,
+                ));
+                let u: Vec<f32> = (0..rows).map(|_| rng.random::<f32>()).collect();
+                Tensor::from_slice(&u).to_device(device)
+            }
+            Draws::Given(u) => u.to_device(device),
+        }
+    }
+}
+
+/// Builds a stage's methods and optimiser for `net` and `other`, shaped by
+/// the taps of `probe` images. `init_seed` seeds the methods' initialisation.
+#[allow(clippy::too_many_arguments)]
+fn prepare_stage(
+    env: &BuildEnv,
+    init_seed: u64,
+    draws: Draws,
     stage: &StagePlan,
     student: &mut Net,
     mut teacher: Option<&mut Net>,
     carry: &Carry,
+    probe: &Tensor,
 ) -> Result<Prepared> {
     let net_trains = stage.train.contains(&Part::Network);
     let methods_train = stage.train.contains(&Part::Methods);
     let name = &stage.name;
     let (net, other) = roles(stage.subject, student, teacher.as_deref());
-    let device = cx.device;
-    let probe = {
-        let l = Loader::new(&cx.splits.train, loader_cfg(cx, None, false), 0, device)?;
-        l.batch(&[0, 1], 0, 0).images
-    };
-    let s_shapes = shapes_of(net, &probe);
-    let t_shapes = other.as_ref().map(|t| shapes_of(t, &probe));
-    tch::manual_seed((cx.plan.seed + cx.si as u64) as i64);
-    let env = BuildEnv {
-        registry: cx.registry,
-        device,
-        n_data: cx.splits.train.len(),
-        classes: cx.splits.train.num_classes,
-        scripts: cx.scripts,
-    };
+    let s_shapes = shapes_of(net, probe);
+    let t_shapes = other.as_ref().map(|t| shapes_of(t, probe));
+    tch::manual_seed(init_seed as i64);
     let (mut methods, mut peers, needs) =
-        build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), carry)?;
+        build_stage(stage, env, &s_shapes, t_shapes.as_ref(), carry)?;
     let mutual = needs.mutual;
 
     // Freezing needs mutable access; the loop below borrows again.
@@ -495,22 +552,55 @@ fn prepare(
         )));
     }
 
-    let contrast = needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
+    Ok(Prepared {
+        methods,
+        peers,
+        needs,
+        opt,
+        draws,
+        net_trains,
+        mutual,
+    })
+}
+
+/// A stage of a run ready to step, with its loader.
+fn prepare(
+    cx: &StageCx,
+    stage: &StagePlan,
+    student: &mut Net,
+    teacher: Option<&mut Net>,
+    carry: &Carry,
+) -> Result<(Prepared, Loader)> {
+    let device = cx.device;
+    let probe = {
+        let l = Loader::new(&cx.splits.train, loader_cfg(cx, None, false), 0, device)?;
+        l.batch(&[0, 1], 0, 0).images
+    };
+    let env = BuildEnv {
+        registry: cx.registry,
+        device,
+        n_data: cx.splits.train.len(),
+        classes: cx.splits.train.num_classes,
+        scripts: cx.scripts,
+    };
+    let prep = prepare_stage(
+        &env,
+        cx.plan.seed + cx.si as u64,
+        Draws::seeded(cx.plan.seed, cx.si),
+        stage,
+        student,
+        teacher,
+        carry,
+        &probe,
+    )?;
+    let contrast = prep.needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
     let loader = Loader::new(
         &cx.splits.train,
         loader_cfg(cx, contrast, cx.plan.data.augment),
         cx.plan.seed.wrapping_add(cx.si as u64 * 7919),
         device,
     )?;
-    Ok(Prepared {
-        methods,
-        peers,
-        needs,
-        opt,
-        loader,
-        net_trains,
-        mutual,
-    })
+    Ok((prep, loader))
 }
 
 /// The stage's subject network and the other one (frozen teacher or peer).
@@ -550,15 +640,18 @@ fn run_stage(
             "stage `{name}` trains the teacher, but the plan has none"
         )));
     }
-    let Prepared {
-        mut methods,
-        mut peers,
-        needs,
-        mut opt,
+    let (
+        Prepared {
+            mut methods,
+            mut peers,
+            needs,
+            mut opt,
+            draws,
+            net_trains,
+            mutual,
+        },
         loader,
-        net_trains,
-        mutual,
-    } = prepare(cx, stage, student, teacher.as_deref_mut(), carry)?;
+    ) = prepare(cx, stage, student, teacher.as_deref_mut(), carry)?;
     let student: &Net = student;
     let teacher: Option<&Net> = teacher.as_deref();
     let (net, other) = roles(stage.subject, student, teacher);
@@ -593,6 +686,7 @@ fn run_stage(
         net_trains,
         mutual,
         needs: &needs,
+        draws: &draws,
     };
     let (last_path, best_path) = (
         cx.ckpt.with_file_name(format!("{name}.last.safetensors")),
@@ -636,8 +730,7 @@ fn run_stage(
                 &mut peers,
                 &batch,
                 progress,
-                &mut opt,
-                lr,
+                Update::Sgd(&mut opt, lr),
             )?;
             if let Some((term, value)) = out.terms.iter().find(|(_, v)| !v.is_finite()) {
                 return Err(EngineError::NonFinite {
@@ -912,8 +1005,7 @@ fn step(
     peers: &mut [Active],
     batch: &Batch,
     progress: Progress,
-    opt: &mut Optimizer,
-    lr: f64,
+    update: Update,
 ) -> Result<StepOut> {
     let needs = nets.needs;
     let (x, y) = (&batch.images, &batch.labels);
@@ -984,9 +1076,12 @@ fn step(
         let teacher = nets
             .other
             .expect("adversarial views need a teacher, checked at build");
+        let draws = nets.draws.for_step(progress, y.size()[0], x.device());
         for a in methods.iter_mut() {
             for v in a.views.clone() {
-                let picked = a.method.attack_targets(ViewRef(v), &base_io!(&[]))?;
+                let picked = a
+                    .method
+                    .attack_targets(ViewRef(v), &base_io!(&[]), &draws)?;
                 if let Some((rows, classes)) = picked.filter(|(rows, _)| rows.numel() > 0) {
                     let adv = attack::attack(
                         teacher.model.as_ref(),
@@ -1078,9 +1173,14 @@ fn step(
         });
     }
 
-    opt.zero_grad();
-    total.backward();
-    opt.step(lr);
+    match update {
+        Update::Sgd(opt, lr) => {
+            opt.zero_grad();
+            total.backward();
+            opt.step(lr);
+        }
+        Update::Backward => total.backward(),
+    }
     tch::no_grad(|| -> Result<()> {
         for a in methods.iter_mut() {
             a.method.after_step(&io)?;
@@ -1142,9 +1242,9 @@ impl StepHarness {
             finished: &[],
             scripts: &crate::NoScripts,
         };
-        let prep = prepare(&cx, stage, &mut student, teacher.as_mut(), &Carry::new())?;
-        let order = prep.loader.order(0);
-        let batch = prep.loader.batch(&order, 0, 0);
+        let (prep, loader) = prepare(&cx, stage, &mut student, teacher.as_mut(), &Carry::new())?;
+        let order = loader.order(0);
+        let batch = loader.batch(&order, 0, 0);
         Ok(StepHarness {
             student,
             teacher,
@@ -1165,6 +1265,7 @@ impl StepHarness {
             net_trains: p.net_trains,
             mutual: p.mutual,
             needs: &p.needs,
+            draws: &p.draws,
         };
         let progress = Progress {
             epoch: 0,
@@ -1179,9 +1280,152 @@ impl StepHarness {
             &mut p.peers,
             &self.batch,
             progress,
-            &mut p.opt,
-            self.lr,
+            Update::Sgd(&mut p.opt, self.lr),
         )?
         .total)
+    }
+}
+
+/// What one probed step leaves behind.
+pub(crate) struct Probed {
+    /// `label/term` with its value, before the method's weight.
+    pub terms: Vec<(String, f64)>,
+    /// The methods' variables after the step (`after_step` included).
+    pub method_vars: Vec<(String, Tensor)>,
+}
+
+/// One training step of a single `stage` (subject: the student) on `batch`,
+/// through the same preparation and step as `run`, except that the update
+/// is left out: the loss's gradients stay on the student's variables, whose
+/// gradients must start empty. `set_vars` fills each method's variables
+/// once it is built; `draws` stand for the training stream's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn probe_step(
+    registry: &Registry,
+    stage: &StagePlan,
+    student: &mut Net,
+    mut teacher: Option<&mut Net>,
+    set_vars: &mut dyn FnMut(&mut nn::VarStore) -> Result<()>,
+    batch: &Batch,
+    progress: Progress,
+    draws: Option<Tensor>,
+    n_data: i64,
+    classes: i64,
+) -> Result<Probed> {
+    let env = BuildEnv {
+        registry,
+        device: batch.images.device(),
+        n_data,
+        classes,
+        scripts: &crate::NoScripts,
+    };
+    let probe = batch.images.narrow(0, 0, batch.images.size()[0].min(2));
+    let mut prep = prepare_stage(
+        &env,
+        0,
+        Draws::Given(Tensor::new()),
+        stage,
+        student,
+        teacher.as_deref_mut(),
+        &Carry::new(),
+        &probe,
+    )?;
+    if prep.needs.contrast.is_some() {
+        return Err(EngineError::Plan(
+            "the method needs contrast indices from the loader, which a probed step does not draw"
+                .into(),
+        ));
+    }
+    match draws {
+        Some(u) => prep.draws = Draws::Given(u),
+        // Without views nothing reads the draws.
+        None if prep.needs.views.is_empty() => {}
+        None => {
+            return Err(EngineError::Plan(
+                "the method chooses attack classes at random: give one uniform draw in [0, 1) per batch row (`batch/attack_u`)".into(),
+            ));
+        }
+    }
+    for a in prep.methods.iter_mut() {
+        set_vars(&mut a.vs)?;
+    }
+    let (net, other) = roles(stage.subject, student, teacher.as_deref());
+    let nets = StageNets {
+        net,
+        other,
+        net_trains: prep.net_trains,
+        mutual: prep.mutual,
+        needs: &prep.needs,
+        draws: &prep.draws,
+    };
+    let out = step(
+        &nets,
+        &mut prep.methods,
+        &mut prep.peers,
+        batch,
+        progress,
+        Update::Backward,
+    )?;
+    if let Some((term, value)) = out.terms.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(EngineError::Plan(format!(
+            "loss term `{term}` is {value}; no gradients"
+        )));
+    }
+    let method_vars = prep
+        .methods
+        .iter()
+        .flat_map(|a| named_vars(&a.vs, ""))
+        .collect();
+    Ok(Probed {
+        terms: out.terms,
+        method_vars,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: usize, step: usize) -> Progress {
+        Progress {
+            epoch,
+            epochs: 10,
+            step,
+            steps_per_epoch: 10,
+            global_step: epoch * 10 + step,
+        }
+    }
+
+    /// Draws are a function of (seed, stage, epoch, batch) alone: torch's
+    /// global generator, which anything may advance, plays no part.
+    #[test]
+    fn draws_are_keyed_by_seed_stage_epoch_and_batch() {
+        let get = |seed, stage, epoch, step| {
+            Vec::<f32>::try_from(Draws::seeded(seed, stage).for_step(
+                at(epoch, step),
+                64,
+                Device::Cpu,
+            ))
+            .unwrap()
+        };
+        tch::manual_seed(1);
+        let first = get(7, 0, 3, 2);
+        tch::manual_seed(2);
+        let _ = Tensor::rand([100], (Kind::Float, Device::Cpu));
+        assert_eq!(get(7, 0, 3, 2), first);
+        assert!(first.iter().all(|u| (0.0..1.0).contains(u)));
+        for other in [
+            get(8, 0, 3, 2),
+            get(7, 1, 3, 2),
+            get(7, 0, 4, 2),
+            get(7, 0, 3, 3),
+        ] {
+            assert_ne!(other, first);
+        }
+        let given = Draws::Given(Tensor::from_slice(&[0.25f32, 0.5]));
+        assert_eq!(
+            Vec::<f32>::try_from(given.for_step(at(0, 0), 2, Device::Cpu)).unwrap(),
+            vec![0.25, 0.5]
+        );
     }
 }

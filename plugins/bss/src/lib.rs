@@ -123,8 +123,15 @@ impl Method for Bss {
     /// Rows both networks classify correctly; beyond `attack_size`, those
     /// where the two disagree most off the target class. Each row's attack
     /// class is drawn among the teacher's non-top classes in proportion to
-    /// the teacher's probability.
-    fn attack_targets(&mut self, view: ViewRef, io: &StepIo) -> Result<Option<(Tensor, Tensor)>> {
+    /// the teacher's probability, by inverting the cumulative sum at the
+    /// row's draw (KD-Zoo draws `torch.rand` per chosen row; a draw per batch
+    /// row has the same distribution and keeps runs reproducible).
+    fn attack_targets(
+        &mut self,
+        view: ViewRef,
+        io: &StepIo,
+        draws: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         if view != self.view || self.factor(io.progress()).is_none() {
             return Ok(None);
         }
@@ -159,7 +166,17 @@ impl Method for Bss {
             .softmax(1, Kind::Float)
             .sort(1, true);
         let (p, order) = (p.narrow(1, 1, classes - 1), order.narrow(1, 1, classes - 1));
-        let u = Tensor::rand([rows.size()[0]], (Kind::Float, t.device()))
+        if draws.size() != [y.size()[0]] {
+            return Err(kd_core::KdError::Plan {
+                method: Self::NAME.into(),
+                msg: format!(
+                    "needs one attack-class draw per batch row ([{}]), got shape {:?}",
+                    y.size()[0],
+                    draws.size()
+                ),
+            });
+        }
+        let u = draws.index_select(0, &rows).to_kind(Kind::Float)
             * p.sum_dim_intlist(1, false, Kind::Float);
         let first = p
             .cumsum(1, Kind::Float)
@@ -227,6 +244,10 @@ mod tests {
             view: ViewRef(0),
             cfg,
         }
+    }
+
+    fn draws(u: &[f32]) -> Tensor {
+        Tensor::from_slice(u)
     }
 
     fn at_epoch(epoch: usize) -> Progress {
@@ -359,13 +380,13 @@ mod tests {
             ..Config::default()
         });
         assert!(
-            m.attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 5))
+            m.attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 5), &draws(&[0.5; 4]))
                 .unwrap()
                 .is_none(),
             "warm-up"
         );
         let (rows, classes) = m
-            .attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 50))
+            .attack_targets(ViewRef(0), &io(&s, &t, &y, &[], 50), &draws(&[0.5; 4]))
             .unwrap()
             .unwrap();
         assert_eq!(Vec::<i64>::try_from(rows).unwrap(), vec![3, 2]);
@@ -373,15 +394,18 @@ mod tests {
         assert!(classes.iter().all(|&c| c != 0), "{classes:?}");
         let none_right = logits_taps(&[[0., 5., 0., 0.]; 4]);
         assert!(
-            m.attack_targets(ViewRef(0), &io(&none_right, &t, &y, &[], 50))
-                .unwrap()
-                .is_none()
+            m.attack_targets(
+                ViewRef(0),
+                &io(&none_right, &t, &y, &[], 50),
+                &draws(&[0.5; 4])
+            )
+            .unwrap()
+            .is_none()
         );
     }
 
     #[test]
     fn attack_class_follows_the_teacher() {
-        tch::manual_seed(0);
         // Teacher's non-top mass is all on class 2, up to e^-30.
         let t = logits_taps(&[[10., -20., 9., -20.]; 64]);
         let y = Tensor::zeros([64], (Kind::Int64, Device::Cpu));
@@ -390,7 +414,11 @@ mod tests {
             ..Config::default()
         });
         let (_, classes) = m
-            .attack_targets(ViewRef(0), &io(&t, &t, &y, &[], 50))
+            .attack_targets(
+                ViewRef(0),
+                &io(&t, &t, &y, &[], 50),
+                &Tensor::rand([64], tch::kind::FLOAT_CPU),
+            )
             .unwrap()
             .unwrap();
         assert!(
@@ -399,6 +427,37 @@ mod tests {
                 .iter()
                 .all(|&c| c == 2)
         );
+    }
+
+    /// The attack class is the inverse of the cumulative teacher probability
+    /// over the non-top classes at the row's own draw; the draws are indexed
+    /// by batch row, not by rank among the chosen rows.
+    #[test]
+    fn attack_class_inverts_the_cumulative_probability_at_the_row_draw() {
+        // Non-top probabilities of the teacher, sorted: class 1, 2, 3 with
+        // p proportional to e^2, e^1, e^0 (about 0.665, 0.245, 0.090).
+        let t = logits_taps(&[[9., 2., 1., 0.]; 3]);
+        let y = Tensor::from_slice(&[0i64, 0, 0]);
+        let mut m = bss(Config {
+            attack_size: 3,
+            ..Config::default()
+        });
+        let mut classes = |u: &[f32]| {
+            let (rows, classes) = m
+                .attack_targets(ViewRef(0), &io(&t, &t, &y, &[], 50), &draws(u))
+                .unwrap()
+                .unwrap();
+            assert_eq!(Vec::<i64>::try_from(rows).unwrap(), vec![0, 1, 2]);
+            Vec::<i64>::try_from(classes).unwrap()
+        };
+        assert_eq!(classes(&[0.0, 0.6, 0.7]), vec![1, 1, 2]);
+        assert_eq!(classes(&[0.95, 0.89, 0.999]), vec![3, 2, 3]);
+        let err = m
+            .attack_targets(ViewRef(0), &io(&t, &t, &y, &[], 50), &draws(&[0.5]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("one attack-class draw per batch row"), "{err}");
     }
 
     #[test]

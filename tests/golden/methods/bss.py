@@ -1,11 +1,16 @@
 """BSS (boundary supporting samples), as KD-Zoo's train_bss.py with
 kd_losses/bss.py, at network level: it needs the adversarial view, which
-`kd probe loss` cannot feed, so make() writes nothing yet. The functions are
-the reference for a later network-level golden test (models from
-tests/golden/models.py return taps). `u` are the uniform draws of the
-attack-class choice; pass them to make a run deterministic."""
+`kd probe loss` cannot feed, so its fixture is a step fixture (`kd probe
+step`) on zoo networks from models.py. `u` are the uniform draws of the
+attack-class choice, one per batch row (KD-Zoo draws `torch.rand` per chosen
+row; a draw per batch row, read at the chosen rows, has the same
+distribution); the fixture gives them to the engine as `batch/attack_u`."""
+import copy
+
 import torch
 import torch.nn.functional as F
+
+from gen import step_batch, step_fixture, zoo_net
 
 
 def factor(epoch, epochs, warmup_epochs=10, active_fraction=0.8, decay=True):
@@ -17,7 +22,8 @@ def factor(epoch, epochs, warmup_epochs=10, active_fraction=0.8, decay=True):
 
 
 def select(out_s, out_t, target, attack_size=32, u=None):
-    """(rows, attack classes), or None when no row is right on both sides."""
+    """(rows, attack classes), or None when no row is right on both sides.
+    `u`: one uniform draw per batch row (None: fresh ones)."""
     out_s, out_t = out_s.detach(), out_t.detach()
     rows = ((out_s.argmax(1) == target) & (out_t.argmax(1) == target)).nonzero().flatten()
     if rows.numel() == 0:
@@ -29,8 +35,8 @@ def select(out_s, out_t, target, attack_size=32, u=None):
     p, order = F.softmax(out_t[rows], 1).sort(1, descending=True)
     p, order = p[:, 1:], order[:, 1:]                    # drop the top (= target) class
     if u is None:
-        u = torch.rand(rows.numel(), device=p.device)
-    threshold = u * p.sum(1)
+        u = torch.rand(target.shape[0], device=p.device)
+    threshold = u[rows] * p.sum(1)
     cum = p.cumsum(1)
     classes = order[:, 0].clone()                        # runner-up if no draw lands
     for k in range(rows.numel()):
@@ -67,9 +73,11 @@ def bss_kl(attacked_s, attacked_t, T=3.0, t_squared=False):
     return kl * (T * T if t_squared else 1.0)
 
 
-def bss_loss(student, teacher, img, target, epoch, epochs, T=3.0, attack_size=32, u=None, **attack_kw):
-    """The term before the recipe's weight: student in train mode, teacher in eval."""
-    f = factor(epoch, epochs)
+def bss_loss(student, teacher, img, target, epoch, epochs, T=3.0, attack_size=32, u=None,
+             warmup_epochs=10, active_fraction=0.8, decay=True, t_squared=False, **attack_kw):
+    """The term before the recipe's weight, times the epoch factor: student in
+    train mode, teacher in eval."""
+    f = factor(epoch, epochs, warmup_epochs, active_fraction, decay)
     if f is None:
         return torch.zeros(())
     chosen = select(student(img)["logits"], teacher(img)["logits"], target, attack_size, u)
@@ -77,8 +85,39 @@ def bss_loss(student, teacher, img, target, epoch, epochs, T=3.0, attack_size=32
         return torch.zeros(())
     rows, classes = chosen
     x = attack(teacher, img[rows], target[rows], classes, **attack_kw)
-    return bss_kl(student(x)["logits"], teacher(x)["logits"], T) * f
+    return bss_kl(student(x)["logits"], teacher(x)["logits"], T, t_squared) * f
 
 
 def make():
-    pass
+    student, teacher = zoo_net("resnet8", 30), zoo_net("resnet8", 31)
+    # Sharper classifiers (x2 keeps the values float16-exact): with the
+    # near-uniform outputs of random networks the KL on the attacked rows is
+    # a near-cancellation whose float32 rounding (~2e-5 relative, measured
+    # against float64) exceeds the loss tolerance; here it is ~1e-6.
+    with torch.no_grad():
+        for net in (student, teacher):
+            net.fc.weight.mul_(2.0)
+            net.fc.bias.mul_(2.0)
+    img, _ = step_batch(31)
+    # Labels are the teacher's predictions, so that the rows the student gets
+    # right too are attacked; one row is wrong for both.
+    with torch.no_grad():
+        target = teacher.eval()(img)["logits"].argmax(1)
+        # A copy: the train-mode forward moves the running statistics.
+        right_s = copy.deepcopy(student).train()(img)["logits"].argmax(1) == target
+    target[(~right_s).nonzero()[0, 0]] = (target[(~right_s).nonzero()[0, 0]] + 1) % 10
+    eligible = int(right_s.sum())
+    assert 3 <= eligible < len(target), f"{eligible} rows right on both sides; pick other seeds"
+    # attack_size below the eligible rows exercises the ranking; step_alpha
+    # 5 makes one of the three rows leave the teacher's target class
+    # mid-attack, so the "still right" mask matters, while every argmax the
+    # attack decides on keeps a margin above 5e-4.
+    params = {"T": 2.0, "attack_size": eligible - 1, "step_alpha": 5.0, "num_steps": 10,
+              "eps": 1e-4, "clamp": [-2.5, 2.5], "warmup_epochs": 10, "active_fraction": 0.8,
+              "decay": True, "t_squared": False}
+    u = torch.rand(len(target), generator=torch.Generator().manual_seed(35))
+    kw = dict(params, clamp=tuple(params["clamp"]))
+    # Epoch 10 of 20: the first active epoch, factor 1 - 10 / 16.
+    step_fixture("step_bss", "bss", params, student, teacher, img, target,
+                 loss_fn=lambda s, t, x, y: bss_loss(s, t, x, y, 10, 20, u=u, **kw),
+                 attack_u=u, epoch=10, epochs=20)

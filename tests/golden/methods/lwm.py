@@ -1,9 +1,11 @@
 """LwM's Grad-CAM attention distillation, as KD-Zoo's kd_losses/lwm.py, at
-network level (needs d logit[y] / d feature map, which `kd probe loss` cannot
-feed): make() writes nothing yet; `lwm_loss` is the reference for a later
-network-level golden test (models from tests/golden/models.py return taps)."""
+network level: it needs d logit[y] / d feature map, which `kd probe loss`
+cannot feed, so its fixture is a step fixture (`kd probe step`) on zoo
+networks from models.py."""
 import torch
 import torch.nn.functional as F
+
+from gen import step_batch, step_fixture, zoo_net
 
 
 def grad_cam(taps, tap, target, create_graph, cam):
@@ -26,4 +28,8 @@ def lwm_loss(student, teacher, img, target, tap="feat/2", cam="grad"):
 
 
 def make():
-    pass
+    student, teacher = zoo_net("resnet8", 21), zoo_net("resnet8", 22)
+    img, target = step_batch(23)
+    params = {"tap": "feat/2", "cam": "grad"}
+    step_fixture("step_lwm", "lwm", params, student, teacher, img, target,
+                 loss_fn=lambda s, t, x, y: lwm_loss(s, t, x, y, **params))

@@ -1,9 +1,10 @@
 """Sobolev / Jacobian matching, as KD-Zoo's kd_losses/sobolev.py, at network
 level: it needs d logit[y] / d image, which `kd probe loss` cannot feed, so
-make() writes nothing yet; `sobolev_loss` is the reference for a later
-network-level golden test (models from tests/golden/models.py return taps)."""
+its fixture is a step fixture (`kd probe step`) on zoo networks from models.py."""
 import torch
 import torch.nn.functional as F
+
+from gen import step_batch, step_fixture, zoo_net
 
 
 def input_grad(logits, img, target, create_graph):
@@ -25,4 +26,7 @@ def sobolev_loss(student, teacher, img, target):
 
 
 def make():
-    pass
+    student, teacher = zoo_net("resnet8", 11), zoo_net("resnet8", 12)
+    img, target = step_batch(13)
+    step_fixture("step_sobolev", "sobolev", {}, student, teacher, img, target,
+                 loss_fn=sobolev_loss)
