@@ -158,3 +158,70 @@ fn methods_lists_config_defaults() {
     kd_cli::run(["kd", "methods"]).unwrap();
     kd_cli::run(["kd", "models"]).unwrap();
 }
+
+/// A step fixture with one thing wrong: `kd probe step` says what and what
+/// would be valid, on one line.
+#[test]
+fn probe_step_fixture_errors_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = |edit: &dyn Fn(&mut tensors::TensorFile)| {
+        let mut f = tensors::read(&golden("step_bss.safetensors")).unwrap();
+        edit(&mut f);
+        let path = dir.path().join("f.safetensors");
+        tensors::write(&path, &f).unwrap();
+        let out = dir.path().join("o.safetensors");
+        err(&[
+            "kd",
+            "probe",
+            "step",
+            "--fixture",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let drop = |name: &'static str| {
+        move |f: &mut tensors::TensorFile| f.tensors.retain(|(n, _)| n != name)
+    };
+    let e = probe(&drop("batch/attack_u"));
+    assert!(
+        e.contains("give one uniform draw in [0, 1) per batch row (`batch/attack_u`)"),
+        "{e}"
+    );
+    let e = probe(&drop("student.weights/layer1.0.conv2.weight"));
+    assert!(
+        e.contains("`student.weights/*` lacks 1 of the network's")
+            && e.contains("layer1.0.conv2.weight"),
+        "{e}"
+    );
+    let e = probe(&|f| {
+        f.push(
+            "teacher.weights/layer9.conv.weight",
+            &tch::Tensor::zeros([1], tch::kind::FLOAT_CPU),
+        )
+    });
+    assert!(
+        e.contains("`teacher.weights/layer9.conv.weight` is not a tensor of the network"),
+        "{e}"
+    );
+    let e = probe(&|f| {
+        f.metadata.insert("epoch".into(), "20".into());
+    });
+    assert!(
+        e.contains("`epoch` (20) must be below `epochs` (20)"),
+        "{e}"
+    );
+    let e = probe(&|f| {
+        f.metadata.insert("student".into(), "resnet9".into());
+    });
+    assert!(e.contains("unknown model `resnet9`; valid models: "), "{e}");
+    let e = probe(&|f| {
+        let u = f.get("batch/attack_u").unwrap() + 1.0;
+        f.tensors.retain(|(n, _)| n != "batch/attack_u");
+        f.push("batch/attack_u", &u);
+    });
+    assert!(
+        e.contains("`batch/attack_u` must be [8] uniforms in [0, 1)"),
+        "{e}"
+    );
+}
