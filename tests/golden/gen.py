@@ -100,9 +100,12 @@ def zoo_net(arch, seed, num_classes=10):
     BatchNorm statistics calibrated, every value rounded to float16 so that
     step fixtures can store it at half the size without changing it."""
     import models
-    torch.manual_seed(seed)
-    net = models.build(models.arch_of(arch), num_classes)
-    models.perturb_and_calibrate(net)
+    # A private generator state: the fixtures written after this one draw
+    # from the global generator and must not move when step fixtures change.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = models.build(models.arch_of(arch), num_classes)
+        models.perturb_and_calibrate(net)
     with torch.no_grad():
         for t in net.state_dict().values():
             if t.is_floating_point():
