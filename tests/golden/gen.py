@@ -40,6 +40,8 @@ import json
 import pathlib
 import sys
 
+import zlib
+
 import torch
 from safetensors.torch import save_file
 
@@ -161,8 +163,9 @@ def step_batch(seed, batch=8, num_classes=10):
     return img, torch.randint(0, num_classes, (batch,), generator=g)
 
 
-def resnet_taps(batch, seed, channels=(16, 16, 32, 64), spatial=(32, 32, 16, 8), classes=10):
-    """Random taps shaped like a CIFAR ResNet's: feat/0..3, preact/0..3, embed, logits.
+def resnet_taps(batch, seed, channels=(16, 16, 32, 64), spatial=(16, 16, 8, 4), classes=10):
+    """Random taps shaped like a CIFAR ResNet's (at half the spatial size, to keep
+    fixtures small): feat/0..3, preact/0..3, embed, logits.
     Preactivations are drawn first; feats are their ReLU, as in the network."""
     g = torch.Generator().manual_seed(seed)
     taps = {}
@@ -176,11 +179,13 @@ def resnet_taps(batch, seed, channels=(16, 16, 32, 64), spatial=(32, 32, 16, 8),
 
 
 def main(only):
-    torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     for path in sorted((HERE / "methods").glob("*.py")):
         if only and path.stem not in only:
             continue
+        # Per module, so regenerating one module alone writes what a full run
+        # writes (modules that initialise layers draw from the global generator).
+        torch.manual_seed(zlib.crc32(path.stem.encode()))
         sys.path.insert(0, str(HERE))
         importlib.import_module(f"methods.{path.stem}").make()
 

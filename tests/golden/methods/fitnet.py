@@ -42,7 +42,7 @@ def make():
             {"feat/2": t["feat/2"]}, t["logits"].argmax(1), module=reg, loss_fn=hint("feat/2"))
 
     # Student map half the teacher's size: a stride-2 transposed convolution.
-    t = resnet_taps(4, 25, channels=(16, 32, 64, 32), spatial=(32, 32, 16, 16))
+    t = resnet_taps(4, 25, channels=(16, 32, 64, 32), spatial=(16, 16, 8, 8))
     torch.manual_seed(26)
     reg = ConvReg(s["feat/3"].shape[1:], t["feat/3"].shape[1:])
     s4 = {"feat/3": s["feat/3"][:4]}
