@@ -2,9 +2,17 @@
 //! same step followed by what the engine reports per step to the MLflow
 //! observer (loss terms, total, lr, weight, images/s), and those calls alone.
 //! The tracker runs journal-only here; journal writing and shipping happen on
-//! background threads either way. Overhead = calls / step.
+//! background threads either way.
+//!
+//! The two step variants are measured interleaved: every sample of either runs
+//! a block of tracked steps and a block of plain steps and keeps the time of
+//! its own block, so the drift of a shared machine (other jobs, frequency
+//! changes) falls on both alike and the ratio of their means is the overhead.
+//! Blocks rather than alternate steps, so the journal thread's work for a
+//! tracked step lands in the tracked block (at most the last step's spills).
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use kd_core::Registry;
@@ -46,42 +54,60 @@ fn plan() -> Plan {
     }
 }
 
+const KEYS: [&str; 7] = [
+    "train/loss",
+    "train/lr",
+    "loss/ce/ce",
+    "loss/st/st",
+    "weight/ce",
+    "weight/st",
+    "train/images_per_sec",
+];
+
+/// One step, followed by the per-step metric calls when `tracker` is given.
+fn step(h: &mut StepHarness, tracker: Option<&Tracker>, n: &mut i64) -> Duration {
+    let t0 = Instant::now();
+    let loss = h.step().unwrap();
+    if let Some(tr) = tracker {
+        for k in KEYS {
+            tr.metric(k, loss, *n);
+        }
+        *n += 1;
+    }
+    black_box(loss);
+    t0.elapsed()
+}
+
 fn bench(c: &mut Criterion) {
     kd_methods::link();
     let registry = Registry::global().unwrap();
     let mut h = StepHarness::new(&plan(), &registry).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tracker = Tracker::start(dir.path(), RunSpec::new("bench").name("bench")).unwrap();
-    let keys = [
-        "train/loss",
-        "train/lr",
-        "loss/ce/ce",
-        "loss/st/st",
-        "weight/ce",
-        "weight/st",
-        "train/images_per_sec",
-    ];
     let mut g = c.benchmark_group("train_step_tracking");
     g.sample_size(20);
-    let mut step = 0i64;
-    g.bench_function("step+tracking", |b| {
-        b.iter(|| {
-            let loss = h.step().unwrap();
-            for k in keys {
-                tracker.metric(k, loss, step);
-            }
-            step += 1;
-            black_box(loss)
-        })
-    });
-    // Measured after the tracked step, so warm-up order cannot favour it.
-    g.bench_function("step", |b| b.iter(|| black_box(h.step().unwrap())));
+    let mut n = 0i64;
+    for tracked in [true, false] {
+        let name = if tracked { "step+tracking" } else { "step" };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let (mut with, mut without) = (Duration::ZERO, Duration::ZERO);
+                for _ in 0..iters {
+                    with += step(&mut h, Some(&tracker), &mut n);
+                }
+                for _ in 0..iters {
+                    without += step(&mut h, None, &mut n);
+                }
+                if tracked { with } else { without }
+            })
+        });
+    }
     // The tracking calls alone: what the training thread pays per step,
     // measured without the step's noise.
     let mut s = 0i64;
     g.bench_function("tracking_calls_per_step", |b| {
         b.iter(|| {
-            for k in keys {
+            for k in KEYS {
                 tracker.metric(k, 0.5, s);
             }
             s += 1;

@@ -36,6 +36,16 @@ impl Observer for Console<'_> {
         }
     }
 
+    fn teacher_eval(&mut self, stage: &str, top1: f64, top5: f64) {
+        self.line(format!(
+            "[{}] {stage}: teacher test {top1:.2}% (top-5 {top5:.2}%)",
+            self.run
+        ));
+        if let Some(n) = self.next.as_deref_mut() {
+            n.teacher_eval(stage, top1, top5);
+        }
+    }
+
     fn epoch(&mut self, stage: &str, global: i64, r: &EpochRecord) {
         let val = r
             .val_top1

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kd_core::Registry;
-use kd_engine::report::{summarize, table};
+use kd_engine::report::{group, summarize, table};
 use kd_engine::{ModelPlan, NoScripts, Plan, RunOptions, RunResult};
 
 use crate::train::{TrainArgs, apply_config, parse_method};
@@ -196,10 +196,8 @@ where
                     seed,
                 )
             })?;
-            let rows = vec![summarize(
-                &name,
-                &execute_all(&registry, &runs, &train, &format!("{name}_sweep"))?,
-            )];
+            let results = execute_all(&registry, &runs, &train, &format!("{name}_sweep"))?;
+            let rows = vec![summarize(&name, &paired(&runs, &results))];
             print!("{}", table(&rows));
             Ok(())
         }
@@ -263,14 +261,16 @@ where
                         seed,
                     )
                 })?;
+                let results = execute_all(&registry, &base_runs, &train, &format!("{base}_sweep"))?;
                 rows.push(summarize(
                     &format!("{student} alone (ce)"),
-                    &execute_all(&registry, &base_runs, &train, &format!("{base}_sweep"))?,
+                    &paired(&base_runs, &results),
                 ));
             }
+            let results = execute_all(&registry, &kd_runs, &train, &format!("{name}_sweep"))?;
             rows.push(summarize(
                 &format!("{student} from {teacher} ({label})"),
-                &execute_all(&registry, &kd_runs, &train, &format!("{name}_sweep"))?,
+                &paired(&kd_runs, &results),
             ));
             print!("{}", table(&rows));
             Ok(())
@@ -309,14 +309,11 @@ where
             for plan in &plans {
                 kd_recipes::validate(plan, &registry, &scripts)?;
             }
-            let mut rows = Vec::new();
+            let mut results = Vec::new();
             for plan in &plans {
-                rows.push(summarize(
-                    &plan.name,
-                    &[execute(&registry, plan, &ex, None)?],
-                ));
+                results.push(execute(&registry, plan, &ex, None)?);
             }
-            print!("{}", table(&rows));
+            print!("{}", table(&group(&paired(&plans, &results))));
             Ok(())
         }
         Cmd::Mlflow(Mlflow::Up { out, port }) => {
@@ -374,6 +371,11 @@ fn load_recipe(path: &Path, sets: &[String]) -> Result<kd_recipes::Recipe> {
         .map(|s| kd_recipes::parse_set(s))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(kd_recipes::Recipe::load(path, &overrides)?)
+}
+
+/// Each plan with the result of running it.
+fn paired<'a>(plans: &'a [Plan], results: &'a [RunResult]) -> Vec<(&'a Plan, &'a RunResult)> {
+    plans.iter().zip(results).collect()
 }
 
 /// One plan per seed; the run name gets a `_s<seed>` suffix.
@@ -439,7 +441,7 @@ pub fn run_sweep(
             }
         }
     }
-    let s = summarize(sweep, &results);
+    let s = summarize(sweep, &paired(plans, &results));
     for (k, v) in [
         ("best_top1_mean", s.best.0),
         ("best_top1_std", s.best.1),
@@ -488,6 +490,7 @@ pub fn execute(
         .with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
     let device = format!("{:?}", kd_engine::device(plan.device)?);
     let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
+    let journal_only = uri.is_none();
     let mut tracking = track::Tracking::start(
         &run_dir,
         plan,
@@ -523,7 +526,12 @@ pub fn execute(
         Err(_) => kd_tracking::RunStatus::Failed,
     };
     let report = tracking.finish(&run_dir, status);
-    if report.needs_sync() {
+    if journal_only {
+        eprintln!(
+            "tracking: no MLflow server given; the run is journaled in {0}; `kd sync {0} --tracking-uri URL` sends it",
+            run_dir.display()
+        );
+    } else if report.needs_sync() {
         eprintln!(
             "tracking: the server has not received everything yet; `kd sync {}` sends the rest",
             run_dir.display()

@@ -171,6 +171,12 @@ impl Observer for Tracking {
         }
     }
 
+    fn teacher_eval(&mut self, stage: &str, top1: f64, top5: f64) {
+        let t = &self.tracker;
+        t.metric(&format!("stage/{stage}/teacher_top1"), top1, 0);
+        t.metric(&format!("stage/{stage}/teacher_top5"), top5, 0);
+    }
+
     fn epoch(&mut self, stage: &str, global: i64, r: &EpochRecord) {
         let t = &self.tracker;
         t.metric("epoch/train_loss", r.train_loss, global);

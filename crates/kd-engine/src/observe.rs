@@ -63,6 +63,10 @@ pub trait Observer {
     /// Step-level values (loss terms, total, lr, weights, images/s).
     fn metrics(&mut self, _step: i64, _values: &[(String, f64)]) {}
     fn stage_start(&mut self, _index: usize, _name: &str) {}
+    /// Test accuracy (top-1, top-5, in %) of the frozen teacher a stage
+    /// distils from, measured before its first epoch: a teacher whose
+    /// weights did not load shows here, not as a mysteriously weak student.
+    fn teacher_eval(&mut self, _stage: &str, _top1: f64, _top5: f64) {}
     fn epoch(&mut self, _stage: &str, _global_epoch: i64, _record: &EpochRecord) {}
     fn stage_end(&mut self, _result: &StageResult) {}
     /// A file the run produced (checkpoints, plots).

@@ -1,17 +1,18 @@
-//! Summaries of several runs: mean ± sample standard deviation of the best
-//! and the last test top-1, per configuration.
+//! Summaries of several runs, one table for every command: a row per
+//! configuration with its seeds and the mean ± sample standard deviation of
+//! the best and the last test top-1 of each run's last stage.
 
-use crate::RunResult;
+use crate::{Plan, RunResult};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     pub config: String,
-    pub runs: usize,
+    pub seeds: Vec<u64>,
     pub best: (f64, f64),
     pub last: (f64, f64),
 }
 
-/// Mean and sample standard deviation (0 for a single value).
+/// Mean and sample standard deviation, n − 1 (0 for a single value).
 pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     if xs.is_empty() {
@@ -26,46 +27,121 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-pub fn summarize(config: &str, runs: &[RunResult]) -> Summary {
-    let last_stage = |r: &RunResult| r.last().cloned();
-    let best: Vec<f64> = runs
-        .iter()
-        .filter_map(last_stage)
-        .map(|s| s.best_top1)
-        .collect();
-    let last: Vec<f64> = runs
-        .iter()
-        .filter_map(last_stage)
-        .map(|s| s.last_top1)
-        .collect();
+/// One row for runs the caller knows to share a configuration.
+pub fn summarize(config: &str, runs: &[(&Plan, &RunResult)]) -> Summary {
+    let pick = |f: fn(&RunResult) -> Option<f64>| -> Vec<f64> {
+        runs.iter().filter_map(|(_, r)| f(r)).collect()
+    };
     Summary {
         config: config.to_string(),
-        runs: runs.len(),
-        best: mean_std(&best),
-        last: mean_std(&last),
+        seeds: runs.iter().map(|(p, _)| p.seed).collect(),
+        best: mean_std(&pick(|r| r.last().map(|s| s.best_top1))),
+        last: mean_std(&pick(|r| r.last().map(|s| s.last_top1))),
     }
 }
 
-/// A plain-text table, one row per configuration.
-pub fn table(rows: &[Summary]) -> String {
-    let width = rows
+/// Rows for runs that may differ: runs whose plans differ only in name and
+/// seed form one configuration, labelled by their names' common prefix.
+pub fn group(runs: &[(&Plan, &RunResult)]) -> Vec<Summary> {
+    let mut groups: Vec<(serde_json::Value, Vec<(&Plan, &RunResult)>)> = Vec::new();
+    for &(plan, result) in runs {
+        let key = configuration(plan);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push((plan, result)),
+            None => groups.push((key, vec![(plan, result)])),
+        }
+    }
+    groups
         .iter()
-        .map(|r| r.config.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    let mut out = format!(
-        "{:<width$}  {:>4}  {:>16}  {:>16}\n",
-        "config", "runs", "best top-1 (%)", "last top-1 (%)"
-    );
+        .map(|(_, members)| summarize(&label(members), members))
+        .collect()
+}
+
+fn configuration(plan: &Plan) -> serde_json::Value {
+    let mut p = plan.clone();
+    p.name.clear();
+    p.seed = 0;
+    serde_json::to_value(&p).unwrap_or_default()
+}
+
+/// The names' common prefix without a trailing seed marker (`-s`, `_seed`),
+/// or the one name of a single run.
+fn label(members: &[(&Plan, &RunResult)]) -> String {
+    let first = &members[0].0.name;
+    if members.len() == 1 {
+        return first.clone();
+    }
+    let mut prefix = first.as_str();
+    for (p, _) in &members[1..] {
+        let common = prefix
+            .chars()
+            .zip(p.name.chars())
+            .take_while(|(a, b)| a == b)
+            .map(|(a, _)| a.len_utf8())
+            .sum();
+        prefix = &prefix[..common];
+    }
+    let mut prefix = prefix.trim_end_matches(|c: char| c.is_ascii_digit());
+    for marker in ["seed", "s"] {
+        if let Some(p) = prefix
+            .strip_suffix(marker)
+            .filter(|p| p.ends_with(['-', '_', '.']))
+        {
+            prefix = p;
+            break;
+        }
+    }
+    let prefix = prefix.trim_end_matches(['-', '_', '.', ' ']);
+    if prefix.is_empty() {
+        first.clone()
+    } else {
+        prefix.to_string()
+    }
+}
+
+/// A plain-text table, one row per summary; the std is left out for a
+/// single run.
+pub fn table(rows: &[Summary]) -> String {
+    let cell = |(m, s): (f64, f64), n: usize| {
+        if n < 2 {
+            format!("{m:.2}")
+        } else {
+            format!("{m:.2} ± {s:.2}")
+        }
+    };
+    let mut cells = vec![[
+        "configuration".to_string(),
+        "seeds".into(),
+        "best top-1 (%)".into(),
+        "last top-1 (%)".into(),
+    ]];
     for r in rows {
-        out += &format!(
-            "{:<width$}  {:>4}  {:>16}  {:>16}\n",
-            r.config,
-            r.runs,
-            format!("{:.2} ± {:.2}", r.best.0, r.best.1),
-            format!("{:.2} ± {:.2}", r.last.0, r.last.1)
-        );
+        let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
+        cells.push([
+            r.config.clone(),
+            seeds.join(","),
+            cell(r.best, r.seeds.len()),
+            cell(r.last, r.seeds.len()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..4)
+        .map(|c| {
+            cells
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in &cells {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
     out
 }
@@ -73,6 +149,7 @@ pub fn table(rows: &[Summary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ModelPlan, StagePlan, StageResult};
 
     #[test]
     fn sample_std_like_numpy_ddof1() {
@@ -81,5 +158,73 @@ mod tests {
         // numpy.std([70, 71, 72.5], ddof=1) = 1.2583057392117916
         assert!((s - 1.258_305_739_211_791_6).abs() < 1e-9);
         assert_eq!(mean_std(&[3.0]), (3.0, 0.0));
+    }
+
+    fn record(name: &str, seed: u64, lr: f64, best: f64, last: f64) -> (Plan, RunResult) {
+        let mut stage = StagePlan {
+            name: "s".into(),
+            epochs: 1,
+            subject: Default::default(),
+            train: vec![],
+            methods: vec![],
+            optimizer: Default::default(),
+            lr_schedule: Default::default(),
+        };
+        stage.optimizer.lr = lr;
+        let plan = Plan {
+            name: name.into(),
+            seed,
+            device: Default::default(),
+            data: Default::default(),
+            student: ModelPlan {
+                arch: "resnet8".into(),
+                weights: None,
+            },
+            teacher: None,
+            stages: vec![stage],
+        };
+        let st = StageResult {
+            name: "s".into(),
+            epochs: vec![],
+            best_top1: best,
+            best_epoch: 0,
+            last_top1: last,
+            last_top5: 0.0,
+            last_weights: "l".into(),
+            best_weights: "b".into(),
+        };
+        let result = RunResult {
+            name: name.into(),
+            run_dir: "d".into(),
+            stages: vec![st],
+        };
+        (plan, result)
+    }
+
+    #[test]
+    fn groups_by_configuration_with_sample_std() {
+        let runs = [
+            record("st-s0", 0, 0.05, 70.0, 69.0),
+            record("st-s1", 1, 0.05, 72.0, 70.0),
+            record("st-s2", 2, 0.05, 74.0, 71.0),
+            record("hi-lr", 0, 0.1, 60.0, 59.5),
+        ];
+        let refs: Vec<(&Plan, &RunResult)> = runs.iter().map(|(p, r)| (p, r)).collect();
+        let t = table(&group(&refs));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        // mean 72, sample std 2 (population std would be 1.63).
+        assert!(
+            lines[1].starts_with("st ")
+                && lines[1].contains("0,1,2")
+                && lines[1].contains("72.00 ± 2.00")
+                && lines[1].contains("70.00 ± 1.00"),
+            "{t}"
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["hi-lr", "0", "60.00", "59.50"],
+            "{t}"
+        );
     }
 }

@@ -693,6 +693,18 @@ fn run_stage(
         cx.ckpt.with_file_name(format!("{name}.best.safetensors")),
     );
     opts.observer.stage_start(cx.si, name);
+    let frozen_teacher = nets
+        .other
+        .filter(|_| stage.subject == Subject::Student && !mutual);
+    if let Some(t) = frozen_teacher {
+        let (top1, top5) = eval::accuracy(
+            t.model.as_ref(),
+            &cx.splits.test,
+            cx.plan.data.eval_batch_size,
+            device,
+        );
+        opts.observer.teacher_eval(name, top1, top5);
+    }
     let epochs_before: i64 = cx.finished.iter().map(|r| r.epochs.len() as i64).sum();
 
     for epoch in first_epoch..stage.epochs {
