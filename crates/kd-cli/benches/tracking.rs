@@ -5,9 +5,11 @@
 //! background threads either way.
 //!
 //! The two step variants are measured interleaved: every sample of either runs
-//! a block of tracked steps and a block of plain steps and keeps the time of
-//! its own block, so the drift of a shared machine (other jobs, frequency
-//! changes) falls on both alike and the ratio of their means is the overhead.
+//! a block of tracked steps and a block of plain steps (which first
+//! alternates) and reports the time of its own block. Criterion measures the
+//! two functions minutes apart, so their reported times carry the drift of a
+//! shared machine; the bench therefore also prints the paired overhead, the
+//! ratio of the tracked and the plain blocks' total times over every sample.
 //! Blocks rather than alternate steps, so the journal thread's work for a
 //! tracked step lands in the tracked block (at most the last step's spills).
 
@@ -78,6 +80,40 @@ fn step(h: &mut StepHarness, tracker: Option<&Tracker>, n: &mut i64) -> Duration
     t0.elapsed()
 }
 
+/// Per sample `ln(tracked / plain)`, each pair measured back to back (for
+/// small values, the relative overhead): mean, its standard error, median.
+/// The median resists the bursts of other jobs on a shared machine.
+fn paired_overhead(pairs: &[(f64, f64)]) -> (f64, f64, f64) {
+    let mut d: Vec<f64> = pairs.iter().map(|(w, wo)| (w / wo).ln()).collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    d.sort_by(f64::total_cmp);
+    let median = if d.is_empty() {
+        f64::NAN
+    } else {
+        d[d.len() / 2]
+    };
+    (mean, (var / n).sqrt(), median)
+}
+
+/// CPU time (ns) the tracker's background threads have used so far, from
+/// the kernel's per-thread accounting (`/proc/self/task/*/schedstat`): what
+/// tracking can take from the training threads besides its calls. Linux only;
+/// `None` elsewhere.
+fn tracker_threads_cpu_ns() -> Option<u64> {
+    let mut total = None;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim().starts_with("kd-journal") || comm.trim().starts_with("kd-ship") {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+            total = Some(total.unwrap_or(0) + ns);
+        }
+    }
+    total
+}
+
 fn bench(c: &mut Criterion) {
     kd_methods::link();
     let registry = Registry::global().unwrap();
@@ -85,23 +121,53 @@ fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let tracker = Tracker::start(dir.path(), RunSpec::new("bench").name("bench")).unwrap();
     let mut g = c.benchmark_group("train_step_tracking");
-    g.sample_size(20);
+    g.sample_size(30);
     let mut n = 0i64;
+    // Every sample of either function runs both blocks, so the two totals
+    // below are paired in time: their ratio is the overhead, free of the
+    // drift between the moments criterion measures one function and the other.
+    let mut pairs: Vec<(f64, f64)> = Vec::new();
+    // Opening the run (journal, fsync) is paid once, not per step.
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu_before = tracker_threads_cpu_ns();
+    let mut tracked_first = true;
     for tracked in [true, false] {
         let name = if tracked { "step+tracking" } else { "step" };
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let (mut with, mut without) = (Duration::ZERO, Duration::ZERO);
-                for _ in 0..iters {
-                    with += step(&mut h, Some(&tracker), &mut n);
+                for pass in 0..2 {
+                    let tracked_now = (pass == 0) == tracked_first;
+                    for _ in 0..iters {
+                        if tracked_now {
+                            with += step(&mut h, Some(&tracker), &mut n);
+                        } else {
+                            without += step(&mut h, None, &mut n);
+                        }
+                    }
                 }
-                for _ in 0..iters {
-                    without += step(&mut h, None, &mut n);
-                }
+                tracked_first = !tracked_first;
+                pairs.push((with.as_secs_f64(), without.as_secs_f64()));
                 if tracked { with } else { without }
             })
         });
     }
+    if let (Some(after), Some(before)) = (tracker_threads_cpu_ns(), cpu_before) {
+        let ns = after - before;
+        println!(
+            "tracker threads: {:.1} µs of CPU per tracked step ({} tracked steps)",
+            ns as f64 / 1e3 / n.max(1) as f64,
+            n
+        );
+    }
+    let (mean, se, median) = paired_overhead(&pairs);
+    println!(
+        "paired overhead of tracking over {} samples: mean {:+.2}% ± {:.2}% (standard error), median {:+.2}%",
+        pairs.len(),
+        100.0 * mean,
+        100.0 * se,
+        100.0 * median
+    );
     // The tracking calls alone: what the training thread pays per step,
     // measured without the step's noise.
     let mut s = 0i64;
