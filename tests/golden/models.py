@@ -1,21 +1,29 @@
 """PyTorch reference of the kd-models zoo and the fixtures its tests read.
 
 The architectures are RepDistiller's CIFAR ResNet (models/resnet.py), WRN
-(models/wrn.py) and VGG-BN (models/vgg.py), with the same module names so the
-state_dict keys match; forward() returns kd's taps:
+(models/wrn.py), VGG-BN (models/vgg.py), Bottleneck ResNet (models/resnetv2.py),
+MobileNetV2 (models/mobilenetv2.py), ShuffleNet V1 (models/ShuffleNetv1.py) and
+V2 (models/ShuffleNetv2.py), with the same module names so the state_dict keys
+match; forward() returns kd's taps:
   feat/0 stem, feat/k stage k, preact/k the same point before its last ReLU,
   embed the pooled vector, logits.
 Where kd's taps differ from RepDistiller's `is_feat=True, preact=True` lists:
-  ResNet, VGG  preact/0 is the stem before its ReLU (RepDistiller repeats feat/0).
+  all but WRN  preact/0 is the stem before its ReLU (RepDistiller repeats feat/0).
   WRN          preact/k is the BN that reads stage k (as RepDistiller), computed
                once in the forward instead of re-applied.
+RepDistiller's own oddities kept as they are:
+  MobileNetV2  stages end in a linear projection: preact/k = feat/k for k >= 1
+               (RepDistiller ignores `preact`).
+  ShuffleV2    preact/k is the last block's [kept half, branch before ReLU],
+               not channel-shuffled, while feat/k is shuffled.
 
 Writes into fixtures/:
   model_<name>.safetensors     the state_dict as PyTorch has it (keys as-is,
                                num_batches_tracked included); big models in
                                float16 (their weights are rounded to float16
                                first, so the expectations are exact for them)
-  model_<name>_io.safetensors  `input` [4, 3, 32, 32]; eval-mode `logits`,
+  model_<name>_io.safetensors  `input` [B, 3, 32, 32] (B = 4, 2 for the
+                               models added later); eval-mode `logits`,
                                `embed` and every tap, spatial taps as
                                `x.flatten(1)[:, ::TAP_STRIDE]` to keep files
                                small; `train/logits` and `train/<bn buffer>`
@@ -213,9 +221,259 @@ class VGG(nn.Module):
         return taps(feat, pre, embed, self.classifier(embed))
 
 
+# ---------------------------------------------------------------- ResNet50
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in, planes, stride):
+        super().__init__()
+        c_out = self.expansion * planes
+        self.conv1 = conv(c_in, planes, 1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv(planes, planes, 3, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv(planes, c_out, 1)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        # An empty Sequential is the identity and holds no state, as in resnetv2.py.
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        """Residual sum before the closing ReLU."""
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        return self.bn3(self.conv3(h)) + self.shortcut(x)
+
+
+class ResNetV2(nn.Module):
+    def __init__(self, blocks, stem, planes, num_classes):
+        super().__init__()
+        self.conv1 = conv(3, stem, 3)
+        self.bn1 = nn.BatchNorm2d(stem)
+        c_in = stem
+        for s, (n, p) in enumerate(zip(blocks, planes)):
+            layer = []
+            for i in range(n):
+                layer.append(Bottleneck(c_in, p, (1 if s == 0 else 2) if i == 0 else 1))
+                c_in = p * Bottleneck.expansion
+            setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
+        self.linear = nn.Linear(c_in, num_classes)
+        init_common(self)  # kaiming_normal_(fan_out), BN 1/0; Linear left as PyTorch makes it
+
+    def forward(self, x):
+        pre = [self.bn1(self.conv1(x))]
+        feat = [F.relu(pre[0])]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            h = feat[-1]
+            for block in list(layer)[:-1]:
+                h = F.relu(block(h))
+            pre.append(layer[-1](h))
+            feat.append(F.relu(pre[-1]))
+        embed = F.adaptive_avg_pool2d(feat[-1], 1).flatten(1)
+        return taps(feat, pre, embed, self.linear(embed))
+
+
+# ---------------------------------------------------------------- MobileNetV2
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in, c_out, stride, t):
+        super().__init__()
+        hidden = c_in * t
+        self.residual = stride == 1 and c_in == c_out
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = self.conv(x)
+        return x + h if self.residual else h
+
+
+class MobileNetV2(nn.Module):
+    # (expands by T, channels, blocks, stride of the first block)
+    SETTING = [(False, 16, 1, 1), (True, 24, 2, 1), (True, 32, 3, 2), (True, 64, 4, 2),
+               (True, 96, 3, 1), (True, 160, 3, 2), (True, 320, 1, 1)]
+    TAPPED = (1, 2, 4, 6)
+
+    def __init__(self, T, width, num_classes):
+        super().__init__()
+        c_in = int(32 * width)
+        self.conv1 = nn.Sequential(nn.Conv2d(3, c_in, 3, 2, 1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU())
+        self.blocks = nn.ModuleList()
+        for expands, c, n, s in self.SETTING:
+            c_out = int(c * width)
+            stage = []
+            for i in range(n):
+                stage.append(InvertedResidual(c_in, c_out, s if i == 0 else 1, T if expands else 1))
+                c_in = c_out
+            self.blocks.append(nn.Sequential(*stage))
+        last = int(1280 * width) if width > 1.0 else 1280
+        self.conv2 = nn.Sequential(nn.Conv2d(c_in, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Linear(last, num_classes))
+        init_common(self)
+        nn.init.normal_(self.classifier[0].weight, 0, 0.01)
+        nn.init.zeros_(self.classifier[0].bias)
+
+    def forward(self, x):
+        pre = [self.conv1[1](self.conv1[0](x))]
+        feat = [F.relu(pre[0])]
+        h = feat[0]
+        for i, stage in enumerate(self.blocks):
+            h = stage(h)
+            if i in self.TAPPED:
+                feat.append(h)
+                pre.append(h)
+        h = self.conv2(h)
+        # RepDistiller's AvgPool2d(input_size // 16, ceil_mode=True) at 32 pixels.
+        embed = F.avg_pool2d(h, 2, ceil_mode=True).flatten(1)
+        return taps(feat, pre, embed, self.classifier(embed))
+
+
+# ---------------------------------------------------------------- ShuffleNets
+
+def channel_shuffle(x, g):
+    n, c, h, w = x.shape
+    return x.reshape(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet V1 Bottleneck."""
+
+    def __init__(self, c_in, c_out, stride, groups):
+        super().__init__()
+        mid = c_out // 4
+        self.g1 = 1 if c_in == 24 else groups
+        self.stride = stride
+        self.conv1 = nn.Conv2d(c_in, mid, 1, groups=self.g1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, groups=groups, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        """Output before the closing ReLU."""
+        h = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g1)
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        if self.stride == 2:
+            return torch.cat([h, F.avg_pool2d(x, 3, 2, 1)], 1)
+        return h + x
+
+
+class ShuffleNetV1(nn.Module):
+    def __init__(self, out_planes, num_blocks, groups, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        c_in = 24
+        for s, (out, n) in enumerate(zip(out_planes, num_blocks)):
+            units = []
+            for i in range(n):
+                units.append(ShuffleUnit(c_in, out - c_in if i == 0 else out, 2 if i == 0 else 1, groups))
+                c_in = out
+            setattr(self, f"layer{s + 1}", nn.Sequential(*units))
+        self.linear = nn.Linear(c_in, num_classes)
+        # PyTorch's default initialisation, as RepDistiller.
+
+    def forward(self, x):
+        pre = [self.bn1(self.conv1(x))]
+        feat = [F.relu(pre[0])]
+        for layer in (self.layer1, self.layer2, self.layer3):
+            h = feat[-1]
+            for unit in list(layer)[:-1]:
+                h = F.relu(unit(h))
+            pre.append(layer[-1](h))
+            feat.append(F.relu(pre[-1]))
+        embed = F.avg_pool2d(feat[-1], 4).flatten(1)
+        return taps(feat, pre, embed, self.linear(embed))
+
+
+class V2Down(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        mid = c_out // 2
+        self.conv1 = nn.Conv2d(c_in, c_in, 3, 2, 1, groups=c_in, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv2 = nn.Conv2d(c_in, mid, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(c_in, mid, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False)
+        self.bn4 = nn.BatchNorm2d(mid)
+        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
+        self.bn5 = nn.BatchNorm2d(mid)
+
+    def forward(self, x):
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = F.relu(self.bn3(self.conv3(x)))
+        right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
+        return channel_shuffle(torch.cat([left, right], 1), 2)
+
+
+class V2Split(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.half = c // 2
+        h = self.half
+        self.conv1 = nn.Conv2d(h, h, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.conv2 = nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False)
+        self.bn2 = nn.BatchNorm2d(h)
+        self.conv3 = nn.Conv2d(h, h, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(h)
+
+    def forward(self, x):
+        """(output, RepDistiller's preact: [kept, branch before ReLU], unshuffled)."""
+        kept, rest = x[:, :self.half], x[:, self.half:]
+        h = F.relu(self.bn1(self.conv1(rest)))
+        pre = self.bn3(self.conv3(self.bn2(self.conv2(h))))
+        return channel_shuffle(torch.cat([kept, F.relu(pre)], 1), 2), torch.cat([kept, pre], 1)
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self, out_channels, num_blocks, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        c_in = 24
+        for s, n in enumerate(num_blocks):
+            c = out_channels[s]
+            setattr(self, f"layer{s + 1}", nn.Sequential(V2Down(c_in, c), *[V2Split(c) for _ in range(n)]))
+            c_in = c
+        self.conv2 = nn.Conv2d(c_in, out_channels[3], 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels[3])
+        self.linear = nn.Linear(out_channels[3], num_classes)
+        # PyTorch's default initialisation, as RepDistiller.
+
+    def forward(self, x):
+        pre = [self.bn1(self.conv1(x))]
+        feat = [F.relu(pre[0])]
+        for layer in (self.layer1, self.layer2, self.layer3):
+            h = layer[0](feat[-1])
+            for block in list(layer)[1:]:
+                h, p = block(h)
+            pre.append(p)
+            feat.append(h)
+        h = F.relu(self.bn2(self.conv2(feat[-1])))
+        embed = F.avg_pool2d(h, 4).flatten(1)
+        return taps(feat, pre, embed, self.linear(embed))
+
+
 # ---------------------------------------------------------------- zoo
 
 def arch_of(name):
+    if name == "ResNet50":
+        return {"family": "resnetv2", "blocks": [3, 4, 6, 3], "stem": 64, "planes": [64, 128, 256, 512]}
+    if name.startswith("mobile_"):
+        return {"family": "mobilenetv2", "expansion": 6, "width": 0.5 if name == "mobile_half" else 1.0}
+    if name == "ShuffleV1":
+        return {"family": "shufflev1", "out_planes": [240, 480, 960], "num_blocks": [4, 8, 4], "groups": 3}
+    if name == "ShuffleV2":
+        return {"family": "shufflev2", "out_channels": [116, 232, 464, 1024], "num_blocks": [3, 7, 3]}
     if name.startswith("resnet"):
         x4 = name.endswith("x4")
         depth = int(name[len("resnet"):].removesuffix("x4"))
@@ -232,22 +490,43 @@ def build(arch, num_classes):
         return ResNet(arch["depth"], arch["filters"], num_classes)
     if arch["family"] == "wrn":
         return WideResNet(arch["depth"], arch["widen"], num_classes)
+    if arch["family"] == "resnetv2":
+        return ResNetV2(arch["blocks"], arch["stem"], arch["planes"], num_classes)
+    if arch["family"] == "mobilenetv2":
+        return MobileNetV2(arch["expansion"], arch["width"], num_classes)
+    if arch["family"] == "shufflev1":
+        return ShuffleNetV1(arch["out_planes"], arch["num_blocks"], arch["groups"], num_classes)
+    if arch["family"] == "shufflev2":
+        return ShuffleNetV2(arch["out_channels"], arch["num_blocks"], num_classes)
     return VGG(arch["cfg"], num_classes)
 
 
 ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
        "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
-       "vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
+       "vgg8", "vgg11", "vgg13", "vgg16", "vgg19",
+       "ResNet50", "mobile_half", "mobile_full", "ShuffleV1", "ShuffleV2"]
 
-# name -> (arch, float16 weights). Full vgg8 is 4M parameters (16 MB), so VGG
-# is checked at 1/8 width with vgg11's two-conv blocks, which exercises the
-# Sequential indices vgg8 never reaches; vgg8 itself is covered by the zoo
-# table (keys, shapes, parameter and tap shapes).
+# name -> (arch, float16 weights, batch). Full vgg8 is 4M parameters (16 MB),
+# so VGG is checked at 1/8 width with vgg11's two-conv blocks, which exercises
+# the Sequential indices vgg8 never reaches; vgg8 itself is covered by the zoo
+# table (keys, shapes, parameter and tap shapes). ResNet50 (23.5M parameters)
+# likewise: resnet50_slim has its Bottlenecks, shortcuts where the width
+# changes without a stride (layer1.0) and identities, at 1/8 width (stem
+# 1/4) and fewer blocks. ShuffleV2 (2.6 MB even in float16) is checked at
+# RepDistiller's net size 0.5: the same blocks and head, stages at 41% width.
+# Entries are generated in this order from one seed: new ones go at the end,
+# so the fixtures before them stay as they are.
 GOLDEN = {
-    "resnet20": (arch_of("resnet20"), False),
-    "resnet8x4": (arch_of("resnet8x4"), True),
-    "wrn_16_2": (arch_of("wrn_16_2"), True),
-    "vgg_slim": ({"family": "vgg", "cfg": [[8], [16], [32, 32], [32, 32], [32, 32]]}, False),
+    "resnet20": (arch_of("resnet20"), False, 4),
+    "resnet8x4": (arch_of("resnet8x4"), True, 4),
+    "wrn_16_2": (arch_of("wrn_16_2"), True, 4),
+    "vgg_slim": ({"family": "vgg", "cfg": [[8], [16], [32, 32], [32, 32], [32, 32]]}, False, 4),
+    "mobile_half": (arch_of("mobile_half"), True, 2),
+    "ShuffleV1": (arch_of("ShuffleV1"), True, 2),
+    "shufflev2_slim": ({"family": "shufflev2", "out_channels": [48, 96, 192, 1024], "num_blocks": [3, 7, 3]},
+                       True, 2),
+    "resnet50_slim": ({"family": "resnetv2", "blocks": [2, 1, 2, 1], "stem": 16, "planes": [8, 16, 32, 64]},
+                      False, 2),
 }
 
 
@@ -271,7 +550,7 @@ def sampled(t):
     return t.flatten(1)[:, ::TAP_STRIDE].contiguous() if t.dim() > 2 else t.contiguous()
 
 
-def golden(name, arch, half):
+def golden(name, arch, half, batch):
     model = build(arch, NUM_CLASSES)
     perturb_and_calibrate(model)
     if half:
@@ -280,7 +559,7 @@ def golden(name, arch, half):
                 if t.is_floating_point():
                     t.copy_(t.half().float())
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(batch, 3, 32, 32)
     model.eval()
     with torch.no_grad():
         out = model(x)
@@ -323,8 +602,8 @@ def main():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     OUT.mkdir(exist_ok=True)
-    for name, (arch, half) in GOLDEN.items():
-        golden(name, arch, half)
+    for name, (arch, half, batch) in GOLDEN.items():
+        golden(name, arch, half, batch)
     zoo_table()
 
 

@@ -16,6 +16,26 @@ const CONV_INIT: Init = Init::Kaiming {
     non_linearity: NonLinearity::ReLU,
 };
 
+/// `nn.Conv2d`'s own initialisation, which RepDistiller's ShuffleNets keep:
+/// kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+/// fan_in = (in / groups) * k * k, read from the weight's shape.
+fn torch_conv_init() -> Init {
+    Init::Kaiming {
+        dist: NormalOrUniform::Uniform,
+        fan: FanInOut::FanIn,
+        non_linearity: NonLinearity::ExplicitGain(1.0 / 3f64.sqrt()),
+    }
+}
+
+/// How a family initialises its convolutions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ConvInit {
+    /// He normal over fan-out (ResNet, WRN, VGG, MobileNetV2, ResNet50).
+    HeFanOut,
+    /// PyTorch's default (ShuffleNet V1 and V2).
+    Torch,
+}
+
 /// A square convolution with "same" padding for odd kernels.
 pub(crate) fn conv(
     p: nn::Path,
@@ -31,6 +51,30 @@ pub(crate) fn conv(
         bias,
         ws_init: CONV_INIT,
         bs_init: Init::Const(0.),
+        ..Default::default()
+    };
+    nn::conv2d(p, c_in, c_out, kernel, cfg)
+}
+
+/// A bias-free square convolution in `groups` groups (`groups == c_in ==
+/// c_out` is depthwise), "same" padding for odd kernels.
+pub(crate) fn conv_grouped(
+    p: nn::Path,
+    (c_in, c_out): (i64, i64),
+    kernel: i64,
+    stride: i64,
+    groups: i64,
+    init: ConvInit,
+) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding: kernel / 2,
+        groups,
+        bias: false,
+        ws_init: match init {
+            ConvInit::HeFanOut => CONV_INIT,
+            ConvInit::Torch => torch_conv_init(),
+        },
         ..Default::default()
     };
     nn::conv2d(p, c_in, c_out, kernel, cfg)
@@ -89,4 +133,18 @@ pub(crate) fn linear(p: nn::Path, c_in: i64, c_out: i64, init: LinearInit) -> nn
 /// mean keeps the CIFAR result and also serves other input sizes.
 pub(crate) fn global_pool(x: &Tensor) -> Tensor {
     x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+}
+
+/// ShuffleNet's channel shuffle: `[N, C, H, W]` viewed as `[N, g, C/g, H, W]`,
+/// the two channel axes swapped, flattened back (channel `i*C/g + j` moves to
+/// `j*g + i`). The identity for one group.
+pub(crate) fn channel_shuffle(x: &Tensor, groups: i64) -> Tensor {
+    if groups == 1 {
+        return x.shallow_clone();
+    }
+    let s = x.size();
+    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+    x.reshape([n, groups, c / groups, h, w])
+        .permute([0, 2, 1, 3, 4])
+        .reshape([n, c, h, w])
 }

@@ -1,5 +1,6 @@
-//! The CIFAR model zoo of RepDistiller (`models/resnet.py`, `wrn.py`,
-//! `vgg.py`) with the feature taps distillation methods read.
+//! The CIFAR model zoo of RepDistiller (`models/resnet.py`, `resnetv2.py`,
+//! `wrn.py`, `vgg.py`, `mobilenetv2.py`, `ShuffleNetv1.py`, `ShuffleNetv2.py`)
+//! with the feature taps distillation methods read.
 //!
 //! Architectures and parameter names follow RepDistiller exactly, so a
 //! PyTorch `state_dict` saved as safetensors loads with [`load_weights`] as it
@@ -9,10 +10,20 @@
 //! Taps ([`kd_core::Taps`]): `feat/0` is the stem, `feat/k` stage `k`,
 //! `preact/k` the same point before its last ReLU, `embed` the pooled vector,
 //! `logits` the classifier output. What each means per family is documented
-//! on [`ResNet`], [`WideResNet`] and [`Vgg`].
+//! on [`ResNet`], [`ResNetV2`], [`WideResNet`], [`Vgg`], [`MobileNetV2`],
+//! [`ShuffleNetV1`] and [`ShuffleNetV2`].
+//!
+//! Zoo names are RepDistiller's `model_dict` keys, case included: `resnet8`
+//! ... `resnet110`, `resnet8x4`, `resnet32x4`, `ResNet50`, `wrn_16_1` ...
+//! `wrn_40_2`, `vgg8` ... `vgg19`, `mobile_half`, `mobile_full`, `ShuffleV1`,
+//! `ShuffleV2` (see [`names`]).
 
 mod layers;
+pub mod mobilenetv2;
 pub mod resnet;
+pub mod resnetv2;
+pub mod shufflenetv1;
+pub mod shufflenetv2;
 pub mod vgg;
 mod weights;
 pub mod wrn;
@@ -22,7 +33,11 @@ use std::path::PathBuf;
 use kd_core::Taps;
 use tch::{Tensor, nn};
 
+pub use mobilenetv2::{MobileNetV2, MobileNetV2Config};
 pub use resnet::{ResNet, ResNetConfig};
+pub use resnetv2::{ResNetV2, ResNetV2Config};
+pub use shufflenetv1::{ShuffleNetV1, ShuffleV1Config};
+pub use shufflenetv2::{ShuffleNetV2, ShuffleV2Config};
 pub use vgg::{Vgg, VggConfig};
 pub use weights::{load_weights, save_weights};
 pub use wrn::{WideResNet, WrnConfig};
@@ -71,9 +86,13 @@ enum Arch {
     ResNet { depth: i64, filters: [i64; 4] },
     Wrn { depth: i64, widen: i64 },
     Vgg { depth: i64 },
+    ResNetV2 { blocks: [i64; 4] },
+    MobileNetV2 { expansion: i64, width_mult: f64 },
+    ShuffleV1,
+    ShuffleV2,
 }
 
-/// RepDistiller's `model_dict`, less the families not ported yet.
+/// RepDistiller's `model_dict`.
 const ZOO: &[(&str, Arch)] = &[
     (
         "resnet8",
@@ -171,7 +190,48 @@ const ZOO: &[(&str, Arch)] = &[
     ("vgg13", Arch::Vgg { depth: 13 }),
     ("vgg16", Arch::Vgg { depth: 16 }),
     ("vgg19", Arch::Vgg { depth: 19 }),
+    (
+        "ResNet50",
+        Arch::ResNetV2 {
+            blocks: [3, 4, 6, 3],
+        },
+    ),
+    (
+        "mobile_half",
+        Arch::MobileNetV2 {
+            expansion: 6,
+            width_mult: 0.5,
+        },
+    ),
+    (
+        "mobile_full",
+        Arch::MobileNetV2 {
+            expansion: 6,
+            width_mult: 1.0,
+        },
+    ),
+    ("ShuffleV1", Arch::ShuffleV1),
+    ("ShuffleV2", Arch::ShuffleV2),
 ];
+
+/// Classifier biases of the zoo's state_dicts (`fc`, VGG's `classifier`,
+/// MobileNetV2's `classifier.0`, `linear` of ResNet50 and the ShuffleNets),
+/// whose length is the number of classes.
+const CLASSIFIER_BIASES: [&str; 4] = [
+    "fc.bias",
+    "classifier.bias",
+    "classifier.0.bias",
+    "linear.bias",
+];
+
+/// Whether state_dict key `key` is a zoo classifier's bias, also under a
+/// prefix ending in `.` or `/` (`module.fc.bias`, `student.weights/linear.bias`).
+pub fn is_classifier_bias(key: &str) -> bool {
+    CLASSIFIER_BIASES.iter().any(|b| {
+        key.strip_suffix(b)
+            .is_some_and(|rest| rest.is_empty() || rest.ends_with(['.', '/']))
+    })
+}
 
 /// Every zoo name, sorted.
 pub fn names() -> Vec<&'static str> {
@@ -202,6 +262,29 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
         ),
         Arch::Vgg { depth } => Box::new(
             VggConfig::new(depth)?
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::ResNetV2 { blocks } => Box::new(
+            ResNetV2Config::new(blocks)
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::MobileNetV2 {
+            expansion,
+            width_mult,
+        } => Box::new(
+            MobileNetV2Config::new(expansion, width_mult)
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::ShuffleV1 => Box::new(
+            ShuffleV1Config::new()
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::ShuffleV2 => Box::new(
+            ShuffleV2Config::new()
                 .with_num_classes(num_classes)
                 .init(p)?,
         ),

@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{assert_close, fixture, metadata, read};
-use kd_models::{Network, VggConfig, build, load_weights};
+use kd_models::{Network, ResNetV2Config, ShuffleV2Config, VggConfig, build, load_weights};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -20,11 +20,28 @@ fn build_arch(
     if kd_models::names().contains(&name) {
         return build(name, &vs.root(), classes).unwrap();
     }
+    let field = |key: &str| arch[key].clone();
+    if arch["family"] == "resnetv2" {
+        let net = ResNetV2Config::new(serde_json::from_value(field("blocks")).unwrap())
+            .with_stem(serde_json::from_value(field("stem")).unwrap())
+            .with_planes(serde_json::from_value(field("planes")).unwrap())
+            .with_num_classes(classes)
+            .init(&vs.root());
+        return Box::new(net.unwrap());
+    }
+    if arch["family"] == "shufflev2" {
+        let net = ShuffleV2Config::new()
+            .with_out_channels(serde_json::from_value(field("out_channels")).unwrap())
+            .with_num_blocks(serde_json::from_value(field("num_blocks")).unwrap())
+            .with_num_classes(classes)
+            .init(&vs.root());
+        return Box::new(net.unwrap());
+    }
     assert_eq!(
         arch["family"], "vgg",
-        "{name}: only slim VGGs are built from a cfg"
+        "{name}: only slim VGGs, ResNetV2s and ShuffleNetV2s are built from a config"
     );
-    let cfg: Vec<Vec<i64>> = serde_json::from_value(arch["cfg"].clone()).unwrap();
+    let cfg: Vec<Vec<i64>> = serde_json::from_value(field("cfg")).unwrap();
     let net = VggConfig::new(8)
         .unwrap()
         .with_cfg(cfg)
@@ -106,4 +123,24 @@ fn wrn_16_2_matches_pytorch() {
 #[test]
 fn vgg_matches_pytorch() {
     check("vgg_slim");
+}
+
+#[test]
+fn mobile_half_matches_pytorch() {
+    check("mobile_half");
+}
+
+#[test]
+fn shufflev1_matches_pytorch() {
+    check("ShuffleV1");
+}
+
+#[test]
+fn shufflev2_matches_pytorch() {
+    check("shufflev2_slim");
+}
+
+#[test]
+fn resnet50_matches_pytorch() {
+    check("resnet50_slim");
 }

@@ -1,7 +1,9 @@
 //! Fresh weights follow RepDistiller's initialisation, checked against the
-//! PyTorch formulas: convs N(0, sqrt(2 / (out*k*k))), BN weight 1 bias 0,
-//! running stats 0/1, classifiers per family (nn.Linear default for ResNet,
-//! zero bias for WRN, N(0, 0.01) with zero bias for VGG).
+//! PyTorch formulas: convs N(0, sqrt(2 / (out*k*k))) (PyTorch's default
+//! U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the ShuffleNets, which keep it),
+//! BN weight 1 bias 0, running stats 0/1, classifiers per family (nn.Linear
+//! default for ResNet, ResNet50 and the ShuffleNets, zero bias for WRN,
+//! N(0, 0.01) with zero bias for VGG and MobileNetV2).
 
 use std::collections::HashMap;
 
@@ -20,13 +22,18 @@ fn all_equal(t: &Tensor, v: f64) -> bool {
     bool::try_from(t.eq(v).all()).unwrap()
 }
 
+enum Conv {
+    HeFanOut,
+    TorchDefault,
+}
+
 enum Classifier {
     TorchDefault,
     ZeroBias,
     Normal001,
 }
 
-fn check(name: &str, head: &str, classifier: Classifier) {
+fn check(name: &str, conv: Conv, head: &str, classifier: Classifier) {
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     build(name, &vs.root(), 100).unwrap();
@@ -43,8 +50,16 @@ fn check(name: &str, head: &str, classifier: Classifier) {
             "bias" if is_bn => assert!(all_equal(t, 0.), "{what}"),
             "weight" if t.dim() == 4 => {
                 let s = t.size();
-                let expected = (2.0 / (s[0] * s[2] * s[3]) as f64).sqrt();
-                let (mean, std, _) = stats(t);
+                let (mean, std, max) = stats(t);
+                let expected = match conv {
+                    Conv::HeFanOut => (2.0 / (s[0] * s[2] * s[3]) as f64).sqrt(),
+                    Conv::TorchDefault => {
+                        // fan_in counts the inputs of one group: dim 1.
+                        let bound = 1.0 / ((s[1] * s[2] * s[3]) as f64).sqrt();
+                        assert!(max <= bound, "{what}: |w| {max} > {bound}");
+                        bound / 3f64.sqrt()
+                    }
+                };
                 if t.numel() >= 1000 {
                     assert!(
                         (std / expected - 1.).abs() < 0.1,
@@ -94,15 +109,51 @@ fn check(name: &str, head: &str, classifier: Classifier) {
 
 #[test]
 fn resnet_init() {
-    check("resnet56", "fc", Classifier::TorchDefault);
+    check("resnet56", Conv::HeFanOut, "fc", Classifier::TorchDefault);
 }
 
 #[test]
 fn wrn_init() {
-    check("wrn_40_2", "fc", Classifier::ZeroBias);
+    check("wrn_40_2", Conv::HeFanOut, "fc", Classifier::ZeroBias);
 }
 
 #[test]
 fn vgg_init() {
-    check("vgg8", "classifier", Classifier::Normal001);
+    check("vgg8", Conv::HeFanOut, "classifier", Classifier::Normal001);
+}
+
+#[test]
+fn resnet50_init() {
+    check(
+        "ResNet50",
+        Conv::HeFanOut,
+        "linear",
+        Classifier::TorchDefault,
+    );
+}
+
+#[test]
+fn mobilenetv2_init() {
+    check(
+        "mobile_half",
+        Conv::HeFanOut,
+        "classifier.0",
+        Classifier::Normal001,
+    );
+}
+
+#[test]
+fn shufflenet_init() {
+    check(
+        "ShuffleV1",
+        Conv::TorchDefault,
+        "linear",
+        Classifier::TorchDefault,
+    );
+    check(
+        "ShuffleV2",
+        Conv::TorchDefault,
+        "linear",
+        Classifier::TorchDefault,
+    );
 }

@@ -7,7 +7,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{fixture, is_ignored, read, zoo_table};
-use kd_models::{ModelError, ResNetConfig, VggConfig, WrnConfig, build, names};
+use kd_models::{
+    MobileNetV2Config, ModelError, ResNetConfig, ResNetV2Config, ShuffleV1Config, ShuffleV2Config,
+    VggConfig, WrnConfig, build, is_classifier_bias, names,
+};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -92,10 +95,111 @@ fn unknown_model_lists_valid_names() {
     for name in names() {
         assert!(msg.contains(name), "{name} missing from: {msg}");
     }
-    assert!(
-        !msg.contains("ShuffleV1") && !msg.contains("mobile_half"),
-        "{msg}"
-    );
+}
+
+#[test]
+fn zoo_names_are_repdistillers_model_dict_keys() {
+    let names = names();
+    for name in [
+        "ResNet50",
+        "mobile_half",
+        "mobile_full",
+        "ShuffleV1",
+        "ShuffleV2",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    // Case is part of the name, as in RepDistiller's model_dict.
+    let vs = VarStore::new(Device::Cpu);
+    assert!(build("shufflev1", &vs.root(), 10).is_err());
+}
+
+#[test]
+fn classifier_biases_of_every_family_are_recognised() {
+    for key in [
+        "fc.bias",
+        "classifier.bias",
+        "classifier.0.bias",
+        "linear.bias",
+        "module.linear.bias",
+        "student.weights/classifier.0.bias",
+    ] {
+        assert!(is_classifier_bias(key), "{key}");
+    }
+    for key in [
+        "fc.weight",
+        "bn1.bias",
+        "layer1.0.bn3.bias",
+        "block0.0.bias",
+        "nonlinear.bias",
+    ] {
+        assert!(!is_classifier_bias(key), "{key}");
+    }
+    for name in names() {
+        let vs = VarStore::new(Device::Cpu);
+        build(name, &vs.root(), 7).unwrap();
+        let biases: Vec<(String, Vec<i64>)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(k, _)| is_classifier_bias(k))
+            .map(|(k, v)| (k, v.size()))
+            .collect();
+        assert_eq!(biases.len(), 1, "{name}: {biases:?}");
+        assert_eq!(biases[0].1, [7], "{name}: {biases:?}");
+    }
+}
+
+/// Per-sample tap shapes on a 32x32 input, written out by hand from the
+/// architectures (the zoo table checks them against PyTorch as well).
+#[test]
+fn new_families_have_the_tap_shapes_of_their_stages() {
+    let cases: [(&str, &[&[i64]], i64); 4] = [
+        (
+            "mobile_half",
+            &[
+                &[16, 16, 16],
+                &[12, 16, 16],
+                &[16, 8, 8],
+                &[48, 4, 4],
+                &[160, 2, 2],
+            ],
+            1280,
+        ),
+        (
+            "ShuffleV1",
+            &[&[24, 32, 32], &[240, 16, 16], &[480, 8, 8], &[960, 4, 4]],
+            960,
+        ),
+        (
+            "ShuffleV2",
+            &[&[24, 32, 32], &[116, 16, 16], &[232, 8, 8], &[464, 4, 4]],
+            1024,
+        ),
+        (
+            "ResNet50",
+            &[
+                &[64, 32, 32],
+                &[256, 32, 32],
+                &[512, 16, 16],
+                &[1024, 8, 8],
+                &[2048, 4, 4],
+            ],
+            2048,
+        ),
+    ];
+    tch::manual_seed(3);
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    for (name, stages, embed) in cases {
+        let vs = VarStore::new(Device::Cpu);
+        let net = build(name, &vs.root(), 10).unwrap();
+        let taps = tch::no_grad(|| net.forward_taps(&x, false));
+        let shapes = |ts: &[Tensor]| -> Vec<Vec<i64>> { ts.iter().map(|t| t.size()).collect() };
+        let want: Vec<Vec<i64>> = stages.iter().map(|s| [&[2i64][..], *s].concat()).collect();
+        assert_eq!(shapes(&taps.feat), want, "{name}: feat");
+        assert_eq!(shapes(&taps.preact), want, "{name}: preact");
+        assert_eq!(taps.embed.size(), [2, embed], "{name}: embed");
+        assert_eq!(taps.logits.size(), [2, 10], "{name}: logits");
+    }
 }
 
 #[test]
@@ -120,7 +224,56 @@ fn invalid_configurations_are_errors() {
             .init(&p)
             .is_err()
     );
+    assert!(ResNetV2Config::new([3, 0, 6, 3]).init(&p).is_err());
+    assert!(
+        ResNetV2Config::new([1; 4])
+            .with_planes([8, 0, 8, 8])
+            .init(&p)
+            .is_err()
+    );
+    assert!(MobileNetV2Config::new(0, 0.5).init(&p).is_err());
+    assert!(MobileNetV2Config::new(6, 0.05).init(&p).is_err());
+    assert!(MobileNetV2Config::new(6, f64::NAN).init(&p).is_err());
+    assert!(ShuffleV1Config::new().with_groups(0).init(&p).is_err());
+    assert!(
+        ShuffleV1Config::new()
+            .with_num_blocks([4, 0, 4])
+            .init(&p)
+            .is_err()
+    );
+    // 480 - 240 = 240 channels for layer2.0, but 244 / 4 = 61 is not a
+    // multiple of 3 groups.
+    let err = ShuffleV1Config::new()
+        .with_out_planes([240, 484, 960])
+        .init(&p)
+        .expect_err("groups do not divide");
+    assert!(err.to_string().contains("layer2.0"), "{err}");
+    assert!(
+        ShuffleV1Config::new()
+            .with_out_planes([24, 480, 960])
+            .init(&p)
+            .is_err()
+    );
+    assert!(
+        ShuffleV2Config::new()
+            .with_out_channels([116, 233, 464, 1024])
+            .init(&p)
+            .is_err()
+    );
+    assert!(
+        ShuffleV2Config::new()
+            .with_num_blocks([3, 0, 3])
+            .init(&p)
+            .is_err()
+    );
+    assert!(ShuffleV2Config::net_size(0.7).is_err());
+    assert_eq!(
+        ShuffleV2Config::net_size(1.0).unwrap(),
+        ShuffleV2Config::new()
+    );
     let err = build("resnet8", &p, 0).err().expect("zero classes");
+    assert!(err.to_string().contains("num_classes"), "{err}");
+    let err = build("ShuffleV2", &p, 0).err().expect("zero classes");
     assert!(err.to_string().contains("num_classes"), "{err}");
 }
 
@@ -156,7 +309,15 @@ fn train_forward_updates_running_stats_and_eval_does_not() {
 #[test]
 fn gradients_reach_every_parameter_through_logits_and_taps() {
     tch::manual_seed(2);
-    for name in ["resnet8", "wrn_16_1", "vgg8"] {
+    for name in [
+        "resnet8",
+        "wrn_16_1",
+        "vgg8",
+        "ResNet50",
+        "mobile_half",
+        "ShuffleV1",
+        "ShuffleV2",
+    ] {
         let vs = VarStore::new(Device::Cpu);
         let net = build(name, &vs.root(), 10).unwrap();
         let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
@@ -170,6 +331,55 @@ fn gradients_reach_every_parameter_through_logits_and_taps() {
             if v.requires_grad() {
                 assert!(v.grad().defined(), "{name} {key}: no gradient");
             }
+        }
+    }
+}
+
+/// One SGD step on a batch, as training takes it: train-mode forward, cross
+/// entropy, backward, update. Every parameter moves and the loss on the same
+/// batch goes down.
+#[test]
+fn new_models_train_one_step() {
+    use tch::nn::OptimizerConfig;
+    tch::manual_seed(4);
+    let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 3, 7, 9]);
+    for name in [
+        "ResNet50",
+        "mobile_half",
+        "mobile_full",
+        "ShuffleV1",
+        "ShuffleV2",
+    ] {
+        let vs = VarStore::new(Device::Cpu);
+        let net = build(name, &vs.root(), 10).unwrap();
+        let mut opt = tch::nn::Sgd {
+            momentum: 0.9,
+            dampening: 0.,
+            wd: 5e-4,
+            nesterov: false,
+        }
+        .build(&vs, 0.01)
+        .unwrap();
+        let before: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .map(|(k, v)| (k, v.copy()))
+            .collect();
+        let loss = |net: &dyn kd_models::Network| {
+            net.forward_taps(&x, true)
+                .logits
+                .cross_entropy_for_logits(&y)
+        };
+        let l0 = loss(net.as_ref());
+        opt.backward_step(&l0);
+        let l1 = tch::no_grad(|| loss(net.as_ref()));
+        let (l0, l1) = (l0.double_value(&[]), l1.double_value(&[]));
+        assert!(l1.is_finite() && l1 < l0, "{name}: loss {l0} -> {l1}");
+        let after = vs.variables();
+        for (key, old) in before {
+            assert!(!after[&key].equal(&old), "{name} {key}: not updated");
         }
     }
 }
