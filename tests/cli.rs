@@ -18,34 +18,87 @@ fn err(args: &[&str]) -> String {
     msg
 }
 
+/// Every model fixture of a zoo network (tests/golden/models.py; the slim
+/// stand-ins for big models are checked in kd-models) through `kd probe
+/// model`: each tap, logits and embedding, against PyTorch's eval-mode
+/// outputs, spatial taps at the fixture's sampling stride.
 #[test]
-fn probe_model_matches_pytorch_resnet8x4() {
+fn probe_model_matches_pytorch_for_every_zoo_fixture() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("o.safetensors");
-    let (w, io) = (
-        golden("model_resnet8x4.safetensors"),
-        golden("model_resnet8x4_io.safetensors"),
-    );
-    kd_cli::run([
-        "kd",
-        "probe",
-        "model",
+    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(golden(""))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("model_") && n.ends_with("_io.safetensors")
+        })
+        .collect();
+    fixtures.sort();
+    let mut probed = Vec::new();
+    for io in fixtures {
+        let want = tensors::read(&io).unwrap();
+        let meta: serde_json::Value = serde_json::from_str(&want.metadata["fixture"]).unwrap();
+        let name = meta["model"].as_str().unwrap().to_string();
+        if !kd_models::names().contains(&name.as_str()) {
+            continue;
+        }
+        let stride = meta["tap_stride"].as_i64().unwrap();
+        let w = golden(&format!("model_{name}.safetensors"));
+        let out = dir.path().join(format!("{name}.safetensors"));
+        kd_cli::run([
+            "kd",
+            "probe",
+            "model",
+            name.as_str(),
+            "--weights",
+            w.to_str().unwrap(),
+            "--input",
+            io.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let got = tensors::read(&out).unwrap();
+        let taps: Vec<&str> = meta["tap_shapes"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let outputs: Vec<&str> = got.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let (mut a, mut b) = (taps.clone(), outputs);
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b, "{name}: tap names");
+        for tap in taps {
+            let full = got.get(tap).unwrap();
+            let a = if full.dim() > 2 {
+                full.flatten(1, -1).slice(1, 0, None, stride)
+            } else {
+                full.shallow_clone()
+            };
+            let b = want.get(tap).unwrap();
+            assert_eq!(a.size(), b.size(), "{name} {tap}: shape");
+            let err = (&a - b).abs().max().double_value(&[]);
+            let scale = b.abs().max().double_value(&[]);
+            assert!(
+                err <= 1e-4 * (1.0 + scale),
+                "{name} {tap}: max abs diff {err}"
+            );
+        }
+        probed.push(name);
+    }
+    for name in [
+        "resnet20",
         "resnet8x4",
-        "--weights",
-        w.to_str().unwrap(),
-        "--input",
-        io.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .unwrap();
-    let got = tensors::read(&out).unwrap();
-    let want = tensors::read(&io).unwrap();
-    for name in ["logits", "embed"] {
-        let (a, b) = (got.get(name).unwrap(), want.get(name).unwrap());
-        let err = (a - b).abs().max().double_value(&[]);
-        let scale = b.abs().max().double_value(&[]);
-        assert!(err <= 1e-4 * (1.0 + scale), "{name}: max abs diff {err}");
+        "wrn_16_2",
+        "mobile_half",
+        "ShuffleV1",
+    ] {
+        assert!(
+            probed.iter().any(|p| p == name),
+            "no model fixture probed for {name}: {probed:?}"
+        );
     }
 }
 

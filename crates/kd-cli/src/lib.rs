@@ -610,7 +610,7 @@ fn infer_classes(weights: &Path) -> Result<i64> {
     let file = kd_engine::tensors::read(weights)?;
     file.tensors
         .iter()
-        .find(|(n, _)| n.ends_with("fc.bias") || n.ends_with("classifier.bias"))
+        .find(|(n, _)| kd_models::is_classifier_bias(n))
         .map(|(_, t)| t.size()[0])
         .context("cannot tell the number of classes from the weights; pass --num-classes")
 }

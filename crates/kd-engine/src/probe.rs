@@ -336,10 +336,7 @@ pub fn probe_step(path: &Path, registry: &Registry) -> Result<TensorFile> {
     let classes_given = file
         .tensors
         .iter()
-        .find(|(n, _)| {
-            n.starts_with("student.weights/")
-                && (n.ends_with("fc.bias") || n.ends_with("classifier.bias"))
-        })
+        .find(|(n, _)| n.starts_with("student.weights/") && kd_models::is_classifier_bias(n))
         .map(|(_, t)| t.size()[0]);
     let classes = match classes_given {
         Some(c) => meta_or(&file, "num_classes", c, "an integer", path)?,
