@@ -112,6 +112,44 @@ enum Msg {
     Close(Instant, Sender<()>),
 }
 
+/// The journal thread's inbox. Metrics, params, tags and artifacts only join
+/// a queue that the thread collects every [`TICK`]: a training step's
+/// metric calls wake no thread. (Waking one on a machine whose cores all run
+/// libtorch workers stalls a parallel op; the tracking bench measured +1 to
+/// 2% per step when every call woke the thread.) What someone waits on, or
+/// what must reach disk at once, also rings the bell.
+#[derive(Clone)]
+struct Outbox {
+    queue: Arc<Mutex<Vec<Msg>>>,
+    bell: Sender<()>,
+}
+
+impl Outbox {
+    /// Queues `msg`; `Err` when the journal thread is gone.
+    fn post(&self, msg: Msg, ring: bool) -> std::result::Result<(), ()> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.push(msg);
+        drop(q);
+        if ring {
+            self.bell.send(()).map_err(|_| ())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How often the journal thread collects queued messages when nobody rings.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Drops whatever is still queued when the journal thread ends (or
+/// panics), so that no one waits forever on a reply inside a message.
+struct DropQueued(Arc<Mutex<Vec<Msg>>>);
+impl Drop for DropQueued {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     logged: u64,
@@ -124,7 +162,7 @@ struct Shared {
 /// Dropping it without [`Tracker::finish`] ends the run as FAILED.
 pub struct Tracker {
     dir: PathBuf,
-    tx: Option<Sender<Msg>>,
+    tx: Option<Outbox>,
     journal: Option<JoinHandle<()>>,
     shipper: Option<JoinHandle<()>>,
     run: Arc<OnceLock<RunInfo>>,
@@ -216,9 +254,10 @@ impl Tracker {
 
     fn send(&self, event: Event) {
         if let Some(tx) = &self.tx {
-            // The journal thread outlives every sender; a failed send means
+            // The journal thread outlives every sender; a failed post means
             // it panicked, and training must go on regardless.
-            let _ = tx.send(Msg::Log(now_ms(), event));
+            let ring = matches!(event, Event::Status { .. } | Event::Interrupted);
+            let _ = tx.post(Msg::Log(now_ms(), event), ring);
         }
     }
 
@@ -228,8 +267,8 @@ impl Tracker {
         };
         let deadline = Instant::now() + self.opts.finish_timeout;
         let (done_tx, done_rx) = mpsc::channel();
-        let _ = tx.send(Msg::Log(now_ms(), Event::Status { status }));
-        let _ = tx.send(Msg::Close(deadline, done_tx));
+        let _ = tx.post(Msg::Log(now_ms(), Event::Status { status }), false);
+        let _ = tx.post(Msg::Close(deadline, done_tx), true);
         drop(tx);
         // The status is on disk before anything waits on the network.
         let _ = done_rx.recv_timeout(self.opts.finish_timeout + JOURNAL_GRACE);
@@ -321,7 +360,12 @@ fn open(
         acked,
         ..Shared::default()
     }));
-    let (tx, rx) = mpsc::channel();
+    let (bell, rx) = mpsc::channel();
+    let tx = Outbox {
+        queue: Arc::new(Mutex::new(Vec::new())),
+        bell,
+    };
+    let queue = tx.queue.clone();
     let mut shipper = None;
     let mut notify = None;
     if let Some(client) = client {
@@ -335,7 +379,7 @@ fn open(
         let record = Box::new(move |time, event| {
             let (done_tx, done_rx) = mpsc::channel();
             record_tx
-                .send(Msg::Durable(time, event, done_tx))
+                .post(Msg::Durable(time, event, done_tx), true)
                 .map_err(|_| gone())?;
             done_rx.recv().map_err(|_| gone())
         });
@@ -354,7 +398,7 @@ fn open(
     }
     let sh = shared.clone();
     let journal = spawn("kd-journal", move || {
-        journal_loop(writer, first, lock, rx, notify, sh)
+        journal_loop(writer, first, lock, (queue, rx), notify, sh)
     })?;
     Ok(Tracker {
         dir,
@@ -411,31 +455,32 @@ fn journal_loop(
     mut w: JournalWriter,
     mut last: u64,
     _lock: RunLock,
-    rx: Receiver<Msg>,
+    (queue, bell): (Arc<Mutex<Vec<Msg>>>, Receiver<()>),
     notify: Option<Sender<Instant>>,
     shared: Arc<Mutex<Shared>>,
 ) {
+    let _drop_queued = DropQueued(queue.clone());
     let mut dirty_since: Option<Instant> = None;
     let fail = |e: Error| {
         let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
         s.error.get_or_insert_with(|| e.to_string());
     };
     loop {
-        let first = match dirty_since {
-            Some(t) => rx.recv_timeout(FSYNC_EVERY.saturating_sub(t.elapsed())),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
+        let wait = dirty_since.map_or(TICK, |t| TICK.min(FSYNC_EVERY.saturating_sub(t.elapsed())));
+        let rang = bell.recv_timeout(wait);
+        while bell.try_recv().is_ok() {}
+        let queued = std::mem::take(&mut *queue.lock().unwrap_or_else(|p| p.into_inner()));
         let mut urgent = false;
         let mut done = false;
-        let mut handle = |msg: std::result::Result<Msg, RecvTimeoutError>| match msg {
-            Ok(Msg::Durable(time, event, done)) => {
+        let mut handle = |msg: Msg| match msg {
+            Msg::Durable(time, event, done) => {
                 match w.append(time, event).and_then(|e| w.sync().map(|()| e)) {
                     Ok(e) => last = e.seq,
                     Err(e) => fail(e),
                 }
                 let _ = done.send(());
             }
-            Ok(Msg::Log(time, event)) => {
+            Msg::Log(time, event) => {
                 urgent |= matches!(event, Event::Status { .. } | Event::Artifact { .. });
                 match w.append(time, event) {
                     Ok(e) => last = e.seq,
@@ -443,7 +488,7 @@ fn journal_loop(
                 }
                 dirty_since.get_or_insert_with(Instant::now);
             }
-            Ok(Msg::Close(deadline, done)) => {
+            Msg::Close(deadline, done) => {
                 if let Err(e) = w.sync() {
                     fail(e);
                 }
@@ -455,15 +500,13 @@ fn journal_loop(
                 }
                 let _ = done.send(());
             }
-            Err(RecvTimeoutError::Timeout) => urgent = true,
-            Err(RecvTimeoutError::Disconnected) => {
-                urgent = true;
-                done = true;
-            }
         };
-        handle(first);
-        while let Ok(m) = rx.try_recv() {
-            handle(Ok(m));
+        for m in queued {
+            handle(m);
+        }
+        if let Err(RecvTimeoutError::Disconnected) = rang {
+            urgent = true;
+            done = true;
         }
         let synced = if urgent || dirty_since.is_some_and(|t| t.elapsed() >= FSYNC_EVERY) {
             dirty_since = None;
