@@ -1,8 +1,9 @@
 //! The handle the training loop logs through.
 //!
-//! Each call only timestamps the event and puts it on a channel, so a slow or
-//! absent server never stalls a training step. Two background threads do the
-//! rest: the journal thread appends every event to the run folder's journal
+//! Each call only timestamps the event and queues it (waking no thread unless
+//! someone waits on it), so a slow or absent server never stalls a training
+//! step. Two background threads do the rest: the journal thread appends
+//! every event to the run folder's journal, at most every 250 ms
 //! (the record that survives anything), and the shipper thread tails that
 //! journal and sends it to MLflow in batches, retrying with backoff while the
 //! server is away.
