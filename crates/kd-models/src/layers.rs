@@ -148,3 +148,58 @@ pub(crate) fn channel_shuffle(x: &Tensor, groups: i64) -> Tensor {
         .permute([0, 2, 1, 3, 4])
         .reshape([n, c, h, w])
 }
+
+/// A residual block whose output before its closing ReLU is a tap.
+pub(crate) trait PreactBlock {
+    /// The block's output before its closing ReLU.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor;
+}
+
+/// Blocks of one stage; the last is kept apart because its preactivation
+/// is a tap.
+#[derive(Debug)]
+pub(crate) struct Stage<B> {
+    pub body: Vec<B>,
+    pub last: B,
+}
+
+impl<B: PreactBlock> Stage<B> {
+    /// (output after ReLU, output before it).
+    pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let mut x = x.shallow_clone();
+        for block in &self.body {
+            let mut pre = block.forward(&x, train);
+            x = pre.relu_();
+        }
+        let pre = self.last.forward(&x, train);
+        (pre.relu(), pre)
+    }
+}
+
+/// The taps of a stem followed by stages: `preact/0` is the stem's output
+/// (before its ReLU), `feat/k`/`preact/k` each stage's output after and
+/// before its closing ReLU, `embed` the global mean of the last map and
+/// `logits` the head applied to it.
+pub(crate) fn staged_taps<B: PreactBlock>(
+    stem: Tensor,
+    stages: &[Stage<B>],
+    head: &nn::Linear,
+    train: bool,
+) -> kd_core::Taps {
+    use tch::nn::Module;
+    let mut feat = vec![stem.relu()];
+    let mut preact = vec![stem];
+    for stage in stages {
+        let (f, p) = stage.forward(&feat[feat.len() - 1], train);
+        feat.push(f);
+        preact.push(p);
+    }
+    let embed = global_pool(&feat[feat.len() - 1]);
+    let logits = head.forward(&embed);
+    kd_core::Taps {
+        feat,
+        preact,
+        embed,
+        logits,
+    }
+}

@@ -7,7 +7,7 @@ use kd_core::Taps;
 use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
-use crate::layers::{LinearInit, bn, conv, global_pool, linear};
+use crate::layers::{LinearInit, PreactBlock, Stage, bn, conv, linear, staged_taps};
 use crate::{ModelError, Network, check_classes};
 
 /// Depth `6n+2` (n blocks per stage) and the widths of stem and stages.
@@ -62,9 +62,11 @@ impl ResNetConfig {
         Ok(ResNet {
             conv1: conv(p / "conv1", 3, f[0], 3, 1, false),
             bn1: bn(p / "bn1", f[0]),
-            layer1: Stage::new(&(p / "layer1"), n, f[0], f[1], 1),
-            layer2: Stage::new(&(p / "layer2"), n, f[1], f[2], 2),
-            layer3: Stage::new(&(p / "layer3"), n, f[2], f[3], 2),
+            stages: vec![
+                stage(&(p / "layer1"), n, f[0], f[1], 1),
+                stage(&(p / "layer2"), n, f[1], f[2], 2),
+                stage(&(p / "layer3"), n, f[2], f[3], 2),
+            ],
             fc: linear(p / "fc", f[3], self.num_classes, LinearInit::Torch),
         })
     }
@@ -96,7 +98,9 @@ impl BasicBlock {
             downsample,
         }
     }
+}
 
+impl PreactBlock for BasicBlock {
     /// The residual sum, before the block's closing ReLU.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // In place where autograd allows it: BN and add never save their
@@ -112,38 +116,19 @@ impl BasicBlock {
     }
 }
 
-/// `n` blocks; the last is kept apart because its preactivation is a tap.
-#[derive(Debug)]
-struct Stage {
-    body: Vec<BasicBlock>,
-    last: BasicBlock,
-}
-
-impl Stage {
-    fn new(p: &nn::Path, n: i64, c_in: i64, c_out: i64, stride: i64) -> Self {
-        let mut body = Vec::new();
-        let mut c = c_in;
-        let mut s = stride;
-        for i in 0..n - 1 {
-            body.push(BasicBlock::new(&(p / i), c, c_out, s));
-            c = c_out;
-            s = 1;
-        }
-        Stage {
-            body,
-            last: BasicBlock::new(&(p / (n - 1)), c, c_out, s),
-        }
+/// `n` blocks, the first changing channels and stride.
+fn stage(p: &nn::Path, n: i64, c_in: i64, c_out: i64, stride: i64) -> Stage<BasicBlock> {
+    let mut body = Vec::new();
+    let mut c = c_in;
+    let mut s = stride;
+    for i in 0..n - 1 {
+        body.push(BasicBlock::new(&(p / i), c, c_out, s));
+        c = c_out;
+        s = 1;
     }
-
-    /// (output after ReLU, output before it).
-    fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let mut x = x.shallow_clone();
-        for block in &self.body {
-            let mut pre = block.forward(&x, train);
-            x = pre.relu_();
-        }
-        let pre = self.last.forward(&x, train);
-        (pre.relu(), pre)
+    Stage {
+        body,
+        last: BasicBlock::new(&(p / (n - 1)), c, c_out, s),
     }
 }
 
@@ -159,26 +144,14 @@ impl Stage {
 pub struct ResNet {
     conv1: nn::Conv2D,
     bn1: nn::BatchNorm,
-    layer1: Stage,
-    layer2: Stage,
-    layer3: Stage,
+    /// `layer1`..`layer3`.
+    stages: Vec<Stage<BasicBlock>>,
     fc: nn::Linear,
 }
 
 impl Network for ResNet {
     fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps {
-        let p0 = self.bn1.forward_t(&self.conv1.forward(xs), train);
-        let f0 = p0.relu();
-        let (f1, p1) = self.layer1.forward(&f0, train);
-        let (f2, p2) = self.layer2.forward(&f1, train);
-        let (f3, p3) = self.layer3.forward(&f2, train);
-        let embed = global_pool(&f3);
-        let logits = self.fc.forward(&embed);
-        Taps {
-            feat: vec![f0, f1, f2, f3],
-            preact: vec![p0, p1, p2, p3],
-            embed,
-            logits,
-        }
+        let stem = self.bn1.forward_t(&self.conv1.forward(xs), train);
+        staged_taps(stem, &self.stages, &self.fc, train)
     }
 }

@@ -9,7 +9,9 @@ use kd_core::Taps;
 use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
-use crate::layers::{ConvInit, LinearInit, bn, conv_grouped, global_pool, linear};
+use crate::layers::{
+    ConvInit, LinearInit, PreactBlock, Stage, bn, conv_grouped, linear, staged_taps,
+};
 use crate::{ModelError, Network, check_classes};
 
 /// Bottleneck output width over its inner width.
@@ -127,7 +129,9 @@ impl Bottleneck {
             shortcut,
         }
     }
+}
 
+impl PreactBlock for Bottleneck {
     /// The residual sum, before the block's closing ReLU.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut h = self.bn1.forward_t(&self.conv1.forward(x), train);
@@ -140,25 +144,6 @@ impl Bottleneck {
             None => out += x,
         }
         out
-    }
-}
-
-#[derive(Debug)]
-struct Stage {
-    body: Vec<Bottleneck>,
-    last: Bottleneck,
-}
-
-impl Stage {
-    /// (output after ReLU, output before it).
-    fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let mut x = x.shallow_clone();
-        for block in &self.body {
-            let mut pre = block.forward(&x, train);
-            x = pre.relu_();
-        }
-        let pre = self.last.forward(&x, train);
-        (pre.relu(), pre)
     }
 }
 
@@ -175,27 +160,13 @@ impl Stage {
 pub struct ResNetV2 {
     conv1: nn::Conv2D,
     bn1: nn::BatchNorm,
-    stages: Vec<Stage>,
+    stages: Vec<Stage<Bottleneck>>,
     linear: nn::Linear,
 }
 
 impl Network for ResNetV2 {
     fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps {
-        let p0 = self.bn1.forward_t(&self.conv1.forward(xs), train);
-        let mut feat = vec![p0.relu()];
-        let mut preact = vec![p0];
-        for stage in &self.stages {
-            let (f, p) = stage.forward(&feat[feat.len() - 1], train);
-            feat.push(f);
-            preact.push(p);
-        }
-        let embed = global_pool(&feat[feat.len() - 1]);
-        let logits = self.linear.forward(&embed);
-        Taps {
-            feat,
-            preact,
-            embed,
-            logits,
-        }
+        let stem = self.bn1.forward_t(&self.conv1.forward(xs), train);
+        staged_taps(stem, &self.stages, &self.linear, train)
     }
 }

@@ -9,7 +9,10 @@ use kd_core::Taps;
 use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
-use crate::layers::{ConvInit, LinearInit, bn, channel_shuffle, conv_grouped, global_pool, linear};
+use crate::layers::{
+    ConvInit, LinearInit, PreactBlock, Stage, bn, channel_shuffle, conv_grouped, linear,
+    staged_taps,
+};
 use crate::{ModelError, Network, check_classes};
 
 /// Stem width; a block reading exactly this many channels groups its first
@@ -173,7 +176,9 @@ impl Bottleneck {
             strided: spec.stride == 2,
         }
     }
+}
 
+impl PreactBlock for Bottleneck {
     /// The block before its closing ReLU.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut h = self.bn1.forward_t(&self.conv1.forward(x), train);
@@ -191,25 +196,6 @@ impl Bottleneck {
     }
 }
 
-#[derive(Debug)]
-struct Stage {
-    body: Vec<Bottleneck>,
-    last: Bottleneck,
-}
-
-impl Stage {
-    /// (output after ReLU, output before it).
-    fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let mut x = x.shallow_clone();
-        for block in &self.body {
-            let mut pre = block.forward(&x, train);
-            x = pre.relu_();
-        }
-        let pre = self.last.forward(&x, train);
-        (pre.relu(), pre)
-    }
-}
-
 /// ShuffleNet V1.
 ///
 /// Taps (32x32 input): `feat/0` = relu(bn1(conv1(x))) at 32 pixels, 24
@@ -222,27 +208,13 @@ impl Stage {
 pub struct ShuffleNetV1 {
     conv1: nn::Conv2D,
     bn1: nn::BatchNorm,
-    stages: Vec<Stage>,
+    stages: Vec<Stage<Bottleneck>>,
     linear: nn::Linear,
 }
 
 impl Network for ShuffleNetV1 {
     fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps {
-        let p0 = self.bn1.forward_t(&self.conv1.forward(xs), train);
-        let mut feat = vec![p0.relu()];
-        let mut preact = vec![p0];
-        for stage in &self.stages {
-            let (f, p) = stage.forward(&feat[feat.len() - 1], train);
-            feat.push(f);
-            preact.push(p);
-        }
-        let embed = global_pool(&feat[feat.len() - 1]);
-        let logits = self.linear.forward(&embed);
-        Taps {
-            feat,
-            preact,
-            embed,
-            logits,
-        }
+        let stem = self.bn1.forward_t(&self.conv1.forward(xs), train);
+        staged_taps(stem, &self.stages, &self.linear, train)
     }
 }
