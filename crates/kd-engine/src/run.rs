@@ -69,6 +69,19 @@ fn build_net(m: &ModelPlan, classes: i64, device: Device) -> Result<Net> {
     Ok(net)
 }
 
+/// The plan's student and teacher, initialised from the plan's seed (student
+/// first, so a run and a bench harness of the same plan start alike).
+fn build_nets(plan: &Plan, classes: i64, device: Device) -> Result<(Net, Option<Net>)> {
+    tch::manual_seed(plan.seed as i64);
+    let student = build_net(&plan.student, classes, device)?;
+    let teacher = plan
+        .teacher
+        .as_ref()
+        .map(|t| build_net(t, classes, device))
+        .transpose()?;
+    Ok((student, teacher))
+}
+
 /// A method instance of a stage, with its own parameters and schedules.
 struct Active {
     label: String,
@@ -98,13 +111,7 @@ pub fn run(plan: &Plan, registry: &Registry, opts: &mut RunOptions) -> Result<Ru
     let device = device(plan.device)?;
     let splits = kd_data::load(&plan.data.source, plan.data.val_fraction, 0)?;
     let classes = splits.train.num_classes;
-    tch::manual_seed(plan.seed as i64);
-    let mut student = build_net(&plan.student, classes, device)?;
-    let mut teacher = plan
-        .teacher
-        .as_ref()
-        .map(|t| build_net(t, classes, device))
-        .transpose()?;
+    let (mut student, mut teacher) = build_nets(plan, classes, device)?;
     std::fs::create_dir_all(&opts.run_dir).map_err(|e| EngineError::io(&opts.run_dir, e))?;
 
     let ckpt_path = opts.run_dir.join("checkpoint.safetensors");
@@ -1232,13 +1239,7 @@ impl StepHarness {
         let device = device(plan.device)?;
         let splits = kd_data::load(&plan.data.source, 0.0, 0)?;
         let classes = splits.train.num_classes;
-        tch::manual_seed(plan.seed as i64);
-        let mut student = build_net(&plan.student, classes, device)?;
-        let mut teacher = plan
-            .teacher
-            .as_ref()
-            .map(|t| build_net(t, classes, device))
-            .transpose()?;
+        let (mut student, mut teacher) = build_nets(plan, classes, device)?;
         let stage = plan
             .stages
             .first()
