@@ -15,6 +15,8 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
     let mut m = MethodPlan::new(method, weight);
     m.config = config;
     let plan = Plan {
+        precision: Default::default(),
+        channels_last: true,
         name: method.into(),
         seed: 0,
         device: DeviceChoice::Cpu,

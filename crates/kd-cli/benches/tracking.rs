@@ -24,6 +24,8 @@ use kd_tracking::{RunSpec, RunStatus, Tracker};
 
 fn plan() -> Plan {
     Plan {
+        precision: Default::default(),
+        channels_last: true,
         name: "bench".into(),
         seed: 0,
         device: DeviceChoice::Auto,

@@ -48,6 +48,14 @@ pub struct TrainArgs {
     pub seeds: Vec<u64>,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
+    /// Forward-pass precision: fp32, or on CUDA bf16 / fp16 (master weights
+    /// and loss terms stay fp32; fp16 adds a dynamic loss scale).
+    #[arg(long, default_value = "fp32")]
+    pub precision: kd_engine::Precision,
+    /// Keep convolutions in PyTorch's default NCHW order instead of
+    /// channels-last.
+    #[arg(long)]
+    pub no_channels_last: bool,
     /// Folder holding run folders.
     #[arg(long, default_value = "runs")]
     pub out: PathBuf,
@@ -141,6 +149,8 @@ impl TrainArgs {
             student,
             teacher,
             stages: vec![self.stage(stage, methods)],
+            precision: self.precision,
+            channels_last: !self.no_channels_last,
         })
     }
 }

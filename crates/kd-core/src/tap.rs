@@ -101,11 +101,16 @@ impl Taps {
 
     /// The same taps cut off the graph.
     pub fn detach(&self) -> Taps {
+        self.map(Tensor::detach)
+    }
+
+    /// Every tap passed through `f`.
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Taps {
         Taps {
-            feat: self.feat.iter().map(Tensor::detach).collect(),
-            preact: self.preact.iter().map(Tensor::detach).collect(),
-            embed: self.embed.detach(),
-            logits: self.logits.detach(),
+            feat: self.feat.iter().map(&f).collect(),
+            preact: self.preact.iter().map(&f).collect(),
+            embed: f(&self.embed),
+            logits: f(&self.logits),
         }
     }
 }

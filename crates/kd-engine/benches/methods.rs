@@ -154,6 +154,8 @@ fn plan(method: &str, weight: f64) -> Plan {
         methods.push(MethodPlan::new(method, weight));
     }
     Plan {
+        precision: Default::default(),
+        channels_last: true,
         name: "bench".into(),
         seed: 0,
         device: DeviceChoice::Auto,

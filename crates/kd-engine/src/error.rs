@@ -12,6 +12,8 @@ pub enum EngineError {
     Data(#[from] kd_data::DataError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Aten(#[from] kd_aten::AtenError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -19,7 +19,8 @@ pub use eval::accuracy;
 pub use observe::{EpochRecord, Observer, RunResult, Silent, StageResult};
 pub use optim::Optimizer;
 pub use plan::{
-    DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Sgd, StagePlan, Subject,
+    DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Precision, Sgd,
+    StagePlan, Subject,
 };
-pub use run::{RunOptions, StepHarness, device, run, validate};
+pub use run::{RunOptions, StepHarness, device, lockstep_key, run, run_group, validate};
 pub use schedule::{NoScripts, Schedule, ScheduleFn, ScheduleResolver, Weight};

@@ -24,6 +24,43 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher: Option<ModelPlan>,
     pub stages: Vec<StagePlan>,
+    /// Arithmetic of the forward passes (CUDA only for `bf16`/`fp16`).
+    #[serde(default)]
+    pub precision: Precision,
+    /// Convolutions in channels-last memory order (NHWC), faster on the
+    /// CPU's oneDNN kernels and on tensor cores; values are the same up to
+    /// float rounding.
+    #[serde(default = "yes")]
+    pub channels_last: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The precision of a plan's forward passes. Master weights, optimiser
+/// state and every loss term stay fp32; `fp16` adds a dynamic loss scale.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            "fp16" => Ok(Precision::Fp16),
+            other => Err(format!(
+                "unknown precision `{other}`; valid: fp32, bf16, fp16"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -172,6 +172,8 @@ mod tests {
         };
         stage.optimizer.lr = lr;
         let plan = Plan {
+            precision: Default::default(),
+            channels_last: true,
             name: name.into(),
             seed,
             device: Default::default(),

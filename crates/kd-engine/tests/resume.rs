@@ -20,6 +20,8 @@ use tempfile::TempDir;
 /// resnet8 from resnet8 for 2 epochs with `ce` and `method`.
 fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Plan {
     Plan {
+        precision: Default::default(),
+        channels_last: true,
         name: name.into(),
         seed,
         device: DeviceChoice::Cpu,

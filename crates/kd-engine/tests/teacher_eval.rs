@@ -35,6 +35,8 @@ fn distillation_stage_reports_the_teacher_it_received() {
     kd_methods::link();
     let registry = Registry::global().unwrap();
     let plan = Plan {
+        precision: Default::default(),
+        channels_last: true,
         name: "teacher_eval".into(),
         seed: 3,
         device: DeviceChoice::Cpu,

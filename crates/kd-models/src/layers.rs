@@ -80,16 +80,84 @@ pub(crate) fn conv_grouped(
     nn::conv2d(p, c_in, c_out, kernel, cfg)
 }
 
+/// PyTorch's BatchNorm2d epsilon, which every zoo network uses.
+const BN_EPS: f64 = 1e-5;
+
 /// BatchNorm2d as PyTorch builds it: weight 1, bias 0, momentum 0.1, eps 1e-5.
 pub(crate) fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
     let cfg = nn::BatchNormConfig {
         ws_init: Init::Const(1.),
         bs_init: Init::Const(0.),
         momentum: 0.1,
-        eps: 1e-5,
+        eps: BN_EPS,
         ..Default::default()
     };
     nn::batch_norm2d(p, c, cfg)
+}
+
+/// A convolution and the BatchNorm that reads its output. In eval mode
+/// with frozen weights the pair can run as one convolution whose kernel and
+/// bias absorb the normalisation (`fold`): `w' = w·γ/√(σ²+ε)`,
+/// `b' = β + (b − μ)·γ/√(σ²+ε)`. The parameters stay as they are.
+#[derive(Debug)]
+pub(crate) struct ConvBn {
+    pub conv: nn::Conv2D,
+    pub bn: nn::BatchNorm,
+    stride: i64,
+    padding: i64,
+    groups: i64,
+    /// Folded kernel and bias while frozen.
+    folded: Option<(Tensor, Tensor)>,
+}
+
+impl ConvBn {
+    /// `conv(x)` then `bn`, with the geometry `conv` was built with.
+    pub fn new(conv: nn::Conv2D, bn: nn::BatchNorm, stride: i64, groups: i64) -> ConvBn {
+        let padding = conv.ws.size()[2] / 2;
+        ConvBn {
+            conv,
+            bn,
+            stride,
+            padding,
+            groups,
+            folded: None,
+        }
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        use tch::nn::{Module, ModuleT};
+        match (&self.folded, train) {
+            (Some((w, b)), false) => x.conv2d(
+                w,
+                Some(b),
+                [self.stride, self.stride],
+                [self.padding, self.padding],
+                [1, 1],
+                self.groups,
+            ),
+            _ => self.bn.forward_t(&self.conv.forward(x), train),
+        }
+    }
+
+    /// Folds the BatchNorm into the kernel (`true`), or drops the folded
+    /// copy (`false`) so that training sees the parameters again. The folded
+    /// kernel keeps the memory order of the convolution's own.
+    pub fn fold(&mut self, on: bool) {
+        self.folded = on.then(|| {
+            tch::no_grad(|| {
+                let bn = &self.bn;
+                let gamma = bn.ws.as_ref().expect("BatchNorm is affine");
+                let beta = bn.bs.as_ref().expect("BatchNorm is affine");
+                let scale = gamma / (&bn.running_var + BN_EPS).sqrt();
+                let w = &self.conv.ws * scale.view([-1, 1, 1, 1]);
+                let shift = match &self.conv.bs {
+                    Some(b) => b - &bn.running_mean,
+                    None => -&bn.running_mean,
+                };
+                (w, beta + shift * scale)
+            })
+        });
+    }
 }
 
 /// How a family initialises its classifier.
@@ -153,6 +221,8 @@ pub(crate) fn channel_shuffle(x: &Tensor, groups: i64) -> Tensor {
 pub(crate) trait PreactBlock {
     /// The block's output before its closing ReLU.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor;
+    /// See [`ConvBn::fold`].
+    fn fold(&mut self, on: bool);
 }
 
 /// Blocks of one stage; the last is kept apart because its preactivation
@@ -164,6 +234,11 @@ pub(crate) struct Stage<B> {
 }
 
 impl<B: PreactBlock> Stage<B> {
+    pub fn fold(&mut self, on: bool) {
+        self.body.iter_mut().for_each(|b| b.fold(on));
+        self.last.fold(on);
+    }
+
     /// (output after ReLU, output before it).
     pub fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         let mut x = x.shallow_clone();

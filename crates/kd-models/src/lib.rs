@@ -47,6 +47,12 @@ pub trait Network: Send {
     /// Full forward pass exposing every tap; `train` selects BatchNorm batch
     /// statistics (and updates the running ones).
     fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps;
+
+    /// While `on`, eval-mode forwards run each convolution and the
+    /// BatchNorm reading it as one folded convolution (frozen weights only:
+    /// the folded kernels are computed here, once); `false` returns to the
+    /// parameters. Families without such pairs ignore it.
+    fn fold_batchnorm(&mut self, _on: bool) {}
 }
 
 #[derive(thiserror::Error, Debug)]

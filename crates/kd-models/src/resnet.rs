@@ -5,9 +5,9 @@
 
 use kd_core::Taps;
 use tch::Tensor;
-use tch::nn::{self, Module, ModuleT};
+use tch::nn;
 
-use crate::layers::{LinearInit, PreactBlock, Stage, bn, conv, linear, staged_taps};
+use crate::layers::{ConvBn, LinearInit, PreactBlock, Stage, bn, conv, linear, staged_taps};
 use crate::{ModelError, Network, check_classes};
 
 /// Depth `6n+2` (n blocks per stage) and the widths of stem and stages.
@@ -60,8 +60,12 @@ impl ResNetConfig {
         let n = (self.depth - 2) / 6;
         let f = self.filters;
         Ok(ResNet {
-            conv1: conv(p / "conv1", 3, f[0], 3, 1, false),
-            bn1: bn(p / "bn1", f[0]),
+            stem: ConvBn::new(
+                conv(p / "conv1", 3, f[0], 3, 1, false),
+                bn(p / "bn1", f[0]),
+                1,
+                1,
+            ),
             stages: vec![
                 stage(&(p / "layer1"), n, f[0], f[1], 1),
                 stage(&(p / "layer2"), n, f[1], f[2], 2),
@@ -74,27 +78,26 @@ impl ResNetConfig {
 
 #[derive(Debug)]
 struct BasicBlock {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
-    conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    /// `conv1`, `bn1`.
+    first: ConvBn,
+    /// `conv2`, `bn2`.
+    second: ConvBn,
+    /// `downsample.0`, `downsample.1`.
+    downsample: Option<ConvBn>,
 }
 
 impl BasicBlock {
     fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
         let downsample = (stride != 1 || c_in != c_out).then(|| {
             let d = p / "downsample";
-            (
-                conv(&d / "0", c_in, c_out, 1, stride, false),
-                bn(&d / "1", c_out),
-            )
+            let c = conv(&d / "0", c_in, c_out, 1, stride, false);
+            ConvBn::new(c, bn(&d / "1", c_out), stride, 1)
         });
+        let conv1 = conv(p / "conv1", c_in, c_out, 3, stride, false);
+        let conv2 = conv(p / "conv2", c_out, c_out, 3, 1, false);
         BasicBlock {
-            conv1: conv(p / "conv1", c_in, c_out, 3, stride, false),
-            bn1: bn(p / "bn1", c_out),
-            conv2: conv(p / "conv2", c_out, c_out, 3, 1, false),
-            bn2: bn(p / "bn2", c_out),
+            first: ConvBn::new(conv1, bn(p / "bn1", c_out), stride, 1),
+            second: ConvBn::new(conv2, bn(p / "bn2", c_out), 1, 1),
             downsample,
         }
     }
@@ -105,14 +108,22 @@ impl PreactBlock for BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // In place where autograd allows it: BN and add never save their
         // outputs for backward, ReLU saves the result it keeps.
-        let mut h = self.bn1.forward_t(&self.conv1.forward(x), train);
+        let mut h = self.first.forward_t(x, train);
         let h = h.relu_();
-        let mut out = self.bn2.forward_t(&self.conv2.forward(&h), train);
+        let mut out = self.second.forward_t(&h, train);
         match &self.downsample {
-            Some((c, b)) => out += b.forward_t(&c.forward(x), train),
+            Some(d) => out += d.forward_t(x, train),
             None => out += x,
         }
         out
+    }
+
+    fn fold(&mut self, on: bool) {
+        self.first.fold(on);
+        self.second.fold(on);
+        if let Some(d) = &mut self.downsample {
+            d.fold(on);
+        }
     }
 }
 
@@ -142,8 +153,8 @@ fn stage(p: &nn::Path, n: i64, c_in: i64, c_out: i64, stride: i64) -> Stage<Basi
 /// list repeats the post-ReLU stem at index 0 where this gives bn1's output.
 #[derive(Debug)]
 pub struct ResNet {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    /// `conv1`, `bn1`.
+    stem: ConvBn,
     /// `layer1`..`layer3`.
     stages: Vec<Stage<BasicBlock>>,
     fc: nn::Linear,
@@ -151,7 +162,12 @@ pub struct ResNet {
 
 impl Network for ResNet {
     fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps {
-        let stem = self.bn1.forward_t(&self.conv1.forward(xs), train);
+        let stem = self.stem.forward_t(xs, train);
         staged_taps(stem, &self.stages, &self.fc, train)
+    }
+
+    fn fold_batchnorm(&mut self, on: bool) {
+        self.stem.fold(on);
+        self.stages.iter_mut().for_each(|s| s.fold(on));
     }
 }

@@ -194,6 +194,9 @@ impl PreactBlock for Bottleneck {
             out
         }
     }
+
+    /// Not folded yet: the bottleneck runs its BatchNorms as they are.
+    fn fold(&mut self, _on: bool) {}
 }
 
 /// ShuffleNet V1.

@@ -7,9 +7,9 @@
 
 use kd_core::Taps;
 use tch::Tensor;
-use tch::nn::{self, Module, ModuleT};
+use tch::nn::{self, Module};
 
-use crate::layers::{LinearInit, bn, conv, global_pool, linear};
+use crate::layers::{ConvBn, LinearInit, bn, conv, global_pool, linear};
 use crate::{ModelError, Network, check_classes};
 
 /// Conv widths of the five blocks.
@@ -80,7 +80,8 @@ impl VggConfig {
             let mut layers = Vec::with_capacity(widths.len());
             for (j, &w) in widths.iter().enumerate() {
                 let j = 3 * j as i64;
-                layers.push((conv(&bp / j, c_in, w, 3, 1, true), bn(&bp / (j + 1), w)));
+                let c = conv(&bp / j, c_in, w, 3, 1, true);
+                layers.push(ConvBn::new(c, bn(&bp / (j + 1), w), 1, 1));
                 c_in = w;
             }
             blocks.push(Block { layers });
@@ -98,7 +99,7 @@ impl VggConfig {
 
 #[derive(Debug)]
 struct Block {
-    layers: Vec<(nn::Conv2D, nn::BatchNorm)>,
+    layers: Vec<ConvBn>,
 }
 
 impl Block {
@@ -106,11 +107,11 @@ impl Block {
     /// block's output is its stage's preactivation.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
-        for (i, (c, b)) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             if i > 0 {
                 x = x.relu_();
             }
-            x = b.forward_t(&c.forward(&x), train);
+            x = layer.forward_t(&x, train);
         }
         x
     }
@@ -158,6 +159,12 @@ impl Network for Vgg {
             preact,
             embed,
             logits,
+        }
+    }
+
+    fn fold_batchnorm(&mut self, on: bool) {
+        for layer in self.blocks.iter_mut().flat_map(|b| b.layers.iter_mut()) {
+            layer.fold(on);
         }
     }
 }

@@ -8,7 +8,7 @@ use kd_core::Taps;
 use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
-use crate::layers::{LinearInit, bn, conv, global_pool, linear};
+use crate::layers::{ConvBn, LinearInit, bn, conv, global_pool, linear};
 use crate::{ModelError, Network, check_classes};
 
 /// Depth `6n+4` (n blocks per stage); stage widths are 16, 32, 64 times
@@ -70,8 +70,9 @@ impl WrnConfig {
 #[derive(Debug)]
 struct WideBlock {
     bn1: nn::BatchNorm,
-    conv1: nn::Conv2D,
-    bn2: nn::BatchNorm,
+    /// `conv1`, then `bn2`, which reads it (pre-activation blocks: `bn1`
+    /// reads the block input, which no convolution of this block makes).
+    mid: ConvBn,
     conv2: nn::Conv2D,
     /// Present exactly when the block changes width, as in RepDistiller
     /// (the zoo never strides a block without also widening it).
@@ -82,8 +83,12 @@ impl WideBlock {
     fn new(p: &nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
         WideBlock {
             bn1: bn(p / "bn1", c_in),
-            conv1: conv(p / "conv1", c_in, c_out, 3, stride, false),
-            bn2: bn(p / "bn2", c_out),
+            mid: ConvBn::new(
+                conv(p / "conv1", c_in, c_out, 3, stride, false),
+                bn(p / "bn2", c_out),
+                stride,
+                1,
+            ),
             conv2: conv(p / "conv2", c_out, c_out, 3, 1, false),
             shortcut: (c_in != c_out)
                 .then(|| conv(p / "convShortcut", c_in, c_out, 1, stride, false)),
@@ -93,7 +98,7 @@ impl WideBlock {
     /// The block given its input `x` and `act` = relu(bn1(x)). A widening
     /// block takes its shortcut from `act`, an identity block from `x`.
     fn finish(&self, x: &Tensor, act: &Tensor, train: bool) -> Tensor {
-        let mut h = self.bn2.forward_t(&self.conv1.forward(act), train);
+        let mut h = self.mid.forward_t(act, train);
         let h = h.relu_();
         let mut out = self.conv2.forward(&h);
         match &self.shortcut {
@@ -124,6 +129,11 @@ impl Stage {
                 .map(|i| WideBlock::new(&(p / i), c_out, c_out, 1))
                 .collect(),
         }
+    }
+
+    fn fold(&mut self, on: bool) {
+        self.first.mid.fold(on);
+        self.rest.iter_mut().for_each(|b| b.mid.fold(on));
     }
 
     fn run_rest(&self, mut x: Tensor, train: bool) -> Tensor {
@@ -185,6 +195,12 @@ impl Network for WideResNet {
             preact: vec![p0, p1, p2, p3],
             embed,
             logits,
+        }
+    }
+
+    fn fold_batchnorm(&mut self, on: bool) {
+        for stage in [&mut self.block1, &mut self.block2, &mut self.block3] {
+            stage.fold(on);
         }
     }
 }

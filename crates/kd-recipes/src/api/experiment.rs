@@ -1,21 +1,39 @@
 //! An experiment: the plan of one run, built up before `run(...)`.
 
-use kd_engine::{DataPlan, DeviceChoice, ModelPlan, Plan, StagePlan};
+use kd_engine::{DataPlan, DeviceChoice, ModelPlan, Plan, Precision, StagePlan};
 use rhai::{Engine, FuncRegistration};
 
 use super::models::model;
 use super::{Fallible, count, def, doc_comment};
 use crate::error::user;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Experiment {
     pub name: String,
     pub seed: u64,
     pub device: DeviceChoice,
+    pub precision: Precision,
+    pub channels_last: bool,
     pub data: DataPlan,
     pub student: Option<ModelPlan>,
     pub teacher: Option<ModelPlan>,
     pub stages: Vec<StagePlan>,
+}
+
+impl Default for Experiment {
+    fn default() -> Self {
+        Experiment {
+            name: String::new(),
+            seed: 0,
+            device: DeviceChoice::default(),
+            precision: Precision::default(),
+            channels_last: true,
+            data: DataPlan::default(),
+            student: None,
+            teacher: None,
+            stages: Vec::new(),
+        }
+    }
 }
 
 impl Experiment {
@@ -40,6 +58,8 @@ impl Experiment {
             student,
             teacher: self.teacher.clone(),
             stages: self.stages.clone(),
+            precision: self.precision,
+            channels_last: self.channels_last,
         })
     }
 }
@@ -116,6 +136,26 @@ pub(super) fn register(e: &mut Engine) {
                     )));
                 }
             };
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "precision",
+        &["experiment: Experiment", "precision: String", "Experiment"],
+        "`\"fp32\"` (default), or mixed precision on CUDA: `\"bf16\"` or `\"fp16\"` (with a dynamic loss scale); weights, optimiser state and loss terms stay fp32.",
+        |mut x: Experiment, p: &str| -> Fallible<Experiment> {
+            x.precision = p.parse().map_err(user)?;
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "channels_last",
+        &["experiment: Experiment", "on: bool", "Experiment"],
+        "Convolutions in channels-last memory order (default `true`; same values up to float rounding).",
+        |mut x: Experiment, on: bool| -> Fallible<Experiment> {
+            x.channels_last = on;
             Ok(x)
         },
     );

@@ -1,0 +1,96 @@
+// The few libtorch entry points kd needs that tch does not bind. Every
+// function catches C++ exceptions and returns them as a malloc'd message
+// (nullptr on success), so nothing unwinds across the FFI boundary.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/InferenceMode.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+char *error_message(const char *what) {
+  char *out = static_cast<char *>(std::malloc(std::strlen(what) + 1));
+  if (out != nullptr) std::strcpy(out, what);
+  return out;
+}
+
+std::vector<at::Tensor> gather(at::Tensor **ts, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+
+}  // namespace
+
+#define KD_PROTECT(body)                          \
+  try {                                           \
+    body                                          \
+  } catch (const std::exception &e) {             \
+    return error_message(e.what());               \
+  }                                               \
+  return nullptr;
+
+extern "C" {
+
+// torch.optim.SGD's multi-tensor update (torch/optim/sgd.py,
+// `_multi_tensor_sgd`, dampening 0, not maximising), on the same ATen ops so
+// results are those of PyTorch: on CUDA a few fused multi-tensor kernels for
+// the whole list, on the CPU the per-tensor loop PyTorch's default runs.
+// Buffers start at zero, which makes the first update `buf = 0 * m + d = d`
+// bit for bit, PyTorch's copy of the first gradient.
+char *kd_sgd_foreach(at::Tensor **params, at::Tensor **grads, at::Tensor **bufs, int64_t n,
+                     double lr, double momentum, double weight_decay, int nesterov) {
+  KD_PROTECT({
+    if (n == 0) return nullptr;
+    at::NoGradGuard no_grad;
+    auto p = gather(params, n);
+    auto g = gather(grads, n);
+    auto b = gather(bufs, n);
+    std::vector<at::Tensor> d = weight_decay != 0.0 ? at::_foreach_add(g, p, weight_decay) : g;
+    if (momentum != 0.0) {
+      at::_foreach_mul_(b, momentum);
+      at::_foreach_add_(b, d, 1.0);
+      if (nesterov) {
+        if (weight_decay == 0.0) d = at::_foreach_add(d, b, momentum);
+        else at::_foreach_add_(d, b, momentum);
+      } else {
+        d = b;
+      }
+    }
+    at::_foreach_add_(p, d, -lr);
+  })
+}
+
+// Drops the gradients of `params` (PyTorch's `zero_grad(set_to_none=True)`):
+// the next backward then hands each parameter its gradient without an
+// accumulating addition, and nothing is zeroed.
+char *kd_grads_to_none(at::Tensor **params, int64_t n) {
+  KD_PROTECT({
+    for (int64_t i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+  })
+}
+
+// `t` in channels-last memory order (same values, NHWC strides).
+char *kd_channels_last(at::Tensor *t, at::Tensor **out) {
+  KD_PROTECT({ *out = new at::Tensor(t->contiguous(at::MemoryFormat::ChannelsLast)); })
+}
+
+int kd_is_channels_last(at::Tensor *t) {
+  return t->dim() == 4 && t->is_contiguous(at::MemoryFormat::ChannelsLast) ? 1 : 0;
+}
+
+// An InferenceMode guard on the heap: enter with _new, leave with _free on
+// the same thread.
+void *kd_inference_mode_new() { return new c10::InferenceMode(true); }
+void kd_inference_mode_free(void *guard) { delete static_cast<c10::InferenceMode *>(guard); }
+
+// Autocast's lower precision on CUDA: 0 float16, 1 bfloat16.
+char *kd_set_cuda_autocast_dtype(int bf16) {
+  KD_PROTECT({ at::autocast::set_autocast_dtype(at::kCUDA, bf16 ? at::kBFloat16 : at::kHalf); })
+}
+
+}  // extern "C"

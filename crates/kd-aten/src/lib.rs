@@ -1,0 +1,194 @@
+//! The few libtorch calls kd needs that `tch` does not bind, through a small
+//! C++ shim (`cpp/kd_aten.cpp`) compiled against the same libtorch:
+//! PyTorch's multi-tensor SGD update, channels-last memory order, inference
+//! mode and autocast's lower precision on CUDA.
+
+use std::ffi::{CStr, c_char, c_void};
+
+use tch::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+#[error("libtorch: {0}")]
+pub struct AtenError(String);
+
+type RawTensor = *mut c_void;
+
+unsafe extern "C" {
+    fn kd_sgd_foreach(
+        params: *const RawTensor,
+        grads: *const RawTensor,
+        bufs: *const RawTensor,
+        n: i64,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: i32,
+    ) -> *mut c_char;
+    fn kd_grads_to_none(params: *const RawTensor, n: i64) -> *mut c_char;
+    fn kd_channels_last(t: RawTensor, out: *mut RawTensor) -> *mut c_char;
+    fn kd_is_channels_last(t: RawTensor) -> i32;
+    fn kd_inference_mode_new() -> *mut c_void;
+    fn kd_inference_mode_free(guard: *mut c_void);
+    fn kd_set_cuda_autocast_dtype(bf16: i32) -> *mut c_char;
+}
+
+/// Turns the shim's error convention (a malloc'd message or null) into a Result.
+fn check(err: *mut c_char) -> Result<(), AtenError> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: the shim returns a NUL-terminated string from malloc.
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { libc_free(err.cast()) };
+    Err(AtenError(msg))
+}
+
+unsafe extern "C" {
+    #[link_name = "free"]
+    fn libc_free(p: *mut c_void);
+}
+
+fn raw(t: &Tensor) -> RawTensor {
+    t.as_ptr() as RawTensor
+}
+
+/// SGD hyper-parameters of one update (PyTorch's `torch.optim.SGD`, no
+/// dampening, not maximising).
+#[derive(Debug, Clone, Copy)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+}
+
+/// One SGD update of `params` from `grads`, keeping momentum in `bufs`
+/// (zero before the first update), with the ATen calls of PyTorch's
+/// multi-tensor SGD: a handful of fused kernels for the whole list on CUDA.
+pub fn sgd_foreach(
+    params: &[Tensor],
+    grads: &[Tensor],
+    bufs: &[Tensor],
+    step: SgdStep,
+) -> Result<(), AtenError> {
+    let n = params.len();
+    if grads.len() != n || bufs.len() != n {
+        return Err(AtenError(format!(
+            "sgd: {n} parameters but {} gradients and {} buffers",
+            grads.len(),
+            bufs.len()
+        )));
+    }
+    let (p, g, b): (Vec<_>, Vec<_>, Vec<_>) = (
+        params.iter().map(raw).collect(),
+        grads.iter().map(raw).collect(),
+        bufs.iter().map(raw).collect(),
+    );
+    // SAFETY: the pointers are live tch tensors (at::Tensor*) for the call.
+    check(unsafe {
+        kd_sgd_foreach(
+            p.as_ptr(),
+            g.as_ptr(),
+            b.as_ptr(),
+            n as i64,
+            step.lr,
+            step.momentum,
+            step.weight_decay,
+            i32::from(step.nesterov),
+        )
+    })
+}
+
+/// Drops the gradients of `params`, as `zero_grad(set_to_none=True)`.
+pub fn grads_to_none(params: &[Tensor]) -> Result<(), AtenError> {
+    let p: Vec<_> = params.iter().map(raw).collect();
+    // SAFETY: live tensors for the call.
+    check(unsafe { kd_grads_to_none(p.as_ptr(), p.len() as i64) })
+}
+
+/// `t` with channels-last strides (NHWC in memory, NCHW in shape).
+pub fn channels_last(t: &Tensor) -> Result<Tensor, AtenError> {
+    let mut out: RawTensor = std::ptr::null_mut();
+    // SAFETY: `t` is live; on success the shim hands over a new at::Tensor.
+    check(unsafe { kd_channels_last(raw(t), &mut out) })?;
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+pub fn is_channels_last(t: &Tensor) -> bool {
+    // SAFETY: `t` is live for the call.
+    unsafe { kd_is_channels_last(raw(t)) != 0 }
+}
+
+/// Runs `f` in libtorch's inference mode: no autograd bookkeeping at all
+/// (not even version counters). Tensors made inside cannot later be saved
+/// for a backward pass.
+pub fn inference_mode<T>(f: impl FnOnce() -> T) -> T {
+    struct Guard(*mut c_void);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            // SAFETY: made by kd_inference_mode_new on this thread.
+            unsafe { kd_inference_mode_free(self.0) }
+        }
+    }
+    // SAFETY: the guard lives on this thread until `f` returns.
+    let _guard = Guard(unsafe { kd_inference_mode_new() });
+    f()
+}
+
+/// The lower precision autocast uses on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfKind {
+    F16,
+    Bf16,
+}
+
+pub fn set_cuda_autocast_dtype(kind: HalfKind) -> Result<(), AtenError> {
+    // SAFETY: a plain setter.
+    check(unsafe { kd_set_cuda_autocast_dtype(i32::from(kind == HalfKind::Bf16)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind};
+
+    use super::*;
+
+    #[test]
+    fn channels_last_keeps_values_and_changes_strides() {
+        let t = Tensor::randn([2, 3, 4, 5], (Kind::Float, Device::Cpu));
+        assert!(!is_channels_last(&t));
+        let c = channels_last(&t).unwrap();
+        assert!(is_channels_last(&c));
+        assert_eq!(c.stride(), [60, 1, 15, 3]);
+        assert!(c.equal(&t));
+    }
+
+    #[test]
+    fn errors_come_back_as_messages() {
+        let p = vec![Tensor::zeros([3], (Kind::Float, Device::Cpu))];
+        let g = vec![Tensor::zeros([4], (Kind::Float, Device::Cpu))];
+        let err = sgd_foreach(
+            &p,
+            &g,
+            &p,
+            SgdStep {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+                nesterov: false,
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("libtorch"), "{err}");
+    }
+
+    #[test]
+    fn inference_mode_tensors_are_marked() {
+        let x = Tensor::ones([2], (Kind::Float, Device::Cpu));
+        let y = inference_mode(|| &x * 2.0);
+        assert!(y.is_inference());
+        assert!(!(&x * 2.0).is_inference());
+    }
+}

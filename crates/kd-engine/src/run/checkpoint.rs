@@ -1,0 +1,162 @@
+//! The run folder's checkpoint (everything needed to resume, written
+//! atomically after every epoch) and its epoch log.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Tensor, nn};
+
+use super::methods::Active;
+use super::nets::{Net, load_into, named_vars};
+use crate::observe::{EpochRecord, StageResult};
+use crate::optim::Optimizer;
+use crate::tensors::{self, TensorFile};
+use crate::{EngineError, Result};
+
+/// Metadata of the resume checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Resume {
+    pub(crate) stage: usize,
+    pub(crate) next_epoch: usize,
+    pub(crate) history: Vec<EpochRecord>,
+    pub(crate) best_top1: f64,
+    pub(crate) best_epoch: usize,
+    pub(crate) finished: Vec<StageResult>,
+}
+
+/// Method parameters carried from one stage to the next, by label.
+pub(crate) type Carry = BTreeMap<String, Vec<(String, Tensor)>>;
+
+pub(crate) fn append_jsonl(path: &Path, stage: &str, record: &EpochRecord) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| EngineError::io(path, e))?;
+    let line = serde_json::json!({"stage": stage, "record": record});
+    writeln!(f, "{line}").map_err(|e| EngineError::io(path, e))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_checkpoint(
+    path: &Path,
+    student: &Net,
+    teacher: Option<&Net>,
+    methods: &[Active],
+    peers: &[Active],
+    opt: Option<&Optimizer>,
+    carry: &Carry,
+    meta: &Resume,
+) -> Result<()> {
+    let file = checkpoint_file(Some(student), teacher, methods, peers, opt, carry, meta)?;
+    tensors::write(path, &file)
+}
+
+fn checkpoint_file(
+    student: Option<&Net>,
+    teacher: Option<&Net>,
+    methods: &[Active],
+    peers: &[Active],
+    opt: Option<&Optimizer>,
+    carry: &Carry,
+    meta: &Resume,
+) -> Result<TensorFile> {
+    let mut file = TensorFile::default();
+    let mut add = |prefix: String, vs: &nn::VarStore| {
+        for (n, t) in named_vars(vs, &prefix) {
+            file.push(n, &t);
+        }
+    };
+    if let Some(s) = student {
+        add("student.".into(), &s.vs);
+    }
+    if let Some(t) = teacher {
+        add("teacher.".into(), &t.vs);
+    }
+    for (i, a) in methods.iter().enumerate() {
+        add(format!("method.{i}."), &a.vs);
+    }
+    for (i, a) in peers.iter().enumerate() {
+        add(format!("peermethod.{i}."), &a.vs);
+    }
+    if let Some(opt) = opt {
+        for (n, b) in opt.state() {
+            file.push(format!("optim.{n}"), b);
+        }
+    }
+    for (label, vars) in carry {
+        for (n, t) in vars {
+            file.push(format!("carry.{label}/{n}"), t);
+        }
+    }
+    file.metadata.insert(
+        "resume".into(),
+        serde_json::to_string(meta).map_err(|e| EngineError::Plan(e.to_string()))?,
+    );
+    file.metadata
+        .insert("format".into(), "kd-checkpoint-1".into());
+    Ok(file)
+}
+
+/// What a run folder's checkpoint restores before the first stage runs.
+pub(crate) struct Restored {
+    pub(crate) meta: Resume,
+    pub(crate) file: TensorFile,
+    pub(crate) carry: Carry,
+}
+
+/// Reads `path` into the networks and returns the rest for the stages.
+pub(crate) fn restore(
+    path: &Path,
+    student: &Net,
+    teacher: Option<&Net>,
+    device: tch::Device,
+) -> Result<Restored> {
+    let file = tensors::read(path)?;
+    let meta: Resume = file
+        .metadata
+        .get("resume")
+        .and_then(|m| serde_json::from_str(m).ok())
+        .ok_or_else(|| EngineError::Format {
+            path: path.to_path_buf(),
+            msg: "not a kd checkpoint (no resume metadata)".into(),
+        })?;
+    load_into(&student.vs, &file, "student.", path)?;
+    if let Some(t) = teacher {
+        load_into(&t.vs, &file, "teacher.", path)?;
+    }
+    let mut carry = Carry::new();
+    for (name, t) in file.with_prefix("carry.") {
+        if let Some((label, var)) = name.split_once('/') {
+            carry
+                .entry(label.to_string())
+                .or_default()
+                .push((var.to_string(), t.to_device(device)));
+        }
+    }
+    Ok(Restored { meta, file, carry })
+}
+
+/// A resumed stage's methods and momentum buffers, from the checkpoint.
+pub(crate) fn restore_stage(
+    file: &TensorFile,
+    path: &Path,
+    methods: &[Active],
+    peers: &[Active],
+    opt: &mut Optimizer,
+) -> Result<()> {
+    for (i, a) in methods.iter().enumerate() {
+        load_into(&a.vs, file, &format!("method.{i}."), path)?;
+    }
+    for (i, a) in peers.iter().enumerate() {
+        load_into(&a.vs, file, &format!("peermethod.{i}."), path)?;
+    }
+    for (n, t) in file.with_prefix("optim.") {
+        if let Some(buf) = opt.buffer_mut(n) {
+            tch::no_grad(|| buf.copy_(t));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! Runs in lockstep: plans that share their teacher, data, seed and batch
+//! size see the same batches in the same order, so each batch's frozen
+//! teacher taps are computed once and handed to every student. A run alone
+//! is a group of one, through the same code.
+
+use kd_core::{Registry, Taps};
+use kd_data::Splits;
+
+use super::RunOptions;
+use super::member::Member;
+use crate::observe::RunResult;
+use crate::plan::{Plan, Subject};
+use crate::{EngineError, Result};
+
+/// Plans with equal keys can run as one group. `None` for plans that gain
+/// nothing from it: without a teacher loaded from a file, or whose teacher
+/// is trained by a stage (their teachers would not stay equal).
+pub fn lockstep_key(plan: &Plan) -> Option<String> {
+    let teacher = plan.teacher.as_ref().filter(|t| t.weights.is_some())?;
+    if plan.stages.iter().any(|s| s.subject == Subject::Teacher) {
+        return None;
+    }
+    let stages: Vec<usize> = plan.stages.iter().map(|s| s.epochs).collect();
+    let key = serde_json::json!({
+        "seed": plan.seed,
+        "device": plan.device,
+        "data": plan.data,
+        "teacher": teacher,
+        "precision": plan.precision,
+        "channels_last": plan.channels_last,
+        "stage_epochs": stages,
+    });
+    Some(key.to_string())
+}
+
+/// Runs `plans` (each with its `opts`) in lockstep, one result per plan: a
+/// run that fails stops alone and the others go on. Plans of one group must
+/// share a [`lockstep_key`] (or be a single plan).
+pub fn run_group(
+    plans: &[Plan],
+    registry: &Registry,
+    opts: &mut [RunOptions],
+) -> Result<Vec<Result<RunResult>>> {
+    if plans.len() != opts.len() {
+        return Err(EngineError::Plan("one set of run options per plan".into()));
+    }
+    if plans.len() > 1 {
+        let key = lockstep_key(&plans[0]);
+        if key.is_none() || plans.iter().any(|p| lockstep_key(p) != key) {
+            return Err(EngineError::Plan(
+                "plans run in lockstep must share teacher weights, data, seed, batch size, precision and stage lengths".into(),
+            ));
+        }
+    }
+    let Some(first) = plans.first() else {
+        return Ok(Vec::new());
+    };
+    let splits = kd_data::load(&first.data.source, first.data.val_fraction, 0)?;
+    let classes = splits.train.num_classes;
+    let mut results: Vec<Option<Result<RunResult>>> = plans.iter().map(|_| None).collect();
+    let mut live: Vec<(usize, Member)> = Vec::new();
+    for (i, (plan, o)) in plans.iter().zip(opts.iter_mut()).enumerate() {
+        match Member::start(plan, o, classes) {
+            Ok(m) => live.push((i, m)),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    for si in 0..first.stages.len() {
+        run_stage(si, &mut live, &mut results, registry, &splits);
+    }
+    for (i, m) in live {
+        results[i] = Some(m.finish());
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every run ends with a result"))
+        .collect())
+}
+
+type Live<'a, 'o> = Vec<(usize, Member<'a, 'o>)>;
+
+/// Keeps the members for which `f` succeeds; the others end with its error.
+fn each(
+    live: &mut Live,
+    results: &mut [Option<Result<RunResult>>],
+    mut f: impl FnMut(&mut Member) -> Result<()>,
+) {
+    live.retain_mut(|(i, m)| match f(m) {
+        Ok(()) => true,
+        Err(e) => {
+            results[*i] = Some(Err(e));
+            false
+        }
+    });
+}
+
+/// Stage `si` for every member that has it ahead of it.
+fn run_stage(
+    si: usize,
+    live: &mut Live,
+    results: &mut [Option<Result<RunResult>>],
+    registry: &Registry,
+    splits: &Splits,
+) {
+    let mut teacher_eval = None;
+    let mut in_stage: Live = Vec::new();
+    let mut done: Live = Vec::new();
+    for (i, m) in live.drain(..) {
+        if m.results.len() == si {
+            in_stage.push((i, m))
+        } else {
+            done.push((i, m))
+        }
+    }
+    each(&mut in_stage, results, |m| {
+        m.begin_stage(registry, splits, &mut teacher_eval)
+    });
+    let epochs = in_stage
+        .first()
+        .map_or(0, |(_, m)| m.plan.stages[si].epochs);
+    let first = in_stage
+        .iter()
+        .filter_map(|(_, m)| m.stage.as_ref().map(|s| s.first_epoch))
+        .min();
+    for epoch in first.unwrap_or(epochs)..epochs {
+        run_epoch(epoch, &mut in_stage, results, splits);
+    }
+    each(&mut in_stage, results, |m| m.finish_stage());
+    live.extend(done);
+    live.extend(in_stage);
+    live.sort_by_key(|(i, _)| *i);
+}
+
+fn run_epoch(
+    epoch: usize,
+    in_stage: &mut Live,
+    results: &mut [Option<Result<RunResult>>],
+    splits: &Splits,
+) {
+    let (mut active, mut waiting): (Live, Live) =
+        in_stage.drain(..).partition(|(_, m)| m.trains_in(epoch));
+    active.iter_mut().for_each(|(_, m)| m.begin_epoch(epoch));
+    let steps = active
+        .first()
+        .and_then(|(_, m)| m.stage.as_ref())
+        .map_or(0, |s| s.steps);
+    for b in 0..steps {
+        if active.iter().any(|(_, m)| m.stopped()) {
+            each(&mut active, results, |m| {
+                Err(EngineError::Interrupted(m.ckpt.clone()))
+            });
+            break;
+        }
+        let batch = active.first().map(|(_, m)| m.batch(b));
+        let shared = match (&batch, active.iter().find(|(_, m)| m.shares_teacher())) {
+            (Some(batch), Some((_, m))) => shared_taps(m, batch),
+            _ => None,
+        };
+        let batch = batch.expect("a step has a batch");
+        each(&mut active, results, |m| {
+            // Contrast indices differ between methods; images do not.
+            let own = if m
+                .stage
+                .as_ref()
+                .is_some_and(|s| s.prep.needs.contrast.is_some())
+            {
+                Some(m.batch(b))
+            } else {
+                None
+            };
+            m.step(b, own.as_ref().unwrap_or(&batch), shared.as_ref())
+        });
+        if active.is_empty() {
+            break;
+        }
+    }
+    each(&mut active, results, |m| m.end_epoch(splits));
+    in_stage.append(&mut waiting);
+    in_stage.append(&mut active);
+    in_stage.sort_by_key(|(i, _)| *i);
+}
+
+/// The frozen teacher's taps, computed once for every member that shares
+/// them; `None` when that fails (each member then computes its own).
+fn shared_taps(m: &Member, batch: &kd_data::Batch) -> Option<Taps> {
+    m.teacher_taps(batch).ok().flatten()
+}

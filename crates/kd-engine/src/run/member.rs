@@ -1,0 +1,459 @@
+//! One run of a plan, advanced a stage, an epoch and a step at a time by
+//! `group`, which may drive several runs in lockstep.
+
+use std::path::PathBuf;
+
+use kd_core::{Progress, Registry, Taps};
+use kd_data::{Batch, Splits};
+
+use super::RunOptions;
+use super::checkpoint::{Carry, Restored, Resume, append_jsonl, restore, write_checkpoint};
+use super::nets::{Exec, Net, build_nets, device, named_vars, roles};
+use super::prepare::StageCx;
+use super::stage::StageRun;
+use super::step::{StageNets, Update, step};
+use crate::observe::{EpochRecord, RunResult, StageResult};
+use crate::plan::{Plan, StagePlan, Subject};
+use crate::{EngineError, Result, eval};
+
+/// Step values are read back this often when step metrics are off, to
+/// notice a non-finite loss.
+const READ_EVERY: usize = 50;
+
+pub(crate) struct Member<'a, 'o> {
+    pub(crate) plan: &'a Plan,
+    pub(crate) opts: &'a mut RunOptions<'o>,
+    pub(crate) exec: Exec,
+    pub(crate) student: Net,
+    pub(crate) teacher: Option<Net>,
+    pub(crate) carry: Carry,
+    pub(crate) restored: Option<Restored>,
+    pub(crate) results: Vec<StageResult>,
+    pub(crate) ckpt: PathBuf,
+    pub(crate) stage: Option<StageRun>,
+    /// No stage of this run has trained its teacher: its taps are those of
+    /// the weights it was loaded with, which other runs may share.
+    pub(crate) pristine_teacher: bool,
+}
+
+impl<'a, 'o> Member<'a, 'o> {
+    /// Builds the networks and, with `resume`, restores the checkpoint.
+    pub(crate) fn start(
+        plan: &'a Plan,
+        opts: &'a mut RunOptions<'o>,
+        classes: i64,
+    ) -> Result<Self> {
+        let exec = Exec::of(plan, device(plan.device)?)?;
+        let (student, teacher) = build_nets(plan, classes, &exec)?;
+        std::fs::create_dir_all(&opts.run_dir).map_err(|e| EngineError::io(&opts.run_dir, e))?;
+        let ckpt = opts.run_dir.join("checkpoint.safetensors");
+        let mut restored = match opts.resume && ckpt.exists() {
+            true => Some(restore(&ckpt, &student, teacher.as_ref(), exec.device)?),
+            false => None,
+        };
+        let results = restored
+            .as_ref()
+            .map(|r| r.meta.finished.clone())
+            .unwrap_or_default();
+        let carry = restored
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.carry))
+            .unwrap_or_default();
+        Ok(Member {
+            plan,
+            opts,
+            exec,
+            student,
+            teacher,
+            carry,
+            restored,
+            results,
+            ckpt,
+            stage: None,
+            pristine_teacher: true,
+        })
+    }
+
+    fn stage_plan(&self) -> &'a StagePlan {
+        &self.plan.stages[self.results.len()]
+    }
+
+    fn stage_run(&mut self) -> &mut StageRun {
+        self.stage.as_mut().expect("a stage is in progress")
+    }
+
+    /// Prepares the run's next stage; `teacher_eval` holds the frozen
+    /// teacher's accuracy once one run of a group has measured it.
+    pub(crate) fn begin_stage(
+        &mut self,
+        registry: &Registry,
+        splits: &Splits,
+        teacher_eval: &mut Option<(f64, f64)>,
+    ) -> Result<()> {
+        let (si, stage) = (self.results.len(), self.stage_plan());
+        check_stage(stage, self.teacher.is_some())?;
+        let exec = self.exec;
+        let cx = StageCx {
+            plan: self.plan,
+            si,
+            registry,
+            exec: &exec,
+            splits,
+            scripts: self.opts.scripts,
+        };
+        let run = StageRun::begin(self, &cx)?;
+        // A teacher no stage trains runs with its BatchNorms folded.
+        let fixed = stage.subject == Subject::Student && !run.prep.mutual;
+        if !fixed {
+            self.pristine_teacher = false;
+        }
+        self.opts.observer.stage_start(si, &stage.name);
+        if let (Some(t), true) = (self.teacher.as_mut(), fixed) {
+            t.model.fold_batchnorm(true);
+            let acc = match (*teacher_eval, self.pristine_teacher) {
+                (Some(acc), true) => acc,
+                _ => eval::accuracy(
+                    t.model.as_ref(),
+                    &splits.test,
+                    self.plan.data.eval_batch_size,
+                    exec.device,
+                ),
+            };
+            if self.pristine_teacher {
+                *teacher_eval = Some(acc);
+            }
+            self.opts.observer.teacher_eval(&stage.name, acc.0, acc.1);
+        }
+        self.stage = Some(run);
+        Ok(())
+    }
+
+    /// Whether the stage in progress trains in `epoch` (a resumed run
+    /// skips the epochs it has).
+    pub(crate) fn trains_in(&self, epoch: usize) -> bool {
+        self.stage.as_ref().is_some_and(|s| s.first_epoch <= epoch)
+    }
+
+    /// Whether this run's frozen teacher taps can be computed once for all
+    /// the runs that share them.
+    pub(crate) fn shares_teacher(&self) -> bool {
+        let subject = self.stage_plan().subject;
+        self.pristine_teacher
+            && self
+                .stage
+                .as_ref()
+                .is_some_and(|s| s.frozen_teacher(subject))
+    }
+
+    pub(crate) fn stopped(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.opts
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn begin_epoch(&mut self, epoch: usize) {
+        let (stage, bar) = (self.stage_plan(), self.opts.progress_bar);
+        self.stage_run().begin_epoch(epoch, stage, bar);
+    }
+
+    pub(crate) fn batch(&self, b: usize) -> Batch {
+        self.stage
+            .as_ref()
+            .expect("a stage is in progress")
+            .batch(b)
+    }
+
+    /// The frozen teacher's taps on `batch`, as a step computes them.
+    pub(crate) fn teacher_taps(&self, batch: &Batch) -> Result<Option<Taps>> {
+        let Some(t) = &self.teacher else {
+            return Ok(None);
+        };
+        let x = self.exec.input(&batch.images)?;
+        Ok(Some(t.frozen_taps(&x, &self.exec)))
+    }
+
+    /// Step `b` of the epoch in progress; `shared`: the frozen teacher's
+    /// taps on this batch, when another run of the group computed them.
+    pub(crate) fn step(&mut self, b: usize, batch: &Batch, shared: Option<&Taps>) -> Result<()> {
+        let stage = self.stage_plan();
+        let shared = shared.filter(|_| self.pristine_teacher);
+        let run = self.stage.as_mut().expect("a stage is in progress");
+        let e = run.epoch.as_mut().expect("an epoch is in progress");
+        let progress = Progress {
+            epoch: e.epoch,
+            epochs: stage.epochs,
+            step: b,
+            steps_per_epoch: run.steps,
+            global_step: e.epoch * run.steps + b,
+        };
+        let lr = stage.lr_schedule.lr(stage.optimizer.lr, progress);
+        let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
+        let p = &mut run.prep;
+        let nets = StageNets {
+            net,
+            other,
+            net_trains: p.net_trains,
+            mutual: p.mutual,
+            needs: &p.needs,
+            draws: &p.draws,
+            exec: &self.exec,
+        };
+        let update = Update::Sgd(&mut p.opt, lr);
+        let out = step(
+            &nets,
+            &mut p.methods,
+            &mut p.peers,
+            batch,
+            progress,
+            shared,
+            update,
+        )?;
+        e.pending.push(b, lr, out);
+        e.lr = lr;
+        let every = if self.opts.log_every > 0 {
+            self.opts.log_every
+        } else {
+            READ_EVERY
+        };
+        if (b + 1) % every == 0 || b + 1 == run.steps {
+            self.read_pending()?;
+        }
+        Ok(())
+    }
+}
+
+impl Member<'_, '_> {
+    /// Reads the pending step values back, checks them, adds them to the
+    /// epoch's totals and reports the step metrics due.
+    fn read_pending(&mut self) -> Result<()> {
+        let log_every = self.opts.log_every;
+        let run = self.stage.as_mut().expect("a stage is in progress");
+        let (steps, before) = (run.steps, run.epochs_before);
+        let labels: Vec<String> = run.prep.methods.iter().map(|a| a.label.clone()).collect();
+        let e = run.epoch.as_mut().expect("an epoch is in progress");
+        for v in e.pending.read()? {
+            if let Some((term, value)) = v.non_finite() {
+                let (epoch, step) = (e.epoch, v.step);
+                return Err(EngineError::NonFinite {
+                    term,
+                    value,
+                    epoch,
+                    step,
+                });
+            }
+            e.loss_sum += v.total * v.n as f64;
+            e.correct += v.correct;
+            e.seen += v.n;
+            for (s, w) in e.weight_sum.iter_mut().zip(&v.weights) {
+                *s += w;
+            }
+            for (t, x) in &v.terms {
+                *e.term_sum.entry(t.clone()).or_default() += x;
+            }
+            if log_every > 0 && (v.step % log_every == 0 || v.step + 1 == steps) {
+                let global = (before as usize + e.epoch) * steps + v.step;
+                let secs = v.at.duration_since(e.started).as_secs_f64().max(1e-9);
+                let mut values = vec![
+                    ("train/loss".to_string(), v.total),
+                    ("train/lr".into(), v.lr),
+                ];
+                values.extend(v.terms.iter().map(|(t, x)| (format!("loss/{t}"), *x)));
+                values.extend(
+                    labels
+                        .iter()
+                        .zip(&v.weights)
+                        .map(|(l, w)| (format!("weight/{l}"), *w)),
+                );
+                values.push(("train/images_per_sec".into(), e.seen as f64 / secs));
+                self.opts.observer.metrics(global as i64, &values);
+            }
+            e.bar.inc(1);
+        }
+        let seen = e.seen.max(1) as f64;
+        e.bar.set_message(format!(
+            "loss {:.4} acc {:.2}%",
+            e.loss_sum / seen,
+            100.0 * e.correct as f64 / seen
+        ));
+        Ok(())
+    }
+
+    /// Closes the epoch: evaluation, best weights, epoch log, checkpoint.
+    pub(crate) fn end_epoch(&mut self, splits: &Splits) -> Result<()> {
+        self.read_pending()?;
+        let stage = self.stage_plan();
+        let si = self.results.len();
+        let run = self.stage.as_mut().expect("a stage is in progress");
+        let e = run.epoch.take().expect("an epoch is in progress");
+        e.bar.finish_and_clear();
+        let ips = e.seen as f64 / e.started.elapsed().as_secs_f64().max(1e-9);
+        let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
+        let (bs, device) = (self.plan.data.eval_batch_size, self.exec.device);
+        let (test_top1, test_top5) = eval::accuracy(net.model.as_ref(), &splits.test, bs, device);
+        let val = splits
+            .val
+            .as_ref()
+            .map(|v| eval::accuracy(net.model.as_ref(), v, bs, device));
+        let peer_top1 = other
+            .filter(|_| run.prep.mutual)
+            .map(|t| eval::accuracy(t.model.as_ref(), &splits.test, bs, device).0);
+        let selector = val.map(|v| v.0).unwrap_or(test_top1);
+        if selector > run.best_top1 || run.history.is_empty() {
+            run.best_top1 = selector;
+            run.best_epoch = e.epoch;
+            kd_models::save_weights(
+                &net.vs,
+                &self
+                    .ckpt
+                    .with_file_name(format!("{}.best.safetensors", stage.name)),
+            )?;
+        }
+        let seen = e.seen.max(1) as f64;
+        let steps = run.steps as f64;
+        let record = EpochRecord {
+            epoch: e.epoch,
+            lr: e.lr,
+            train_loss: e.loss_sum / seen,
+            train_top1: 100.0 * e.correct as f64 / seen,
+            test_top1,
+            test_top5,
+            val_top1: val.map(|v| v.0),
+            val_top5: val.map(|v| v.1),
+            weights: run
+                .prep
+                .methods
+                .iter()
+                .zip(&e.weight_sum)
+                .map(|(a, s)| (a.label.clone(), s / steps))
+                .collect(),
+            terms: e
+                .term_sum
+                .into_iter()
+                .map(|(t, s)| (t, s / steps))
+                .collect(),
+            images_per_sec: ips,
+            best_top1: run.best_top1,
+            peer_top1,
+        };
+        run.history.push(record.clone());
+        append_jsonl(
+            &self.ckpt.with_file_name("epochs.jsonl"),
+            &stage.name,
+            &record,
+        )?;
+        let meta = Resume {
+            stage: si,
+            next_epoch: e.epoch + 1,
+            history: run.history.clone(),
+            best_top1: run.best_top1,
+            best_epoch: run.best_epoch,
+            finished: self.results.clone(),
+        };
+        let p = &run.prep;
+        let (student, teacher) = (&self.student, self.teacher.as_ref());
+        write_checkpoint(
+            &self.ckpt,
+            student,
+            teacher,
+            &p.methods,
+            &p.peers,
+            Some(&p.opt),
+            &self.carry,
+            &meta,
+        )?;
+        let global = run.epochs_before + e.epoch as i64;
+        self.opts.observer.epoch(&stage.name, global, &record);
+        Ok(())
+    }
+
+    /// Closes the stage: last weights, method parameters carried on, result.
+    pub(crate) fn finish_stage(&mut self) -> Result<()> {
+        let stage = self.stage_plan();
+        let run = self.stage.take().expect("a stage is in progress");
+        let (net, _) = roles(stage.subject, &self.student, self.teacher.as_ref());
+        let last_path = self
+            .ckpt
+            .with_file_name(format!("{}.last.safetensors", stage.name));
+        let best_path = self
+            .ckpt
+            .with_file_name(format!("{}.best.safetensors", stage.name));
+        kd_models::save_weights(&net.vs, &last_path)?;
+        for a in &run.prep.methods {
+            self.carry.insert(a.label.clone(), named_vars(&a.vs, ""));
+        }
+        for a in &run.prep.peers {
+            self.carry
+                .insert(format!("peer/{}", a.label), named_vars(&a.vs, ""));
+        }
+        if let Some(t) = self.teacher.as_mut() {
+            t.model.fold_batchnorm(false);
+        }
+        let last = run
+            .history
+            .last()
+            .cloned()
+            .expect("a stage has at least one epoch");
+        let result = StageResult {
+            name: stage.name.clone(),
+            best_top1: run.best_top1,
+            best_epoch: run.best_epoch,
+            last_top1: last.test_top1,
+            last_top5: last.test_top5,
+            epochs: run.history,
+            last_weights: last_path.clone(),
+            best_weights: best_path.clone(),
+        };
+        self.opts.observer.artifact(&last_path);
+        self.opts.observer.artifact(&best_path);
+        self.opts.observer.stage_end(&result);
+        self.results.push(result);
+        Ok(())
+    }
+
+    /// The run is complete: a later `--resume` has nothing left to do.
+    pub(crate) fn finish(self) -> Result<RunResult> {
+        let meta = Resume {
+            stage: self.plan.stages.len(),
+            next_epoch: 0,
+            history: vec![],
+            best_top1: 0.0,
+            best_epoch: 0,
+            finished: self.results.clone(),
+        };
+        let (student, teacher) = (&self.student, self.teacher.as_ref());
+        write_checkpoint(
+            &self.ckpt,
+            student,
+            teacher,
+            &[],
+            &[],
+            None,
+            &self.carry,
+            &meta,
+        )?;
+        Ok(RunResult {
+            name: self.plan.name.clone(),
+            run_dir: self.opts.run_dir.clone(),
+            stages: self.results,
+        })
+    }
+}
+
+/// Refuses a stage the plan cannot run (also checked by `validate`).
+fn check_stage(stage: &StagePlan, has_teacher: bool) -> Result<()> {
+    let name = &stage.name;
+    if stage.epochs == 0 {
+        return Err(EngineError::Plan(format!("stage `{name}` has 0 epochs")));
+    }
+    if stage.methods.is_empty() {
+        return Err(EngineError::Plan(format!("stage `{name}` has no methods")));
+    }
+    if stage.subject == Subject::Teacher && !has_teacher {
+        return Err(EngineError::Plan(format!(
+            "stage `{name}` trains the teacher, but the plan has none"
+        )));
+    }
+    Ok(())
+}

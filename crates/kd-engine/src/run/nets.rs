@@ -1,0 +1,179 @@
+//! The networks of a run: building them, their roles in a stage, and the
+//! frozen teacher's inference form.
+
+use kd_core::{TapShapes, Taps};
+use kd_models::Network;
+use tch::{Device, Tensor, nn};
+
+use crate::plan::{DeviceChoice, ModelPlan, Plan, Precision, Subject};
+use crate::tensors::TensorFile;
+use crate::{EngineError, Result};
+
+pub fn device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(EngineError::Plan(
+            "device `cuda` asked for, but no CUDA device is available; use `cpu` or `auto`".into(),
+        )),
+    }
+}
+
+/// How a run's forward passes execute: memory order and precision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Exec {
+    pub channels_last: bool,
+    pub precision: Precision,
+    pub device: Device,
+}
+
+impl Exec {
+    pub(crate) fn of(plan: &Plan, device: Device) -> Result<Exec> {
+        if plan.precision != Precision::Fp32 && !device.is_cuda() {
+            return Err(EngineError::Plan(format!(
+                "precision `{}` needs CUDA (device is {device:?}); use `fp32` on the CPU",
+                serde_json::to_value(plan.precision)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(Exec {
+            channels_last: plan.channels_last,
+            precision: plan.precision,
+            device,
+        })
+    }
+
+    /// A batch of images in the layout the networks' weights use.
+    pub(crate) fn input(&self, x: &Tensor) -> Result<Tensor> {
+        if self.channels_last && x.dim() == 4 {
+            Ok(kd_aten::channels_last(x)?)
+        } else {
+            Ok(x.shallow_clone())
+        }
+    }
+
+    /// Runs `f` under autocast at the plan's precision (a no-op at fp32).
+    pub(crate) fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self.precision {
+            Precision::Fp32 => f(),
+            Precision::Bf16 | Precision::Fp16 => tch::autocast(true, f),
+        }
+    }
+
+    /// Taps in fp32 (loss terms are computed in fp32 whatever the forward's precision).
+    pub(crate) fn fp32_taps(&self, taps: Taps) -> Taps {
+        match self.precision {
+            Precision::Fp32 => taps,
+            _ => taps.map(|t| t.to_kind(tch::Kind::Float)),
+        }
+    }
+}
+
+pub(crate) struct Net {
+    pub(crate) vs: nn::VarStore,
+    pub(crate) model: Box<dyn Network>,
+}
+
+impl Net {
+    /// A zoo network with fresh weights.
+    pub(crate) fn zoo(arch: &str, classes: i64, device: Device) -> Result<Net> {
+        let vs = nn::VarStore::new(device);
+        let model = kd_models::build(arch, &vs.root(), classes)?;
+        Ok(Net { vs, model })
+    }
+
+    /// Forward pass at the run's precision, taps in fp32.
+    pub(crate) fn taps(&self, x: &Tensor, train: bool, exec: &Exec) -> Taps {
+        exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, train)))
+    }
+
+    /// Forward pass of a frozen network: eval mode, no graph.
+    pub(crate) fn frozen_taps(&self, x: &Tensor, exec: &Exec) -> Taps {
+        tch::no_grad(|| self.taps(x, false, exec))
+    }
+
+    /// Puts 4-d weights (convolution kernels) in channels-last order, so
+    /// that convolutions run on NHWC data without reordering each call.
+    pub(crate) fn to_channels_last(&mut self) -> Result<()> {
+        for (_, mut var) in self.vs.variables() {
+            if var.dim() == 4 {
+                let cl = kd_aten::channels_last(&var)?;
+                tch::no_grad(|| var.set_data(&cl));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn build_net(m: &ModelPlan, classes: i64, exec: &Exec) -> Result<Net> {
+    let mut net = Net::zoo(&m.arch, classes, exec.device)?;
+    if let Some(w) = &m.weights {
+        kd_models::load_weights(&mut net.vs, w)?;
+    }
+    if exec.channels_last {
+        net.to_channels_last()?;
+    }
+    Ok(net)
+}
+
+/// The plan's student and teacher, initialised from the plan's seed (student
+/// first, so a run and a bench harness of the same plan start alike).
+pub(crate) fn build_nets(plan: &Plan, classes: i64, exec: &Exec) -> Result<(Net, Option<Net>)> {
+    tch::manual_seed(plan.seed as i64);
+    let student = build_net(&plan.student, classes, exec)?;
+    let teacher = plan
+        .teacher
+        .as_ref()
+        .map(|t| build_net(t, classes, exec))
+        .transpose()?;
+    Ok((student, teacher))
+}
+
+/// The stage's subject network and the other one (frozen teacher or peer).
+pub(crate) fn roles<'a>(
+    subject: Subject,
+    student: &'a Net,
+    teacher: Option<&'a Net>,
+) -> (&'a Net, Option<&'a Net>) {
+    match subject {
+        Subject::Student => (student, teacher),
+        Subject::Teacher => (
+            teacher.expect("a teacher stage has a teacher, checked by validate"),
+            None,
+        ),
+    }
+}
+
+pub(crate) fn shapes_of(net: &Net, probe: &Tensor) -> TapShapes {
+    tch::no_grad(|| TapShapes::of(&net.model.forward_taps(probe, false)))
+}
+
+pub(crate) fn named_vars(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (format!("{prefix}{n}"), t))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+pub(crate) fn load_into(
+    vs: &nn::VarStore,
+    file: &TensorFile,
+    prefix: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    for (name, var) in &vs.variables() {
+        let key = format!("{prefix}{name}");
+        let src = file.get(&key).ok_or_else(|| EngineError::Format {
+            path: path.to_path_buf(),
+            msg: format!("checkpoint lacks `{key}`"),
+        })?;
+        tch::no_grad(|| var.shallow_clone().copy_(src));
+    }
+    Ok(())
+}

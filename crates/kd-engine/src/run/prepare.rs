@@ -1,0 +1,171 @@
+//! A stage made ready to step: its methods built, parameters frozen or
+//! trainable as the stage says, its optimiser and its loader.
+
+use kd_core::{Needs, Registry};
+use kd_data::{Loader, LoaderConfig, Splits};
+use tch::Tensor;
+
+use super::checkpoint::Carry;
+use super::draws::Draws;
+use super::methods::{Active, BuildEnv, build_stage};
+use super::nets::{Exec, Net, named_vars, roles, shapes_of};
+use crate::optim::Optimizer;
+use crate::plan::{Part, Plan, Precision, StagePlan, Subject};
+use crate::schedule::ScheduleResolver;
+use crate::{EngineError, Result};
+
+/// A stage ready to step: its methods, optimiser and where its draws come from.
+pub(crate) struct Prepared {
+    pub(crate) methods: Vec<Active>,
+    pub(crate) peers: Vec<Active>,
+    pub(crate) needs: Needs,
+    pub(crate) opt: Optimizer,
+    pub(crate) draws: Draws,
+    pub(crate) net_trains: bool,
+    pub(crate) mutual: bool,
+}
+
+/// Builds a stage's methods and optimiser for `net` and `other`, shaped by
+/// the taps of `probe` images. `init_seed` seeds the methods' initialisation.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prepare_stage(
+    env: &BuildEnv,
+    exec: &Exec,
+    init_seed: u64,
+    draws: Draws,
+    stage: &StagePlan,
+    student: &mut Net,
+    mut teacher: Option<&mut Net>,
+    carry: &Carry,
+    probe: &Tensor,
+) -> Result<Prepared> {
+    let net_trains = stage.train.contains(&Part::Network);
+    let methods_train = stage.train.contains(&Part::Methods);
+    let name = &stage.name;
+    let (net, other) = roles(stage.subject, student, teacher.as_deref());
+    let s_shapes = shapes_of(net, probe);
+    let t_shapes = other.as_ref().map(|t| shapes_of(t, probe));
+    tch::manual_seed(init_seed as i64);
+    let (mut methods, mut peers, needs) =
+        build_stage(stage, env, &s_shapes, t_shapes.as_ref(), carry)?;
+    let mutual = needs.mutual;
+
+    // Freezing needs mutable access; the loop below borrows again.
+    {
+        let (net, other): (&mut Net, Option<&mut Net>) = match stage.subject {
+            Subject::Student => (&mut *student, teacher.as_deref_mut()),
+            Subject::Teacher => (teacher.as_deref_mut().expect("checked by the caller"), None),
+        };
+        if net_trains {
+            net.vs.unfreeze()
+        } else {
+            net.vs.freeze()
+        }
+        if let Some(o) = other {
+            if mutual {
+                o.vs.unfreeze()
+            } else {
+                o.vs.freeze()
+            }
+        }
+    }
+    let (net, other) = roles(stage.subject, student, teacher.as_deref());
+    // Parameters of this stage's optimiser, named for the checkpoint.
+    let mut params = Vec::new();
+    if net_trains {
+        params.extend(named_vars(&net.vs, "net."));
+    }
+    if let (Some(t), true) = (other, mutual) {
+        params.extend(named_vars(&t.vs, "peer."));
+    }
+    for (prefix, list) in [("method.", &mut methods), ("peermethod.", &mut peers)] {
+        for (i, a) in list.iter_mut().enumerate() {
+            if methods_train {
+                params.extend(named_vars(&a.vs, &format!("{prefix}{i}.")));
+            } else {
+                a.vs.freeze();
+            }
+        }
+    }
+    let mut opt = Optimizer::new(stage.optimizer.clone(), params);
+    if exec.precision == Precision::Fp16 {
+        opt = opt.with_loss_scale(exec.device);
+    }
+    if opt.is_empty() {
+        return Err(EngineError::Plan(format!(
+            "stage `{name}` trains nothing: `train` is {:?} and those have no parameters",
+            stage.train
+        )));
+    }
+
+    Ok(Prepared {
+        methods,
+        peers,
+        needs,
+        opt,
+        draws,
+        net_trains,
+        mutual,
+    })
+}
+
+/// What preparing a stage of a run needs to know about the run.
+pub(crate) struct StageCx<'a> {
+    pub(crate) plan: &'a Plan,
+    pub(crate) si: usize,
+    pub(crate) registry: &'a Registry,
+    pub(crate) exec: &'a Exec,
+    pub(crate) splits: &'a Splits,
+    pub(crate) scripts: &'a dyn ScheduleResolver,
+}
+
+/// A stage of a run ready to step, with its loader.
+pub(crate) fn prepare(
+    cx: &StageCx,
+    stage: &StagePlan,
+    student: &mut Net,
+    teacher: Option<&mut Net>,
+    carry: &Carry,
+) -> Result<(Prepared, Loader)> {
+    let device = cx.exec.device;
+    let probe = {
+        let l = Loader::new(&cx.splits.train, loader_cfg(cx, None, false), 0, device)?;
+        l.batch(&[0, 1], 0, 0).images
+    };
+    let env = BuildEnv {
+        registry: cx.registry,
+        device,
+        n_data: cx.splits.train.len(),
+        classes: cx.splits.train.num_classes,
+        scripts: cx.scripts,
+    };
+    let prep = prepare_stage(
+        &env,
+        cx.exec,
+        cx.plan.seed + cx.si as u64,
+        Draws::seeded(cx.plan.seed, cx.si),
+        stage,
+        student,
+        teacher,
+        carry,
+        &probe,
+    )?;
+    let contrast = prep.needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
+    let loader = Loader::new(
+        &cx.splits.train,
+        loader_cfg(cx, contrast, cx.plan.data.augment),
+        cx.plan.seed.wrapping_add(cx.si as u64 * 7919),
+        device,
+    )?;
+    Ok((prep, loader))
+}
+
+fn loader_cfg(cx: &StageCx, contrast: Option<(usize, bool)>, augment: bool) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: cx.plan.data.batch_size,
+        shuffle: true,
+        augment,
+        drop_last: false,
+        contrast,
+    }
+}

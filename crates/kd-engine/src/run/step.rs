@@ -1,0 +1,301 @@
+//! One training step, in the engine's fixed order: teacher forward, student
+//! forward, gradient taps, adversarial views, losses, backward and update,
+//! after-step hooks. Nothing here waits for the device: the logged values
+//! leave as one device tensor that the stage loop reads every few steps.
+
+use kd_core::{Losses, Needs, Progress, Side, StepIo, Taps, ViewRef, ViewTaps};
+use kd_data::Batch;
+use tch::{Kind, Tensor};
+
+use super::draws::Draws;
+use super::methods::Active;
+use super::nets::{Exec, Net};
+use crate::optim::Optimizer;
+use crate::{EngineError, Result, attack};
+
+/// Everything a step needs that does not change within a stage.
+pub(crate) struct StageNets<'a> {
+    pub(crate) net: &'a Net,
+    pub(crate) other: Option<&'a Net>,
+    pub(crate) net_trains: bool,
+    pub(crate) mutual: bool,
+    pub(crate) needs: &'a Needs,
+    pub(crate) draws: &'a Draws,
+    pub(crate) exec: &'a Exec,
+}
+
+impl StageNets<'_> {
+    fn grad_of(&self, side: Side) -> bool {
+        self.needs.grads.iter().any(|g| g.side == side)
+    }
+
+    /// The other network is a frozen teacher run without a graph, whose
+    /// taps depend on the batch alone (and so can be shared).
+    pub(crate) fn frozen_teacher(&self) -> bool {
+        self.other.is_some() && !self.mutual && !self.grad_of(Side::Teacher)
+    }
+}
+
+/// What a step does with its loss.
+pub(crate) enum Update<'a> {
+    /// Training: backward, then an SGD step at this learning rate.
+    Sgd(&'a mut Optimizer, f64),
+    /// Backward only, leaving the gradients for the caller (the probe, on
+    /// networks whose gradients start empty).
+    Backward,
+}
+
+/// What a step leaves for the stage loop.
+pub(crate) struct StepOut {
+    /// The weight applied to each method's terms.
+    pub(crate) weights: Vec<f64>,
+    /// `label/term` of each value below.
+    pub(crate) names: Vec<String>,
+    /// `[term values (before weights)…, total, correct]`, fp32, still on
+    /// the device.
+    pub(crate) values: Tensor,
+    pub(crate) n: i64,
+}
+
+/// Both networks' taps on the batch, and the gradient taps.
+struct Forward {
+    /// The teacher's (or peer's) taps, with their graph when it has one.
+    t_live: Option<Taps>,
+    t_taps: Option<Taps>,
+    student: Taps,
+    grads: Vec<Tensor>,
+}
+
+/// `teacher`: the frozen teacher's taps on this batch when the caller has
+/// them already (computed once for several students).
+pub(crate) fn step(
+    nets: &StageNets,
+    methods: &mut [Active],
+    peers: &mut [Active],
+    batch: &Batch,
+    progress: Progress,
+    teacher: Option<&Taps>,
+    update: Update,
+) -> Result<StepOut> {
+    let x = nets.exec.input(&batch.images)?;
+    let y = &batch.labels;
+    let fwd = forward(nets, &x, y, teacher);
+    let views = adversarial_views(nets, methods, &fwd, batch, &x, progress)?;
+    let io = step_io(&fwd, &views, batch, progress);
+    let (weights, terms, total) = losses(nets, methods, peers, &fwd, &io, batch)?;
+    let values = scalars(&terms, &total, &fwd.student.logits, y);
+    match update {
+        Update::Sgd(opt, lr) => {
+            opt.zero_grad()?;
+            opt.backward(&total)?;
+            opt.step(lr)?;
+        }
+        Update::Backward => total.backward(),
+    }
+    tch::no_grad(|| {
+        methods
+            .iter_mut()
+            .try_for_each(|a| a.method.after_step(&io))
+    })?;
+    Ok(StepOut {
+        weights,
+        names: terms.into_iter().map(|(n, _)| n).collect(),
+        values,
+        n: y.size()[0],
+    })
+}
+
+fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> Forward {
+    let exec = nets.exec;
+    let input_for = |side| {
+        if nets.grad_of(side) {
+            x.detach().set_requires_grad(true)
+        } else {
+            x.shallow_clone()
+        }
+    };
+    // A frozen teacher runs in eval mode without graph unless a gradient
+    // tap of it was asked for; a peer trains.
+    let t_input = input_for(Side::Teacher);
+    let t_live = nets.other.map(|t| match shared {
+        Some(s) if nets.frozen_teacher() => s.map(Tensor::shallow_clone),
+        _ if nets.mutual || nets.grad_of(Side::Teacher) => t.taps(&t_input, nets.mutual, exec),
+        _ => t.frozen_taps(&t_input, exec),
+    });
+    let s_input = input_for(Side::Student);
+    let student = if nets.net_trains || nets.grad_of(Side::Student) {
+        nets.net.taps(&s_input, nets.net_trains, exec)
+    } else {
+        nets.net.frozen_taps(&s_input, exec)
+    };
+    let grads = nets
+        .needs
+        .grads
+        .iter()
+        .map(|g| match g.side {
+            Side::Student => {
+                let grad = target_grad(&student, &s_input, g.wrt, y, g.create_graph);
+                if g.create_graph { grad } else { grad.detach() }
+            }
+            Side::Teacher => {
+                let t = t_live.as_ref().expect("teacher grads need a teacher");
+                target_grad(t, &t_input, g.wrt, y, false).detach()
+            }
+        })
+        .collect();
+    let t_taps = t_live.as_ref().map(Taps::detach);
+    Forward {
+        t_live,
+        t_taps,
+        student,
+        grads,
+    }
+}
+
+/// Gradient of the target-class logit w.r.t. the input or a tap.
+fn target_grad(
+    taps: &Taps,
+    input: &Tensor,
+    wrt: Option<kd_core::Tap>,
+    target: &Tensor,
+    create_graph: bool,
+) -> Tensor {
+    let picked = taps
+        .logits
+        .gather(1, &target.unsqueeze(1), false)
+        .sum(Kind::Float);
+    let x = match wrt {
+        Some(t) => taps.get(t).expect("grad taps are validated at build"),
+        None => input,
+    };
+    Tensor::run_backward(&[&picked], &[x], true, create_graph).remove(0)
+}
+
+fn step_io<'a>(
+    fwd: &'a Forward,
+    views: &'a [Option<ViewTaps>],
+    batch: &'a Batch,
+    progress: Progress,
+) -> StepIo<'a> {
+    StepIo {
+        student: &fwd.student,
+        teacher: fwd.t_taps.as_ref(),
+        grads: &fwd.grads,
+        views,
+        target: &batch.labels,
+        index: Some(&batch.index),
+        contrast_index: batch.contrast_index.as_ref(),
+        progress,
+        train: true,
+    }
+}
+
+/// Asks each method for the rows and classes it attacks, runs the attack
+/// on the teacher and evaluates both networks on the result.
+fn adversarial_views(
+    nets: &StageNets,
+    methods: &mut [Active],
+    fwd: &Forward,
+    batch: &Batch,
+    x: &Tensor,
+    progress: Progress,
+) -> Result<Vec<Option<ViewTaps>>> {
+    let needs = nets.needs;
+    let mut views: Vec<Option<ViewTaps>> = (0..needs.views.len()).map(|_| None).collect();
+    if needs.views.is_empty() {
+        return Ok(views);
+    }
+    let teacher = nets
+        .other
+        .expect("adversarial views need a teacher, checked at build");
+    let y = &batch.labels;
+    let draws = nets.draws.for_step(progress, y.size()[0], x.device());
+    let io = step_io(fwd, &[], batch, progress);
+    for a in methods.iter_mut() {
+        for v in a.views.clone() {
+            let picked = a.method.attack_targets(ViewRef(v), &io, &draws)?;
+            let Some((rows, classes)) = picked.filter(|(rows, _)| rows.numel() > 0) else {
+                continue;
+            };
+            let adv = attack::attack(
+                teacher.model.as_ref(),
+                &x.index_select(0, &rows),
+                &y.index_select(0, &rows),
+                &classes,
+                &needs.views[v],
+            );
+            views[v] = Some(ViewTaps {
+                student: nets.net.taps(&adv, nets.net_trains, nets.exec),
+                teacher: teacher.frozen_taps(&adv, nets.exec),
+            });
+        }
+    }
+    Ok(views)
+}
+
+type Terms = Vec<(String, Tensor)>;
+
+/// Each method's terms (and in mutual learning the peer's, with the roles
+/// swapped) and the weighted total.
+fn losses(
+    nets: &StageNets,
+    methods: &mut [Active],
+    peers: &mut [Active],
+    fwd: &Forward,
+    io: &StepIo,
+    batch: &Batch,
+) -> Result<(Vec<f64>, Terms, Tensor)> {
+    let progress = io.progress;
+    let mut weights = Vec::with_capacity(methods.len());
+    let mut terms = Terms::new();
+    let mut total: Option<Tensor> = None;
+    let mut add = |w: f64, losses: Losses, prefix: String, terms: &mut Terms| {
+        for (t, v) in losses.terms {
+            let weighted = &v * w;
+            total = Some(match total.take() {
+                Some(acc) => acc + weighted,
+                None => weighted,
+            });
+            terms.push((format!("{prefix}{t}"), v));
+        }
+    };
+    for a in methods.iter_mut() {
+        let w = a.schedule(progress)?;
+        weights.push(w);
+        let mut l = Losses::default();
+        a.method.losses(io, &mut l)?;
+        add(w, l, format!("{}/", a.label), &mut terms);
+    }
+    if nets.mutual {
+        let t_live = fwd.t_live.as_ref().expect("mutual learning has a peer");
+        let s_det = fwd.student.detach();
+        let peer_io = StepIo {
+            student: t_live,
+            teacher: Some(&s_det),
+            grads: &[],
+            views: &[],
+            ..step_io(fwd, &[], batch, progress)
+        };
+        for a in peers.iter_mut() {
+            let w = a.schedule(progress)?;
+            let mut l = Losses::default();
+            a.method.losses(&peer_io, &mut l)?;
+            add(w, l, format!("peer/{}/", a.label), &mut terms);
+        }
+    }
+    let total = total.ok_or_else(|| EngineError::Plan("no loss terms in this step".into()))?;
+    Ok((weights, terms, total))
+}
+
+/// `[terms…, total, correct]` as one fp32 device tensor: the stage loop
+/// copies many steps of these to the host at once.
+fn scalars(terms: &Terms, total: &Tensor, logits: &Tensor, y: &Tensor) -> Tensor {
+    let correct = logits.argmax(1, false).eq_tensor(y).sum(Kind::Float);
+    let mut parts: Vec<Tensor> = terms
+        .iter()
+        .map(|(_, t)| t.detach().to_kind(Kind::Float).reshape([1]))
+        .collect();
+    parts.push(total.detach().to_kind(Kind::Float).reshape([1]));
+    parts.push(correct.reshape([1]));
+    Tensor::cat(&parts, 0)
+}
