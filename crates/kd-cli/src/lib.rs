@@ -1,6 +1,7 @@
 //! The `kd` command line. `run` is the whole program, callable in-process by
 //! the tests; `main.rs` only maps its result to an exit code.
 
+mod bench;
 mod console;
 mod track;
 mod train;
@@ -76,6 +77,10 @@ enum Cmd {
         resume: bool,
         #[arg(long)]
         tracking_uri: Option<String>,
+        /// Train the plans of a sweep one after another, never in lockstep
+        /// with a shared teacher forward.
+        #[arg(long)]
+        solo: bool,
     },
     /// Print the plans a recipe resolves to, as YAML, validated; nothing trains.
     Plan {
@@ -106,6 +111,9 @@ enum Cmd {
     /// Conformance checks against a PyTorch reference.
     #[command(subcommand)]
     Probe(Probe),
+    /// Time training steps of one distillation on a fixed batch (what
+    /// `scripts/bench-vs-torch` compares with PyTorch).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -286,11 +294,13 @@ where
             out,
             resume,
             tracking_uri,
+            solo,
         } => {
             let scripts = kd_recipes::Scripts::new();
             let ex = Exec {
                 out: &out,
                 resume,
+                solo,
                 tracking_uri: tracking_uri.as_deref(),
                 recipe: Some(&path),
                 scripts: &scripts,
@@ -350,6 +360,7 @@ where
             num_classes,
         }) => probe_model(&name, &weights, &input, &out, num_classes),
         Cmd::Methods { json } => print_methods(&registry, json),
+        Cmd::Bench(args) => bench::bench(&args, &registry),
         Cmd::Probe(Probe::Loss { fixture, out }) => {
             let result = kd_engine::probe::probe_loss(&fixture, &registry)
                 .with_context(|| format!("probing {}", fixture.display()))?;
@@ -408,6 +419,7 @@ fn execute_all(
     let ex = Exec {
         out: &train.out,
         resume: train.resume,
+        solo: train.solo,
         tracking_uri: train.tracking_uri.as_deref(),
         recipe: None,
         scripts: &NoScripts,
@@ -416,6 +428,9 @@ fn execute_all(
 }
 
 /// Several plans as child runs of one parent run, which gets the summary.
+/// Plans that share their teacher weights, data, seed and batch size train
+/// in lockstep (one teacher forward per batch for all of them) unless
+/// `ex.solo`; each run's results are those it gets alone.
 pub fn run_sweep(
     registry: &Registry,
     plans: &[Plan],
@@ -431,16 +446,22 @@ pub fn run_sweep(
         .tracking_uri(uri)
         .tag("kd.sweep", plans.len().to_string());
     let parent = kd_tracking::Tracker::start(ex.out.join(sweep), spec)?;
-    let mut results = Vec::new();
-    for p in plans {
-        match execute(registry, p, ex, Some(&parent)) {
-            Ok(r) => results.push(r),
-            Err(e) => {
-                parent.finish(kd_tracking::RunStatus::Failed);
-                return Err(e);
+    let mut results: Vec<Option<RunResult>> = plans.iter().map(|_| None).collect();
+    for group in lockstep_groups(plans, ex.solo) {
+        let members: Vec<Plan> = group.iter().map(|&i| plans[i].clone()).collect();
+        let mut failed = None;
+        for (&i, r) in group.iter().zip(execute_group(registry, &members, ex, Some(&parent))?) {
+            match r {
+                Ok(r) => results[i] = Some(r),
+                Err(e) => failed = failed.or(Some(e)),
             }
         }
+        if let Some(e) = failed {
+            parent.finish(kd_tracking::RunStatus::Failed);
+            return Err(e);
+        }
     }
+    let results: Vec<RunResult> = results.into_iter().flatten().collect();
     let s = summarize(sweep, &paired(plans, &results));
     for (k, v) in [
         ("best_top1_mean", s.best.0),
@@ -452,6 +473,20 @@ pub fn run_sweep(
     }
     parent.finish(kd_tracking::RunStatus::Finished);
     Ok(results)
+}
+
+/// Indices of the plans, grouped by [`kd_engine::lockstep_key`] in order of
+/// first appearance; every plan alone when `solo` or when it has no key.
+fn lockstep_groups(plans: &[Plan], solo: bool) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(Option<String>, Vec<usize>)> = Vec::new();
+    for (i, p) in plans.iter().enumerate() {
+        let key = if solo { None } else { kd_engine::lockstep_key(p) };
+        match groups.iter_mut().find(|(k, _)| key.is_some() && *k == key) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, m)| m).collect()
 }
 
 /// Set by Ctrl-C; the engine stops at the next step, keeping its checkpoint.
@@ -470,6 +505,8 @@ fn stop_flag() -> Arc<AtomicBool> {
 pub struct Exec<'a> {
     pub out: &'a Path,
     pub resume: bool,
+    /// Run the plans of a sweep one after another, never in lockstep.
+    pub solo: bool,
     pub tracking_uri: Option<&'a str>,
     pub recipe: Option<&'a Path>,
     pub scripts: &'a dyn kd_engine::ScheduleResolver,
@@ -483,61 +520,114 @@ pub fn execute(
     ex: &Exec,
     parent: Option<&kd_tracking::Tracker>,
 ) -> Result<RunResult> {
-    let run_dir = ex.out.join(&plan.name);
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let yaml = serde_saphyr::to_string(plan).context("serialising the plan")?;
-    std::fs::write(run_dir.join("plan.yaml"), yaml)
-        .with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
-    let device = format!("{:?}", kd_engine::device(plan.device)?);
-    let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
-    let journal_only = uri.is_none();
-    let mut tracking = track::Tracking::start(
-        &run_dir,
-        plan,
-        uri,
-        parent,
-        track::run_tags(plan, &device, ex.recipe),
-    )?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("console.log"))
-        .ok();
-    let result = {
-        let mut console = console::Console {
-            run: plan.name.clone(),
-            next: Some(&mut tracking),
+    execute_group(registry, std::slice::from_ref(plan), ex, parent)?
+        .pop()
+        .expect("one result per plan")
+}
+
+/// What one run keeps open while it trains: its folder, tracking and log.
+struct Session {
+    name: String,
+    run_dir: PathBuf,
+    tracking: track::Tracking,
+    log: Option<std::fs::File>,
+    journal_only: bool,
+}
+
+impl Session {
+    fn start(plan: &Plan, ex: &Exec, parent: Option<&kd_tracking::Tracker>) -> Result<Session> {
+        let run_dir = ex.out.join(&plan.name);
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        let yaml = serde_saphyr::to_string(plan).context("serialising the plan")?;
+        std::fs::write(run_dir.join("plan.yaml"), yaml)
+            .with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
+        let device = format!("{:?}", kd_engine::device(plan.device)?);
+        let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
+        let journal_only = uri.is_none();
+        let tags = track::run_tags(plan, &device, ex.recipe);
+        let tracking = track::Tracking::start(&run_dir, plan, uri, parent, tags)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("console.log"))
+            .ok();
+        Ok(Session {
+            name: plan.name.clone(),
+            run_dir,
+            tracking,
             log,
-        };
-        let mut opts = RunOptions {
-            run_dir: run_dir.clone(),
-            resume: ex.resume,
-            observer: &mut console,
-            scripts: ex.scripts,
-            stop: Some(stop_flag()),
-            log_every: 10,
-            progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        };
-        kd_engine::run(plan, registry, &mut opts)
-    };
-    let status = match &result {
-        Ok(_) => kd_tracking::RunStatus::Finished,
-        Err(kd_engine::EngineError::Interrupted(_)) => kd_tracking::RunStatus::Killed,
-        Err(_) => kd_tracking::RunStatus::Failed,
-    };
-    let report = tracking.finish(&run_dir, status);
-    if journal_only {
-        eprintln!(
-            "tracking: no MLflow server given; the run is journaled in {0}; `kd sync {0} --tracking-uri URL` sends it",
-            run_dir.display()
-        );
-    } else if report.needs_sync() {
-        eprintln!(
-            "tracking: the server has not received everything yet; `kd sync {}` sends the rest",
-            run_dir.display()
-        );
+            journal_only,
+        })
     }
-    Ok(result?)
+
+    fn finish(self, result: &Result<RunResult, kd_engine::EngineError>) {
+        let status = match result {
+            Ok(_) => kd_tracking::RunStatus::Finished,
+            Err(kd_engine::EngineError::Interrupted(_)) => kd_tracking::RunStatus::Killed,
+            Err(_) => kd_tracking::RunStatus::Failed,
+        };
+        let report = self.tracking.finish(&self.run_dir, status);
+        let dir = self.run_dir.display();
+        if self.journal_only {
+            eprintln!(
+                "tracking: no MLflow server given; the run is journaled in {dir}; `kd sync {dir} --tracking-uri URL` sends it"
+            );
+        } else if report.needs_sync() {
+            eprintln!("tracking: the server has not received everything yet; `kd sync {dir}` sends the rest");
+        }
+    }
+}
+
+/// Runs `plans` in lockstep (see [`kd_engine::run_group`]), each in its own
+/// folder with its own tracking; one result per plan.
+fn execute_group(
+    registry: &Registry,
+    plans: &[Plan],
+    ex: &Exec,
+    parent: Option<&kd_tracking::Tracker>,
+) -> Result<Vec<Result<RunResult>>> {
+    let mut sessions = plans
+        .iter()
+        .map(|p| Session::start(p, ex, parent))
+        .collect::<Result<Vec<_>>>()?;
+    let results = {
+        let mut consoles: Vec<console::Console> = sessions
+            .iter_mut()
+            .map(|s| console::Console {
+                run: s.name.clone(),
+                log: s.log.take(),
+                next: Some(&mut s.tracking),
+            })
+            .collect();
+        let mut opts: Vec<RunOptions> = consoles
+            .iter_mut()
+            .zip(&sessions_dirs(plans, ex))
+            .map(|(c, dir)| RunOptions {
+                run_dir: dir.clone(),
+                resume: ex.resume,
+                observer: c,
+                scripts: ex.scripts,
+                stop: Some(stop_flag()),
+                log_every: 10,
+                progress_bar: plans.len() == 1
+                    && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            })
+            .collect();
+        kd_engine::run_group(plans, registry, &mut opts)?
+    };
+    Ok(sessions
+        .into_iter()
+        .zip(results)
+        .map(|(s, r)| {
+            s.finish(&r);
+            Ok(r?)
+        })
+        .collect())
+}
+
+fn sessions_dirs(plans: &[Plan], ex: &Exec) -> Vec<PathBuf> {
+    plans.iter().map(|p| ex.out.join(&p.name)).collect()
 }
 
 fn sync(path: &Path, flag: Option<&str>) -> Result<()> {

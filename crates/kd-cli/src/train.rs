@@ -65,6 +65,11 @@ pub struct TrainArgs {
     /// Continue an interrupted run from its checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Train the runs one after another instead of in lockstep (runs that
+    /// share a teacher file, data, seed and batch size otherwise compute
+    /// each batch's teacher forward once for all of them).
+    #[arg(long)]
+    pub solo: bool,
     /// MLflow tracking server (else MLFLOW_TRACKING_URI, else `kd mlflow up`'s).
     #[arg(long)]
     pub tracking_uri: Option<String>,

@@ -1,0 +1,133 @@
+//! `kd bench`: times training steps of one distillation on a fixed batch,
+//! and can write the starting point so that an outside reference (the
+//! PyTorch loop of `scripts/bench-vs-torch`) computes exactly the same steps.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kd_core::Registry;
+use kd_data::{DataSource, SyntheticConfig};
+use kd_engine::{DataPlan, MethodPlan, ModelPlan, Plan, Precision, StepHarness, StagePlan};
+
+use crate::train::DeviceArg;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long)]
+    teacher: String,
+    #[arg(long)]
+    student: String,
+    /// The distillation method, beside `ce`: `st` is weighted 0.9 with
+    /// T = 4 and `ce` 0.1 (RepDistiller's KD); any other method and `ce`
+    /// are weighted 1, with the method's defaults.
+    #[arg(long, default_value = "st")]
+    method: String,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed steps first (allocations, kernel selection).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// libtorch's intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    #[arg(long, default_value_t = 100)]
+    classes: i64,
+    #[arg(long, default_value = "fp32")]
+    precision: Precision,
+    #[arg(long)]
+    no_channels_last: bool,
+    /// Folder for `init.safetensors` (weights and batch before the first
+    /// step) and `kd.json` (the timing and every step's loss).
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+fn plan(a: &BenchArgs) -> Plan {
+    let methods = if a.method == "st" {
+        let mut st = MethodPlan::new("st", 0.9);
+        st.config = serde_json::json!({"T": 4.0});
+        vec![MethodPlan::new("ce", 0.1), st]
+    } else {
+        vec![MethodPlan::new("ce", 1.0), MethodPlan::new(&a.method, 1.0)]
+    };
+    let model = |arch: &str| ModelPlan {
+        arch: arch.to_string(),
+        weights: None,
+    };
+    Plan {
+        name: "bench".into(),
+        seed: 0,
+        device: a.device.into(),
+        data: DataPlan {
+            source: DataSource::Synthetic(SyntheticConfig {
+                classes: a.classes,
+                train_size: a.batch as i64,
+                test_size: 2,
+                ..Default::default()
+            }),
+            batch_size: a.batch,
+            augment: false,
+            ..Default::default()
+        },
+        student: model(&a.student),
+        teacher: Some(model(&a.teacher)),
+        stages: vec![StagePlan {
+            name: "distill".into(),
+            epochs: 1,
+            subject: Default::default(),
+            train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
+            methods,
+            optimizer: Default::default(),
+            lr_schedule: Default::default(),
+        }],
+        precision: a.precision,
+        channels_last: !a.no_channels_last,
+    }
+}
+
+pub fn bench(a: &BenchArgs, registry: &Registry) -> Result<()> {
+    if a.steps == 0 || a.batch == 0 {
+        bail!("--steps and --batch must be at least 1");
+    }
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    let plan = plan(a);
+    let mut h = StepHarness::new(&plan, registry).context("building the step")?;
+    if let Some(dir) = &a.dump {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        kd_engine::tensors::write(&dir.join("init.safetensors"), &h.state())?;
+    }
+    for _ in 0..a.warmup {
+        h.step_async()?;
+    }
+    let mut losses = h.read()?;
+    let started = Instant::now();
+    for _ in 0..a.steps {
+        h.step_async()?;
+    }
+    losses.extend(h.read()?);
+    let secs = started.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "images_per_sec": (a.batch * a.steps) as f64 / secs,
+        "step_ms": 1e3 * secs / a.steps as f64,
+        "losses": losses,
+        "device": format!("{:?}", kd_engine::device(plan.device)?),
+        "threads": tch::get_num_threads(),
+        "precision": plan.precision,
+        "channels_last": plan.channels_last,
+    });
+    if let Some(dir) = &a.dump {
+        std::fs::write(dir.join("kd.json"), report.to_string())
+            .with_context(|| format!("writing {}", dir.join("kd.json").display()))?;
+    }
+    println!("{report}");
+    Ok(())
+}
