@@ -2,7 +2,7 @@
 (crates/kd-engine/tests/sgd.rs): given parameters and a gradient per step,
 the parameters after every step, for momentum, Nesterov and weight decay.
 
-Writes fixtures/sgd.safetensors:
+Writes optim/sgd.safetensors (apart from fixtures/, which holds the probes' fixtures):
   metadata  cases = JSON list of {name, lr: [per step], momentum, nesterov, weight_decay}
   tensors   init/<i> (parameter i), grad/<step>/<i>, expect/<case>/<step>/<i>
 Run: ~/.cache/kd/venv/bin/python tests/golden/sgd.py
@@ -13,7 +13,7 @@ import pathlib
 import torch
 from safetensors.torch import save_file
 
-OUT = pathlib.Path(__file__).resolve().parent / "fixtures" / "sgd.safetensors"
+OUT = pathlib.Path(__file__).resolve().parent / "optim" / "sgd.safetensors"
 SHAPES = [(4, 3, 3, 3), (16,), (5, 7)]
 LRS = [0.1, 0.05, 0.05, 0.01]
 CASES = [

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use kd_core::Registry;
 use kd_data::{DataSource, SyntheticConfig};
-use kd_engine::{DataPlan, MethodPlan, ModelPlan, Plan, Precision, StepHarness, StagePlan};
+use kd_engine::{DataPlan, MethodPlan, ModelPlan, Plan, Precision, StagePlan, StepHarness};
 
 use crate::train::DeviceArg;
 

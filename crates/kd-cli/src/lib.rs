@@ -307,8 +307,8 @@ where
             };
             if kd_recipes::is_recipe(&path) {
                 let recipe = load_recipe(&path, &sets)?;
-                let runs =
-                    recipe.execute(&registry, &mut |plan| execute(&registry, plan, &ex, None))?;
+                let runs = recipe
+                    .execute_batched(&registry, &mut |plans| run_batch(&registry, plans, &ex))?;
                 eprint!("{}", kd_recipes::summary_table(&runs));
                 return Ok(());
             }
@@ -450,7 +450,10 @@ pub fn run_sweep(
     for group in lockstep_groups(plans, ex.solo) {
         let members: Vec<Plan> = group.iter().map(|&i| plans[i].clone()).collect();
         let mut failed = None;
-        for (&i, r) in group.iter().zip(execute_group(registry, &members, ex, Some(&parent))?) {
+        for (&i, r) in group
+            .iter()
+            .zip(execute_group(registry, &members, ex, Some(&parent))?)
+        {
             match r {
                 Ok(r) => results[i] = Some(r),
                 Err(e) => failed = failed.or(Some(e)),
@@ -475,12 +478,38 @@ pub fn run_sweep(
     Ok(results)
 }
 
+/// The plans of a recipe's `run(...)` or `run_all(...)`, in lockstep groups
+/// (unless `ex.solo`); one result per plan.
+fn run_batch(registry: &Registry, plans: &[Plan], ex: &Exec) -> Vec<Result<RunResult>> {
+    let mut results: Vec<Option<Result<RunResult>>> = plans.iter().map(|_| None).collect();
+    for group in lockstep_groups(plans, ex.solo) {
+        let members: Vec<Plan> = group.iter().map(|&i| plans[i].clone()).collect();
+        match execute_group(registry, &members, ex, None) {
+            Ok(rs) => group
+                .iter()
+                .zip(rs)
+                .for_each(|(&i, r)| results[i] = Some(r)),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                group
+                    .iter()
+                    .for_each(|&i| results[i] = Some(Err(anyhow::anyhow!("{msg}"))));
+            }
+        }
+    }
+    results.into_iter().flatten().collect()
+}
+
 /// Indices of the plans, grouped by [`kd_engine::lockstep_key`] in order of
 /// first appearance; every plan alone when `solo` or when it has no key.
 fn lockstep_groups(plans: &[Plan], solo: bool) -> Vec<Vec<usize>> {
     let mut groups: Vec<(Option<String>, Vec<usize>)> = Vec::new();
     for (i, p) in plans.iter().enumerate() {
-        let key = if solo { None } else { kd_engine::lockstep_key(p) };
+        let key = if solo {
+            None
+        } else {
+            kd_engine::lockstep_key(p)
+        };
         match groups.iter_mut().find(|(k, _)| key.is_some() && *k == key) {
             Some((_, members)) => members.push(i),
             None => groups.push((key, vec![i])),
@@ -574,7 +603,9 @@ impl Session {
                 "tracking: no MLflow server given; the run is journaled in {dir}; `kd sync {dir} --tracking-uri URL` sends it"
             );
         } else if report.needs_sync() {
-            eprintln!("tracking: the server has not received everything yet; `kd sync {dir}` sends the rest");
+            eprintln!(
+                "tracking: the server has not received everything yet; `kd sync {dir}` sends the rest"
+            );
         }
     }
 }

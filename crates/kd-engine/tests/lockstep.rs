@@ -75,10 +75,20 @@ fn methods() -> Vec<(&'static str, MethodPlan)> {
     crd.config = serde_json::json!({"nce_n": 16, "feat_dim": 8});
     let mut fitnet = MethodPlan::new("fitnet", 1.0);
     fitnet.config = serde_json::json!({"connector": "conv_reg"});
-    vec![("st", MethodPlan::new("st", 0.9)), ("crd", crd), ("fitnet", fitnet), ("at", MethodPlan::new("at", 100.0))]
+    vec![
+        ("st", MethodPlan::new("st", 0.9)),
+        ("crd", crd),
+        ("fitnet", fitnet),
+        ("at", MethodPlan::new("at", 100.0)),
+    ]
 }
 
-fn options<'a>(dir: PathBuf, resume: bool, observer: &'a mut dyn Observer, stop: Option<Arc<AtomicBool>>) -> RunOptions<'a> {
+fn options<'a>(
+    dir: PathBuf,
+    resume: bool,
+    observer: &'a mut dyn Observer,
+    stop: Option<Arc<AtomicBool>>,
+) -> RunOptions<'a> {
     RunOptions {
         run_dir: dir,
         resume,
@@ -92,26 +102,45 @@ fn options<'a>(dir: PathBuf, resume: bool, observer: &'a mut dyn Observer, stop:
 
 /// Epoch records without the wall-clock numbers.
 fn records(r: &RunResult) -> Vec<EpochRecord> {
-    r.stages[0].epochs.iter().cloned().map(|mut e| {
-        e.images_per_sec = 0.0;
-        e
-    }).collect()
+    r.stages[0]
+        .epochs
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.images_per_sec = 0.0;
+            e
+        })
+        .collect()
 }
 
 fn assert_same_files(a: &Path, b: &Path, files: &[&str]) {
     for f in files {
-        let (x, y) = (tensors::read(&a.join(f)).unwrap(), tensors::read(&b.join(f)).unwrap());
+        let (x, y) = (
+            tensors::read(&a.join(f)).unwrap(),
+            tensors::read(&b.join(f)).unwrap(),
+        );
         assert_eq!(x.tensors.len(), y.tensors.len(), "{f}");
         for (name, t) in &x.tensors {
-            assert!(t.equal(y.get(name).unwrap()), "{}/{f}: `{name}` differs", a.display());
+            assert!(
+                t.equal(y.get(name).unwrap()),
+                "{}/{f}: `{name}` differs",
+                a.display()
+            );
         }
     }
 }
 
-fn group(plans: &[Plan], root: &Path, resume: bool, stop: Option<Arc<AtomicBool>>, observer: &mut dyn Observer) -> Vec<Result<RunResult, EngineError>> {
+fn group(
+    plans: &[Plan],
+    root: &Path,
+    resume: bool,
+    stop: Option<Arc<AtomicBool>>,
+    observer: &mut dyn Observer,
+) -> Vec<Result<RunResult, EngineError>> {
     let registry = Registry::global().unwrap();
     let mut silents: Vec<Silent> = plans.iter().skip(1).map(|_| Silent).collect();
-    let observers = std::iter::once(observer).chain(silents.iter_mut().map(|s| s as &mut dyn Observer));
+    let observers =
+        std::iter::once(observer).chain(silents.iter_mut().map(|s| s as &mut dyn Observer));
     let mut opts: Vec<RunOptions> = plans
         .iter()
         .zip(observers)
@@ -126,7 +155,10 @@ fn lockstep_runs_equal_solo_runs_and_failures_stay_alone() {
     let registry = Registry::global().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let teacher = teacher_file(dir.path());
-    let mut plans: Vec<Plan> = methods().into_iter().map(|(n, m)| plan(n, &teacher, m)).collect();
+    let mut plans: Vec<Plan> = methods()
+        .into_iter()
+        .map(|(n, m)| plan(n, &teacher, m))
+        .collect();
     let mut broken = MethodPlan::new("st", 1.0);
     broken.weight = Weight::Const(f64::NAN);
     plans.insert(1, plan("broken", &teacher, broken));
@@ -134,9 +166,16 @@ fn lockstep_runs_equal_solo_runs_and_failures_stay_alone() {
     assert!(keys[0].is_some() && keys.iter().all(|k| *k == keys[0]));
 
     let solo_root = dir.path().join("solo");
-    let solo: Vec<_> = plans.iter().map(|p| {
-        kd_engine::run(p, &registry, &mut options(solo_root.join(&p.name), false, &mut Silent, None))
-    }).collect();
+    let solo: Vec<_> = plans
+        .iter()
+        .map(|p| {
+            kd_engine::run(
+                p,
+                &registry,
+                &mut options(solo_root.join(&p.name), false, &mut Silent, None),
+            )
+        })
+        .collect();
     let grouped = group(&plans, &dir.path().join("group"), false, None, &mut Silent);
 
     for ((p, s), g) in plans.iter().zip(&solo).zip(&grouped) {
@@ -149,8 +188,16 @@ fn lockstep_runs_equal_solo_runs_and_failures_stay_alone() {
         }
         let (s, g) = (s.as_ref().unwrap(), g.as_ref().unwrap());
         assert_eq!(records(s), records(g), "{}: epoch records differ", p.name);
-        let files = ["checkpoint.safetensors", "distill.last.safetensors", "distill.best.safetensors"];
-        assert_same_files(&solo_root.join(&p.name), &dir.path().join("group").join(&p.name), &files);
+        let files = [
+            "checkpoint.safetensors",
+            "distill.last.safetensors",
+            "distill.best.safetensors",
+        ];
+        assert_same_files(
+            &solo_root.join(&p.name),
+            &dir.path().join("group").join(&p.name),
+            &files,
+        );
     }
 }
 
@@ -167,18 +214,41 @@ fn resumed_group_equals_uninterrupted_group() {
     kd_methods::link();
     let dir = tempfile::tempdir().unwrap();
     let teacher = teacher_file(dir.path());
-    let plans: Vec<Plan> = methods().into_iter().take(2).map(|(n, m)| plan(n, &teacher, m)).collect();
+    let plans: Vec<Plan> = methods()
+        .into_iter()
+        .take(2)
+        .map(|(n, m)| plan(n, &teacher, m))
+        .collect();
     let whole = group(&plans, &dir.path().join("whole"), false, None, &mut Silent);
     let flag = Arc::new(AtomicBool::new(false));
-    let cut = group(&plans, &dir.path().join("cut"), false, Some(flag.clone()), &mut StopAfterFirst(flag));
+    let cut = group(
+        &plans,
+        &dir.path().join("cut"),
+        false,
+        Some(flag.clone()),
+        &mut StopAfterFirst(flag),
+    );
     for r in &cut {
-        assert!(matches!(r, Err(EngineError::Interrupted(_))), "{:?}", r.as_ref().err());
+        assert!(
+            matches!(r, Err(EngineError::Interrupted(_))),
+            "{:?}",
+            r.as_ref().err()
+        );
     }
     tch::manual_seed(999);
     let resumed = group(&plans, &dir.path().join("cut"), true, None, &mut Silent);
     for ((p, w), r) in plans.iter().zip(&whole).zip(&resumed) {
-        assert_eq!(records(w.as_ref().unwrap()), records(r.as_ref().unwrap()), "{}", p.name);
+        assert_eq!(
+            records(w.as_ref().unwrap()),
+            records(r.as_ref().unwrap()),
+            "{}",
+            p.name
+        );
         let files = ["checkpoint.safetensors", "distill.last.safetensors"];
-        assert_same_files(&dir.path().join("whole").join(&p.name), &dir.path().join("cut").join(&p.name), &files);
+        assert_same_files(
+            &dir.path().join("whole").join(&p.name),
+            &dir.path().join("cut").join(&p.name),
+            &files,
+        );
     }
 }

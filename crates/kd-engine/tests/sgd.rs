@@ -18,14 +18,20 @@ struct Case {
 
 #[test]
 fn trajectories_equal_pytorch_sgd_bit_for_bit() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/fixtures/sgd.safetensors");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/optim/sgd.safetensors");
     let file = kd_engine::tensors::read(&path).unwrap();
     let cases: Vec<Case> = serde_json::from_str(&file.metadata["cases"]).unwrap();
     let n = file.with_prefix("init/").count();
     assert!(n > 0 && cases.len() >= 4);
     for case in &cases {
         let params: Vec<Tensor> = (0..n)
-            .map(|i| file.get(&format!("init/{i}")).unwrap().copy().set_requires_grad(true))
+            .map(|i| {
+                file.get(&format!("init/{i}"))
+                    .unwrap()
+                    .copy()
+                    .set_requires_grad(true)
+            })
             .collect();
         let cfg = Sgd {
             lr: case.lr[0],
@@ -33,7 +39,11 @@ fn trajectories_equal_pytorch_sgd_bit_for_bit() {
             nesterov: case.nesterov,
             weight_decay: case.weight_decay,
         };
-        let named = params.iter().enumerate().map(|(i, p)| (format!("p{i}"), p.shallow_clone())).collect();
+        let named = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
+            .collect();
         let mut opt = Optimizer::new(cfg, named);
         for (k, lr) in case.lr.iter().enumerate() {
             opt.zero_grad().unwrap();
@@ -49,7 +59,11 @@ fn trajectories_equal_pytorch_sgd_bit_for_bit() {
             for (i, p) in params.iter().enumerate() {
                 let want = file.get(&format!("expect/{}/{k}/{i}", case.name)).unwrap();
                 let diff = (p.detach() - want).abs().max().double_value(&[]);
-                assert_eq!(diff, 0.0, "{}: step {k}, parameter {i} differs by {diff:e}", case.name);
+                assert_eq!(
+                    diff, 0.0,
+                    "{}: step {k}, parameter {i} differs by {diff:e}",
+                    case.name
+                );
             }
         }
     }

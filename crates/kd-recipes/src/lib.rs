@@ -44,7 +44,7 @@ mod yaml;
 use std::sync::Arc;
 
 pub use error::{RecipeError, Result};
-pub use recipe::{Recipe, Runner, parse_set};
+pub use recipe::{BatchRunner, Recipe, Runner, parse_set};
 pub use sandbox::limits;
 pub use scripts::Scripts;
 pub use summary::{RunRecord, table as summary_table};

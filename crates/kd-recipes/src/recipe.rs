@@ -21,6 +21,10 @@ type Printer = Arc<dyn Fn(&str) + Send + Sync>;
 /// Runs one plan for real; given to [`Recipe::execute`].
 pub type Runner<'a> = dyn FnMut(&Plan) -> anyhow::Result<RunResult> + 'a;
 
+/// Trains the plans of one `run_all(...)` together (one `run(...)` gives
+/// one plan); one result per plan, in order.
+pub type BatchRunner<'a> = dyn FnMut(&[Plan]) -> Vec<anyhow::Result<RunResult>> + 'a;
+
 pub struct Recipe {
     path: PathBuf,
     /// The path as messages show it, and the Rhai source name.
@@ -125,6 +129,18 @@ impl Recipe {
     /// before the first trains; then evaluates it again, handing each plan
     /// to `runner` (on this thread) and its result back to the script.
     pub fn execute(&self, registry: &Registry, runner: &mut Runner<'_>) -> Result<Vec<RunRecord>> {
+        self.execute_batched(registry, &mut |plans| {
+            plans.iter().map(&mut *runner).collect()
+        })
+    }
+
+    /// As [`Recipe::execute`], handing the plans of each `run_all(...)` to
+    /// `runner` at once.
+    pub fn execute_batched(
+        &self,
+        registry: &Registry,
+        runner: &mut BatchRunner<'_>,
+    ) -> Result<Vec<RunRecord>> {
         std::thread::scope(|scope| {
             join(script_thread(scope, || {
                 self.evaluate(registry, None, true)
@@ -133,7 +149,7 @@ impl Recipe {
         let mut failure = None;
         let log = std::thread::scope(|scope| {
             let (tx, rx) = mpsc::channel::<Msg>();
-            let (reply_tx, reply_rx) = mpsc::channel::<Option<RunResult>>();
+            let (reply_tx, reply_rx) = mpsc::channel::<Vec<Option<RunResult>>>();
             let link = Link {
                 tx: tx.clone(),
                 rx: Mutex::new(reply_rx),
@@ -146,10 +162,19 @@ impl Recipe {
             })?;
             let out = loop {
                 match rx.recv() {
-                    Ok(Msg::Run(plan)) => {
-                        let reply = runner(&plan)
-                            .map_err(|e| failure = Some((plan.name.clone(), e)))
-                            .ok();
+                    Ok(Msg::Run(plans)) => {
+                        let mut reply = Vec::with_capacity(plans.len());
+                        for (plan, r) in plans.iter().zip(runner(&plans)) {
+                            match r {
+                                Ok(r) => reply.push(Some(r)),
+                                Err(e) => {
+                                    if failure.is_none() {
+                                        failure = Some((plan.name.clone(), e));
+                                    }
+                                    reply.push(None);
+                                }
+                            }
+                        }
                         let _ = reply_tx.send(reply);
                     }
                     Ok(Msg::Done(out)) => break *out,

@@ -530,8 +530,11 @@ const SLICE: Duration = Duration::from_secs(2);
 
 fn ship_loop(mut s: Shipper, rx: Receiver<Instant>, opts: Options, shared: Arc<Mutex<Shared>>) {
     let mut failing = false;
+    // Failing because the server is away, not because this run's parent
+    // has not reached the server yet (which a short run can outpace).
+    let mut away = false;
     let mut delay = FIRST_BACKOFF;
-    // (deadline, whether the server was failing when asked to close)
+    // (deadline, whether the server was away when asked to close)
     let mut closing: Option<(Instant, bool)> = None;
     let mut backlog = false;
     loop {
@@ -542,7 +545,7 @@ fn ship_loop(mut s: Shipper, rx: Receiver<Instant>, opts: Options, shared: Arc<M
         };
         match closing {
             None => match rx.recv_timeout(wait) {
-                Ok(d) => closing = Some((d, failing)),
+                Ok(d) => closing = Some((d, away)),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closing = Some((Instant::now(), true)),
             },
@@ -565,20 +568,21 @@ fn ship_loop(mut s: Shipper, rx: Receiver<Instant>, opts: Options, shared: Arc<M
                 sh.error = Some(e.to_string());
             }
         }
-        match result {
+        match &result {
             Ok(_) => {
-                failing = false;
+                (failing, away) = (false, false);
                 delay = FIRST_BACKOFF;
             }
-            Err(_) => {
+            Err(e) => {
                 failing = true;
+                away = !matches!(e, Error::ParentPending { .. });
                 delay = (delay * 2).min(opts.max_backoff);
             }
         }
-        if let Some((deadline, was_failing)) = closing {
+        if let Some((deadline, was_away)) = closing {
             let caught_up = result.as_ref().is_ok_and(|done| *done);
             // A server already away when training ended gets one attempt.
-            let give_up = was_failing && result.is_err();
+            let give_up = was_away && away;
             if caught_up || give_up || Instant::now() >= deadline {
                 return;
             }

@@ -86,14 +86,16 @@ pub(crate) struct Log {
 
 /// From the script thread to the runner's.
 pub(crate) enum Msg {
-    Run(Box<Plan>),
+    /// Plans to train, together (in lockstep where they can be).
+    Run(Vec<Plan>),
     Done(Box<crate::Result<Log>>),
 }
 
 /// The script thread's end of the channel to the runner.
 pub(crate) struct Link {
     pub tx: Sender<Msg>,
-    pub rx: Mutex<Receiver<Option<RunResult>>>,
+    /// One reply per plan sent; `None` for a run that failed.
+    pub rx: Mutex<Receiver<Vec<Option<RunResult>>>>,
 }
 
 /// Registers the whole API for one evaluation.

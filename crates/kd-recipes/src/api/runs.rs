@@ -36,33 +36,32 @@ fn placeholder(plan: &Plan) -> RunResult {
     }
 }
 
-fn run(s: &Session, x: &Experiment) -> Fallible<Outcome> {
-    let plan = x.plan().map_err(user)?;
-    if s.log().plans.iter().any(|p| p.name == plan.name) {
-        return Err(user(format!(
-            "experiment name `{}` is used by an earlier run of this recipe; give each run its own, e.g. `.name(`{}-s${{seed}}`)`",
-            plan.name, plan.name
-        )));
-    }
-    let pending = s.log().pending.clone();
-    crate::check::plan(&plan, &s.registry, &s.scripts, &pending)
-        .map_err(|e| user(format!("experiment `{}`: {e}", plan.name)))?;
-    s.log().plans.push(plan.clone());
-    let outcome = match &s.link {
-        None => {
-            let result = placeholder(&plan);
-            s.log().pending.extend(
-                result
-                    .stages
-                    .iter()
-                    .flat_map(|st| [st.best_weights.clone(), st.last_weights.clone()]),
-            );
-            Outcome {
-                plan,
-                result,
-                dry_run: true,
-            }
+/// Validates and records each experiment, then runs them together (or, in
+/// a dry run, hands back placeholders).
+fn run_many(s: &Session, xs: &[Experiment]) -> Fallible<Vec<Outcome>> {
+    let mut plans: Vec<Plan> = Vec::with_capacity(xs.len());
+    for x in xs {
+        let plan = x.plan().map_err(user)?;
+        let taken = s
+            .log()
+            .plans
+            .iter()
+            .chain(&plans)
+            .any(|p| p.name == plan.name);
+        if taken {
+            return Err(user(format!(
+                "experiment name `{}` is used by an earlier run of this recipe; give each run its own, e.g. `.name(`{}-s${{seed}}`)`",
+                plan.name, plan.name
+            )));
         }
+        let pending = s.log().pending.clone();
+        crate::check::plan(&plan, &s.registry, &s.scripts, &pending)
+            .map_err(|e| user(format!("experiment `{}`: {e}", plan.name)))?;
+        plans.push(plan);
+    }
+    s.log().plans.extend(plans.iter().cloned());
+    let results: Vec<(RunResult, bool)> = match &s.link {
+        None => plans.iter().map(|p| (placeholder(p), true)).collect(),
         Some(link) => {
             let stopped = || {
                 Box::new(EvalAltResult::ErrorTerminated(
@@ -71,22 +70,57 @@ fn run(s: &Session, x: &Experiment) -> Fallible<Outcome> {
                 ))
             };
             link.tx
-                .send(Msg::Run(Box::new(plan.clone())))
+                .send(Msg::Run(plans.clone()))
                 .map_err(|_| stopped())?;
             let reply = link.rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
             // A failed run stops the recipe; `try`/`catch` cannot swallow it.
-            let Ok(Some(result)) = reply else {
+            let Ok(reply) = reply else {
                 return Err(stopped());
             };
-            Outcome {
-                plan,
-                result,
-                dry_run: false,
-            }
+            let results: Option<Vec<RunResult>> = reply.into_iter().collect();
+            results
+                .ok_or_else(stopped)?
+                .into_iter()
+                .map(|r| (r, false))
+                .collect()
         }
     };
-    s.log().outcomes.push(outcome.clone());
-    Ok(outcome)
+    let mut out = Vec::with_capacity(plans.len());
+    for (plan, (result, dry_run)) in plans.into_iter().zip(results) {
+        if dry_run {
+            s.log().pending.extend(
+                result
+                    .stages
+                    .iter()
+                    .flat_map(|st| [st.best_weights.clone(), st.last_weights.clone()]),
+            );
+        }
+        let outcome = Outcome {
+            plan,
+            result,
+            dry_run,
+        };
+        s.log().outcomes.push(outcome.clone());
+        out.push(outcome);
+    }
+    Ok(out)
+}
+
+fn run(s: &Session, x: &Experiment) -> Fallible<Outcome> {
+    Ok(run_many(s, std::slice::from_ref(x))?.remove(0))
+}
+
+fn experiments(xs: &Array) -> Fallible<Vec<Experiment>> {
+    xs.iter()
+        .map(|v| {
+            v.clone().try_cast::<Experiment>().ok_or_else(|| {
+                user(format!(
+                    "run_all takes an array of experiments, found a {}",
+                    v.type_name()
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Reads a `--set name=value` override, typed like the default.
@@ -160,7 +194,17 @@ fn records(results: &Array) -> Fallible<Vec<RunRecord>> {
 
 pub(super) fn register(e: &mut Engine, s: &Arc<Session>) {
     super::results::register(e);
-    let (s1, s2, s3) = (Arc::clone(s), Arc::clone(s), Arc::clone(s));
+    let (s1, s2, s3, s4) = (Arc::clone(s), Arc::clone(s), Arc::clone(s), Arc::clone(s));
+    def(
+        e,
+        "run_all",
+        &["experiments: Array", "Array"],
+        "Runs several experiments together and returns their results in order. Those\nthat share teacher weights, data, seed, batch size and stage lengths train in\nlockstep: each batch's teacher forward is computed once for all of them, and\neach run's results are exactly those it gets alone.",
+        move |xs: Array| -> Fallible<Array> {
+            let outcomes = run_many(&s4, &experiments(&xs)?)?;
+            Ok(outcomes.into_iter().map(Dynamic::from).collect())
+        },
+    );
     def(
         e,
         "run",
