@@ -145,6 +145,10 @@ enum Probe {
         fixture: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Then time this many more calls (loss, backward, after-step) and
+        /// print `{"ms_per_call": ...}`.
+        #[arg(long, default_value_t = 0)]
+        repeat: usize,
     },
     /// Run one training step of a method on a fixture's networks and batch
     /// (student in train mode, teacher in eval mode, no update); write the
@@ -361,10 +365,20 @@ where
         }) => probe_model(&name, &weights, &input, &out, num_classes),
         Cmd::Methods { json } => print_methods(&registry, json),
         Cmd::Bench(args) => bench::bench(&args, &registry),
-        Cmd::Probe(Probe::Loss { fixture, out }) => {
-            let result = kd_engine::probe::probe_loss(&fixture, &registry)
+        Cmd::Probe(Probe::Loss {
+            fixture,
+            out,
+            repeat,
+        }) => {
+            let result = kd_engine::probe::probe_loss(&fixture, &registry, repeat)
                 .with_context(|| format!("probing {}", fixture.display()))?;
             kd_engine::tensors::write(&out, &result)?;
+            if let Some(ms) = result.metadata.get("ms_per_call") {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ms_per_call": ms.parse::<f64>().unwrap_or(f64::NAN) })
+                );
+            }
             Ok(())
         }
         Cmd::Probe(Probe::Step { fixture, out }) => {

@@ -2,7 +2,9 @@ use kd_data::Dataset;
 use kd_models::Network;
 use tch::{Device, Kind, Tensor};
 
-/// Top-1 and top-5 accuracy in percent, in eval mode without gradient.
+/// Top-1 and top-5 accuracy in percent, in eval mode, in libtorch's
+/// inference mode (nothing of it is ever differentiated), with the hit
+/// counts summed on the device and read once at the end.
 pub fn accuracy(
     net: &dyn Network,
     data: &Dataset,
@@ -21,8 +23,8 @@ pub fn accuracy(
         .to_kind(Kind::Float)
         .view([1, 3, 1, 1])
         .to_device(device);
-    let (mut top1, mut top5) = (0i64, 0i64);
-    tch::no_grad(|| {
+    let hits = kd_aten::inference_mode(|| {
+        let mut hits = Tensor::zeros([2], (Kind::Int64, device));
         let mut start = 0;
         while start < n {
             let len = (batch_size as i64).min(n - start);
@@ -39,11 +41,16 @@ pub fn accuracy(
             let k = logits.size()[1].min(5);
             let (_, pred) = logits.topk(k, 1, true, true);
             let hit = pred.eq_tensor(&y.unsqueeze(1));
-            top1 += hit.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
-            top5 += hit.sum(Kind::Int64).int64_value(&[]);
+            let batch = Tensor::stack(
+                &[hit.narrow(1, 0, 1).sum(Kind::Int64), hit.sum(Kind::Int64)],
+                0,
+            );
+            hits += batch;
             start += len;
         }
+        hits
     });
+    let (top1, top5) = (hits.int64_value(&[0]), hits.int64_value(&[1]));
     (
         100.0 * top1 as f64 / n as f64,
         100.0 * top5 as f64 / n as f64,

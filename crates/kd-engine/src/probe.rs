@@ -66,8 +66,11 @@ fn taps_from(file: &TensorFile, prefix: &str, requires_grad: bool) -> Result<Opt
 }
 
 /// Runs the fixture at `path` through its method. See tests/golden/gen.py
-/// for the fixture layout.
-pub fn probe_loss(path: &Path, registry: &Registry) -> Result<TensorFile> {
+/// for the fixture layout. With `repeat` > 0 the call (loss, backward,
+/// after-step hook) then runs that many more times, and the output's
+/// metadata `ms_per_call` says how long each took: `scripts/bench-losses`
+/// sets it beside PyTorch's time on the same taps.
+pub fn probe_loss(path: &Path, registry: &Registry, repeat: usize) -> Result<TensorFile> {
     let file = tensors::read(path)?;
     let bad = |msg: String| EngineError::Format {
         path: path.to_path_buf(),
@@ -147,8 +150,14 @@ pub fn probe_loss(path: &Path, registry: &Registry) -> Result<TensorFile> {
     let loss = losses.total();
     loss.backward();
     tch::no_grad(|| m.after_step(&io))?;
+    let ms_per_call = (repeat > 0)
+        .then(|| time_calls(m.as_mut(), &io, &s_leaves, &vs, repeat))
+        .transpose()?;
 
     let mut out = TensorFile::default();
+    if let Some(ms) = ms_per_call {
+        out.metadata.insert("ms_per_call".into(), ms.to_string());
+    }
     out.metadata.insert("method".into(), method.clone());
     out.push("loss", &loss.to_kind(Kind::Float));
     for (name, t) in &losses.terms {
@@ -165,6 +174,28 @@ pub fn probe_loss(path: &Path, registry: &Registry) -> Result<TensorFile> {
         out.push(format!("method/{name}"), &t);
     }
     Ok(out)
+}
+
+/// Milliseconds per call of the method on `io`: loss, backward, after-step
+/// hook, from dropped gradients each time (as a training step does).
+fn time_calls(
+    m: &mut dyn kd_core::DynMethod,
+    io: &StepIo,
+    leaves: &[(Tap, Tensor)],
+    vs: &nn::VarStore,
+    repeat: usize,
+) -> Result<f64> {
+    let mut grads: Vec<Tensor> = leaves.iter().map(|(_, t)| t.shallow_clone()).collect();
+    grads.extend(vs.trainable_variables());
+    let started = std::time::Instant::now();
+    for _ in 0..repeat {
+        kd_aten::grads_to_none(&grads)?;
+        let mut losses = Losses::default();
+        m.losses(io, &mut losses)?;
+        losses.total().backward();
+        tch::no_grad(|| m.after_step(io))?;
+    }
+    Ok(1e3 * started.elapsed().as_secs_f64() / repeat as f64)
 }
 
 /// Copies `method/<name>` tensors of the fixture into the method's variables.

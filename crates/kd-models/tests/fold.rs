@@ -10,8 +10,11 @@ fn calibrated(name: &str) -> (nn::VarStore, Box<dyn kd_models::Network>) {
     tch::manual_seed(11);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = kd_models::build(name, &vs.root(), 10).unwrap();
+    // In name order: the draws must not depend on a hash map's order.
+    let mut vars: Vec<_> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
     tch::no_grad(|| {
-        for (n, mut v) in vs.variables() {
+        for (n, mut v) in vars {
             if n.contains("bn") || n.starts_with("block") && v.dim() == 1 {
                 let _ = v.uniform_(0.5, 1.5);
             }

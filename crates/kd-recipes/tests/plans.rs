@@ -438,3 +438,45 @@ run(x.name("zoo-data").data(schedule::kdzoo_data("c100")));
         (&c100, 128)
     );
 }
+
+#[test]
+fn run_all_plans_every_experiment_in_order_and_returns_their_results() {
+    let src = format!(
+        "let a = {TINY}.name(\"a\").add(stage(\"s\", 2).add(method(\"ce\")));\nlet rs = run_all([a, a.name(\"b\").precision(\"bf16\").device(\"cuda\"), a.name(\"c\").channels_last(false)]);\nif rs.len() != 3 || rs[1].name != \"b\" {{ throw \"results out of order\"; }}\n"
+    );
+    let plans = plan(&src).unwrap();
+    let got: Vec<_> = plans
+        .iter()
+        .map(|p| (p.name.as_str(), p.precision, p.channels_last))
+        .collect();
+    use kd_engine::Precision::{Bf16, Fp32};
+    assert_eq!(
+        got,
+        [("a", Fp32, true), ("b", Bf16, true), ("c", Fp32, false)]
+    );
+    let yaml = to_yaml(&plans).unwrap();
+    assert!(yaml.contains("precision: bf16"), "{yaml}");
+    assert_eq!(from_yaml(&yaml, "all").unwrap(), plans);
+}
+
+#[test]
+fn run_all_refuses_names_used_twice_and_unknown_precisions() {
+    let src =
+        format!("let a = {TINY}.add(stage(\"s\", 2).add(method(\"ce\")));\nrun_all([a, a]);\n");
+    let err = plan(&src).unwrap_err().to_string();
+    assert!(
+        err.contains("experiment name `tiny` is used by an earlier run"),
+        "{err}"
+    );
+    let src = format!("let a = {TINY}.precision(\"fp8\");\n");
+    let err = plan(&src).unwrap_err().to_string();
+    assert!(
+        err.contains("unknown precision `fp8`; valid: fp32, bf16, fp16"),
+        "{err}"
+    );
+    let src = format!(
+        "let a = {TINY}.device(\"cpu\").precision(\"fp16\").add(stage(\"s\", 2).add(method(\"ce\")));\nrun(a);\n"
+    );
+    let err = plan(&src).unwrap_err().to_string();
+    assert!(err.contains("precision `fp16` needs CUDA"), "{err}");
+}

@@ -164,9 +164,9 @@ pub(crate) fn probe_step(
         precision: Precision::Fp32,
         device: batch.images.device(),
     };
-    student.to_channels_last()?;
+    student.use_channels_last()?;
     if let Some(t) = teacher.as_deref_mut() {
-        t.to_channels_last()?;
+        t.use_channels_last()?;
     }
     let env = BuildEnv {
         registry,
@@ -196,16 +196,7 @@ pub(crate) fn probe_step(
     if let (Some(t), false) = (teacher.as_deref_mut(), prep.mutual) {
         t.model.fold_batchnorm(true);
     }
-    match draws {
-        Some(u) => prep.draws = Draws::Given(u),
-        // Without views nothing reads the draws.
-        None if prep.needs.views.is_empty() => {}
-        None => {
-            return Err(EngineError::Plan(
-                "the method chooses attack classes at random: give one uniform draw in [0, 1) per batch row (`batch/attack_u`)".into(),
-            ));
-        }
-    }
+    prep.draws = given_draws(draws, prep.needs.views.is_empty())?;
     for a in prep.methods.iter_mut() {
         set_vars(&mut a.vs)?;
     }
@@ -228,17 +219,10 @@ pub(crate) fn probe_step(
         None,
         Update::Backward,
     )?;
-    if let Some(t) = teacher.as_deref_mut() {
+    if let Some(t) = teacher {
         t.model.fold_batchnorm(false);
     }
-    let mut pending = Pending::default();
-    pending.push(0, 0.0, out);
-    let values = pending.read()?.pop().expect("one step was read");
-    if let Some((term, value)) = values.non_finite() {
-        return Err(EngineError::Plan(format!(
-            "loss term `{term}` is {value}; no gradients"
-        )));
-    }
+    let values = read_one(out)?;
     let method_vars = prep
         .methods
         .iter()
@@ -248,4 +232,29 @@ pub(crate) fn probe_step(
         terms: values.terms,
         method_vars,
     })
+}
+
+/// The probe's stand-in for the training stream's draws: required when the
+/// method attacks (it chooses classes at random), unused otherwise.
+fn given_draws(draws: Option<Tensor>, no_views: bool) -> Result<Draws> {
+    match draws {
+        Some(u) => Ok(Draws::Given(u)),
+        None if no_views => Ok(Draws::Given(Tensor::new())),
+        None => Err(EngineError::Plan(
+            "the method chooses attack classes at random: give one uniform draw in [0, 1) per batch row (`batch/attack_u`)".into(),
+        )),
+    }
+}
+
+/// A probed step's values on the host, refused when one is not finite.
+fn read_one(out: super::step::StepOut) -> Result<super::pending::StepValues> {
+    let mut pending = Pending::default();
+    pending.push(0, 0.0, out);
+    let values = pending.read()?.pop().expect("one step was read");
+    if let Some((term, value)) = values.non_finite() {
+        return Err(EngineError::Plan(format!(
+            "loss term `{term}` is {value}; no gradients"
+        )));
+    }
+    Ok(values)
 }

@@ -217,7 +217,7 @@ impl<'a, 'o> Member<'a, 'o> {
         } else {
             READ_EVERY
         };
-        if (b + 1) % every == 0 || b + 1 == run.steps {
+        if (b + 1).is_multiple_of(every) || b + 1 == run.steps {
             self.read_pending()?;
         }
         Ok(())
@@ -280,53 +280,54 @@ impl Member<'_, '_> {
         Ok(())
     }
 
+    /// Test, validation and (in mutual learning) peer accuracy of the
+    /// stage's network.
+    fn evaluate(&self, splits: &Splits) -> Accuracy {
+        let stage = self.stage_plan();
+        let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
+        let (bs, device) = (self.plan.data.eval_batch_size, self.exec.device);
+        let acc = |net: &Net, data: &kd_data::Dataset| {
+            eval::accuracy(net.model.as_ref(), data, bs, device)
+        };
+        let mutual = self.stage.as_ref().is_some_and(|s| s.prep.mutual);
+        Accuracy {
+            test: acc(net, &splits.test),
+            val: splits.val.as_ref().map(|v| acc(net, v)),
+            peer_top1: other.filter(|_| mutual).map(|t| acc(t, &splits.test).0),
+        }
+    }
+
     /// Closes the epoch: evaluation, best weights, epoch log, checkpoint.
     pub(crate) fn end_epoch(&mut self, splits: &Splits) -> Result<()> {
         self.read_pending()?;
+        let acc = self.evaluate(splits);
         let stage = self.stage_plan();
-        let si = self.results.len();
         let run = self.stage.as_mut().expect("a stage is in progress");
         let e = run.epoch.take().expect("an epoch is in progress");
         e.bar.finish_and_clear();
         let ips = e.seen as f64 / e.started.elapsed().as_secs_f64().max(1e-9);
-        let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
-        let (bs, device) = (self.plan.data.eval_batch_size, self.exec.device);
-        let (test_top1, test_top5) = eval::accuracy(net.model.as_ref(), &splits.test, bs, device);
-        let val = splits
-            .val
-            .as_ref()
-            .map(|v| eval::accuracy(net.model.as_ref(), v, bs, device));
-        let peer_top1 = other
-            .filter(|_| run.prep.mutual)
-            .map(|t| eval::accuracy(t.model.as_ref(), &splits.test, bs, device).0);
-        let selector = val.map(|v| v.0).unwrap_or(test_top1);
+        let selector = acc.val.map(|v| v.0).unwrap_or(acc.test.0);
         if selector > run.best_top1 || run.history.is_empty() {
             run.best_top1 = selector;
             run.best_epoch = e.epoch;
-            kd_models::save_weights(
-                &net.vs,
-                &self
-                    .ckpt
-                    .with_file_name(format!("{}.best.safetensors", stage.name)),
-            )?;
+            let (net, _) = roles(stage.subject, &self.student, self.teacher.as_ref());
+            let best = format!("{}.best.safetensors", stage.name);
+            kd_models::save_weights(&net.vs, &self.ckpt.with_file_name(best))?;
         }
-        let seen = e.seen.max(1) as f64;
-        let steps = run.steps as f64;
+        let (seen, steps) = (e.seen.max(1) as f64, run.steps as f64);
+        let labels = run.prep.methods.iter().map(|a| a.label.clone());
         let record = EpochRecord {
             epoch: e.epoch,
             lr: e.lr,
             train_loss: e.loss_sum / seen,
             train_top1: 100.0 * e.correct as f64 / seen,
-            test_top1,
-            test_top5,
-            val_top1: val.map(|v| v.0),
-            val_top5: val.map(|v| v.1),
-            weights: run
-                .prep
-                .methods
-                .iter()
+            test_top1: acc.test.0,
+            test_top5: acc.test.1,
+            val_top1: acc.val.map(|v| v.0),
+            val_top5: acc.val.map(|v| v.1),
+            weights: labels
                 .zip(&e.weight_sum)
-                .map(|(a, s)| (a.label.clone(), s / steps))
+                .map(|(l, s)| (l, s / steps))
                 .collect(),
             terms: e
                 .term_sum
@@ -335,17 +336,24 @@ impl Member<'_, '_> {
                 .collect(),
             images_per_sec: ips,
             best_top1: run.best_top1,
-            peer_top1,
+            peer_top1: acc.peer_top1,
         };
         run.history.push(record.clone());
+        self.save_epoch(&record)
+    }
+
+    /// The epoch log line and the checkpoint after `record`'s epoch.
+    fn save_epoch(&mut self, record: &EpochRecord) -> Result<()> {
+        let stage = self.stage_plan();
+        let run = self.stage.as_ref().expect("a stage is in progress");
         append_jsonl(
             &self.ckpt.with_file_name("epochs.jsonl"),
             &stage.name,
-            &record,
+            record,
         )?;
         let meta = Resume {
-            stage: si,
-            next_epoch: e.epoch + 1,
+            stage: self.results.len(),
+            next_epoch: record.epoch + 1,
             history: run.history.clone(),
             best_top1: run.best_top1,
             best_epoch: run.best_epoch,
@@ -363,8 +371,8 @@ impl Member<'_, '_> {
             &self.carry,
             &meta,
         )?;
-        let global = run.epochs_before + e.epoch as i64;
-        self.opts.observer.epoch(&stage.name, global, &record);
+        let global = run.epochs_before + record.epoch as i64;
+        self.opts.observer.epoch(&stage.name, global, record);
         Ok(())
     }
 
@@ -439,6 +447,13 @@ impl Member<'_, '_> {
             stages: self.results,
         })
     }
+}
+
+/// Top-1 and top-5 (%) on the test split, and on the validation split if any.
+struct Accuracy {
+    test: (f64, f64),
+    val: Option<(f64, f64)>,
+    peer_top1: Option<f64>,
 }
 
 /// Refuses a stage the plan cannot run (also checked by `validate`).

@@ -5,8 +5,8 @@ use kd_core::{BuildCx, DynMethod, Needs, Progress, Registry, TapShapes};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::checkpoint::Carry;
-use super::nets::{Net, roles, shapes_of};
-use crate::plan::{ModelPlan, Plan, StagePlan, Subject};
+use super::nets::{Exec, Net, roles, shapes_of};
+use crate::plan::{DeviceChoice, ModelPlan, Plan, StagePlan, Subject};
 use crate::schedule::{ScheduleFn, ScheduleResolver};
 use crate::{EngineError, Result};
 
@@ -173,6 +173,9 @@ pub fn validate(
     }
     if plan.data.batch_size == 0 {
         return Err(EngineError::Plan("batch_size must be at least 1".into()));
+    }
+    if plan.device == DeviceChoice::Cpu {
+        Exec::of(plan, Device::Cpu)?;
     }
     let probe = Tensor::zeros([2, 3, 32, 32], (Kind::Float, device));
     let env = BuildEnv {

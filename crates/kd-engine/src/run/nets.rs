@@ -39,6 +39,11 @@ impl Exec {
                     .unwrap_or_default()
             )));
         }
+        if device.is_cuda() {
+            // A stage's shapes are fixed: cuDNN may time its kernels once
+            // per shape and keep the fastest.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         Ok(Exec {
             channels_last: plan.channels_last,
             precision: plan.precision,
@@ -97,7 +102,7 @@ impl Net {
 
     /// Puts 4-d weights (convolution kernels) in channels-last order, so
     /// that convolutions run on NHWC data without reordering each call.
-    pub(crate) fn to_channels_last(&mut self) -> Result<()> {
+    pub(crate) fn use_channels_last(&mut self) -> Result<()> {
         for (_, mut var) in self.vs.variables() {
             if var.dim() == 4 {
                 let cl = kd_aten::channels_last(&var)?;
@@ -114,7 +119,7 @@ fn build_net(m: &ModelPlan, classes: i64, exec: &Exec) -> Result<Net> {
         kd_models::load_weights(&mut net.vs, w)?;
     }
     if exec.channels_last {
-        net.to_channels_last()?;
+        net.use_channels_last()?;
     }
     Ok(net)
 }

@@ -1,0 +1,62 @@
+//! The benchmark scripts run end to end at CI size (no timing is asserted):
+//! `scripts/bench-vs-torch --smoke` (kd and the PyTorch loop compute the
+//! same first step) and `scripts/bench-sweep --smoke` (every run of a
+//! lockstep sweep equals its solo run). They drive the `kd` binary that
+//! `make test` builds first.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn kd() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let kd = target.join("debug/kd");
+    assert!(
+        kd.exists(),
+        "{} is missing: `make test` builds it first",
+        kd.display()
+    );
+    kd
+}
+
+fn script(name: &str, extra: &[&str]) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(root().join("scripts").join(name))
+        .args(["--smoke", "--kd"])
+        .arg(kd())
+        .arg("--out")
+        .arg(out.path())
+        .args(extra)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "{name} failed:\n{text}");
+    text
+}
+
+#[test]
+fn bench_vs_torch_runs_both_sides_on_the_same_step() {
+    let text = script("bench-vs-torch", &["--threads", "1"]);
+    assert!(text.contains("kd/eager"), "{text}");
+    assert!(text.contains("resnet20->resnet8"), "{text}");
+}
+
+#[test]
+fn bench_sweep_runs_equal_their_solo_runs() {
+    let text = script("bench-sweep", &["--threads", "1"]);
+    assert!(
+        text.contains("every run equals its solo run bit for bit"),
+        "{text}"
+    );
+    assert!(text.contains("sweep of 5 runs"), "{text}");
+}
