@@ -323,10 +323,9 @@ where
             for plan in &plans {
                 kd_recipes::validate(plan, &registry, &scripts)?;
             }
-            let mut results = Vec::new();
-            for plan in &plans {
-                results.push(execute(&registry, plan, &ex, None)?);
-            }
+            let results = run_batch(&registry, &plans, &ex)
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?;
             print!("{}", table(&group(&paired(&plans, &results))));
             Ok(())
         }

@@ -7,10 +7,10 @@
 
 use kd_core::Taps;
 use tch::Tensor;
-use tch::nn::{self, Module, ModuleT};
+use tch::nn;
 
 use crate::layers::{
-    ConvInit, LinearInit, PreactBlock, Stage, bn, conv_grouped, linear, staged_taps,
+    ConvBn, ConvInit, LinearInit, PreactBlock, Stage, bn, conv_grouped, linear, staged_taps,
 };
 use crate::{ModelError, Network, check_classes};
 
@@ -90,8 +90,12 @@ impl ResNetV2Config {
             stages.push(Stage { body, last });
         }
         Ok(ResNetV2 {
-            conv1: conv_grouped(p / "conv1", (3, self.stem), 3, 1, 1, HE),
-            bn1: bn(p / "bn1", self.stem),
+            stem: ConvBn::new(
+                conv_grouped(p / "conv1", (3, self.stem), 3, 1, 1, HE),
+                bn(p / "bn1", self.stem),
+                1,
+                1,
+            ),
             stages,
             linear: linear(p / "linear", c_in, self.num_classes, LinearInit::Torch),
         })
@@ -100,13 +104,10 @@ impl ResNetV2Config {
 
 #[derive(Debug)]
 struct Bottleneck {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
-    conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
-    conv3: nn::Conv2D,
-    bn3: nn::BatchNorm,
-    shortcut: Option<(nn::Conv2D, nn::BatchNorm)>,
+    /// `conv{1,2,3}` with `bn{1,2,3}`.
+    layers: [ConvBn; 3],
+    /// `shortcut.0`, `shortcut.1`.
+    shortcut: Option<ConvBn>,
 }
 
 impl Bottleneck {
@@ -114,18 +115,19 @@ impl Bottleneck {
         let c_out = planes * EXPANSION;
         let shortcut = (stride != 1 || c_in != c_out).then(|| {
             let s = p / "shortcut";
-            (
-                conv_grouped(&s / "0", (c_in, c_out), 1, stride, 1, HE),
-                bn(&s / "1", c_out),
-            )
+            let c = conv_grouped(&s / "0", (c_in, c_out), 1, stride, 1, HE);
+            ConvBn::new(c, bn(&s / "1", c_out), stride, 1)
         });
+        let layer = |k: usize, (c_in, c_out): (i64, i64), kernel, stride| {
+            let c = conv_grouped(p / format!("conv{k}"), (c_in, c_out), kernel, stride, 1, HE);
+            ConvBn::new(c, bn(p / format!("bn{k}"), c_out), stride, 1)
+        };
         Bottleneck {
-            conv1: conv_grouped(p / "conv1", (c_in, planes), 1, 1, 1, HE),
-            bn1: bn(p / "bn1", planes),
-            conv2: conv_grouped(p / "conv2", (planes, planes), 3, stride, 1, HE),
-            bn2: bn(p / "bn2", planes),
-            conv3: conv_grouped(p / "conv3", (planes, c_out), 1, 1, 1, HE),
-            bn3: bn(p / "bn3", c_out),
+            layers: [
+                layer(1, (c_in, planes), 1, 1),
+                layer(2, (planes, planes), 3, stride),
+                layer(3, (planes, c_out), 1, 1),
+            ],
             shortcut,
         }
     }
@@ -134,20 +136,23 @@ impl Bottleneck {
 impl PreactBlock for Bottleneck {
     /// The residual sum, before the block's closing ReLU.
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut h = self.bn1.forward_t(&self.conv1.forward(x), train);
-        let h = h.relu_();
-        let mut h = self.bn2.forward_t(&self.conv2.forward(&h), train);
-        let h = h.relu_();
-        let mut out = self.bn3.forward_t(&self.conv3.forward(&h), train);
+        let [l1, l2, l3] = &self.layers;
+        let mut h = l1.forward_t(x, train);
+        let mut h = l2.forward_t(&h.relu_(), train);
+        let mut out = l3.forward_t(&h.relu_(), train);
         match &self.shortcut {
-            Some((c, b)) => out += b.forward_t(&c.forward(x), train),
+            Some(s) => out += s.forward_t(x, train),
             None => out += x,
         }
         out
     }
 
-    /// Not folded yet: the bottleneck runs its BatchNorms as they are.
-    fn fold(&mut self, _on: bool) {}
+    fn fold(&mut self, on: bool) {
+        self.layers
+            .iter_mut()
+            .chain(&mut self.shortcut)
+            .for_each(|l| l.fold(on));
+    }
 }
 
 /// A Bottleneck ResNet (RepDistiller's `ResNet50`).
@@ -161,15 +166,20 @@ impl PreactBlock for Bottleneck {
 /// index 0 where this gives its BN output.
 #[derive(Debug)]
 pub struct ResNetV2 {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    /// `conv1`, `bn1`.
+    stem: ConvBn,
     stages: Vec<Stage<Bottleneck>>,
     linear: nn::Linear,
 }
 
 impl Network for ResNetV2 {
     fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps {
-        let stem = self.bn1.forward_t(&self.conv1.forward(xs), train);
+        let stem = self.stem.forward_t(xs, train);
         staged_taps(stem, &self.stages, &self.linear, train)
+    }
+
+    fn fold_batchnorm(&mut self, on: bool) {
+        self.stem.fold(on);
+        self.stages.iter_mut().for_each(|s| s.fold(on));
     }
 }

@@ -34,7 +34,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn folded_eval_outputs_equal_unfolded_ones() {
-    for name in ["resnet8x4", "resnet20", "wrn_16_2", "vgg8"] {
+    for name in ["resnet8x4", "resnet20", "wrn_16_2", "vgg8", "ResNet50"] {
         let (_vs, mut net) = calibrated(name);
         let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
         let plain = tch::no_grad(|| net.forward_taps(&x, false));

@@ -11,7 +11,7 @@ use super::methods::BuildEnv;
 use super::nets::{Exec, Net, build_nets, device, named_vars, roles};
 use super::pending::Pending;
 use super::prepare::{Prepared, StageCx, prepare, prepare_stage};
-use super::step::{StageNets, Update, step};
+use super::step::{Update, step};
 use crate::plan::{Plan, Precision, StagePlan, Subject};
 use crate::tensors::TensorFile;
 use crate::{EngineError, Result};
@@ -67,16 +67,7 @@ impl StepHarness {
     /// Issues one step without waiting for the device; `read` collects.
     pub fn step_async(&mut self) -> Result<()> {
         let (net, other) = roles(self.subject, &self.student, self.teacher.as_ref());
-        let p = &mut self.prep;
-        let nets = StageNets {
-            net,
-            other,
-            net_trains: p.net_trains,
-            mutual: p.mutual,
-            needs: &p.needs,
-            draws: &p.draws,
-            exec: &self.exec,
-        };
+        let (nets, methods, peers, opt) = self.prep.split(net, other, &self.exec);
         let progress = Progress {
             epoch: 0,
             epochs: 1,
@@ -84,16 +75,8 @@ impl StepHarness {
             steps_per_epoch: 1,
             global_step: 0,
         };
-        let update = Update::Sgd(&mut p.opt, self.lr);
-        let out = step(
-            &nets,
-            &mut p.methods,
-            &mut p.peers,
-            &self.batch,
-            progress,
-            None,
-            update,
-        )?;
+        let update = Update::Sgd(opt, self.lr);
+        let out = step(&nets, methods, peers, &self.batch, progress, None, update)?;
         self.pending.push(0, self.lr, out);
         Ok(())
     }
@@ -201,19 +184,11 @@ pub(crate) fn probe_step(
         set_vars(&mut a.vs)?;
     }
     let (net, other) = roles(stage.subject, student, teacher.as_deref());
-    let nets = StageNets {
-        net,
-        other,
-        net_trains: prep.net_trains,
-        mutual: prep.mutual,
-        needs: &prep.needs,
-        draws: &prep.draws,
-        exec: &exec,
-    };
+    let (nets, methods, peers, _) = prep.split(net, other, &exec);
     let out = step(
         &nets,
-        &mut prep.methods,
-        &mut prep.peers,
+        methods,
+        peers,
         batch,
         progress,
         None,

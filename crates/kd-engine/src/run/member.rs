@@ -11,7 +11,7 @@ use super::checkpoint::{Carry, Restored, Resume, append_jsonl, restore, write_ch
 use super::nets::{Exec, Net, build_nets, device, named_vars, roles};
 use super::prepare::StageCx;
 use super::stage::StageRun;
-use super::step::{StageNets, Update, step};
+use super::step::{Update, step};
 use crate::observe::{EpochRecord, RunResult, StageResult};
 use crate::plan::{Plan, StagePlan, Subject};
 use crate::{EngineError, Result, eval};
@@ -190,25 +190,15 @@ impl<'a, 'o> Member<'a, 'o> {
         };
         let lr = stage.lr_schedule.lr(stage.optimizer.lr, progress);
         let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
-        let p = &mut run.prep;
-        let nets = StageNets {
-            net,
-            other,
-            net_trains: p.net_trains,
-            mutual: p.mutual,
-            needs: &p.needs,
-            draws: &p.draws,
-            exec: &self.exec,
-        };
-        let update = Update::Sgd(&mut p.opt, lr);
+        let (nets, methods, peers, opt) = run.prep.split(net, other, &self.exec);
         let out = step(
             &nets,
-            &mut p.methods,
-            &mut p.peers,
+            methods,
+            peers,
             batch,
             progress,
             shared,
-            update,
+            Update::Sgd(opt, lr),
         )?;
         e.pending.push(b, lr, out);
         e.lr = lr;

@@ -9,6 +9,7 @@ use super::checkpoint::Carry;
 use super::draws::Draws;
 use super::methods::{Active, BuildEnv, build_stage};
 use super::nets::{Exec, Net, named_vars, roles, shapes_of};
+use super::step::StageNets;
 use crate::optim::Optimizer;
 use crate::plan::{Part, Plan, Precision, StagePlan, Subject};
 use crate::schedule::ScheduleResolver;
@@ -23,6 +24,33 @@ pub(crate) struct Prepared {
     pub(crate) draws: Draws,
     pub(crate) net_trains: bool,
     pub(crate) mutual: bool,
+}
+
+impl Prepared {
+    /// The step's view of the stage: what stays fixed, with the networks
+    /// in their roles, and what each step changes.
+    pub(crate) fn split<'a>(
+        &'a mut self,
+        net: &'a Net,
+        other: Option<&'a Net>,
+        exec: &'a Exec,
+    ) -> (
+        StageNets<'a>,
+        &'a mut [Active],
+        &'a mut [Active],
+        &'a mut Optimizer,
+    ) {
+        let nets = StageNets {
+            net,
+            other,
+            net_trains: self.net_trains,
+            mutual: self.mutual,
+            needs: &self.needs,
+            draws: &self.draws,
+            exec,
+        };
+        (nets, &mut self.methods, &mut self.peers, &mut self.opt)
+    }
 }
 
 /// Builds a stage's methods and optimiser for `net` and `other`, shaped by
