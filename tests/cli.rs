@@ -278,3 +278,96 @@ fn probe_step_fixture_errors_say_what_is_wrong() {
         "{e}"
     );
 }
+
+#[test]
+fn reduced_precision_on_the_cpu_is_refused_before_training() {
+    let e = distill(&["--method", "st", "--precision", "bf16"]);
+    assert!(e.contains("precision `bf16` needs CUDA"), "{e}");
+    // An unknown value is clap's usage error, which names the valid ones.
+    let e = kd_cli::run(["kd", "distill", "--precision", "fp8"]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("unknown precision `fp8`; valid: fp32, bf16, fp16"),
+        "{e}"
+    );
+}
+
+#[test]
+fn compare_config_must_name_a_method_of_some_group() {
+    let e = distill(&[
+        "--method",
+        "st",
+        "--compare",
+        "at:100",
+        "--config",
+        "nst.p=2",
+    ]);
+    assert!(
+        e.contains("no --method or --compare group uses `nst`"),
+        "{e}"
+    );
+}
+
+/// `--compare` groups train in lockstep (one teacher forward per batch) and
+/// end exactly as the same runs trained one after another (`--solo`).
+#[test]
+fn compared_method_groups_equal_their_solo_runs() {
+    let w = golden("model_resnet20.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &str, solo: bool| {
+        let out = dir.path().join(out);
+        let mut args = vec![
+            "kd",
+            "distill",
+            "--teacher",
+            "resnet20",
+            "--teacher-weights",
+            w.to_str().unwrap(),
+            "--student",
+            "resnet8",
+            "--method",
+            "st:0.9",
+            "--compare",
+            "at:100+st:0.5",
+            "--config",
+            "st.T=2",
+            "--epochs",
+            "1",
+            "--train-size",
+            "64",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if solo {
+            args.push("--solo");
+        }
+        kd_cli::run(args).unwrap();
+        out
+    };
+    let (group, solo) = (run("group", false), run("solo", true));
+    for name in [
+        "resnet8_from_resnet20_st_s0",
+        "resnet8_from_resnet20_at+st_s0",
+    ] {
+        let plan = std::fs::read_to_string(group.join(name).join("plan.yaml")).unwrap();
+        assert!(
+            plan.contains("T: 2"),
+            "--config reaches every group using st: {plan}"
+        );
+        let read = |root: &std::path::Path| {
+            kd_engine::tensors::read(&root.join(name).join("distill.last.safetensors")).unwrap()
+        };
+        let (a, b) = (read(&group), read(&solo));
+        assert!(!a.tensors.is_empty());
+        for (k, t) in &a.tensors {
+            assert!(
+                t.equal(b.get(k).unwrap()),
+                "{name}: `{k}` differs from the solo run"
+            );
+        }
+    }
+}

@@ -53,6 +53,13 @@ enum Cmd {
         /// `NAME[:WEIGHT]`, repeatable, e.g. `--method st:0.9`.
         #[arg(long = "method", required = true)]
         methods: Vec<String>,
+        /// Another group of methods to distil with, beside `--method`'s:
+        /// `NAME[:WEIGHT][+NAME[:WEIGHT]...]`, repeatable, e.g. `--compare
+        /// at:1000 --compare crd:0.8+st:0.1`. Each group is its own run per
+        /// seed; the runs of one seed train in lockstep, computing each
+        /// batch's teacher forward once for all groups.
+        #[arg(long = "compare")]
+        compare: Vec<String>,
         /// Weight of the cross-entropy on labels (0 leaves it out).
         #[arg(long, default_value_t = 1.0)]
         ce: f64,
@@ -218,30 +225,13 @@ where
             teacher_weights,
             student,
             methods,
+            compare,
             ce,
             configs,
             baseline,
             train,
         } => {
-            let mut plans = Vec::new();
-            for m in &methods {
-                plans.push(parse_method(m)?);
-            }
-            for c in &configs {
-                apply_config(&mut plans, c)?;
-            }
-            if ce > 0.0 {
-                plans.insert(0, kd_engine::MethodPlan::new(LABEL_LOSS, ce));
-            }
-            let label = methods
-                .iter()
-                .map(|m| m.split(':').next().unwrap_or(m))
-                .collect::<Vec<_>>()
-                .join("+");
-            let name = train
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("{student}_from_{teacher}_{label}"));
+            let groups = method_groups(&methods, &compare, &configs, ce)?;
             let t = ModelPlan {
                 arch: teacher.clone(),
                 weights: Some(teacher_weights),
@@ -250,16 +240,6 @@ where
                 arch: student.clone(),
                 weights: None,
             };
-            let kd_runs = seeds(&train, &name, |run_name, seed| {
-                train.plan(
-                    run_name,
-                    s.clone(),
-                    Some(t.clone()),
-                    "distill",
-                    plans.clone(),
-                    seed,
-                )
-            })?;
             let mut rows = Vec::new();
             if baseline {
                 let base = format!("{student}_baseline");
@@ -279,11 +259,35 @@ where
                     &paired(&base_runs, &results),
                 ));
             }
-            let results = execute_all(&registry, &kd_runs, &train, &format!("{name}_sweep"))?;
-            rows.push(summarize(
-                &format!("{student} from {teacher} ({label})"),
-                &paired(&kd_runs, &results),
-            ));
+            let default_name = |label: &str| format!("{student}_from_{teacher}_{label}");
+            let name_of = |label: &str| match (&train.name, groups.len()) {
+                (Some(n), 1) => n.clone(),
+                (Some(n), _) => format!("{n}_{label}"),
+                (None, _) => default_name(label),
+            };
+            let mut kd_runs = Vec::new();
+            for (label, group) in &groups {
+                kd_runs.extend(seeds(&train, &name_of(label), |run_name, seed| {
+                    train.plan(
+                        run_name,
+                        s.clone(),
+                        Some(t.clone()),
+                        "distill",
+                        group.clone(),
+                        seed,
+                    )
+                })?);
+            }
+            let sweep = format!("{}_sweep", name_of(&groups[0].0));
+            let results = execute_all(&registry, &kd_runs, &train, &sweep)?;
+            let per_group = kd_runs.len() / groups.len();
+            for (g, (label, _)) in groups.iter().enumerate() {
+                let range = g * per_group..(g + 1) * per_group;
+                rows.push(summarize(
+                    &format!("{student} from {teacher} ({label})"),
+                    &paired(&kd_runs[range.clone()], &results[range]),
+                ));
+            }
             print!("{}", table(&rows));
             Ok(())
         }
@@ -387,6 +391,55 @@ where
             Ok(())
         }
     }
+}
+
+/// `kd distill`'s method groups: `--method`'s, then each `--compare`'s,
+/// labelled by their method names, each with `--config` applied where it
+/// names one of its methods and the label loss at weight `ce` in front.
+fn method_groups(
+    methods: &[String],
+    compare: &[String],
+    configs: &[String],
+    ce: f64,
+) -> Result<Vec<(String, Vec<kd_engine::MethodPlan>)>> {
+    let specs = std::iter::once(methods.to_vec()).chain(
+        compare
+            .iter()
+            .map(|c| c.split('+').map(str::to_string).collect()),
+    );
+    let mut groups = Vec::new();
+    for spec in specs {
+        let label = spec
+            .iter()
+            .map(|m| m.split(':').next().unwrap_or(m))
+            .collect::<Vec<_>>()
+            .join("+");
+        let group = spec
+            .iter()
+            .map(|m| parse_method(m))
+            .collect::<Result<Vec<_>>>()?;
+        groups.push((label, group));
+    }
+    for c in configs {
+        let method = c.split(['.', '=']).next().unwrap_or_default();
+        let mut applied = false;
+        for (_, group) in groups
+            .iter_mut()
+            .filter(|(_, g)| g.iter().any(|m| m.method == method))
+        {
+            apply_config(group, c)?;
+            applied = true;
+        }
+        if !applied {
+            bail!("--config `{c}`: no --method or --compare group uses `{method}`");
+        }
+    }
+    if ce > 0.0 {
+        for (_, group) in &mut groups {
+            group.insert(0, kd_engine::MethodPlan::new(LABEL_LOSS, ce));
+        }
+    }
+    Ok(groups)
 }
 
 fn load_recipe(path: &Path, sets: &[String]) -> Result<kd_recipes::Recipe> {

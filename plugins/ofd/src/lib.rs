@@ -111,7 +111,10 @@ impl Method for Ofd {
             let t = t.maximum(&margin(t));
             // BatchNorm uses batch statistics and updates its running ones in training.
             let s = st.bn.forward_t(&st.conv.forward(io.tap(st.s)), io.train);
-            let mask = s.le_tensor(&t).logical_and(&t.le(0.0)).to_kind(s.kind()) * -1.0 + 1.0;
+            // Skipped where both the student and the teacher are at or below
+            // the margin side: the partial L2 of OFD.
+            let skip = s.le_tensor(&t).logical_and(&t.le(0.0));
+            let mask = skip.logical_not().to_kind(s.kind());
             let l = ((&s - &t).pow_tensor_scalar(2) * mask).mean(s.kind());
             total = Some(match total {
                 Some(acc) => acc + l,
