@@ -93,4 +93,9 @@ char *kd_set_cuda_autocast_dtype(int bf16) {
   KD_PROTECT({ at::autocast::set_autocast_dtype(at::kCUDA, bf16 ? at::kBFloat16 : at::kHalf); })
 }
 
+// 1 when autocast's lower precision on CUDA is bfloat16, 0 for float16.
+int kd_cuda_autocast_is_bf16() {
+  return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16 ? 1 : 0;
+}
+
 }  // extern "C"

@@ -30,6 +30,7 @@ unsafe extern "C" {
     fn kd_inference_mode_new() -> *mut c_void;
     fn kd_inference_mode_free(guard: *mut c_void);
     fn kd_set_cuda_autocast_dtype(bf16: i32) -> *mut c_char;
+    fn kd_cuda_autocast_is_bf16() -> i32;
 }
 
 /// Turns the shim's error convention (a malloc'd message or null) into a Result.
@@ -149,6 +150,15 @@ pub fn set_cuda_autocast_dtype(kind: HalfKind) -> Result<(), AtenError> {
     check(unsafe { kd_set_cuda_autocast_dtype(i32::from(kind == HalfKind::Bf16)) })
 }
 
+/// The lower precision autocast uses on CUDA now.
+pub fn cuda_autocast_dtype() -> HalfKind {
+    // SAFETY: a plain getter.
+    match unsafe { kd_cuda_autocast_is_bf16() } {
+        0 => HalfKind::F16,
+        _ => HalfKind::Bf16,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tch::{Device, Kind};
@@ -182,6 +192,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("libtorch"), "{err}");
+    }
+
+    /// Plumbing only: the setting autocast reads on CUDA (no GPU needed).
+    #[test]
+    fn cuda_autocast_dtype_is_set() {
+        for kind in [HalfKind::Bf16, HalfKind::F16, HalfKind::Bf16] {
+            set_cuda_autocast_dtype(kind).unwrap();
+            assert_eq!(cuda_autocast_dtype(), kind);
+        }
     }
 
     #[test]

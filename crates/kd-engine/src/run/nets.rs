@@ -43,6 +43,13 @@ impl Exec {
             // A stage's shapes are fixed: cuDNN may time its kernels once
             // per shape and keep the fastest.
             tch::Cuda::cudnn_set_benchmark(true);
+            // Autocast's lower precision is process-wide state; the runs of
+            // one lockstep group share their precision.
+            match plan.precision {
+                Precision::Fp32 => {}
+                Precision::Bf16 => kd_aten::set_cuda_autocast_dtype(kd_aten::HalfKind::Bf16)?,
+                Precision::Fp16 => kd_aten::set_cuda_autocast_dtype(kd_aten::HalfKind::F16)?,
+            }
         }
         Ok(Exec {
             channels_last: plan.channels_last,
