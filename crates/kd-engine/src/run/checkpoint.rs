@@ -39,39 +39,36 @@ pub(crate) fn append_jsonl(path: &Path, stage: &str, record: &EpochRecord) -> Re
     writeln!(f, "{line}").map_err(|e| EngineError::io(path, e))
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_checkpoint(
-    path: &Path,
-    student: &Net,
-    teacher: Option<&Net>,
-    methods: &[Active],
-    peers: &[Active],
-    opt: Option<&Optimizer>,
-    carry: &Carry,
-    meta: &Resume,
-) -> Result<()> {
-    let file = checkpoint_file(Some(student), teacher, methods, peers, opt, carry, meta)?;
-    tensors::write(path, &file)
+/// Everything a checkpoint holds, borrowed from the run.
+pub(crate) struct Snapshot<'a> {
+    pub(crate) student: &'a Net,
+    pub(crate) teacher: Option<&'a Net>,
+    /// The stage in progress's methods and peers (none between stages).
+    pub(crate) methods: &'a [Active],
+    pub(crate) peers: &'a [Active],
+    pub(crate) opt: Option<&'a Optimizer>,
+    pub(crate) carry: &'a Carry,
+    pub(crate) meta: &'a Resume,
 }
 
-fn checkpoint_file(
-    student: Option<&Net>,
-    teacher: Option<&Net>,
-    methods: &[Active],
-    peers: &[Active],
-    opt: Option<&Optimizer>,
-    carry: &Carry,
-    meta: &Resume,
-) -> Result<TensorFile> {
+/// Writes `snap` to `path` atomically.
+pub(crate) fn write_checkpoint(path: &Path, snap: &Snapshot) -> Result<()> {
+    let Snapshot {
+        student,
+        teacher,
+        methods,
+        peers,
+        opt,
+        carry,
+        meta,
+    } = *snap;
     let mut file = TensorFile::default();
     let mut add = |prefix: String, vs: &nn::VarStore| {
         for (n, t) in named_vars(vs, &prefix) {
             file.push(n, &t);
         }
     };
-    if let Some(s) = student {
-        add("student.".into(), &s.vs);
-    }
+    add("student.".into(), &student.vs);
     if let Some(t) = teacher {
         add("teacher.".into(), &t.vs);
     }
@@ -97,7 +94,7 @@ fn checkpoint_file(
     );
     file.metadata
         .insert("format".into(), "kd-checkpoint-1".into());
-    Ok(file)
+    tensors::write(path, &file)
 }
 
 /// What a run folder's checkpoint restores before the first stage runs.

@@ -7,7 +7,9 @@ use kd_core::{Progress, Registry, Taps};
 use kd_data::{Batch, Splits};
 
 use super::RunOptions;
-use super::checkpoint::{Carry, Restored, Resume, append_jsonl, restore, write_checkpoint};
+use super::checkpoint::{
+    Carry, Restored, Resume, Snapshot, append_jsonl, restore, write_checkpoint,
+};
 use super::nets::{Exec, Net, build_nets, device, named_vars, roles};
 use super::prepare::StageCx;
 use super::stage::StageRun;
@@ -350,17 +352,16 @@ impl Member<'_, '_> {
             finished: self.results.clone(),
         };
         let p = &run.prep;
-        let (student, teacher) = (&self.student, self.teacher.as_ref());
-        write_checkpoint(
-            &self.ckpt,
-            student,
-            teacher,
-            &p.methods,
-            &p.peers,
-            Some(&p.opt),
-            &self.carry,
-            &meta,
-        )?;
+        let snap = Snapshot {
+            student: &self.student,
+            teacher: self.teacher.as_ref(),
+            methods: &p.methods,
+            peers: &p.peers,
+            opt: Some(&p.opt),
+            carry: &self.carry,
+            meta: &meta,
+        };
+        write_checkpoint(&self.ckpt, &snap)?;
         let global = run.epochs_before + record.epoch as i64;
         self.opts.observer.epoch(&stage.name, global, record);
         Ok(())
@@ -420,17 +421,16 @@ impl Member<'_, '_> {
             best_epoch: 0,
             finished: self.results.clone(),
         };
-        let (student, teacher) = (&self.student, self.teacher.as_ref());
-        write_checkpoint(
-            &self.ckpt,
-            student,
-            teacher,
-            &[],
-            &[],
-            None,
-            &self.carry,
-            &meta,
-        )?;
+        let snap = Snapshot {
+            student: &self.student,
+            teacher: self.teacher.as_ref(),
+            methods: &[],
+            peers: &[],
+            opt: None,
+            carry: &self.carry,
+            meta: &meta,
+        };
+        write_checkpoint(&self.ckpt, &snap)?;
         Ok(RunResult {
             name: self.plan.name.clone(),
             run_dir: self.opts.run_dir.clone(),
