@@ -20,7 +20,6 @@ weight decay 5e-4 on the student's and the method's parameters; losses
 """
 import argparse
 import json
-import math
 import pathlib
 import sys
 import time
@@ -32,6 +31,9 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "golden"))
 import models  # noqa: E402  (the zoo, with kd's state_dict keys and taps)
+# The golden reference's VID tap module (names as kd's plugin names them);
+# its random initial values are overwritten by kd's dump.
+from methods.vid import Stage as VidStage  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
@@ -50,35 +52,13 @@ def soft_targets(T):
     return loss
 
 
-class VidStage(nn.Module):
-    """One tap of VID, named as plugins/vid names its variables
-    (`<k>.regressor.{0,2,4}.weight`, `<k>.alpha`) so kd's dump loads by name."""
-
-    EPS = 1e-6
-
-    def __init__(self, c_s, c_t, sf, init_var):
-        super().__init__()
-        mid = int(sf * c_t)
-        self.regressor = nn.Sequential(nn.Conv2d(c_s, mid, 1, bias=False), nn.ReLU(),
-                                       nn.Conv2d(mid, mid, 1, bias=False), nn.ReLU(),
-                                       nn.Conv2d(mid, c_t, 1, bias=False))
-        # Overwritten by the dump; set as kd initialises it so a missing
-        # tensor would be caught by the strict load rather than hidden.
-        self.alpha = nn.Parameter(torch.full((c_t,), math.log(math.exp(init_var - self.EPS) - 1.0)))
-
-    def forward(self, s, t):
-        mu = self.regressor(s)
-        # log(1 + e^α) spelt as kd's plugin and the golden reference spell it.
-        var = (torch.log(torch.exp(self.alpha) + 1.0) + self.EPS)[None, :, None, None]
-        return (0.5 * (var.log() + (mu - t) ** 2 / var)).mean()
-
-
 class Vid(nn.ModuleList):
     """Ahn et al. 2019 on several taps, averaged (tests/golden/methods/vid.py).
     A ModuleList so that its state_dict keys are kd's: `0.alpha`, ..."""
 
     def __init__(self, taps, s_shapes, t_shapes, sf=1.0, init_var=5.0):
         super().__init__(VidStage(s_shapes[k][0], t_shapes[k][0], sf, init_var) for k in taps)
+        # The dump must replace every value, α included, or the strict load fails.
         self.taps = taps
 
     def forward(self, s, t, y):

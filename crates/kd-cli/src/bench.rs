@@ -8,8 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use kd_core::Registry;
-use kd_data::{DataSource, SyntheticConfig};
-use kd_engine::{DataPlan, MethodPlan, ModelPlan, Plan, Precision, StagePlan, StepHarness};
+use kd_engine::{Plan, Precision, StepHarness};
 
 use crate::train::DeviceArg;
 
@@ -19,11 +18,15 @@ pub struct BenchArgs {
     teacher: String,
     #[arg(long)]
     student: String,
-    /// The distillation method, beside `ce`: `st` is weighted 0.9 with
-    /// T = 4 and `ce` 0.1 (RepDistiller's KD); any other method and `ce`
-    /// are weighted 1, with the method's defaults.
-    #[arg(long, default_value = "st")]
-    method: String,
+    /// `NAME[:WEIGHT]`, repeatable, as on `kd distill`.
+    #[arg(long = "method", required = true)]
+    methods: Vec<String>,
+    /// Weight of the cross-entropy on labels (0 leaves it out).
+    #[arg(long, default_value_t = 1.0)]
+    ce: f64,
+    /// `METHOD.FIELD=VALUE`, repeatable, e.g. `--config st.T=4`.
+    #[arg(long = "config")]
+    configs: Vec<String>,
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Timed steps.
@@ -49,47 +52,13 @@ pub struct BenchArgs {
     dump: Option<PathBuf>,
 }
 
-fn plan(a: &BenchArgs) -> Plan {
-    let methods = if a.method == "st" {
-        let mut st = MethodPlan::new("st", 0.9);
-        st.config = serde_json::json!({"T": 4.0});
-        vec![MethodPlan::new("ce", 0.1), st]
-    } else {
-        vec![MethodPlan::new("ce", 1.0), MethodPlan::new(&a.method, 1.0)]
-    };
-    let model = |arch: &str| ModelPlan {
-        arch: arch.to_string(),
-        weights: None,
-    };
-    Plan {
-        name: "bench".into(),
-        seed: 0,
-        device: a.device.into(),
-        data: DataPlan {
-            source: DataSource::Synthetic(SyntheticConfig {
-                classes: a.classes,
-                train_size: a.batch as i64,
-                test_size: 2,
-                ..Default::default()
-            }),
-            batch_size: a.batch,
-            augment: false,
-            ..Default::default()
-        },
-        student: model(&a.student),
-        teacher: Some(model(&a.teacher)),
-        stages: vec![StagePlan {
-            name: "distill".into(),
-            epochs: 1,
-            subject: Default::default(),
-            train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
-            methods,
-            optimizer: Default::default(),
-            lr_schedule: Default::default(),
-        }],
-        precision: a.precision,
-        channels_last: !a.no_channels_last,
-    }
+fn plan(a: &BenchArgs) -> Result<Plan> {
+    let (_, methods) = crate::method_groups(&a.methods, &[], &a.configs, a.ce)?.remove(0);
+    let mut plan = kd_engine::bench_plan(&a.teacher, &a.student, methods, a.batch, a.classes);
+    plan.device = a.device.into();
+    plan.precision = a.precision;
+    plan.channels_last = !a.no_channels_last;
+    Ok(plan)
 }
 
 pub fn bench(a: &BenchArgs, registry: &Registry) -> Result<()> {
@@ -99,7 +68,7 @@ pub fn bench(a: &BenchArgs, registry: &Registry) -> Result<()> {
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }
-    let plan = plan(a);
+    let plan = plan(a)?;
     let mut h = StepHarness::new(&plan, registry).context("building the step")?;
     if let Some(dir) = &a.dump {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

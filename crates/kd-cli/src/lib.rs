@@ -396,7 +396,7 @@ where
 /// `kd distill`'s method groups: `--method`'s, then each `--compare`'s,
 /// labelled by their method names, each with `--config` applied where it
 /// names one of its methods and the label loss at weight `ce` in front.
-fn method_groups(
+pub(crate) fn method_groups(
     methods: &[String],
     compare: &[String],
     configs: &[String],
@@ -688,6 +688,7 @@ fn execute_group(
         .iter()
         .map(|p| Session::start(p, ex, parent))
         .collect::<Result<Vec<_>>>()?;
+    let dirs: Vec<PathBuf> = sessions.iter().map(|s| s.run_dir.clone()).collect();
     let results = {
         let mut consoles: Vec<console::Console> = sessions
             .iter_mut()
@@ -699,7 +700,7 @@ fn execute_group(
             .collect();
         let mut opts: Vec<RunOptions> = consoles
             .iter_mut()
-            .zip(&sessions_dirs(plans, ex))
+            .zip(&dirs)
             .map(|(c, dir)| RunOptions {
                 run_dir: dir.clone(),
                 resume: ex.resume,
@@ -721,10 +722,6 @@ fn execute_group(
             Ok(r?)
         })
         .collect())
-}
-
-fn sessions_dirs(plans: &[Plan], ex: &Exec) -> Vec<PathBuf> {
-    plans.iter().map(|p| ex.out.join(&p.name)).collect()
 }
 
 fn sync(path: &Path, flag: Option<&str>) -> Result<()> {

@@ -6,8 +6,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use kd_core::{BuildCx, Losses, Needs, Progress, Registry, StepIo, Tap, TapShapes, Taps, ViewTaps};
-use kd_data::{DataSource, SyntheticConfig};
-use kd_engine::{DataPlan, DeviceChoice, MethodPlan, ModelPlan, Plan, StagePlan, StepHarness};
+use kd_engine::{MethodPlan, Plan, StepHarness};
 use tch::{Device, Kind, Tensor, nn};
 
 const BATCH: i64 = 64;
@@ -149,44 +148,8 @@ fn losses(c: &mut Criterion) {
 }
 
 fn plan(method: &str, weight: f64) -> Plan {
-    let mut methods = vec![MethodPlan::new("ce", 1.0)];
-    if weight > 0.0 {
-        methods.push(MethodPlan::new(method, weight));
-    }
-    Plan {
-        precision: Default::default(),
-        channels_last: true,
-        name: "bench".into(),
-        seed: 0,
-        device: DeviceChoice::Auto,
-        data: DataPlan {
-            source: DataSource::Synthetic(SyntheticConfig {
-                classes: 100,
-                train_size: 128,
-                test_size: 2,
-                ..Default::default()
-            }),
-            batch_size: BATCH as usize,
-            ..Default::default()
-        },
-        student: ModelPlan {
-            arch: "resnet8x4".into(),
-            weights: None,
-        },
-        teacher: Some(ModelPlan {
-            arch: "resnet32x4".into(),
-            weights: None,
-        }),
-        stages: vec![StagePlan {
-            name: "distill".into(),
-            epochs: 1,
-            subject: Default::default(),
-            train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
-            methods,
-            optimizer: Default::default(),
-            lr_schedule: Default::default(),
-        }],
-    }
+    let methods = vec![MethodPlan::new("ce", 1.0), MethodPlan::new(method, weight)];
+    kd_engine::bench_plan("resnet32x4", "resnet8x4", methods, BATCH as usize, 100)
 }
 
 fn train_step(c: &mut Criterion) {

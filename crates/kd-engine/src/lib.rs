@@ -22,5 +22,7 @@ pub use plan::{
     DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Precision, Sgd,
     StagePlan, Subject,
 };
-pub use run::{RunOptions, StepHarness, device, lockstep_key, run, run_group, validate};
+pub use run::{
+    RunOptions, StepHarness, bench_plan, device, lockstep_key, run, run_group, validate,
+};
 pub use schedule::{NoScripts, Schedule, ScheduleFn, ScheduleResolver, Weight};

@@ -3,7 +3,7 @@
 //! teacher taps are computed once and handed to every student. A run alone
 //! is a group of one, through the same code.
 
-use kd_core::{Registry, Taps};
+use kd_core::Registry;
 use kd_data::Splits;
 
 use super::RunOptions;
@@ -151,12 +151,23 @@ fn run_epoch(
             });
             break;
         }
-        let batch = active.first().map(|(_, m)| m.batch(b));
-        let shared = match (&batch, active.iter().find(|(_, m)| m.shares_teacher())) {
-            (Some(batch), Some((_, m))) => shared_taps(m, batch),
-            _ => None,
+        // Members share their exec (part of the lockstep key): one layout
+        // conversion serves all of them.
+        let batch = match active.first().map(|(_, m)| m.input_batch(b)) {
+            Some(Ok(batch)) => batch,
+            Some(Err(e)) => {
+                let msg = format!("preparing batch {b}: {e}");
+                each(&mut active, results, |_| {
+                    Err(EngineError::Plan(msg.clone()))
+                });
+                break;
+            }
+            None => break,
         };
-        let batch = batch.expect("a step has a batch");
+        let shared = active
+            .iter()
+            .find(|(_, m)| m.shares_teacher())
+            .and_then(|(_, m)| m.teacher_taps(&batch).ok().flatten());
         each(&mut active, results, |m| {
             // Contrast indices differ between methods; images do not.
             let own = if m
@@ -164,7 +175,7 @@ fn run_epoch(
                 .as_ref()
                 .is_some_and(|s| s.prep.needs.contrast.is_some())
             {
-                Some(m.batch(b))
+                Some(m.input_batch(b)?)
             } else {
                 None
             };
@@ -178,10 +189,4 @@ fn run_epoch(
     in_stage.append(&mut waiting);
     in_stage.append(&mut active);
     in_stage.sort_by_key(|(i, _)| *i);
-}
-
-/// The frozen teacher's taps, computed once for every member that shares
-/// them; `None` when that fails (each member then computes its own).
-fn shared_taps(m: &Member, batch: &kd_data::Batch) -> Option<Taps> {
-    m.teacher_taps(batch).ok().flatten()
 }

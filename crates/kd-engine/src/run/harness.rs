@@ -12,9 +12,60 @@ use super::nets::{Exec, Net, build_nets, device, named_vars, roles};
 use super::pending::Pending;
 use super::prepare::{Prepared, StageCx, prepare, prepare_stage};
 use super::step::{Update, step};
-use crate::plan::{Plan, Precision, StagePlan, Subject};
+use kd_data::{DataSource, SyntheticConfig};
+
+use crate::plan::{
+    DataPlan, DeviceChoice, MethodPlan, ModelPlan, Part, Plan, Precision, StagePlan, Subject,
+};
 use crate::tensors::TensorFile;
 use crate::{EngineError, Result};
+
+/// A distillation step to benchmark: `teacher` (fresh weights) into
+/// `student` with `methods`, one stage, SGD's defaults, on a synthetic set
+/// of exactly one batch of `classes` classes without augmentation, so that
+/// an outside reference given the same starting point computes the same
+/// steps. Device `auto`, fp32, channels-last: set the fields to change them.
+pub fn bench_plan(
+    teacher: &str,
+    student: &str,
+    methods: Vec<MethodPlan>,
+    batch: usize,
+    classes: i64,
+) -> Plan {
+    let model = |arch: &str| ModelPlan {
+        arch: arch.to_string(),
+        weights: None,
+    };
+    Plan {
+        name: "bench".into(),
+        seed: 0,
+        device: DeviceChoice::Auto,
+        data: DataPlan {
+            source: DataSource::Synthetic(SyntheticConfig {
+                classes,
+                train_size: batch as i64,
+                test_size: 2,
+                ..Default::default()
+            }),
+            batch_size: batch,
+            augment: false,
+            ..Default::default()
+        },
+        student: model(student),
+        teacher: Some(model(teacher)),
+        stages: vec![StagePlan {
+            name: "distill".into(),
+            epochs: 1,
+            subject: Subject::Student,
+            train: vec![Part::Network, Part::Methods],
+            methods,
+            optimizer: Default::default(),
+            lr_schedule: Default::default(),
+        }],
+        precision: Precision::Fp32,
+        channels_last: true,
+    }
+}
 
 /// Steps of a plan's first stage on one fixed batch, for benchmarks: the
 /// same preparation and step as a run, without epochs or evaluation.
@@ -48,9 +99,6 @@ impl StepHarness {
             scripts: &crate::NoScripts,
         };
         let (prep, loader) = prepare(&cx, stage, &mut student, teacher.as_mut(), &Carry::new())?;
-        if let (Some(t), Subject::Student, false) = (teacher.as_mut(), stage.subject, prep.mutual) {
-            t.model.fold_batchnorm(true);
-        }
         let batch = loader.batch(&loader.order(0), 0, 0);
         Ok(StepHarness {
             student,
@@ -176,9 +224,6 @@ pub(crate) fn probe_step(
                 .into(),
         ));
     }
-    if let (Some(t), false) = (teacher.as_deref_mut(), prep.mutual) {
-        t.model.fold_batchnorm(true);
-    }
     prep.draws = given_draws(draws, prep.needs.views.is_empty())?;
     for a in prep.methods.iter_mut() {
         set_vars(&mut a.vs)?;
@@ -194,9 +239,6 @@ pub(crate) fn probe_step(
         None,
         Update::Backward,
     )?;
-    if let Some(t) = teacher {
-        t.model.fold_batchnorm(false);
-    }
     let values = read_one(out)?;
     let method_vars = prep
         .methods

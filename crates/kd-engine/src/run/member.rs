@@ -104,14 +104,14 @@ impl<'a, 'o> Member<'a, 'o> {
             scripts: self.opts.scripts,
         };
         let run = StageRun::begin(self, &cx)?;
-        // A teacher no stage trains runs with its BatchNorms folded.
+        // A teacher this stage does not train (prepared folded) is evaluated
+        // first, and stays shareable while no stage has trained it.
         let fixed = stage.subject == Subject::Student && !run.prep.mutual;
         if !fixed {
             self.pristine_teacher = false;
         }
         self.opts.observer.stage_start(si, &stage.name);
-        if let (Some(t), true) = (self.teacher.as_mut(), fixed) {
-            t.model.fold_batchnorm(true);
+        if let (Some(t), true) = (self.teacher.as_ref(), fixed) {
             let acc = match (*teacher_eval, self.pristine_teacher) {
                 (Some(acc), true) => acc,
                 _ => eval::accuracy(
@@ -160,20 +160,24 @@ impl<'a, 'o> Member<'a, 'o> {
         self.stage_run().begin_epoch(epoch, stage, bar);
     }
 
-    pub(crate) fn batch(&self, b: usize) -> Batch {
-        self.stage
-            .as_ref()
-            .expect("a stage is in progress")
-            .batch(b)
+    /// Batch `b` of the epoch in progress, its images in the layout of the
+    /// networks' weights (the step's own conversion is then free).
+    pub(crate) fn input_batch(&self, b: usize) -> Result<Batch> {
+        let run = self.stage.as_ref().expect("a stage is in progress");
+        let mut batch = run.batch(b);
+        batch.images = self.exec.input(&batch.images)?;
+        Ok(batch)
     }
 
-    /// The frozen teacher's taps on `batch`, as a step computes them.
+    /// The frozen teacher's taps on `batch` (images already in the weights'
+    /// layout, as `input_batch` gives them), as a step computes them.
     pub(crate) fn teacher_taps(&self, batch: &Batch) -> Result<Option<Taps>> {
         let Some(t) = &self.teacher else {
             return Ok(None);
         };
-        let x = self.exec.input(&batch.images)?;
-        Ok(Some(t.frozen_taps(&x, &self.exec)))
+        Ok(Some(
+            t.frozen_taps(&self.exec.input(&batch.images)?, &self.exec),
+        ))
     }
 
     /// Step `b` of the epoch in progress; `shared`: the frozen teacher's
@@ -385,9 +389,6 @@ impl Member<'_, '_> {
         for a in &run.prep.peers {
             self.carry
                 .insert(format!("peer/{}", a.label), named_vars(&a.vs, ""));
-        }
-        if let Some(t) = self.teacher.as_mut() {
-            t.model.fold_batchnorm(false);
         }
         let last = run
             .history

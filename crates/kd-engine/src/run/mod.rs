@@ -27,8 +27,8 @@ use std::sync::atomic::AtomicBool;
 use kd_core::Registry;
 
 pub use group::{lockstep_key, run_group};
-pub use harness::StepHarness;
 pub(crate) use harness::probe_step;
+pub use harness::{StepHarness, bench_plan};
 pub use methods::validate;
 pub(crate) use nets::Net;
 pub use nets::device;

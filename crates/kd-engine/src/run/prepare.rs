@@ -78,7 +78,7 @@ pub(crate) fn prepare_stage(
         build_stage(stage, env, &s_shapes, t_shapes.as_ref(), carry)?;
     let mutual = needs.mutual;
 
-    // Freezing needs mutable access; the loop below borrows again.
+    // Freezing and folding need mutable access; the loop below borrows again.
     {
         let (net, other): (&mut Net, Option<&mut Net>) = match stage.subject {
             Subject::Student => (&mut *student, teacher.as_deref_mut()),
@@ -89,12 +89,16 @@ pub(crate) fn prepare_stage(
         } else {
             net.vs.freeze()
         }
+        // A network this stage trains runs its BatchNorms; a teacher it does
+        // not train runs them folded into its convolutions.
+        net.model.fold_batchnorm(false);
         if let Some(o) = other {
             if mutual {
                 o.vs.unfreeze()
             } else {
                 o.vs.freeze()
             }
+            o.model.fold_batchnorm(!mutual);
         }
     }
     let (net, other) = roles(stage.subject, student, teacher.as_deref());
