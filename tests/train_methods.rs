@@ -50,7 +50,7 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
             lr_schedule: Default::default(),
         }],
     };
-    kd_engine::validate(&plan, &registry, &NoScripts, true).unwrap();
+    kd_engine::validate(&plan, &registry, &NoScripts, &[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut opts = RunOptions {
         run_dir: dir.path().into(),

@@ -24,4 +24,37 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=KD_LIBTORCH_VERSION={version}");
+    git_commit();
+}
+
+/// The commit the binary is built from (and whether the tree differed from
+/// it), so a run records the code that made it, not the folder it ran in.
+fn git_commit() {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+        .map(|s| (!s.is_empty()).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = std::path::Path::new(&dir);
+        // HEAD moves on checkout, the branch's ref on commit, the index on
+        // staging; each may change what the binary should report.
+        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        println!("cargo:rerun-if-changed={}", dir.join("index").display());
+        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={}", dir.join(branch).display());
+        }
+    }
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-env=KD_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=KD_GIT_DIRTY={dirty}");
 }

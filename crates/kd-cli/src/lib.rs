@@ -43,11 +43,13 @@ enum Cmd {
     },
     /// Distill a frozen teacher into a student with one or more methods.
     Distill {
+        /// Teacher's zoo name (`kd models`).
         #[arg(long)]
         teacher: String,
         /// Teacher weights (safetensors; a PyTorch state_dict loads as-is).
         #[arg(long)]
         teacher_weights: PathBuf,
+        /// Student's zoo name (`kd models`).
         #[arg(long)]
         student: String,
         /// `NAME[:WEIGHT]`, repeatable, e.g. `--method st:0.9`.
@@ -74,14 +76,18 @@ enum Cmd {
     },
     /// Run a recipe (`.rhai`) or a saved plan (YAML, as printed by `kd plan`).
     Run {
+        /// The recipe (`.rhai`) or saved plans (`.yaml`).
         path: PathBuf,
         /// `NAME=VALUE`: overrides a recipe's `param("NAME", default)`.
         #[arg(long = "set")]
         sets: Vec<String>,
+        /// Folder holding run folders.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
-        #[arg(long)]
-        resume: bool,
+        #[command(flatten)]
+        folders: train::FolderArgs,
+        /// MLflow tracking server (else MLFLOW_TRACKING_URI, else `kd mlflow
+        /// up`'s).
         #[arg(long)]
         tracking_uri: Option<String>,
         /// Train the plans of a sweep one after another, never in lockstep
@@ -89,9 +95,13 @@ enum Cmd {
         #[arg(long)]
         solo: bool,
     },
-    /// Print the plans a recipe resolves to, as YAML, validated; nothing trains.
+    /// Print the plans a recipe resolves to, as YAML, validated (weights,
+    /// data folders, numbers, methods); nothing trains. Given saved plans
+    /// (`.yaml`), validates and prints them.
     Plan {
+        /// The recipe (`.rhai`) or saved plans (`.yaml`).
         recipe: PathBuf,
+        /// `NAME=VALUE`: overrides a recipe's `param("NAME", default)`.
         #[arg(long = "set")]
         sets: Vec<String>,
     },
@@ -106,6 +116,8 @@ enum Cmd {
         /// A run folder, or a folder of runs (default: runs).
         #[arg(default_value = "runs")]
         path: PathBuf,
+        /// MLflow tracking server (else MLFLOW_TRACKING_URI, else `kd mlflow
+        /// up`'s).
         #[arg(long)]
         tracking_uri: Option<String>,
     },
@@ -292,22 +304,26 @@ where
             Ok(())
         }
         Cmd::Plan { recipe, sets } => {
-            let recipe = load_recipe(&recipe, &sets)?;
-            print!("{}", kd_recipes::to_yaml(&recipe.plans(&registry)?)?);
+            let plans = if kd_recipes::is_recipe(&recipe) {
+                load_recipe(&recipe, &sets)?.plans(&registry)?
+            } else {
+                saved_plans(&recipe, &sets, &registry, &kd_recipes::Scripts::new())?
+            };
+            print!("{}", kd_recipes::to_yaml(&plans)?);
             Ok(())
         }
         Cmd::Run {
             path,
             sets,
             out,
-            resume,
+            folders,
             tracking_uri,
             solo,
         } => {
             let scripts = kd_recipes::Scripts::new();
             let ex = Exec {
                 out: &out,
-                resume,
+                folders,
                 solo,
                 tracking_uri: tracking_uri.as_deref(),
                 recipe: Some(&path),
@@ -315,18 +331,16 @@ where
             };
             if kd_recipes::is_recipe(&path) {
                 let recipe = load_recipe(&path, &sets)?;
+                // Every run folder the recipe reaches is checked before the
+                // first run changes one (planning validates the rest).
+                preflight(&recipe.plans(&registry)?, &ex, &[])?;
                 let runs = recipe
                     .execute_batched(&registry, &mut |plans| run_batch(&registry, plans, &ex))?;
                 eprint!("{}", kd_recipes::summary_table(&runs));
                 return Ok(());
             }
-            if !sets.is_empty() {
-                bail!("--set applies to recipes (.rhai), not to saved plans");
-            }
-            let plans = kd_recipes::read_plans(&path)?;
-            for plan in &plans {
-                kd_recipes::validate(plan, &registry, &scripts)?;
-            }
+            let plans = saved_plans(&path, &sets, &registry, &scripts)?;
+            preflight(&plans, &ex, &[])?;
             let results = run_batch(&registry, &plans, &ex)
                 .into_iter()
                 .collect::<Result<Vec<_>>>()?;
@@ -442,7 +456,36 @@ pub(crate) fn method_groups(
     Ok(groups)
 }
 
+/// Saved plans (YAML), each validated.
+fn saved_plans(
+    path: &Path,
+    sets: &[String],
+    registry: &Registry,
+    scripts: &kd_recipes::Scripts,
+) -> Result<Vec<Plan>> {
+    if path.is_dir() {
+        bail!(
+            "{} is a folder; give a recipe (.rhai) or saved plans (.yaml)",
+            path.display()
+        );
+    }
+    if !sets.is_empty() {
+        bail!("--set applies to recipes (.rhai), not to saved plans");
+    }
+    let plans = kd_recipes::read_plans(path)?;
+    for plan in &plans {
+        kd_recipes::validate(plan, registry, scripts)?;
+    }
+    Ok(plans)
+}
+
 fn load_recipe(path: &Path, sets: &[String]) -> Result<kd_recipes::Recipe> {
+    if path.is_dir() {
+        bail!(
+            "{} is a folder; give a recipe (.rhai) or saved plans (.yaml)",
+            path.display()
+        );
+    }
     let overrides = sets
         .iter()
         .map(|s| kd_recipes::parse_set(s))
@@ -479,17 +522,22 @@ fn execute_all(
 ) -> Result<Vec<RunResult>> {
     // Validate every plan before the first one trains.
     for p in plans {
-        kd_engine::validate(p, registry, &NoScripts, true)
+        kd_engine::validate(p, registry, &NoScripts, &[])
             .with_context(|| format!("plan `{}`", p.name))?;
     }
     let ex = Exec {
         out: &train.out,
-        resume: train.resume,
+        folders: train.folders,
         solo: train.solo,
         tracking_uri: train.tracking_uri.as_deref(),
         recipe: None,
         scripts: &NoScripts,
     };
+    let parents = match plans.len() {
+        1 => vec![],
+        _ => vec![sweep.to_string()],
+    };
+    preflight(plans, &ex, &parents)?;
     run_sweep(registry, plans, &ex, sweep)
 }
 
@@ -511,7 +559,11 @@ pub fn run_sweep(
         .name(sweep.to_string())
         .tracking_uri(uri)
         .tag("kd.sweep", plans.len().to_string());
-    let parent = kd_tracking::Tracker::start(ex.out.join(sweep), spec)?;
+    let dir = ex.out.join(sweep);
+    if ex.folders.overwrite && kd_engine::folder::holds_run(&dir) {
+        archive(&dir)?;
+    }
+    let parent = kd_tracking::Tracker::start(dir, spec)?;
     let mut results: Vec<Option<RunResult>> = plans.iter().map(|_| None).collect();
     for group in lockstep_groups(plans, ex.solo) {
         let members: Vec<Plan> = group.iter().map(|&i| plans[i].clone()).collect();
@@ -596,10 +648,62 @@ fn stop_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
+/// Checks every run folder of a command before any is changed: the rules of
+/// [`kd_engine::folder`], and for `--resume`, that at least one of the runs
+/// exists (the others are runs an interrupted sweep had not reached).
+/// `parents`: sweep folders (their runs hold only a journal).
+fn preflight(plans: &[Plan], ex: &Exec, parents: &[String]) -> Result<()> {
+    let dirs: Vec<PathBuf> = plans.iter().map(|p| ex.out.join(&p.name)).collect();
+    if ex.folders.resume && !dirs.iter().any(|d| kd_engine::folder::holds_run(d)) {
+        let dir = dirs
+            .first()
+            .cloned()
+            .unwrap_or_else(|| ex.out.to_path_buf());
+        return Err(kd_engine::folder::FolderError::Missing { dir }.into());
+    }
+    for (plan, dir) in plans.iter().zip(&dirs) {
+        kd_engine::folder::check(plan, dir, folder_mode(ex, dir))?;
+    }
+    for name in parents {
+        let dir = ex.out.join(name);
+        if !ex.folders.resume && !ex.folders.overwrite && kd_engine::folder::holds_run(&dir) {
+            bail!(
+                "sweep folder {} already holds sweep `{name}`; continue it with --resume, start it again with --overwrite, or give the runs another name",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The folder rule for one run of the command.
+fn folder_mode(ex: &Exec, dir: &Path) -> kd_engine::folder::Mode {
+    use kd_engine::folder::Mode;
+    let f = ex.folders;
+    match (f.resume, f.overwrite) {
+        (true, _) if kd_engine::folder::holds_run(dir) => Mode::Resume { extend: f.extend },
+        (true, _) => Mode::Start,
+        (false, true) => Mode::Overwrite,
+        (false, false) => Mode::Start,
+    }
+}
+
+/// Moves a sweep's folder out of the way, as `--overwrite` does for runs.
+fn archive(dir: &Path) -> Result<()> {
+    let out = dir.parent().unwrap_or(Path::new("."));
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let to = out.join(".archive").join(format!("{name}.{secs}"));
+    std::fs::create_dir_all(out.join(".archive"))?;
+    std::fs::rename(dir, &to).with_context(|| format!("archiving {}", dir.display()))
+}
+
 /// Where and how plans run: output folder, resume, tracking.
 pub struct Exec<'a> {
     pub out: &'a Path,
-    pub resume: bool,
+    pub folders: train::FolderArgs,
     /// Run the plans of a sweep one after another, never in lockstep.
     pub solo: bool,
     pub tracking_uri: Option<&'a str>,
@@ -627,21 +731,33 @@ struct Session {
     tracking: track::Tracking,
     log: Option<std::fs::File>,
     journal_only: bool,
+    /// `--tracking-uri`, repeated in the hint to sync.
+    flag_uri: Option<String>,
+    resume: bool,
 }
 
 impl Session {
     fn start(plan: &Plan, ex: &Exec, parent: Option<&kd_tracking::Tracker>) -> Result<Session> {
+        use kd_engine::folder::Opened;
         let run_dir = ex.out.join(&plan.name);
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
-        let yaml = serde_saphyr::to_string(plan).context("serialising the plan")?;
-        std::fs::write(run_dir.join("plan.yaml"), yaml)
-            .with_context(|| format!("writing plan.yaml in {}", run_dir.display()))?;
         let device = format!("{:?}", kd_engine::device(plan.device)?);
+        let opened = kd_engine::folder::open(plan, &run_dir, folder_mode(ex, &run_dir))?;
         let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
         let journal_only = uri.is_none();
-        let tags = track::run_tags(plan, &device, ex.recipe);
-        let tracking = track::Tracking::start(&run_dir, plan, uri, parent, tags)?;
+        let mut tags = track::run_tags(plan, &device, ex.recipe);
+        match &opened {
+            Opened::Archived(to) => {
+                eprintln!("{}: the old run moved to {}", plan.name, to.display());
+                tags.push(("kd.overwrote".into(), to.display().to_string()));
+            }
+            Opened::Extended(fields) => {
+                eprintln!("{}: extended ({})", plan.name, fields.join(", "));
+                tags.push(("kd.extended".into(), fields.join("; ")));
+            }
+            _ => {}
+        }
+        let resumed = matches!(opened, Opened::Resumed | Opened::Extended(_));
+        let tracking = track::Tracking::start(&run_dir, plan, uri, parent, tags, !resumed)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -653,6 +769,8 @@ impl Session {
             tracking,
             log,
             journal_only,
+            flag_uri: ex.tracking_uri.map(str::to_string),
+            resume: resumed,
         })
     }
 
@@ -669,8 +787,12 @@ impl Session {
                 "tracking: no MLflow server given; the run is journaled in {dir}; `kd sync {dir} --tracking-uri URL` sends it"
             );
         } else if report.needs_sync() {
+            let flag = self
+                .flag_uri
+                .map(|u| format!(" --tracking-uri {u}"))
+                .unwrap_or_default();
             eprintln!(
-                "tracking: the server has not received everything yet; `kd sync {dir}` sends the rest"
+                "tracking: the server has not received everything yet; `kd sync {dir}{flag}` sends the rest"
             );
         }
     }
@@ -688,7 +810,10 @@ fn execute_group(
         .iter()
         .map(|p| Session::start(p, ex, parent))
         .collect::<Result<Vec<_>>>()?;
-    let dirs: Vec<PathBuf> = sessions.iter().map(|s| s.run_dir.clone()).collect();
+    let dirs: Vec<(PathBuf, bool)> = sessions
+        .iter()
+        .map(|s| (s.run_dir.clone(), s.resume))
+        .collect();
     let results = {
         let mut consoles: Vec<console::Console> = sessions
             .iter_mut()
@@ -701,9 +826,9 @@ fn execute_group(
         let mut opts: Vec<RunOptions> = consoles
             .iter_mut()
             .zip(&dirs)
-            .map(|(c, dir)| RunOptions {
+            .map(|(c, (dir, resume))| RunOptions {
                 run_dir: dir.clone(),
-                resume: ex.resume,
+                resume: *resume,
                 observer: c,
                 scripts: ex.scripts,
                 stop: Some(stop_flag()),
@@ -725,6 +850,12 @@ fn execute_group(
 }
 
 fn sync(path: &Path, flag: Option<&str>) -> Result<()> {
+    if !path.is_dir() {
+        bail!(
+            "{}: no such folder; give a run folder or a folder of runs",
+            path.display()
+        );
+    }
     let single = path.join("journal.jsonl").exists();
     let root = if single {
         path.parent().unwrap_or(Path::new("."))
@@ -822,6 +953,25 @@ fn print_methods(registry: &Registry, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// An error and its causes on one line, each said once: a cause whose text
+/// an outer message already holds (many wrap their source's text) is left
+/// out, so no prefix or OS error repeats.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || out.contains(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+    }
+    out
+}
+
 /// Maps errors to one line on stderr and an exit code; `--help` and
 /// `--version` print normally.
 pub fn main_exit<I, T>(args: I) -> ExitCode
@@ -840,7 +990,7 @@ where
                     ExitCode::SUCCESS
                 };
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -62,13 +62,6 @@ pub fn plan_params(plan: &Plan) -> Vec<(String, String)> {
     out
 }
 
-fn git(args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new("git").args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 pub fn sha256_file(path: &Path) -> Option<String> {
     let bytes = std::fs::read(path).ok()?;
     Some(format!("{:x}", Sha256::digest(&bytes)))
@@ -77,16 +70,9 @@ pub fn sha256_file(path: &Path) -> Option<String> {
 /// Tags every run carries, so a number can be traced to what made it.
 pub fn run_tags(plan: &Plan, device: &str, recipe: Option<&Path>) -> Vec<(String, String)> {
     let mut tags = vec![
-        (
-            "kd.git_commit".into(),
-            git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
-        ),
-        (
-            "kd.git_dirty".into(),
-            git(&["status", "--porcelain"])
-                .map(|s| (!s.is_empty()).to_string())
-                .unwrap_or_else(|| "unknown".into()),
-        ),
+        // The binary's build, not the folder the run started in.
+        ("kd.git_commit".into(), env!("KD_GIT_COMMIT").to_string()),
+        ("kd.git_dirty".into(), env!("KD_GIT_DIRTY").to_string()),
         ("kd.device".into(), device.to_string()),
         (
             "kd.libtorch".into(),
@@ -127,6 +113,7 @@ impl Tracking {
         uri: Option<String>,
         parent: Option<&Tracker>,
         tags: Vec<(String, String)>,
+        params: bool,
     ) -> anyhow::Result<Tracking> {
         let mut spec = RunSpec::new(EXPERIMENT)
             .name(plan.name.clone())
@@ -138,8 +125,12 @@ impl Tracking {
             Some(p) => p.child(run_dir, spec)?,
             None => Tracker::start(run_dir, spec)?,
         };
-        for (k, v) in plan_params(plan) {
-            tracker.param(&k, v);
+        // A resumed run logged its params when it started; an extended one
+        // would change `epochs`, which MLflow refuses (a tag says so).
+        if params {
+            for (k, v) in plan_params(plan) {
+                tracker.param(&k, v);
+            }
         }
         Ok(Tracking { tracker })
     }

@@ -23,12 +23,17 @@ pub struct TrainArgs {
     /// Synthetic data: number of classes (even).
     #[arg(long, default_value_t = 10)]
     pub classes: i64,
+    /// Fraction of the training set held out for validation (selects the
+    /// best epoch when above 0).
     #[arg(long, default_value_t = 0.0)]
     pub val_fraction: f64,
+    /// Epochs of training.
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
+    /// Training batch size.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// SGD learning rate (> 0).
     #[arg(long, default_value_t = 0.05)]
     pub lr: f64,
     /// Epochs at which the learning rate is multiplied by 0.1 (comma-separated).
@@ -37,15 +42,19 @@ pub struct TrainArgs {
     /// Cosine learning-rate decay instead of milestones.
     #[arg(long)]
     pub cosine: bool,
+    /// SGD weight decay (>= 0).
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
+    /// SGD momentum, in [0, 1).
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
+    /// Nesterov momentum.
     #[arg(long)]
     pub nesterov: bool,
     /// Seeds; several run one after another and are summarised as mean ± std.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
+    /// Where to train: CUDA when available (auto), or forced.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
     /// Forward-pass precision: fp32, or on CUDA bf16 / fp16 (master weights
@@ -62,9 +71,8 @@ pub struct TrainArgs {
     /// Run name (default derived from the models and methods).
     #[arg(long)]
     pub name: Option<String>,
-    /// Continue an interrupted run from its checkpoint.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub folders: FolderArgs,
     /// Train the runs one after another instead of in lockstep (runs that
     /// share a teacher file, data, seed and batch size otherwise compute
     /// each batch's teacher forward once for all of them).
@@ -73,6 +81,23 @@ pub struct TrainArgs {
     /// MLflow tracking server (else MLFLOW_TRACKING_URI, else `kd mlflow up`'s).
     #[arg(long)]
     pub tracking_uri: Option<String>,
+}
+
+/// What to do with run folders that already exist (see docs/runs.md).
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct FolderArgs {
+    /// Continue the runs from their checkpoints; the plan must be the one
+    /// each run saved. Runs of the command not started yet start.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// With --resume: the last stage may have more epochs than the saved
+    /// plan (nothing else may differ); training goes on from the checkpoint.
+    #[arg(long, requires = "resume")]
+    pub extend: bool,
+    /// Start the runs again: an existing run folder is moved to
+    /// OUT/.archive/NAME.SECONDS first.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]

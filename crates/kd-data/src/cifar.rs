@@ -70,12 +70,96 @@ fn dataset(images: Tensor, labels: Tensor, classes: i64, mean: [f64; 3], std: [f
     }
 }
 
-/// Reads `dir/data_batch_{1..5}.bin` (train) and `dir/test_batch.bin` (test).
-pub fn read_cifar10(dir: &Path) -> Result<(Dataset, Dataset), DataError> {
-    let train: Vec<_> = (1..=5)
+/// The files of a CIFAR-10 folder and their record size.
+fn cifar10_files(dir: &Path) -> (Vec<std::path::PathBuf>, usize) {
+    let mut files: Vec<_> = (1..=5)
         .map(|i| dir.join(format!("data_batch_{i}.bin")))
         .collect();
-    let train_refs: Vec<&Path> = train.iter().map(|p| p.as_path()).collect();
+    files.push(dir.join("test_batch.bin"));
+    (files, 1 + PIXELS)
+}
+
+/// The files of a CIFAR-100 folder and their record size.
+fn cifar100_files(dir: &Path) -> (Vec<std::path::PathBuf>, usize) {
+    (
+        vec![dir.join("train.bin"), dir.join("test.bin")],
+        2 + PIXELS,
+    )
+}
+
+/// Checks, without reading them, that a folder has every file the loader
+/// reads, each a whole number of records; so a run that would fail on its
+/// data fails before anything trains. `hundred`: CIFAR-100's layout.
+pub fn check_folder(dir: &Path, hundred: bool) -> Result<(), DataError> {
+    let (files, record) = if hundred {
+        cifar100_files(dir)
+    } else {
+        cifar10_files(dir)
+    };
+    if !dir.is_dir() {
+        let names: Vec<String> = files
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        return Err(DataError::File {
+            path: dir.to_path_buf(),
+            msg: format!("no such folder; expected one holding {}", names.join(", ")),
+        });
+    }
+    for path in files {
+        let len = std::fs::metadata(&path)
+            .map_err(|e| DataError::File {
+                path: path.clone(),
+                msg: format!("missing from the data folder ({e})"),
+            })?
+            .len() as usize;
+        if len == 0 || !len.is_multiple_of(record) {
+            return Err(DataError::File {
+                path,
+                msg: format!("{len} bytes is not a whole number of {record}-byte CIFAR records"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes a CIFAR folder in the real binary layout with `n_train` training
+/// records (per file, for CIFAR-10's five) and `n_test` test records:
+/// labels cycle through the classes, pixels are a fixed pattern. For tests
+/// and examples that need a data folder where the real one cannot be had.
+pub fn write_folder(
+    dir: &Path,
+    hundred: bool,
+    n_train: usize,
+    n_test: usize,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (files, record) = if hundred {
+        cifar100_files(dir)
+    } else {
+        cifar10_files(dir)
+    };
+    let last = files.len() - 1;
+    for (f, path) in files.iter().enumerate() {
+        let n = if f == last { n_test } else { n_train };
+        let mut bytes = Vec::with_capacity(n * record);
+        for i in 0..n {
+            let label = (i % if hundred { 100 } else { 10 }) as u8;
+            if hundred {
+                bytes.push(label / 5);
+            }
+            bytes.push(label);
+            bytes.extend((0..PIXELS).map(|p| ((p * 7 + i * 13 + f) % 256) as u8));
+        }
+        std::fs::write(path, bytes)?;
+    }
+    Ok(())
+}
+
+/// Reads `dir/data_batch_{1..5}.bin` (train) and `dir/test_batch.bin` (test).
+pub fn read_cifar10(dir: &Path) -> Result<(Dataset, Dataset), DataError> {
+    let (files, _) = cifar10_files(dir);
+    let train_refs: Vec<&Path> = files[..5].iter().map(|p| p.as_path()).collect();
     let (xi, yi) = read_records(&train_refs, 1, 0, 10)?;
     let (xt, yt) = read_records(&[&dir.join("test_batch.bin")], 1, 0, 10)?;
     Ok((

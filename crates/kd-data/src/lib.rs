@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use thiserror::Error;
 
-pub use cifar::{read_cifar10, read_cifar100};
+pub use cifar::{read_cifar10, read_cifar100, write_folder as write_cifar_folder};
 pub use loader::{Batch, Loader, LoaderConfig};
 pub use synthetic::SyntheticConfig;
 
@@ -130,6 +130,17 @@ pub fn load(source: &DataSource, val_fraction: f64, split_seed: u64) -> Result<S
         train: train.select(&train_idx),
         test,
     })
+}
+
+/// Checks that a source can be loaded, without loading it: a CIFAR folder
+/// has all its files, each a whole number of records; a synthetic set's
+/// configuration is valid.
+pub fn check(source: &DataSource) -> Result<(), DataError> {
+    match source {
+        DataSource::Synthetic(cfg) => cfg.check(),
+        DataSource::Cifar10 { path } => cifar::check_folder(path, false),
+        DataSource::Cifar100 { path } => cifar::check_folder(path, true),
+    }
 }
 
 /// Training-set size and number of classes of a source, without reading it.

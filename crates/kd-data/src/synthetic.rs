@@ -33,6 +33,36 @@ pub struct SyntheticConfig {
     pub label_noise: f64,
 }
 
+impl SyntheticConfig {
+    /// Refuses a configuration `generate` cannot honour.
+    pub fn check(&self) -> Result<(), DataError> {
+        if self.classes < 2 || self.classes % 2 != 0 {
+            return Err(DataError::Invalid(format!(
+                "synthetic classes must be even and at least 2, got {}",
+                self.classes
+            )));
+        }
+        if self.train_size < 1 || self.test_size < 1 {
+            return Err(DataError::Invalid(
+                "synthetic train_size and test_size must be positive".into(),
+            ));
+        }
+        if !(0.0..0.5).contains(&self.label_noise) {
+            return Err(DataError::Invalid(format!(
+                "synthetic label_noise must be in [0, 0.5), got {}",
+                self.label_noise
+            )));
+        }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return Err(DataError::Invalid(format!(
+                "synthetic noise must be a finite number >= 0, got {}",
+                self.noise
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for SyntheticConfig {
     fn default() -> Self {
         SyntheticConfig {
@@ -170,23 +200,7 @@ fn draw(protos: &Prototypes, labels: &Tensor, noise: f64, rng: &mut Noise) -> Te
 }
 
 pub(crate) fn generate(cfg: &SyntheticConfig) -> Result<(Dataset, Dataset), DataError> {
-    if cfg.classes < 2 || cfg.classes % 2 != 0 {
-        return Err(DataError::Invalid(format!(
-            "synthetic classes must be even and at least 2, got {}",
-            cfg.classes
-        )));
-    }
-    if cfg.train_size < 1 || cfg.test_size < 1 {
-        return Err(DataError::Invalid(
-            "synthetic train_size and test_size must be positive".into(),
-        ));
-    }
-    if !(0.0..0.5).contains(&cfg.label_noise) {
-        return Err(DataError::Invalid(format!(
-            "synthetic label_noise must be in [0, 0.5), got {}",
-            cfg.label_noise
-        )));
-    }
+    cfg.check()?;
     let rng = &mut Noise(ChaCha8Rng::seed_from_u64(cfg.seed));
     let protos = prototypes(cfg.classes, rng);
     let balanced = |n: i64| Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(cfg.classes);

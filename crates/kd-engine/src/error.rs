@@ -14,14 +14,15 @@ pub enum EngineError {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Aten(#[from] kd_aten::AtenError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // Not a `source`: the message already holds it, and error chains
+    // printed in full would say it twice.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
-    #[error("plan: {0}")]
+    /// A plan the engine cannot run; the message names the stage, method
+    /// or field (callers add the plan's name).
+    #[error("{0}")]
     Plan(String),
     #[error(
         "loss term `{term}` is {value} at epoch {epoch}, step {step}; stopped, the last good checkpoint is kept"
@@ -40,7 +41,7 @@ impl EngineError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         EngineError::Io {
             path: path.to_path_buf(),
-            source,
+            err: source,
         }
     }
 }

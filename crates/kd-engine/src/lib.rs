@@ -5,6 +5,7 @@
 mod attack;
 mod error;
 mod eval;
+pub mod folder;
 pub mod observe;
 mod optim;
 pub mod plan;

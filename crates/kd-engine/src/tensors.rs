@@ -69,13 +69,14 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 }
 
 pub fn read(path: &Path) -> Result<TensorFile, EngineError> {
-    let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
     let bad = |msg: String| EngineError::Format {
         path: path.to_path_buf(),
         msg,
     };
+    kd_models::check_safetensors(path).map_err(bad)?;
+    let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e:?}")))?;
+        .map_err(|e| bad(format!("not a valid safetensors file ({e:?})")))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e:?}")))?;
     let mut out = TensorFile {
         metadata: meta.metadata().clone().unwrap_or_default(),

@@ -126,17 +126,18 @@ fn resumed_crd_run_has_identical_banks() {
         .copy();
     let fa = tensors::read(&a.path().join("checkpoint.safetensors")).unwrap();
     let fb = tensors::read(&b.path().join("checkpoint.safetensors")).unwrap();
+    // The finished run keeps its last epoch's checkpoint, methods included.
     for name in [
-        "carry.crd/contrast.memory_s",
-        "carry.crd/contrast.memory_t",
-        "carry.crd/contrast.Z_s",
-        "carry.crd/embed_s.linear.weight",
+        "method.1.contrast.memory_s",
+        "method.1.contrast.memory_t",
+        "method.1.contrast.Z_s",
+        "method.1.embed_s.linear.weight",
     ] {
         let (x, y) = (fa.get(name).unwrap(), fb.get(name).unwrap());
         assert!(x.equal(y), "{name} differs after resume");
     }
     assert!(
-        !mid_bank.equal(fa.get("carry.crd/contrast.memory_s").unwrap()),
+        !mid_bank.equal(fa.get("method.1.contrast.memory_s").unwrap()),
         "the second epoch updates the banks"
     );
 }

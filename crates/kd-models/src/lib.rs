@@ -39,7 +39,7 @@ pub use resnetv2::{ResNetV2, ResNetV2Config};
 pub use shufflenetv1::{ShuffleNetV1, ShuffleV1Config};
 pub use shufflenetv2::{ShuffleNetV2, ShuffleV2Config};
 pub use vgg::{Vgg, VggConfig};
-pub use weights::{load_weights, save_weights};
+pub use weights::{check_safetensors, load_weights, plain as plain_tch_error, save_weights};
 pub use wrn::{WideResNet, WrnConfig};
 
 /// A network of the zoo.
@@ -64,23 +64,17 @@ pub enum ModelError {
         family: &'static str,
         reason: String,
     },
-    #[error("cannot read safetensors weights from {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: tch::TchError,
-    },
-    #[error("cannot write weights to {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: tch::TchError,
-    },
+    #[error("weights {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("cannot write weights to {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
     #[error("weights in {} do not fit the model: {report}", path.display())]
     Mismatch { path: PathBuf, report: String },
-    #[error("cannot copy `{key}` from {} into the model: {source}", path.display())]
+    #[error("cannot copy `{key}` from {} into the model: {reason}", path.display())]
     Copy {
         path: PathBuf,
         key: String,
-        source: tch::TchError,
+        reason: String,
     },
 }
 

@@ -30,10 +30,12 @@ fn is_ignored(key: &str) -> bool {
 /// `load_state_dict` does. Any missing key, unexpected key or shape mismatch
 /// fails the whole load before a single variable changes.
 pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
-    let file = Tensor::read_safetensors(path).map_err(|source| ModelError::Read {
+    let read_err = |reason: String| ModelError::Read {
         path: path.to_path_buf(),
-        source,
-    })?;
+        reason,
+    };
+    check_safetensors(path).map_err(read_err)?;
+    let file = Tensor::read_safetensors(path).map_err(|e| read_err(plain(&e)))?;
     let mut vars = vs.variables();
 
     let mut loaded: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -91,15 +93,73 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
     tch::no_grad(|| {
         for (key, tensor) in &loaded {
             if let Some(var) = vars.get_mut(key) {
-                var.f_copy_(tensor).map_err(|source| ModelError::Copy {
+                var.f_copy_(tensor).map_err(|e| ModelError::Copy {
                     path: path.to_path_buf(),
                     key: key.clone(),
-                    source,
+                    reason: plain(&e),
                 })?;
             }
         }
         Ok(())
     })
+}
+
+/// Why `path` cannot be a safetensors file, in words, from its first bytes:
+/// missing, a PyTorch pickle (with the command that converts it), or a
+/// header that does not fit. `Ok` does not promise the rest parses.
+pub fn check_safetensors(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| io_reason(&e))?;
+    let len = f.metadata().map_err(|e| io_reason(&e))?.len();
+    if f.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err("is a folder, not a safetensors file".into());
+    }
+    let mut head = [0u8; 9];
+    let n = f.read(&mut head).map_err(|e| io_reason(&e))?;
+    let head = &head[..n];
+    let header = head
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    if matches!(header, Some(h) if h >= 2 && h <= len - 8 && head.get(8) == Some(&b'{')) {
+        return Ok(());
+    }
+    // torch.save writes a zip archive (PyTorch >= 1.6) or a bare pickle.
+    let pickled = head.starts_with(b"PK\x03\x04") || head.starts_with(&[0x80]);
+    let pth = path
+        .extension()
+        .is_some_and(|e| ["pth", "pt", "tar", "ckpt", "bin"].iter().any(|x| e == *x));
+    if pickled || pth {
+        return Err(format!(
+            "looks like a PyTorch checkpoint (torch.save), and kd reads safetensors; convert it once with: \
+             python -c \"import torch, safetensors.torch as st; sd = torch.load('{p}', map_location='cpu'); \
+             sd = sd.get('model', sd.get('state_dict', sd)); \
+             st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{p}.safetensors')\"",
+            p = path.display()
+        ));
+    }
+    Err(format!(
+        "not a safetensors file ({len} bytes; safetensors starts with an 8-byte header length and a JSON header)"
+    ))
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// A tch error in words: the safetensors crate prints its errors in Rust's
+/// debug form, which says nothing to a user.
+pub fn plain(e: &tch::TchError) -> String {
+    match e {
+        tch::TchError::SafeTensorError { err, .. } => {
+            format!("not a valid safetensors file ({err:?})")
+        }
+        tch::TchError::Io(io) => io_reason(io),
+        other => other.to_string(),
+    }
 }
 
 /// `"<n> <label>: a, b, ... and <m> more"`, or nothing for an empty list.
@@ -129,8 +189,8 @@ pub fn save_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
         .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).contiguous()))
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&named, path).map_err(|source| ModelError::Write {
+    Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Write {
         path: path.to_path_buf(),
-        source,
+        reason: plain(&e),
     })
 }

@@ -14,11 +14,9 @@ pub(crate) fn plan(
     pending: &[PathBuf],
 ) -> Result<(), String> {
     // Weights an earlier run of this recipe will write do not exist yet.
-    let waits = [Some(&plan.student), plan.teacher.as_ref()]
-        .into_iter()
-        .flatten()
-        .any(|m| m.weights.as_ref().is_some_and(|w| pending.contains(w)));
-    kd_engine::validate(plan, registry, scripts, !waits).map_err(|e| e.to_string())?;
+    // The models built to check the plan are not the recipe's memory.
+    crate::sandbox::memory::excluding(|| kd_engine::validate(plan, registry, scripts, pending))
+        .map_err(|e| e.to_string())?;
     let (n_train, _) = kd_data::describe(&plan.data.source).map_err(|e| e.to_string())?;
     let n = (n_train as f64 * (1.0 - plan.data.val_fraction)).round() as usize;
     let steps = n.div_ceil(plan.data.batch_size.max(1)).max(1);

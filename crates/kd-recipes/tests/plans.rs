@@ -381,6 +381,9 @@ fn shipped_recipes_plan() {
 
 #[test]
 fn schedule_library_matches_the_reference_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let c100 = dir.path().join("c100");
+    kd_data::write_cifar_folder(&c100, true, 4, 2).unwrap();
     let src = r#"
 import "lib/cifar100_schedule" as schedule;
 let rd = schedule::repdistiller(stage("a", 1), "resnet8x4");
@@ -391,10 +394,11 @@ let x = experiment("lib")
     .student("resnet8")
     .add(rd.add(method("ce"))).add(small.add(method("ce"))).add(zoo.add(method("ce")));
 run(x);
-run(x.name("rd-data").data(schedule::repdistiller_data("c100")));
-run(x.name("zoo-data").data(schedule::kdzoo_data("c100")));
-"#;
-    let plans = plan(src).unwrap();
+run(x.name("rd-data").data(schedule::repdistiller_data("C100")));
+run(x.name("zoo-data").data(schedule::kdzoo_data("C100")));
+"#
+    .replace("C100", &c100.display().to_string());
+    let plans = plan(&src).unwrap();
     let s = &plans[0].stages;
     let opt = |i: usize| {
         (

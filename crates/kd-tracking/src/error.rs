@@ -38,6 +38,8 @@ pub enum Error {
     Journal { path: PathBuf, reason: String },
     #[error("run folder {0} is held by a live process; sync it after that process ends")]
     RunLive(PathBuf),
+    #[error("no kd runs in {0}: no folder there holds a journal.jsonl")]
+    NoRuns(PathBuf),
     #[error("run {child} waits for its parent run {parent} to reach the server")]
     ParentPending { child: PathBuf, parent: PathBuf },
     #[error("MLflow server: {0}")]

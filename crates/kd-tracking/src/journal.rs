@@ -15,8 +15,17 @@
 //!   so `sync` can tell a live run from a dead one even when pids are reused.
 //!
 //! The journal is the truth; the server is a copy that may lag behind.
+//!
+//! What a journal means, not just what it holds:
+//! - **A step once.** The first point of a metric key at a step is the one
+//!   that counts; a later point at the same key and step (a resumed run
+//!   replaying the steps after its last checkpoint) is not journaled, and one
+//!   already in a journal from older versions is not shipped. A param
+//!   repeated with the value it already has is dropped the same way.
+//! - **FINISHED is final.** Once a journal holds a FINISHED status, no later
+//!   status counts and a `resume` does not make the run RUNNING again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -278,12 +287,65 @@ impl JournalReader {
     }
 }
 
+/// What a run has already given the server, read in journal order, so that
+/// giving it again adds nothing.
+///
+/// MLflow keeps every metric point it is sent, so a step sent twice shows
+/// twice; the first point of a key at a step wins. MLflow refuses a param
+/// sent again with another value, and takes the same value as a no-op: the
+/// first value is the one the server holds.
+#[derive(Debug, Default)]
+pub(crate) struct Logged {
+    /// Steps per metric key: one string per key, not per point, because a
+    /// long run holds hundreds of thousands of points.
+    steps: HashMap<String, HashSet<i64>>,
+    params: HashMap<String, String>,
+    finished: bool,
+}
+
+impl Logged {
+    /// Whether `event`, coming next in the journal, tells the server
+    /// something new; notes it if so. `false` for a metric at a key and step
+    /// already logged, a param with the value it already has, and any status
+    /// or `resume` after FINISHED (a finished run's status never changes).
+    pub(crate) fn admit(&mut self, event: &Event) -> bool {
+        match event {
+            Event::Metric { key, step, .. } => match self.steps.get_mut(key.as_str()) {
+                Some(steps) => steps.insert(*step),
+                None => {
+                    self.steps.insert(key.clone(), HashSet::from([*step]));
+                    true
+                }
+            },
+            // Another value goes on: the server refuses it with a reason the
+            // caller gets to see, rather than it vanishing here.
+            Event::Param { key, value } => match self.params.get(key.as_str()) {
+                Some(first) => first != value,
+                None => {
+                    self.params.insert(key.clone(), value.clone());
+                    true
+                }
+            },
+            Event::Resume { .. } => !self.finished,
+            Event::Status { status } => {
+                if self.finished {
+                    return false;
+                }
+                self.finished = *status == RunStatus::Finished;
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
 /// What a whole journal says about its run.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Summary {
     pub start: Option<Entry>,
     pub run: Option<RunInfo>,
-    /// The last status not followed by a `resume`.
+    /// FINISHED once journaled, whatever follows; otherwise the last status
+    /// not followed by a `resume`.
     pub terminal: Option<RunStatus>,
     pub interrupted: bool,
     pub pid: Option<u32>,
@@ -293,10 +355,24 @@ pub(crate) struct Summary {
 
 impl Summary {
     pub(crate) fn scan(dir: &Path) -> Result<Summary> {
+        Summary::scan_with(dir, |_| {})
+    }
+
+    /// Also shows every entry to `each`, in order: one pass over the journal
+    /// for a caller that needs more than the summary.
+    pub(crate) fn scan_with(dir: &Path, mut each: impl FnMut(&Entry)) -> Result<Summary> {
         let mut s = Summary::default();
         let mut reader = JournalReader::new(dir);
-        while reader.read(4096, |e| s.note(e))? > 0 {}
+        while reader.read(4096, |e| {
+            each(&e);
+            s.note(e);
+        })? > 0
+        {}
         Ok(s)
+    }
+
+    fn finished(&self) -> bool {
+        self.terminal == Some(RunStatus::Finished)
     }
 
     fn note(&mut self, e: Entry) {
@@ -311,12 +387,14 @@ impl Summary {
             }
             Event::Resume { pid } => {
                 self.pid = Some(*pid);
-                self.terminal = None;
-                self.interrupted = false;
+                if !self.finished() {
+                    self.terminal = None;
+                    self.interrupted = false;
+                }
             }
             Event::RunCreated(info) => self.run = Some(info.clone()),
             Event::Interrupted => self.interrupted = true,
-            Event::Status { status } => self.terminal = Some(*status),
+            Event::Status { status } if !self.finished() => self.terminal = Some(*status),
             _ => {}
         }
     }
@@ -419,12 +497,25 @@ impl RunLock {
     }
 }
 
+/// The status a run folder's journal gives its run: FINISHED for good once
+/// journaled, otherwise the last status not followed by a resume. `None`
+/// when the folder holds no journal, or its run has no status yet (it is
+/// live, or its process died and `sync` has not closed it since).
+pub fn journaled_status(run_dir: &Path) -> Result<Option<RunStatus>> {
+    Ok(Summary::scan(run_dir)?.terminal)
+}
+
 /// Every metric point of a run, by key, in logging order, read from its
-/// journal (no server needed).
+/// journal (no server needed): the first point of each key and step, as
+/// MLflow gets them.
 pub fn metric_history(run_dir: &Path) -> Result<BTreeMap<String, Vec<(i64, f64)>>> {
     let mut out: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    let mut logged = Logged::default();
     let mut reader = JournalReader::new(run_dir);
     while reader.read(4096, |e| {
+        if !logged.admit(&e.event) {
+            return;
+        }
         if let Event::Metric { key, value, step } = e.event {
             out.entry(key).or_default().push((step, value));
         }
@@ -474,6 +565,84 @@ mod tests {
         assert_eq!(&got[2..], &values[2..]);
         let s = Summary::scan(dir.path()).unwrap();
         assert_eq!((s.last_seq, s.terminal), (6, Some(RunStatus::Finished)));
+    }
+
+    #[test]
+    fn logged_admits_each_step_and_param_value_once_and_nothing_after_finished() {
+        let metric = |key: &str, step| Event::Metric {
+            key: key.into(),
+            value: 0.0,
+            step,
+        };
+        let param = |value: &str| Event::Param {
+            key: "lr".into(),
+            value: value.into(),
+        };
+        let status = |status| Event::Status { status };
+        let mut l = Logged::default();
+        let got: Vec<bool> = [
+            metric("a", 0),
+            metric("a", 1),
+            metric("b", 0),
+            metric("a", 0),
+            param("0.1"),
+            param("0.1"),
+            param("0.2"),
+            param("0.2"),
+            status(RunStatus::Failed),
+            Event::Resume { pid: 1 },
+            status(RunStatus::Finished),
+            Event::Resume { pid: 1 },
+            status(RunStatus::Failed),
+            status(RunStatus::Finished),
+            metric("a", 2),
+            Event::Tag {
+                key: "t".into(),
+                value: "v".into(),
+            },
+        ]
+        .iter()
+        .map(|e| l.admit(e))
+        .collect();
+        let want = [
+            true, true, true, false, // metrics
+            true, false, true, true, // params: another value is the server's call
+            true, true, true, false, false, false, // statuses
+            true, true,
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn history_and_summary_read_duplicates_and_late_statuses_as_mlflow_gets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::open(dir.path(), 1).unwrap();
+        let metric = |step, value| Event::Metric {
+            key: "m".into(),
+            value,
+            step,
+        };
+        for ev in [
+            metric(0, 1.0),
+            metric(1, 2.0),
+            Event::Status {
+                status: RunStatus::Finished,
+            },
+            Event::Resume { pid: 1 },
+            metric(1, 5.0),
+            metric(2, 3.0),
+            Event::Status {
+                status: RunStatus::Failed,
+            },
+        ] {
+            w.append(0, ev).unwrap();
+        }
+        w.flush().unwrap();
+        let h = metric_history(dir.path()).unwrap();
+        assert_eq!(h["m"], [(0, 1.0), (1, 2.0), (2, 3.0)]);
+        let s = Summary::scan(dir.path()).unwrap();
+        assert_eq!(s.terminal, Some(RunStatus::Finished));
+        assert_eq!(s.last_seq, 7);
     }
 
     #[test]

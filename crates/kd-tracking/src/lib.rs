@@ -12,7 +12,13 @@
 //! - **Exactly once.** Entries are acknowledged (`acked.jsonl`) only after
 //!   the server took them and are never sent again; [`sync`] resumes at the
 //!   first unacknowledged entry, creating the server run first if it never
-//!   got there.
+//!   got there. A run folder reopened on resume logs each metric step once
+//!   (the first point wins; a resume from a checkpoint replays steps), and
+//!   journals from older versions that hold a step twice ship it once.
+//! - **A finished run stays finished.** Once a run's journal holds
+//!   FINISHED, reopening it appends data but never changes its status on
+//!   the server (RUNNING, FAILED or KILLED), and [`sync`] never closes it
+//!   again; [`journaled_status`] tells whether a folder holds one.
 //! - **Own REST client.** The published Rust MLflow crates are unmaintained;
 //!   the few endpoints needed are in [`Client`], on `ureq`.
 //!
@@ -48,7 +54,7 @@ pub use client::{
     RunInfo, RunStatus,
 };
 pub use error::{Error, Result};
-pub use journal::metric_history;
+pub use journal::{journaled_status, metric_history};
 pub use plot::{History, plot_curves};
 pub use server::ServerInfo;
 pub use sync::{SyncReport, sync, sync_all};

@@ -12,6 +12,11 @@
 //! one request; MLflow's SQL store drops a metric it already holds (same key,
 //! step, timestamp and value) and accepts a param logged again with the same
 //! value, so even that resend leaves no duplicate.
+//!
+//! Entries that would tell the server nothing new (see
+//! [`Logged`](crate::journal::Logged)) are acknowledged without a request:
+//! a step or param that journals from older versions hold twice, and a
+//! status or `resume` after FINISHED.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -23,7 +28,7 @@ use crate::client::{
     MAX_PARAMS_TAGS_PER_BATCH, Metric, RunInfo,
 };
 use crate::error::{Error, Result};
-use crate::journal::{AckLog, Entry, Event, JournalReader, Summary, now_ms};
+use crate::journal::{AckLog, Entry, Event, JournalReader, Logged, Summary, now_ms};
 
 /// How many unacknowledged entries are held in memory; the rest wait in the
 /// journal, so a long outage costs disk, not memory.
@@ -31,6 +36,14 @@ const READ_AHEAD: usize = 10_000;
 
 /// The smallest `log-batch` a slow server gets.
 const MIN_BATCH: usize = 25;
+
+/// An unacknowledged entry; `send` is false when it tells the server
+/// nothing new and is acknowledged without a request.
+#[derive(Clone)]
+struct Queued {
+    entry: Entry,
+    send: bool,
+}
 
 /// Appends an event to the run's journal (through the writer thread when a
 /// tracker is live, directly during `sync`).
@@ -42,7 +55,10 @@ pub(crate) struct Shipper {
     timeout: Duration,
     reader: JournalReader,
     acks: AckLog,
-    pending: VecDeque<Entry>,
+    pending: VecDeque<Queued>,
+    /// Everything read so far, acknowledged or not: a duplicate can sit on
+    /// either side of the watermark.
+    logged: Logged,
     start: Option<Entry>,
     run: Arc<OnceLock<RunInfo>>,
     parent_run: Option<Arc<OnceLock<RunInfo>>>,
@@ -79,6 +95,7 @@ impl Shipper {
             reader: JournalReader::new(dir),
             acks: AckLog::open(dir)?,
             pending: VecDeque::new(),
+            logged: Logged::default(),
             start: summary.start.clone(),
             run,
             parent_run,
@@ -133,13 +150,14 @@ impl Shipper {
             return Ok(());
         }
         let acked = self.acks.upto();
-        let (pending, start) = (&mut self.pending, &mut self.start);
+        let (pending, start, logged) = (&mut self.pending, &mut self.start, &mut self.logged);
         self.reader.read(READ_AHEAD - pending.len(), |e| {
             if start.is_none() && matches!(e.event, Event::Start { .. }) {
                 *start = Some(e.clone());
             }
+            let send = logged.admit(&e.event);
             if e.seq > acked {
-                pending.push_back(e);
+                pending.push_back(Queued { entry: e, send });
             }
         })?;
         Ok(())
@@ -197,12 +215,15 @@ impl Shipper {
     fn ship_front(&mut self) -> Result<()> {
         let run = self.run.get().expect("ensure_run ran").clone();
         let front = self.pending.front().expect("caller checked").clone();
-        let outcome = match &front.event {
-            Event::Artifact { path, dest } => self.upload(&run, path, dest),
-            Event::Status { status } => self.client.update_run(&run.run_id, *status, front.time),
-            Event::Resume { .. } => self.client.reopen_run(&run.run_id),
+        let outcome = match front.send.then_some(&front.entry.event) {
+            Some(Event::Artifact { path, dest }) => self.upload(&run, path, dest),
+            Some(Event::Status { status }) => {
+                self.client
+                    .update_run(&run.run_id, *status, front.entry.time)
+            }
+            Some(Event::Resume { .. }) => self.client.reopen_run(&run.run_id),
             _ => {
-                let single = front.seq <= self.isolate_until;
+                let single = front.entry.seq <= self.isolate_until;
                 let (n, metrics, params, tags) = self.take_batch(single);
                 let sent = if metrics.is_empty() && params.is_empty() && tags.is_empty() {
                     Ok(())
@@ -232,7 +253,16 @@ impl Shipper {
         let mut param_keys = HashSet::new();
         let mut bytes = 200;
         let mut n = 0;
-        for e in &self.pending {
+        for q in &self.pending {
+            let e = &q.entry;
+            if !q.send {
+                // Nothing to send: it rides along with its neighbours.
+                n += 1;
+                if single {
+                    break;
+                }
+                continue;
+            }
             let size = match &e.event {
                 Event::Metric { key, .. } => key.len() + 100,
                 Event::Param { key, value } | Event::Tag { key, value } => {
@@ -314,7 +344,7 @@ impl Shipper {
     /// Acknowledges the first `n` pending entries after an attempt, or sets
     /// aside the one the server refused.
     fn settle(&mut self, n: usize, outcome: Result<()>) -> Result<()> {
-        let last = self.pending[n - 1].seq;
+        let last = self.pending[n - 1].entry.seq;
         match outcome {
             Ok(()) => {
                 self.acks.ack(last, None)?;

@@ -3,7 +3,8 @@
 //! server.
 //!
 //! A run whose process is gone without a final status is closed on the way:
-//! KILLED if it recorded an interruption, FAILED otherwise. "Gone" is decided
+//! KILLED if it recorded an interruption, FAILED otherwise; a run that once
+//! finished counts as having one, and stays FINISHED. "Gone" is decided
 //! by the run folder's lock, which the kernel releases when the process dies,
 //! so a recycled pid cannot make a dead run look alive.
 
@@ -40,9 +41,19 @@ pub fn sync(run_dir: &Path, tracking_uri: &str) -> Result<SyncReport> {
 
 /// Syncs every run folder below `runs_root` (those holding a journal),
 /// parents before their children. One run's failure does not stop the rest.
+/// A `runs_root` that cannot be read, or holds no run folder, gives one
+/// entry, `runs_root` with the error ([`Error::NoRuns`] for the latter):
+/// there is nothing to sync, and a caller must not take that for success.
 pub fn sync_all(runs_root: &Path, tracking_uri: &str) -> Vec<(PathBuf, Result<SyncReport>)> {
+    if let Err(e) = std::fs::read_dir(runs_root) {
+        return vec![(runs_root.to_path_buf(), Err(Error::io(runs_root, e)))];
+    }
     let mut dirs = Vec::new();
     find_journals(runs_root, &mut dirs);
+    if dirs.is_empty() {
+        let none = Error::NoRuns(runs_root.to_path_buf());
+        return vec![(runs_root.to_path_buf(), Err(none))];
+    }
     dirs.sort_by_key(|d| (d.components().count(), d.clone()));
     dirs.into_iter()
         .map(|d| {
@@ -145,6 +156,70 @@ mod tests {
         let e = sync(dir.path(), "http://127.0.0.1:9").unwrap_err();
         assert!(matches!(e, Error::RunLive(_)), "{e}");
         t.finish(RunStatus::Finished);
+    }
+
+    #[test]
+    fn syncing_a_missing_or_empty_folder_is_an_error() {
+        let root = tempfile::tempdir().unwrap();
+        // Refused before any network access: the port does not matter.
+        let uri = "http://127.0.0.1:9";
+        let missing = root.path().join("missing");
+        let got = sync_all(&missing, uri);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, missing);
+        let e = got[0].1.as_ref().unwrap_err();
+        assert!(
+            matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{e}"
+        );
+        assert!(matches!(sync(&missing, uri), Err(Error::Io { .. })));
+
+        std::fs::create_dir_all(root.path().join("empty/sub")).unwrap();
+        let got = sync_all(&root.path().join("empty"), uri);
+        assert_eq!(got.len(), 1);
+        let e = got[0].1.as_ref().unwrap_err();
+        assert!(matches!(e, Error::NoRuns(_)), "{e}");
+        assert!(e.to_string().contains("no kd runs in"), "{e}");
+    }
+
+    /// A finished run, reopened, then killed: it left no status of its own.
+    #[test]
+    fn a_finished_run_is_never_closed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::open(dir.path(), 1).unwrap();
+        let start = Event::Start {
+            experiment: "e".into(),
+            run_name: None,
+            tags: Default::default(),
+            parent: None,
+            pid: 1,
+        };
+        for ev in [
+            start,
+            Event::Status {
+                status: RunStatus::Finished,
+            },
+            Event::Resume { pid: 2 },
+            Event::Interrupted,
+            Event::Metric {
+                key: "m".into(),
+                value: 1.0,
+                step: 0,
+            },
+        ] {
+            w.append(1, ev).unwrap();
+        }
+        w.sync().unwrap();
+        drop(w);
+        // No server there: shipping fails, after the run would be closed.
+        let e = sync(dir.path(), "http://127.0.0.1:9").unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        let text = std::fs::read_to_string(dir.path().join(JOURNAL_FILE)).unwrap();
+        assert_eq!(text.lines().count(), 5, "nothing appended: {text}");
+        assert_eq!(
+            crate::journaled_status(dir.path()).unwrap(),
+            Some(RunStatus::Finished)
+        );
     }
 
     #[test]

@@ -7,6 +7,22 @@
 //! (the record that survives anything), and the shipper thread tails that
 //! journal and sends it to MLflow in batches, retrying with backoff while the
 //! server is away.
+//!
+//! Reopening a run folder continues its run, under two rules that make a
+//! resumed run look in MLflow as if it had never stopped:
+//! - **Each metric step once.** A metric whose key and step the journal
+//!   already holds is dropped, the first point kept: a run resumed from its
+//!   last checkpoint replays the steps logged after it (with the same
+//!   values, as resumed training is exact). A param logged again with the
+//!   value it has is dropped too; with another value it is journaled, and
+//!   MLflow refuses it (reported in [`FinishReport::rejected`]).
+//! - **A finished run's status never changes.** Once the journal holds
+//!   FINISHED, the run stays FINISHED: reopening it (say, to train more
+//!   epochs) appends metrics, params, tags and artifacts, but does not set
+//!   it RUNNING, [`Tracker::finish`] (with any status) and a drop record no
+//!   status, and `sync` does not close it as FAILED or KILLED. Its end time
+//!   stays that of the first finish. Failed and killed runs, in contrast,
+//!   are RUNNING again when reopened and take the status of their last end.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -18,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{Client, RunInfo, RunStatus};
 use crate::error::{Error, Result};
-use crate::journal::{AckLog, Event, JournalWriter, RunLock, Summary, now_ms};
+use crate::journal::{AckLog, Event, JournalWriter, Logged, RunLock, Summary, now_ms};
 use crate::ship::Shipper;
 
 /// What to create on the server.
@@ -175,7 +191,8 @@ pub struct Tracker {
 impl Tracker {
     /// Opens the run in `run_dir` (created if missing) with default
     /// [`Options`]. A folder that already holds a journal is resumed: the
-    /// same server run continues and `spec` is ignored.
+    /// same server run continues and `spec` is ignored (see the module docs
+    /// for what a resumed run logs, and for finished runs).
     pub fn start(run_dir: impl AsRef<Path>, spec: RunSpec) -> Result<Tracker> {
         Tracker::start_with(run_dir, spec, Options::default())
     }
@@ -246,7 +263,8 @@ impl Tracker {
         self.run.get().map(|r| r.run_id.clone())
     }
 
-    /// Records the final status and gives the server at most
+    /// Records the final status (unless the run had finished before it was
+    /// reopened: then it stays FINISHED) and gives the server at most
     /// [`Options::finish_timeout`] to take the rest (one last attempt when it
     /// is already away); whatever is left stays in the journal for `sync`.
     pub fn finish(mut self, status: RunStatus) -> FinishReport {
@@ -335,7 +353,10 @@ fn open(
         None => None,
     };
     let lock = RunLock::acquire(&dir)?;
-    let summary = Summary::scan(&dir)?;
+    let mut logged = Logged::default();
+    let summary = Summary::scan_with(&dir, |e| {
+        logged.admit(&e.event);
+    })?;
     let acked = AckLog::open(&dir)?.upto();
     // Past both: entries lost with an unsynced tail must not reuse numbers
     // the server already acknowledged.
@@ -399,7 +420,7 @@ fn open(
     }
     let sh = shared.clone();
     let journal = spawn("kd-journal", move || {
-        journal_loop(writer, first, lock, (queue, rx), notify, sh)
+        journal_loop(writer, first, lock, (queue, rx), notify, sh, logged)
     })?;
     Ok(Tracker {
         dir,
@@ -451,7 +472,9 @@ fn standard_tags(mut tags: BTreeMap<String, String>) -> BTreeMap<String, String>
 const FSYNC_EVERY: Duration = Duration::from_secs(2);
 
 /// Owns the journal file (and the run folder's lock) until every sender,
-/// the shipper's included, is gone.
+/// the shipper's included, is gone. Drops what `logged` (all the journal
+/// held when opened, and all written since) says is not new, here rather
+/// than in the caller's thread: checking costs a training step nothing.
 fn journal_loop(
     mut w: JournalWriter,
     mut last: u64,
@@ -459,6 +482,7 @@ fn journal_loop(
     (queue, bell): (Arc<Mutex<Vec<Msg>>>, Receiver<()>),
     notify: Option<Sender<Instant>>,
     shared: Arc<Mutex<Shared>>,
+    mut logged: Logged,
 ) {
     let _drop_queued = DropQueued(queue.clone());
     let mut dirty_since: Option<Instant> = None;
@@ -481,6 +505,7 @@ fn journal_loop(
                 }
                 let _ = done.send(());
             }
+            Msg::Log(_, event) if !logged.admit(&event) => {}
             Msg::Log(time, event) => {
                 urgent |= matches!(event, Event::Status { .. } | Event::Artifact { .. });
                 match w.append(time, event) {
@@ -652,7 +677,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         Tracker::start(dir.path(), RunSpec::new("e"))
             .unwrap()
-            .finish(RunStatus::Finished);
+            .finish(RunStatus::Killed);
         let t = Tracker::start(dir.path(), RunSpec::new("ignored")).unwrap();
         assert!(matches!(
             Tracker::start(dir.path(), RunSpec::new("e")),
@@ -669,6 +694,125 @@ mod tests {
             Event::Status {
                 status: RunStatus::Failed
             }
+        );
+    }
+
+    fn journaled(e: &[Entry], ev: fn(&Event) -> bool) -> Vec<&Event> {
+        e.iter().map(|e| &e.event).filter(|e| ev(e)).collect()
+    }
+
+    /// A run resumed from its last checkpoint logs the steps after it again.
+    #[test]
+    fn reopened_run_journals_each_step_and_param_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        t.param("lr", 0.1);
+        for s in 0..4 {
+            t.metric("loss", s as f64, s);
+        }
+        t.metric("loss", 9.0, 3); // twice in one process, too
+        drop(t); // as if killed
+
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        t.param("lr", 0.1);
+        t.param("epochs", 4);
+        t.param("epochs", 4);
+        t.param("lr", 0.2); // the server decides: it refuses
+        for s in 2..6 {
+            t.metric("loss", s as f64, s);
+            t.metric("acc", s as f64, s); // another key, same steps
+        }
+        t.finish(RunStatus::Finished);
+
+        let e = entries(dir.path());
+        let points: Vec<(&str, i64, f64)> = e
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::Metric { key, value, step } => Some((key.as_str(), *step, *value)),
+                _ => None,
+            })
+            .collect();
+        let loss: Vec<(i64, f64)> = points
+            .iter()
+            .filter(|p| p.0 == "loss")
+            .map(|p| (p.1, p.2))
+            .collect();
+        let first: Vec<(i64, f64)> = (0..6).map(|s| (s, s as f64)).collect();
+        assert_eq!(loss, first, "the first point of each step");
+        assert_eq!(points.iter().filter(|p| p.0 == "acc").count(), 4);
+        let params: Vec<(&str, &str)> = e
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::Param { key, value } => Some((key.as_str(), value.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(params, [("lr", "0.1"), ("epochs", "4"), ("lr", "0.2")]);
+        let seqs: Vec<u64> = e.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=e.len() as u64).collect::<Vec<_>>(), "no gaps");
+    }
+
+    #[test]
+    fn finished_run_keeps_its_status_when_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        t.metric("loss", 1.0, 0);
+        t.finish(RunStatus::Finished);
+        assert_eq!(
+            crate::journaled_status(dir.path()).unwrap(),
+            Some(RunStatus::Finished)
+        );
+
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        t.metric("loss", 0.5, 1); // appending is allowed
+        drop(t); // would be FAILED
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        t.interrupted();
+        t.finish(RunStatus::Killed);
+
+        let e = entries(dir.path());
+        let statuses = journaled(&e, |e| matches!(e, Event::Status { .. }));
+        assert_eq!(
+            statuses,
+            [&Event::Status {
+                status: RunStatus::Finished
+            }]
+        );
+        assert_eq!(
+            journaled(&e, |e| matches!(e, Event::Resume { .. })).len(),
+            2
+        );
+        assert_eq!(
+            journaled(&e, |e| matches!(e, Event::Metric { .. })).len(),
+            2
+        );
+        assert_eq!(
+            crate::journaled_status(dir.path()).unwrap(),
+            Some(RunStatus::Finished)
+        );
+    }
+
+    #[test]
+    fn journaled_status_of_failed_resumed_and_missing_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(crate::journaled_status(dir.path()).unwrap(), None);
+        assert_eq!(
+            crate::journaled_status(&dir.path().join("missing")).unwrap(),
+            None
+        );
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        t.finish(RunStatus::Failed);
+        assert_eq!(
+            crate::journaled_status(dir.path()).unwrap(),
+            Some(RunStatus::Failed)
+        );
+        // A failed run that is resumed is live again, then ends anew.
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        assert_eq!(crate::journaled_status(dir.path()).unwrap(), None);
+        t.finish(RunStatus::Finished);
+        assert_eq!(
+            crate::journaled_status(dir.path()).unwrap(),
+            Some(RunStatus::Finished)
         );
     }
 

@@ -412,26 +412,10 @@ impl Member<'_, '_> {
         Ok(())
     }
 
-    /// The run is complete: a later `--resume` has nothing left to do.
+    /// The run is complete. The checkpoint stays the last epoch's, whole
+    /// (optimiser and method state included): a later `--resume` only closes
+    /// the last stage again, and `--extend` can train it on.
     pub(crate) fn finish(self) -> Result<RunResult> {
-        let meta = Resume {
-            stage: self.plan.stages.len(),
-            next_epoch: 0,
-            history: vec![],
-            best_top1: 0.0,
-            best_epoch: 0,
-            finished: self.results.clone(),
-        };
-        let snap = Snapshot {
-            student: &self.student,
-            teacher: self.teacher.as_ref(),
-            methods: &[],
-            peers: &[],
-            opt: None,
-            carry: &self.carry,
-            meta: &meta,
-        };
-        write_checkpoint(&self.ckpt, &snap)?;
         Ok(RunResult {
             name: self.plan.name.clone(),
             run_dir: self.opts.run_dir.clone(),

@@ -2,11 +2,11 @@
 //! their schedules compiled, their parameters carried between stages.
 
 use kd_core::{BuildCx, DynMethod, Needs, Progress, Registry, TapShapes};
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Device, nn};
 
 use super::checkpoint::Carry;
-use super::nets::{Exec, Net, roles, shapes_of};
-use crate::plan::{DeviceChoice, ModelPlan, Plan, StagePlan, Subject};
+
+use crate::plan::StagePlan;
 use crate::schedule::{ScheduleFn, ScheduleResolver};
 use crate::{EngineError, Result};
 
@@ -138,71 +138,4 @@ pub(crate) fn build_stage(
         )));
     }
     Ok((methods, peers, needs))
-}
-
-/// Checks a plan against the registry, the model zoo, the taps and the data
-/// description without loading data or training. `check_files`: also check
-/// that weight files which exist fit their models (off for plans whose
-/// weights an earlier run of the same recipe will write).
-pub fn validate(
-    plan: &Plan,
-    registry: &Registry,
-    scripts: &dyn ScheduleResolver,
-    check_files: bool,
-) -> Result<()> {
-    let (n_train, classes) = kd_data::describe(&plan.data.source)?;
-    let n_data = n_train - (n_train as f64 * plan.data.val_fraction).round() as i64;
-    let device = Device::Cpu;
-    let net_of = |m: &ModelPlan| -> Result<Net> {
-        let vs = nn::VarStore::new(device);
-        let model = kd_models::build(&m.arch, &vs.root(), classes)?;
-        let mut net = Net { vs, model };
-        // Files that exist must fit; a missing one (like a missing data set)
-        // is reported by the run that needs it, naming the file.
-        if let (Some(w), true) = (&m.weights, check_files)
-            && w.exists()
-        {
-            kd_models::load_weights(&mut net.vs, w)?;
-        }
-        Ok(net)
-    };
-    let student = net_of(&plan.student)?;
-    let teacher = plan.teacher.as_ref().map(net_of).transpose()?;
-    if plan.stages.is_empty() {
-        return Err(EngineError::Plan("the plan has no stages".into()));
-    }
-    if plan.data.batch_size == 0 {
-        return Err(EngineError::Plan("batch_size must be at least 1".into()));
-    }
-    if plan.device == DeviceChoice::Cpu {
-        Exec::of(plan, Device::Cpu)?;
-    }
-    let probe = Tensor::zeros([2, 3, 32, 32], (Kind::Float, device));
-    let env = BuildEnv {
-        registry,
-        device,
-        n_data,
-        classes,
-        scripts,
-    };
-    for stage in &plan.stages {
-        if stage.epochs == 0 || stage.methods.is_empty() {
-            return Err(EngineError::Plan(format!(
-                "stage `{}` needs at least one epoch and one method",
-                stage.name
-            )));
-        }
-        if stage.subject == Subject::Teacher && teacher.is_none() {
-            return Err(EngineError::Plan(format!(
-                "stage `{}` trains the teacher, but the plan has none",
-                stage.name
-            )));
-        }
-        let (net, other) = roles(stage.subject, &student, teacher.as_ref());
-        let s_shapes = shapes_of(net, &probe);
-        let t_shapes = other.map(|t| shapes_of(t, &probe));
-        build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), &Carry::new())
-            .map_err(|e| EngineError::Plan(format!("stage `{}`: {e}", stage.name)))?;
-    }
-    Ok(())
 }

@@ -6,7 +6,8 @@
 //! - `member`: one run's state and what each point of the loop does to it;
 //! - `stage`, `prepare`, `methods`: a stage's methods, optimiser and loader;
 //! - `step`: one training step; `pending`: its values, read back in windows;
-//! - `checkpoint`, `nets`, `draws`, `harness` (benchmarks and the probe).
+//! - `checkpoint`, `nets`, `draws`, `harness` (benchmarks and the probe);
+//! - `validate`: what can be checked before anything trains.
 
 mod checkpoint;
 mod draws;
@@ -19,6 +20,7 @@ mod pending;
 mod prepare;
 mod stage;
 mod step;
+mod validate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,9 +31,9 @@ use kd_core::Registry;
 pub use group::{lockstep_key, run_group};
 pub(crate) use harness::probe_step;
 pub use harness::{StepHarness, bench_plan};
-pub use methods::validate;
 pub(crate) use nets::Net;
 pub use nets::device;
+pub use validate::validate;
 
 use crate::observe::{Observer, RunResult};
 use crate::plan::Plan;

@@ -1,0 +1,159 @@
+//! Everything that can be known about a plan before it trains: numbers in
+//! range, files present and fitting, methods buildable on the models' taps.
+//! A recipe validates all its plans this way before its first run starts.
+
+use std::path::PathBuf;
+
+use kd_core::Registry;
+use tch::{Device, Kind, Tensor, nn};
+
+use super::checkpoint::Carry;
+use super::methods::{BuildEnv, build_stage};
+use super::nets::{Exec, Net, roles, shapes_of};
+use crate::plan::{DeviceChoice, LrSchedule, ModelPlan, Plan, StagePlan, Subject};
+use crate::schedule::{Schedule, ScheduleResolver, Weight};
+use crate::{EngineError, Result};
+
+/// Checks a plan against the registry, the model zoo, the taps, its data
+/// and its weight files without loading data or training. Weight files
+/// named in `pending` are skipped: an earlier run of the same recipe writes
+/// them.
+pub fn validate(
+    plan: &Plan,
+    registry: &Registry,
+    scripts: &dyn ScheduleResolver,
+    pending: &[PathBuf],
+) -> Result<()> {
+    numbers(plan).map_err(EngineError::Plan)?;
+    kd_data::check(&plan.data.source)?;
+    let (n_train, classes) = kd_data::describe(&plan.data.source)?;
+    let n_data = n_train - (n_train as f64 * plan.data.val_fraction).round() as i64;
+    let device = Device::Cpu;
+    let net_of = |m: &ModelPlan| -> Result<Net> {
+        let vs = nn::VarStore::new(device);
+        let model = kd_models::build(&m.arch, &vs.root(), classes)?;
+        let mut net = Net { vs, model };
+        if let Some(w) = m.weights.as_ref().filter(|w| !pending.contains(w)) {
+            kd_models::load_weights(&mut net.vs, w)?;
+        }
+        Ok(net)
+    };
+    let student = net_of(&plan.student)?;
+    let teacher = plan.teacher.as_ref().map(net_of).transpose()?;
+    if plan.stages.is_empty() {
+        return Err(EngineError::Plan("the plan has no stages".into()));
+    }
+    if plan.device == DeviceChoice::Cpu {
+        Exec::of(plan, Device::Cpu)?;
+    }
+    let probe = Tensor::zeros([2, 3, 32, 32], (Kind::Float, device));
+    let env = BuildEnv {
+        registry,
+        device,
+        n_data,
+        classes,
+        scripts,
+    };
+    for stage in &plan.stages {
+        if stage.epochs == 0 || stage.methods.is_empty() {
+            return Err(EngineError::Plan(format!(
+                "stage `{}` needs at least one epoch and one method",
+                stage.name
+            )));
+        }
+        if stage.subject == Subject::Teacher && teacher.is_none() {
+            return Err(EngineError::Plan(format!(
+                "stage `{}` trains the teacher, but the plan has none",
+                stage.name
+            )));
+        }
+        let (net, other) = roles(stage.subject, &student, teacher.as_ref());
+        let s_shapes = shapes_of(net, &probe);
+        let t_shapes = other.map(|t| shapes_of(t, &probe));
+        build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), &Carry::new())
+            .map_err(|e| EngineError::Plan(format!("stage `{}`: {e}", stage.name)))?;
+    }
+    Ok(())
+}
+
+/// The plan's numbers, each finite and in the range training needs.
+fn numbers(plan: &Plan) -> Result<(), String> {
+    let d = &plan.data;
+    if d.batch_size == 0 || d.eval_batch_size == 0 {
+        return Err("batch_size and eval_batch_size must be at least 1".into());
+    }
+    if !(0.0..1.0).contains(&d.val_fraction) {
+        return Err(format!(
+            "val_fraction must be in [0, 1), got {}",
+            d.val_fraction
+        ));
+    }
+    for stage in &plan.stages {
+        stage_numbers(stage).map_err(|e| format!("stage `{}`: {e}", stage.name))?;
+    }
+    Ok(())
+}
+
+fn stage_numbers(stage: &StagePlan) -> Result<(), String> {
+    let o = &stage.optimizer;
+    if !(o.lr.is_finite() && o.lr > 0.0) {
+        return Err(format!("lr must be a finite number > 0, got {}", o.lr));
+    }
+    if !(0.0..1.0).contains(&o.momentum) {
+        return Err(format!("momentum must be in [0, 1), got {}", o.momentum));
+    }
+    if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+        return Err(format!(
+            "weight_decay must be a finite number >= 0, got {}",
+            o.weight_decay
+        ));
+    }
+    if o.nesterov && o.momentum == 0.0 {
+        return Err("nesterov needs a momentum > 0 (as in torch.optim.SGD)".into());
+    }
+    match &stage.lr_schedule {
+        LrSchedule::Multistep { milestones, gamma } => {
+            if !(gamma.is_finite() && *gamma > 0.0) {
+                return Err(format!("lr gamma must be a finite number > 0, got {gamma}"));
+            }
+            if milestones.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!("lr milestones must increase, got {milestones:?}"));
+            }
+        }
+        LrSchedule::Cosine { warmup_epochs } if *warmup_epochs >= stage.epochs => {
+            return Err(format!(
+                "cosine warm-up of {warmup_epochs} epochs leaves nothing of a {}-epoch stage",
+                stage.epochs
+            ));
+        }
+        _ => {}
+    }
+    for m in &stage.methods {
+        let weights = std::iter::once(("weight".to_string(), &m.weight)).chain(
+            m.schedule
+                .iter()
+                .map(|(f, w)| (format!("schedule of `{f}`"), w)),
+        );
+        for (what, w) in weights {
+            weight_numbers(w).map_err(|e| format!("method `{}`, {what}: {e}", m.label()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A weight's constants are finite (a script's values are checked when the
+/// recipe evaluates it, and at every step).
+fn weight_numbers(w: &Weight) -> Result<(), String> {
+    let values: Vec<f64> = match w {
+        Weight::Const(v) => vec![*v],
+        Weight::Schedule(Schedule::Warmup { value, epochs }) => vec![*value, *epochs],
+        Weight::Schedule(Schedule::Until { value, fraction }) => vec![*value, *fraction],
+        Weight::Schedule(Schedule::Cosine { from, to }) => vec![*from, *to],
+        Weight::Schedule(Schedule::Step { values, .. }) => values.clone(),
+        Weight::Schedule(Schedule::Script { .. }) => vec![],
+    };
+    match values.iter().find(|v| !v.is_finite()) {
+        Some(v) => Err(format!("must be a finite number, got {v}")),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,353 @@
+//! Trustworthy runs: a run folder is one run, `--resume` continues the plan
+//! it saved (or refuses, writing nothing), bad input is refused before
+//! anything trains, and errors are one line that says each thing once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden/fixtures")
+        .join(name)
+}
+
+/// The error as `kd` prints it, checked to be one line in which no part
+/// repeats.
+fn err(args: &[String]) -> String {
+    let e = kd_cli::run(args).expect_err("the command should fail");
+    let msg = kd_cli::one_line(&e);
+    assert!(!msg.contains('\n'), "error is not one line: {msg}");
+    let parts: Vec<&str> = msg.split(": ").filter(|p| p.len() >= 12).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "`{p}` repeats in: {msg}");
+    }
+    assert!(!msg.contains("Os {"), "Rust debug formatting in: {msg}");
+    msg
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// `kd distill` of resnet8 from the golden resnet20, 64 samples, into `out`.
+fn distill(out: &Path, extra: &[&str]) -> Vec<String> {
+    let w = golden("model_resnet20.safetensors");
+    let mut a = args(&[
+        "kd",
+        "distill",
+        "--teacher",
+        "resnet20",
+        "--teacher-weights",
+        w.to_str().unwrap(),
+        "--student",
+        "resnet8",
+        "--method",
+        "st",
+        "--train-size",
+        "64",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--name",
+        "x",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    a.extend(args(extra));
+    a
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn epochs_logged(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("epochs.jsonl"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn a_run_folder_is_one_run() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("x_s0");
+    kd_cli::run(distill(out.path(), &["--epochs", "1"])).unwrap();
+    let before = snapshot(out.path());
+
+    // Running the same name again is refused and changes nothing.
+    let e = err(&distill(out.path(), &["--epochs", "1"]));
+    assert!(
+        e.contains("already holds run `x_s0`")
+            && e.contains("--resume")
+            && e.contains("--overwrite"),
+        "{e}"
+    );
+    assert_eq!(snapshot(out.path()), before, "a refused start wrote");
+
+    // A resume with another plan is refused, naming the fields, and writes
+    // nothing; more epochs needs --extend.
+    let e = err(&distill(
+        out.path(),
+        &["--epochs", "1", "--lr", "0.1", "--resume"],
+    ));
+    assert!(e.contains("stages.0.optimizer.lr: 0.05 -> 0.1"), "{e}");
+    let e = err(&distill(out.path(), &["--epochs", "2", "--resume"]));
+    assert!(
+        e.contains("stages.0.epochs: 1 -> 2") && e.contains("--extend"),
+        "{e}"
+    );
+    let mut other = distill(out.path(), &["--epochs", "2", "--resume", "--extend"]);
+    let i = other.iter().position(|a| a == "resnet8").unwrap();
+    other[i] = "resnet14".into();
+    let e = err(&other);
+    assert!(e.contains("student.arch: resnet8 -> resnet14"), "{e}");
+    assert_eq!(snapshot(out.path()), before, "a refused resume wrote");
+
+    // Resuming a run that never existed is an error.
+    let mut typo = distill(out.path(), &["--epochs", "1", "--resume"]);
+    let i = typo.iter().position(|a| a == "x").unwrap();
+    typo[i] = "y".into();
+    let e = err(&typo);
+    assert!(e.contains("nothing to resume"), "{e}");
+    assert!(!out.path().join("y_s0").exists());
+
+    // --overwrite archives the old run and starts a new one.
+    kd_cli::run(distill(out.path(), &["--epochs", "1", "--overwrite"])).unwrap();
+    let archive: Vec<PathBuf> = std::fs::read_dir(out.path().join(".archive"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(archive.len(), 1, "{archive:?}");
+    assert_eq!(
+        std::fs::read(archive[0].join("journal.jsonl")).unwrap(),
+        before[&run.join("journal.jsonl")],
+        "the archive holds the old run as it was"
+    );
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    assert!(
+        journal.matches("\"ev\":\"start\"").count() == 1 && !journal.contains("\"ev\":\"resume\""),
+        "the new folder's journal is one new run: {journal}"
+    );
+}
+
+/// `--extend` trains the last stage on from the checkpoint: 1 epoch then 1
+/// more equals 2 epochs straight (constant learning rate), bit for bit.
+#[test]
+fn an_extended_run_equals_the_longer_run() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    kd_cli::run(distill(a.path(), &["--epochs", "2"])).unwrap();
+    kd_cli::run(distill(b.path(), &["--epochs", "1"])).unwrap();
+    // A plain resume of a finished run leaves it as it is.
+    kd_cli::run(distill(b.path(), &["--epochs", "1", "--resume"])).unwrap();
+    assert_eq!(epochs_logged(&b.path().join("x_s0")), 1);
+    kd_cli::run(distill(
+        b.path(),
+        &["--epochs", "2", "--resume", "--extend"],
+    ))
+    .unwrap();
+    assert_eq!(epochs_logged(&b.path().join("x_s0")), 2);
+    let w = |d: &Path| kd_engine::tensors::read(&d.join("x_s0/distill.last.safetensors")).unwrap();
+    let (wa, wb) = (w(a.path()), w(b.path()));
+    assert_eq!(wa.tensors.len(), wb.tensors.len());
+    for ((n, x), (_, y)) in wa.tensors.iter().zip(&wb.tensors) {
+        assert!(x.equal(y), "{n} differs between extended and straight runs");
+    }
+    let plan = std::fs::read_to_string(b.path().join("x_s0/plan.yaml")).unwrap();
+    assert!(
+        plan.contains("epochs: 2"),
+        "plan.yaml records the extension"
+    );
+}
+
+#[test]
+fn bad_numbers_and_files_are_refused_before_anything_trains() {
+    let out = tempfile::tempdir().unwrap();
+    let p = out.path();
+    for (extra, want) in [
+        (
+            vec!["--lr", "nan"],
+            "lr must be a finite number > 0, got NaN",
+        ),
+        (vec!["--lr=-1"], "lr must be a finite number > 0, got -1"),
+        (vec!["--momentum=-5"], "momentum must be in [0, 1), got -5"),
+        (
+            vec!["--weight-decay=-1"],
+            "weight_decay must be a finite number >= 0",
+        ),
+        (
+            vec!["--method", "at:inf"],
+            "weight: must be a finite number, got inf",
+        ),
+    ] {
+        let mut a = distill(p, &["--epochs", "1"]);
+        if extra[0] == "--method" {
+            // Replace `st` rather than adding a second method.
+            let i = a.iter().position(|x| x == "st").unwrap();
+            a[i] = extra[1].to_string();
+        } else {
+            a.extend(args(&extra));
+        }
+        let e = err(&a);
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+    let mut a = distill(p, &["--epochs", "1"]);
+    let i = a.iter().position(|x| x == "st").unwrap();
+    a[i] = "st:nan".into();
+    assert!(err(&a).contains("weight: must be a finite number, got NaN"));
+    assert!(
+        std::fs::read_dir(p).unwrap().next().is_none(),
+        "nothing may be written"
+    );
+}
+
+#[test]
+fn weight_file_errors_say_what_is_wrong_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_weights = |w: &Path| {
+        let mut a = distill(dir.path(), &["--epochs", "1"]);
+        let i = a.iter().position(|x| x == "--teacher-weights").unwrap();
+        a[i + 1] = w.display().to_string();
+        err(&a)
+    };
+    let missing = dir.path().join("nope.safetensors");
+    assert!(with_weights(&missing).contains("nope.safetensors: no such file"));
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a tensor file at all").unwrap();
+    let e = with_weights(&garbage);
+    assert!(e.contains("not a safetensors file"), "{e}");
+    // torch.save's zip container, by its magic bytes.
+    let pth = dir.path().join("resnet20.pth");
+    std::fs::write(&pth, b"PK\x03\x04rest of a zip archive").unwrap();
+    let e = with_weights(&pth);
+    assert!(
+        e.contains("PyTorch checkpoint") && e.contains("safetensors.torch"),
+        "{e}"
+    );
+    let e = with_weights(&golden("model_resnet8x4.safetensors"));
+    assert!(e.contains("do not fit the model"), "{e}");
+}
+
+#[test]
+fn a_recipe_checks_every_run_before_the_first_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("two.rhai");
+    let body = r#"
+let data = synthetic(#{ train_size: 64, test_size: 32 }).batch_size(32);
+let a = experiment("a").device("cpu").data(data).student("resnet8")
+    .add(stage("train", 1).add(method("ce")));
+run(a);
+let b = experiment("b").device("cpu").data(data).student("resnet8")
+    .teacher("resnet20", "TEACHER")
+    .add(stage("distill", 1).add(method("ce")).add(method("st")));
+run(b);
+"#;
+    let out = dir.path().join("runs");
+    let run = |teacher: &str, lr: &str| {
+        let text = body.replace("TEACHER", teacher).replace(
+            "stage(\"train\", 1)",
+            &format!("stage(\"train\", 1).lr({lr})"),
+        );
+        std::fs::write(&recipe, text).unwrap();
+        err(&args(&[
+            "kd",
+            "run",
+            recipe.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]))
+    };
+    let e = run("missing.safetensors", "0.05");
+    assert!(e.contains("missing.safetensors: no such file"), "{e}");
+    assert!(!out.exists(), "the first run must not start");
+    let e = run(
+        golden("model_resnet20.safetensors").to_str().unwrap(),
+        "0.0/0.0",
+    );
+    assert!(e.contains("lr must be a finite number > 0"), "{e}");
+    assert!(!out.exists(), "the first run must not start");
+    // `kd plan` refuses it too.
+    let e = err(&args(&["kd", "plan", recipe.to_str().unwrap()]));
+    assert!(e.contains("lr must be a finite number > 0"), "{e}");
+}
+
+#[test]
+fn kd_plan_reads_saved_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/quickstart.rhai");
+    let plans = kd_recipes::Recipe::load(&recipe, &[])
+        .unwrap()
+        .plans(&kd_core::Registry::global().unwrap())
+        .unwrap();
+    let yaml = dir.path().join("plan.yaml");
+    std::fs::write(&yaml, kd_recipes::to_yaml(&plans).unwrap()).unwrap();
+    kd_cli::run(args(&["kd", "plan", yaml.to_str().unwrap()])).unwrap();
+    let mut bad = plans.clone();
+    bad[0].stages[0].optimizer.momentum = 1.5;
+    std::fs::write(&yaml, kd_recipes::to_yaml(&bad).unwrap()).unwrap();
+    let e = err(&args(&["kd", "plan", yaml.to_str().unwrap()]));
+    assert!(e.contains("momentum must be in [0, 1), got 1.5"), "{e}");
+}
+
+#[test]
+fn path_mistakes_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let e = err(&args(&["kd", "run", d]));
+    assert!(e.contains("is a folder; give a recipe"), "{e}");
+    let missing = dir.path().join("missing");
+    let e = err(&args(&[
+        "kd",
+        "sync",
+        missing.to_str().unwrap(),
+        "--tracking-uri",
+        "http://127.0.0.1:9",
+    ]));
+    assert!(e.contains("no such folder"), "{e}");
+}
+
+#[test]
+fn run_and_plan_options_have_help() {
+    for cmd in ["run", "plan", "distill", "train-teacher", "sync"] {
+        let e = kd_cli::run(["kd", cmd, "--help"]).unwrap_err();
+        let help = e
+            .downcast_ref::<clap::Error>()
+            .unwrap()
+            .render()
+            .to_string();
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let line = line.trim();
+            if !line.starts_with('-') {
+                continue;
+            }
+            // The text follows the flag, or (long help) fills the next line.
+            let (flag, same) = line.split_once("  ").unwrap_or((line, ""));
+            let next = lines.get(i + 1).map_or("", |l| l.trim());
+            let text = if same.trim().is_empty() && !next.starts_with('-') {
+                next
+            } else {
+                same
+            };
+            let words = text.split('[').next().unwrap_or_default();
+            assert!(
+                !words.trim().is_empty(),
+                "kd {cmd}: `{flag}` has no help text"
+            );
+        }
+    }
+}
