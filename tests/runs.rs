@@ -351,3 +351,63 @@ fn run_and_plan_options_have_help() {
         }
     }
 }
+
+/// `kd probe loss` on a fixture edited by `edit`; the error, or "ok".
+fn probe_loss(
+    dir: &Path,
+    fixture: &str,
+    edit: &dyn Fn(&mut kd_engine::tensors::TensorFile),
+) -> String {
+    let mut f = kd_engine::tensors::read(&golden(fixture)).unwrap();
+    edit(&mut f);
+    let path = dir.join("f.safetensors");
+    kd_engine::tensors::write(&path, &f).unwrap();
+    let out = dir.join("o.safetensors");
+    let a = args(&[
+        "kd",
+        "probe",
+        "loss",
+        "--fixture",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    match kd_cli::run(&a) {
+        Ok(()) => "ok".into(),
+        Err(e) => kd_cli::one_line(&e),
+    }
+}
+
+fn replace(f: &mut kd_engine::tensors::TensorFile, name: &str, t: tch::Tensor) {
+    let slot = f.tensors.iter_mut().find(|(n, _)| n == name).unwrap();
+    slot.1 = t;
+}
+
+#[test]
+fn probe_refuses_bad_tensors_without_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(probe_loss(d, "st.safetensors", &|_| {}), "ok");
+    let e = probe_loss(d, "st.safetensors", &|f| {
+        let t = f.get("batch/target").unwrap().fill(999);
+        replace(f, "batch/target", t)
+    });
+    assert!(e.contains("holds labels 999..=999, outside 0.."), "{e}");
+    let e = probe_loss(d, "st.safetensors", &|f| {
+        let t = f.get("teacher/logits").unwrap().narrow(0, 0, 1);
+        replace(f, "teacher/logits", t)
+    });
+    assert!(e.contains("`teacher/logits` has shape [1,"), "{e}");
+    // A shape only the method's own ops can reject: libtorch's refusal,
+    // as an error.
+    let e = probe_loss(d, "st.safetensors", &|f| {
+        let t = f.get("teacher/logits").unwrap();
+        let wrong = tch::Tensor::zeros([t.size()[0], 7], tch::kind::FLOAT_CPU);
+        replace(f, "teacher/logits", wrong)
+    });
+    assert!(
+        e.contains("libtorch refused the fixture's tensors: The size of tensor a (7) must match")
+            && !e.contains("Exception raised from"),
+        "{e}"
+    );
+}

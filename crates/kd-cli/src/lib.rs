@@ -781,21 +781,39 @@ impl Session {
             Err(_) => kd_tracking::RunStatus::Failed,
         };
         let report = self.tracking.finish(&self.run_dir, status);
-        let dir = self.run_dir.display();
-        if self.journal_only {
-            eprintln!(
-                "tracking: no MLflow server given; the run is journaled in {dir}; `kd sync {dir} --tracking-uri URL` sends it"
-            );
-        } else if report.needs_sync() {
-            let flag = self
-                .flag_uri
-                .map(|u| format!(" --tracking-uri {u}"))
-                .unwrap_or_default();
-            eprintln!(
-                "tracking: the server has not received everything yet; `kd sync {dir}{flag}` sends the rest"
-            );
+        if let Some(hint) = sync_hint(
+            &self.run_dir,
+            self.journal_only,
+            report.needs_sync(),
+            self.flag_uri.as_deref(),
+        ) {
+            eprintln!("{hint}");
         }
     }
+}
+
+/// What to tell the user when the server does not have the whole run yet:
+/// the `kd sync` command that sends it, with the server they named.
+fn sync_hint(
+    dir: &Path,
+    journal_only: bool,
+    needs_sync: bool,
+    flag_uri: Option<&str>,
+) -> Option<String> {
+    let dir = dir.display();
+    if journal_only {
+        return Some(format!(
+            "tracking: no MLflow server given; the run is journaled in {dir}; `kd sync {dir} --tracking-uri URL` sends it"
+        ));
+    }
+    let flag = flag_uri
+        .map(|u| format!(" --tracking-uri {u}"))
+        .unwrap_or_default();
+    needs_sync.then(|| {
+        format!(
+            "tracking: the server has not received everything yet; `kd sync {dir}{flag}` sends the rest"
+        )
+    })
 }
 
 /// Runs `plans` in lockstep (see [`kd_engine::run_group`]), each in its own
@@ -993,5 +1011,23 @@ where
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sync_hint_names_the_server_the_user_gave() {
+        let dir = Path::new("runs/x_s0");
+        let hint = sync_hint(dir, false, true, Some("http://h:5000")).unwrap();
+        assert!(
+            hint.contains("`kd sync runs/x_s0 --tracking-uri http://h:5000`"),
+            "{hint}"
+        );
+        let hint = sync_hint(dir, false, true, None).unwrap();
+        assert!(hint.contains("`kd sync runs/x_s0`"), "{hint}");
+        assert_eq!(sync_hint(dir, false, false, Some("http://h:5000")), None);
     }
 }

@@ -71,6 +71,10 @@ fn taps_from(file: &TensorFile, prefix: &str, requires_grad: bool) -> Result<Opt
 /// metadata `ms_per_call` says how long each took: `scripts/bench-losses`
 /// sets it beside PyTorch's time on the same taps.
 pub fn probe_loss(path: &Path, registry: &Registry, repeat: usize) -> Result<TensorFile> {
+    guarded(|| loss_of_fixture(path, registry, repeat))
+}
+
+fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<TensorFile> {
     let file = tensors::read(path)?;
     let bad = |msg: String| EngineError::Format {
         path: path.to_path_buf(),
@@ -106,6 +110,13 @@ pub fn probe_loss(path: &Path, registry: &Registry, repeat: usize) -> Result<Ten
         None => max_index.unwrap_or(target.size()[0]),
     };
     let num_classes = s_shapes.get(Tap::Logits).map(|s| s[0]).unwrap_or(10);
+    check_batch(
+        &given_taps(&s_leaves, teacher.as_ref()),
+        target,
+        num_classes,
+    )
+    .and_then(|n| check_indices([index, contrast_index], n_data).map(|_| n))
+    .map_err(bad)?;
 
     let mut vs = nn::VarStore::new(Device::Cpu);
     let mut needs = Needs::default();
@@ -174,6 +185,92 @@ pub fn probe_loss(path: &Path, registry: &Registry, repeat: usize) -> Result<Ten
         out.push(format!("method/{name}"), &t);
     }
     Ok(out)
+}
+
+/// Every tap of the fixture, student's then teacher's.
+fn given_taps<'a>(
+    student: &'a [(Tap, Tensor)],
+    teacher: Option<&'a GivenTaps>,
+) -> Vec<(String, &'a Tensor)> {
+    let mut out: Vec<(String, &Tensor)> = student
+        .iter()
+        .map(|(tap, t)| (format!("student/{tap}"), t))
+        .collect();
+    if let Some((_, _, given)) = teacher {
+        out.extend(given.iter().map(|(tap, t)| (format!("teacher/{tap}"), t)));
+    }
+    out
+}
+
+/// The batch a fixture describes: one label in `0..classes` per sample,
+/// and every tap with that many samples. Returns the batch size.
+fn check_batch(taps: &[(String, &Tensor)], target: &Tensor, classes: i64) -> Result<i64, String> {
+    if target.dim() != 1 || target.is_floating_point() {
+        return Err(format!(
+            "`batch/target` must be a 1-D integer tensor, got {:?} of {:?}",
+            target.size(),
+            target.kind()
+        ));
+    }
+    let n = target.size()[0];
+    if n > 0 {
+        let (lo, hi) = (target.min().int64_value(&[]), target.max().int64_value(&[]));
+        if lo < 0 || hi >= classes {
+            return Err(format!(
+                "`batch/target` holds labels {lo}..={hi}, outside 0..{classes} (the logits' classes)"
+            ));
+        }
+    }
+    for (name, t) in taps {
+        if t.dim() < 2 || t.size()[0] != n {
+            return Err(format!(
+                "`{name}` has shape {:?}; taps are [batch, ...] with the batch of `batch/target` ({n})",
+                t.size()
+            ));
+        }
+    }
+    Ok(n)
+}
+
+/// Data-set indices are integers in `0..n_data`.
+fn check_indices(indices: [Option<&Tensor>; 2], n_data: i64) -> Result<(), String> {
+    for t in indices.into_iter().flatten() {
+        if t.is_floating_point() || t.numel() == 0 {
+            continue;
+        }
+        let (lo, hi) = (t.min().int64_value(&[]), t.max().int64_value(&[]));
+        if lo < 0 || hi >= n_data {
+            return Err(format!(
+                "data-set indices {lo}..={hi} fall outside 0..{n_data} (metadata `n_data`)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f`, turning a libtorch exception into an error: tch's infallible
+/// tensor ops panic on them, and a fixture can hold anything, so the probe
+/// says what libtorch refused instead of printing a C++ stack trace.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        // tch wraps libtorch's message: `... Torch("<what>\nException raised from ...`.
+        let what = msg.split_once("Torch(\"").map_or(msg, |(_, w)| w);
+        // Debug-printed, so its line breaks are the two characters `\n`.
+        let what = what.split("\\n").next().unwrap_or(what);
+        let what = what.split(['\n', '"']).next().unwrap_or(what).trim();
+        Err(EngineError::Plan(format!(
+            "libtorch refused the fixture's tensors: {what}"
+        )))
+    })
 }
 
 /// Milliseconds per call of the method on `io`: loss, backward, after-step
@@ -301,6 +398,10 @@ fn set_weights(net: &Net, file: &TensorFile, prefix: &str, path: &Path) -> Resul
 /// factor the method applies itself (BSS's epoch decay at the fixture's
 /// `epoch` of `epochs`) is included.
 pub fn probe_step(path: &Path, registry: &Registry) -> Result<TensorFile> {
+    guarded(|| step_of_fixture(path, registry))
+}
+
+fn step_of_fixture(path: &Path, registry: &Registry) -> Result<TensorFile> {
     let file = tensors::read(path)?;
     let bad = |msg: String| EngineError::Format {
         path: path.to_path_buf(),

@@ -120,6 +120,13 @@ pub(crate) fn restore(
             path: path.to_path_buf(),
             msg: "not a kd checkpoint (no resume metadata)".into(),
         })?;
+    if meta.stage != meta.finished.len() || meta.history.len() != meta.next_epoch {
+        return Err(EngineError::Format {
+            path: path.to_path_buf(),
+            msg: "resume metadata does not hold together (stage, epochs and history disagree)"
+                .into(),
+        });
+    }
     load_into(&student.vs, &file, "student.", path)?;
     if let Some(t) = teacher {
         load_into(&t.vs, &file, "teacher.", path)?;
@@ -152,7 +159,17 @@ pub(crate) fn restore_stage(
     }
     for (n, t) in file.with_prefix("optim.") {
         if let Some(buf) = opt.buffer_mut(n) {
-            tch::no_grad(|| buf.copy_(t));
+            if buf.size() != t.size() {
+                return Err(EngineError::Format {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "`optim.{n}` has shape {:?}, the run's has {:?}",
+                        t.size(),
+                        buf.size()
+                    ),
+                });
+            }
+            tch::no_grad(|| buf.f_copy_(t))?;
         }
     }
     Ok(())

@@ -53,6 +53,22 @@ impl<'a, 'o> Member<'a, 'o> {
             true => Some(restore(&ckpt, &student, teacher.as_ref(), exec.device)?),
             false => None,
         };
+        if let Some(r) = &restored {
+            let m = &r.meta;
+            let fits = plan
+                .stages
+                .get(m.stage)
+                .map_or(m.stage == plan.stages.len(), |s| m.next_epoch <= s.epochs);
+            if !fits {
+                return Err(EngineError::Format {
+                    path: ckpt.clone(),
+                    msg: format!(
+                        "the checkpoint is at stage {}, epoch {}, which the plan does not have",
+                        m.stage, m.next_epoch
+                    ),
+                });
+            }
+        }
         let results = restored
             .as_ref()
             .map(|r| r.meta.finished.clone())

@@ -181,11 +181,21 @@ pub(crate) fn load_into(
 ) -> Result<()> {
     for (name, var) in &vs.variables() {
         let key = format!("{prefix}{name}");
-        let src = file.get(&key).ok_or_else(|| EngineError::Format {
+        let bad = |msg: String| EngineError::Format {
             path: path.to_path_buf(),
-            msg: format!("checkpoint lacks `{key}`"),
-        })?;
-        tch::no_grad(|| var.shallow_clone().copy_(src));
+            msg,
+        };
+        let src = file
+            .get(&key)
+            .ok_or_else(|| bad(format!("checkpoint lacks `{key}`")))?;
+        if src.size() != var.size() {
+            return Err(bad(format!(
+                "`{key}` has shape {:?}, the run's has {:?}",
+                src.size(),
+                var.size()
+            )));
+        }
+        tch::no_grad(|| var.shallow_clone().f_copy_(src))?;
     }
     Ok(())
 }
