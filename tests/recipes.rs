@@ -50,33 +50,36 @@ fn every_recipe_passes_kd_plan() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cifar-100-binary");
     kd_data::write_cifar_folder(&data, true, 2, 2).unwrap();
-    let sets = [
-        (
-            r#"param("data", "data/cifar-100-binary")"#,
-            format!("data={}", data.display()),
-        ),
-        (
-            r#"param("teacher", "runs/teachers/resnet110_cifar100.safetensors")"#,
-            format!(
-                "teacher={}",
-                teacher_file(dir.path(), "resnet110").display()
-            ),
-        ),
-        (
-            r#"param("teacher", "runs/teachers/resnet32x4_cifar100.safetensors")"#,
-            format!(
-                "teacher={}",
-                teacher_file(dir.path(), "resnet32x4").display()
-            ),
-        ),
-    ];
+    // Every teacher a recipe names by default, as `runs/teachers/<arch>_cifar100.safetensors`.
+    let teacher_of = |text: &str| -> Option<(String, String)> {
+        let start = text.find(r#"param("teacher", "runs/teachers/"#)?;
+        let rest = &text[start + r#"param("teacher", ""#.len()..];
+        let path = &rest[..rest.find('"')?];
+        let arch = path
+            .strip_prefix("runs/teachers/")?
+            .strip_suffix("_cifar100.safetensors")?;
+        Some((format!(r#"param("teacher", "{path}")"#), arch.to_string()))
+    };
+    let mut sets = vec![(
+        r#"param("data", "data/cifar-100-binary")"#.to_string(),
+        format!("data={}", data.display()),
+    )];
+    for p in &all {
+        let text = std::fs::read_to_string(p).unwrap();
+        if let Some((param, arch)) = teacher_of(&text)
+            && !sets.iter().any(|(q, _)| *q == param)
+        {
+            let file = teacher_file(dir.path(), &arch);
+            sets.push((param, format!("teacher={}", file.display())));
+        }
+    }
     let failures: Vec<String> = all
         .iter()
         .filter_map(|p| {
             let text = std::fs::read_to_string(p).unwrap();
             let mut args = vec!["kd".to_string(), "plan".into(), p.display().to_string()];
             for (param, set) in &sets {
-                if text.contains(param) {
+                if text.contains(param.as_str()) {
                     args.extend(["--set".to_string(), set.clone()]);
                 }
             }

@@ -122,6 +122,11 @@ trains! {
     ofd: json!({}), 0.5;
     afd: json!({}), 500.0;
     crd: json!({"nce_n": 64}), 0.8;
+    dkd: json!({}), 1.0;
+    ctkd: json!({}), 0.9;
+    dist: json!({"tau": 4.0}), 2.0;
+    ttm: json!({"l": 0.1}), 45.0;
+    wttm: json!({"l": 0.2}), 4.0;
 }
 
 #[test]

@@ -10,13 +10,17 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports its libtorch folder"),
     );
     let root = lib.parent().expect("libtorch's lib folder has a parent");
+    let abi = cxx11_abi();
+    // Other shims (kd-dist) compile against the same libtorch: they read
+    // the ABI as DEP_KD_ATEN_CXX11_ABI instead of asking Python again.
+    println!("cargo:cxx11_abi={abi}");
     cc::Build::new()
         .cpp(true)
         .file("cpp/kd_aten.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .warnings(false)
         .compile("kd_aten");

@@ -205,6 +205,12 @@ where
     T: Into<OsString> + Clone,
 {
     let cli = Cli::try_parse_from(args)?;
+    if matches!(
+        cli.cmd,
+        Cmd::TrainTeacher { .. } | Cmd::Distill { .. } | Cmd::Run { .. }
+    ) {
+        join_world()?;
+    }
     kd_methods::link();
     let registry = Registry::global()?;
     match cli.cmd {
@@ -229,7 +235,9 @@ where
             })?;
             let results = execute_all(&registry, &runs, &train, &format!("{name}_sweep"))?;
             let rows = vec![summarize(&name, &paired(&runs, &results))];
-            print!("{}", table(&rows));
+            if kd_dist::is_main() {
+                print!("{}", table(&rows));
+            }
             Ok(())
         }
         Cmd::Distill {
@@ -300,7 +308,9 @@ where
                     &paired(&kd_runs[range.clone()], &results[range]),
                 ));
             }
-            print!("{}", table(&rows));
+            if kd_dist::is_main() {
+                print!("{}", table(&rows));
+            }
             Ok(())
         }
         Cmd::Plan { recipe, sets } => {
@@ -336,7 +346,9 @@ where
                 preflight(&recipe.plans(&registry)?, &ex, &[])?;
                 let runs = recipe
                     .execute_batched(&registry, &mut |plans| run_batch(&registry, plans, &ex))?;
-                eprint!("{}", kd_recipes::summary_table(&runs));
+                if kd_dist::is_main() {
+                    eprint!("{}", kd_recipes::summary_table(&runs));
+                }
                 return Ok(());
             }
             let plans = saved_plans(&path, &sets, &registry, &scripts)?;
@@ -344,7 +356,9 @@ where
             let results = run_batch(&registry, &plans, &ex)
                 .into_iter()
                 .collect::<Result<Vec<_>>>()?;
-            print!("{}", table(&group(&paired(&plans, &results))));
+            if kd_dist::is_main() {
+                print!("{}", table(&group(&paired(&plans, &results))));
+            }
             Ok(())
         }
         Cmd::Mlflow(Mlflow::Up { out, port }) => {
@@ -405,6 +419,28 @@ where
             Ok(())
         }
     }
+}
+
+/// Joins the data-parallel job torchrun (or the user) described in the
+/// environment, if any: Gloo on CPUs, NCCL when CUDA is there.
+/// `KD_DIST_TIMEOUT` (seconds, default 120) bounds the rendezvous and every
+/// collective, so a rank that dies or hangs stops the others.
+fn join_world() -> Result<()> {
+    let Some(world) = kd_dist::World::from_env()? else {
+        return Ok(());
+    };
+    if kd_dist::group().is_some() {
+        return Ok(());
+    }
+    let secs: u64 = match std::env::var("KD_DIST_TIMEOUT") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("KD_DIST_TIMEOUT={v} is not a number of seconds"))?,
+        Err(_) => 120,
+    };
+    let nccl = tch::Cuda::is_available() && kd_dist::has_nccl();
+    let pg = kd_dist::ProcessGroup::new(world, nccl, std::time::Duration::from_secs(secs))?;
+    Ok(kd_dist::init(pg)?)
 }
 
 /// `kd distill`'s method groups: `--method`'s, then each `--compare`'s,
@@ -554,6 +590,10 @@ pub fn run_sweep(
     if plans.len() == 1 {
         return Ok(vec![execute(registry, &plans[0], ex, None)?]);
     }
+    if !kd_dist::is_main() {
+        // Other ranks train the same runs and record nothing.
+        return run_batch(registry, plans, ex).into_iter().collect();
+    }
     let uri = kd_tracking::resolve_uri(ex.tracking_uri, None, ex.out);
     let spec = kd_tracking::RunSpec::new(track::EXPERIMENT)
         .name(sweep.to_string())
@@ -663,6 +703,10 @@ fn preflight(plans: &[Plan], ex: &Exec, parents: &[String]) -> Result<()> {
     }
     for (plan, dir) in plans.iter().zip(&dirs) {
         kd_engine::folder::check(plan, dir, folder_mode(ex, dir))?;
+    }
+    // Every rank checks before rank 0 writes anything.
+    if let Some(g) = kd_dist::group() {
+        g.barrier()?;
     }
     for name in parents {
         let dir = ex.out.join(name);
@@ -824,6 +868,9 @@ fn execute_group(
     ex: &Exec,
     parent: Option<&kd_tracking::Tracker>,
 ) -> Result<Vec<Result<RunResult>>> {
+    if !kd_dist::is_main() {
+        return execute_quietly(registry, plans, ex);
+    }
     let mut sessions = plans
         .iter()
         .map(|p| Session::start(p, ex, parent))
@@ -864,6 +911,39 @@ fn execute_group(
             s.finish(&r);
             Ok(r?)
         })
+        .collect())
+}
+
+/// A rank other than 0 of a data-parallel job: the same training, reading
+/// the run folder to resume, writing nothing and tracking nothing.
+fn execute_quietly(
+    registry: &Registry,
+    plans: &[Plan],
+    ex: &Exec,
+) -> Result<Vec<Result<RunResult>>> {
+    let mut silent: Vec<kd_engine::Silent> = plans.iter().map(|_| kd_engine::Silent).collect();
+    let mut opts: Vec<RunOptions> = plans
+        .iter()
+        .zip(silent.iter_mut())
+        .map(|(p, observer)| {
+            let dir = ex.out.join(&p.name);
+            RunOptions {
+                resume: matches!(
+                    folder_mode(ex, &dir),
+                    kd_engine::folder::Mode::Resume { .. }
+                ),
+                run_dir: dir,
+                observer,
+                scripts: ex.scripts,
+                stop: Some(stop_flag()),
+                log_every: 10,
+                progress_bar: false,
+            }
+        })
+        .collect();
+    Ok(kd_engine::run_group(plans, registry, &mut opts)?
+        .into_iter()
+        .map(|r| r.map_err(anyhow::Error::from))
         .collect())
 }
 

@@ -88,6 +88,11 @@ pub fn run_tags(plan: &Plan, device: &str, recipe: Option<&Path>) -> Vec<(String
                 .to_string(),
         ),
         ("kd.seed".into(), plan.seed.to_string()),
+        // Data-parallel: ranks, each with the plan's batch size.
+        (
+            "kd.world_size".into(),
+            kd_dist::group().map_or(1, |g| g.world.size).to_string(),
+        ),
         ("kd.version".into(), env!("CARGO_PKG_VERSION").to_string()),
     ];
     if let Some(w) = plan.teacher.as_ref().and_then(|t| t.weights.as_ref()) {

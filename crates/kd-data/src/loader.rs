@@ -44,6 +44,9 @@ pub struct Loader {
     /// "any sample of another class" is one uniform draw.
     by_class: Vec<i64>,
     class_span: Vec<(usize, usize)>,
+    /// `(rank, world)`: this process reads every world-th sample of each
+    /// epoch's order, from `rank` on (PyTorch's DistributedSampler).
+    shard: (usize, usize),
 }
 
 pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
@@ -110,7 +113,22 @@ impl Loader {
             seed,
             by_class,
             class_span,
+            shard: (0, 1),
         })
+    }
+
+    /// Reads rank `rank`'s share of every epoch, of `world` ranks: the
+    /// epoch's order padded with its own start to a multiple of `world`,
+    /// then every `world`-th sample from position `rank`, as PyTorch's
+    /// `DistributedSampler` does. Augmentation draws differ per rank.
+    pub fn shard(mut self, rank: usize, world: usize) -> Loader {
+        self.shard = (rank.min(world.saturating_sub(1)), world.max(1));
+        self
+    }
+
+    /// Samples this process reads per epoch.
+    fn per_rank(&self) -> usize {
+        self.len().div_ceil(self.shard.1)
     }
 
     pub fn len(&self) -> usize {
@@ -122,7 +140,7 @@ impl Loader {
     }
 
     pub fn batches_per_epoch(&self) -> usize {
-        let (n, b) = (self.len(), self.cfg.batch_size);
+        let (n, b) = (self.per_rank(), self.cfg.batch_size);
         if self.cfg.drop_last && n >= b {
             n / b
         } else {
@@ -132,18 +150,30 @@ impl Loader {
 
     /// The sample order of an epoch.
     pub fn order(&self, epoch: usize) -> Vec<i64> {
-        if self.cfg.shuffle {
+        let full = if self.cfg.shuffle {
             permutation(self.len(), mix(self.seed, epoch as u64, u64::MAX))
         } else {
             (0..self.len() as i64).collect()
+        };
+        let (rank, world) = self.shard;
+        if world == 1 {
+            return full;
         }
+        let padded = self.per_rank() * world;
+        (0..padded)
+            .skip(rank)
+            .step_by(world)
+            .map(|i| full[i % full.len()])
+            .collect()
     }
 
     /// Batch `b` of an epoch whose order is `order`.
     pub fn batch(&self, order: &[i64], epoch: usize, b: usize) -> Batch {
         let bs = self.cfg.batch_size;
         let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, epoch as u64, b as u64));
+        let (rank, world) = self.shard;
+        let key = (b * world + rank) as u64;
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, epoch as u64, key));
         let device = self.images.device();
         let index = Tensor::from_slice(idx).to_device(device);
         let raw = self.images.index_select(0, &index).to_kind(Kind::Float) / 255.0;
@@ -333,5 +363,40 @@ mod tests {
             negs.dedup();
             assert_eq!(negs.len(), 5, "row {row} repeats a negative");
         }
+    }
+
+    #[test]
+    fn shards_cover_the_epoch_like_distributed_sampler() {
+        let data = crate::synthetic::generate(&crate::SyntheticConfig {
+            train_size: 10,
+            test_size: 2,
+            ..Default::default()
+        })
+        .unwrap()
+        .0;
+        let cfg = LoaderConfig {
+            batch_size: 2,
+            shuffle: true,
+            augment: false,
+            drop_last: false,
+            contrast: None,
+        };
+        let whole = Loader::new(&data, cfg.clone(), 3, Device::Cpu).unwrap();
+        let shards: Vec<Vec<i64>> = (0..3)
+            .map(|r| {
+                Loader::new(&data, cfg.clone(), 3, Device::Cpu)
+                    .unwrap()
+                    .shard(r, 3)
+                    .order(1)
+            })
+            .collect();
+        let full = whole.order(1);
+        // 10 samples over 3 ranks: 4 each, the first two padded from the start.
+        assert!(shards.iter().all(|s| s.len() == 4));
+        for (i, &x) in full.iter().chain(&full[..2]).enumerate() {
+            assert_eq!(shards[i % 3][i / 3], x);
+        }
+        let one = Loader::new(&data, cfg, 3, Device::Cpu).unwrap().shard(0, 3);
+        assert_eq!(one.batches_per_epoch(), 2);
     }
 }

@@ -14,6 +14,8 @@ pub enum EngineError {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Aten(#[from] kd_aten::AtenError),
+    #[error(transparent)]
+    Dist(#[from] kd_dist::DistError),
     // Not a `source`: the message already holds it, and error chains
     // printed in full would say it twice.
     #[error("{}: {err}", path.display())]

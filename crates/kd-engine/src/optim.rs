@@ -74,6 +74,32 @@ impl Optimizer {
         self.params.is_empty()
     }
 
+    /// In a data-parallel job, averages every parameter's gradient over the
+    /// ranks (DDP's semantics); a parameter this rank's loss did not reach
+    /// joins with zeros, so all ranks update the same parameters.
+    pub fn average_over_ranks(&mut self) -> Result<()> {
+        let Some(g) = kd_dist::group() else {
+            return Ok(());
+        };
+        let grads: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| {
+                let grad = p.grad();
+                if grad.defined() {
+                    grad
+                } else {
+                    // tch cannot assign a gradient; a backward through a
+                    // zero-weighted use of the parameter gives it zeros.
+                    (p.sum(None) * 0.0).backward();
+                    p.grad()
+                }
+            })
+            .collect();
+        g.average(&grads)?;
+        Ok(())
+    }
+
     /// Drops the gradients (PyTorch's `set_to_none`): the next backward
     /// hands each parameter its gradient without an accumulating addition.
     pub fn zero_grad(&mut self) -> Result<()> {

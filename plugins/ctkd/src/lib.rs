@@ -16,7 +16,8 @@ pub struct Config {
     pub t_start: f64,
     /// Width of the temperature range: T lies in (t_start, t_start + t_end).
     pub t_end: f64,
-    /// Strength of the gradient reversal (the authors' `lambda_` is −λ).
+    /// Strength of the gradient reversal (the authors' `lambda_` is −λ). The
+    /// default is the curriculum's end value; recipes schedule the curriculum.
     pub lambda: f64,
     /// Initial θ; the authors' `Global_T` starts at 1.
     #[serde(rename = "global_T_init")]

@@ -1,7 +1,9 @@
-//! Soft targets (Hinton et al., 2015): KL(p_t^T || p_s^T) · T².
+//! Soft targets (Hinton et al., 2015): KL(p_t^T || p_s^T) · T²; optionally
+//! on per-sample standardised logits (logit standardisation, Sun et al., 2024).
 
 use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -9,11 +11,14 @@ pub struct Config {
     /// Softmax temperature.
     #[serde(rename = "T")]
     pub t: f64,
+    /// Logit standardisation: z-score each sample's logits before `/ T`
+    /// (`T` is then the LS paper's base temperature).
+    pub ls: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { t: 4.0 }
+        Config { t: 4.0, ls: false }
     }
 }
 
@@ -21,6 +26,14 @@ pub struct St {
     s: TapRef,
     t: TapRef,
     temp: f64,
+    ls: bool,
+}
+
+/// `(z - mean) / (1e-7 + std)` per sample with the unbiased std, as the LS
+/// code's `normalize` (logit-standardization-KD, mdistiller/distillers/KD.py).
+fn standardize(z: &Tensor) -> Tensor {
+    let mean = z.mean_dim(-1, true, z.kind());
+    (z - mean) / (z.std_dim(-1, true, true) + 1e-7)
 }
 
 impl Method for St {
@@ -35,14 +48,25 @@ impl Method for St {
             return Err(cx.error(format!("T must be positive, got {}", cfg.t)));
         }
         let (s, t) = cx.tap_pair("logits")?;
-        Ok(St { s, t, temp: cfg.t })
+        Ok(St {
+            s,
+            t,
+            temp: cfg.t,
+            ls: cfg.ls,
+        })
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
-        let (s, t) = (io.tap(self.s), io.tap(self.t));
+        let (mut s, mut t) = (
+            io.tap(self.s).shallow_clone(),
+            io.tap(self.t).shallow_clone(),
+        );
+        if self.ls {
+            (s, t) = (standardize(&s), standardize(&t));
+        }
         let kind = s.kind();
-        let log_p_s = (s / self.temp).log_softmax(1, kind);
-        let log_p_t = (t / self.temp).log_softmax(1, kind);
+        let log_p_s = (&s / self.temp).log_softmax(1, kind);
+        let log_p_t = (&t / self.temp).log_softmax(1, kind);
         // batchmean KL, as F.kl_div(..., reduction='batchmean'); T² keeps the
         // gradient scale independent of T.
         let kl = (log_p_t.exp() * (&log_p_t - log_p_s)).sum(kind) / s.size()[0] as f64;

@@ -10,7 +10,7 @@ use super::RunOptions;
 use super::checkpoint::{
     Carry, Restored, Resume, Snapshot, append_jsonl, restore, write_checkpoint,
 };
-use super::nets::{Exec, Net, build_nets, device, named_vars, roles};
+use super::nets::{Exec, Net, build_nets, device, named_vars, roles, sync_from_main};
 use super::prepare::StageCx;
 use super::stage::StageRun;
 use super::step::{Update, step};
@@ -47,7 +47,10 @@ impl<'a, 'o> Member<'a, 'o> {
     ) -> Result<Self> {
         let exec = Exec::of(plan, device(plan.device)?)?;
         let (student, teacher) = build_nets(plan, classes, &exec)?;
-        std::fs::create_dir_all(&opts.run_dir).map_err(|e| EngineError::io(&opts.run_dir, e))?;
+        if kd_dist::is_main() {
+            std::fs::create_dir_all(&opts.run_dir)
+                .map_err(|e| EngineError::io(&opts.run_dir, e))?;
+        }
         let ckpt = opts.run_dir.join("checkpoint.safetensors");
         let mut restored = match opts.resume && ckpt.exists() {
             true => Some(restore(&ckpt, &student, teacher.as_ref(), exec.device)?),
@@ -68,6 +71,10 @@ impl<'a, 'o> Member<'a, 'o> {
                     ),
                 });
             }
+        }
+        sync_from_main(&student.vs)?;
+        if let Some(t) = &teacher {
+            sync_from_main(&t.vs)?;
         }
         let results = restored
             .as_ref()
@@ -315,16 +322,25 @@ impl Member<'_, '_> {
         let acc = self.evaluate(splits);
         let stage = self.stage_plan();
         let run = self.stage.as_mut().expect("a stage is in progress");
-        let e = run.epoch.take().expect("an epoch is in progress");
+        let mut e = run.epoch.take().expect("an epoch is in progress");
         e.bar.finish_and_clear();
+        // Throughput is this rank's; loss and accuracy are the whole job's.
         let ips = e.seen as f64 / e.started.elapsed().as_secs_f64().max(1e-9);
+        if let Some(g) = kd_dist::group() {
+            let sums = tch::Tensor::from_slice(&[e.loss_sum, e.correct as f64, e.seen as f64]);
+            g.all_reduce_sum(std::slice::from_ref(&sums))?;
+            let v = Vec::<f64>::try_from(&sums)?;
+            (e.loss_sum, e.correct, e.seen) = (v[0], v[1] as i64, v[2] as i64);
+        }
         let selector = acc.val.map(|v| v.0).unwrap_or(acc.test.0);
         if selector > run.best_top1 || run.history.is_empty() {
             run.best_top1 = selector;
             run.best_epoch = e.epoch;
             let (net, _) = roles(stage.subject, &self.student, self.teacher.as_ref());
             let best = format!("{}.best.safetensors", stage.name);
-            kd_models::save_weights(&net.vs, &self.ckpt.with_file_name(best))?;
+            if kd_dist::is_main() {
+                kd_models::save_weights(&net.vs, &self.ckpt.with_file_name(best))?;
+            }
         }
         let (seen, steps) = (e.seen.max(1) as f64, run.steps as f64);
         let labels = run.prep.methods.iter().map(|a| a.label.clone());
@@ -358,11 +374,15 @@ impl Member<'_, '_> {
     fn save_epoch(&mut self, record: &EpochRecord) -> Result<()> {
         let stage = self.stage_plan();
         let run = self.stage.as_ref().expect("a stage is in progress");
-        append_jsonl(
-            &self.ckpt.with_file_name("epochs.jsonl"),
-            &stage.name,
-            record,
-        )?;
+        // Only rank 0 of a data-parallel job writes the run's files.
+        let main = kd_dist::is_main();
+        if main {
+            append_jsonl(
+                &self.ckpt.with_file_name("epochs.jsonl"),
+                &stage.name,
+                record,
+            )?;
+        }
         let meta = Resume {
             stage: self.results.len(),
             next_epoch: record.epoch + 1,
@@ -381,7 +401,9 @@ impl Member<'_, '_> {
             carry: &self.carry,
             meta: &meta,
         };
-        write_checkpoint(&self.ckpt, &snap)?;
+        if main {
+            write_checkpoint(&self.ckpt, &snap)?;
+        }
         let global = run.epochs_before + record.epoch as i64;
         self.opts.observer.epoch(&stage.name, global, record);
         Ok(())
@@ -398,7 +420,9 @@ impl Member<'_, '_> {
         let best_path = self
             .ckpt
             .with_file_name(format!("{}.best.safetensors", stage.name));
-        kd_models::save_weights(&net.vs, &last_path)?;
+        if kd_dist::is_main() {
+            kd_models::save_weights(&net.vs, &last_path)?;
+        }
         for a in &run.prep.methods {
             self.carry.insert(a.label.clone(), named_vars(&a.vs, ""));
         }

@@ -12,8 +12,11 @@ use crate::{EngineError, Result};
 pub fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        // A rank of a data-parallel job uses the GPU of its local rank.
+        DeviceChoice::Auto | DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(
+            kd_dist::group().map_or(0, |g| g.world.local_rank),
+        )),
+        DeviceChoice::Auto => Ok(Device::Cpu),
         DeviceChoice::Cuda => Err(EngineError::Plan(
             "device `cuda` asked for, but no CUDA device is available; use `cpu` or `auto`".into(),
         )),
@@ -171,6 +174,19 @@ pub(crate) fn named_vars(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// In a data-parallel job, makes every rank's variables rank 0's (DDP's
+/// broadcast at start): parameters, buffers, method state.
+pub(crate) fn sync_from_main(vs: &nn::VarStore) -> Result<()> {
+    let Some(g) = kd_dist::group() else {
+        return Ok(());
+    };
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let ts: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
+    tch::no_grad(|| g.broadcast(&ts, 0))?;
+    Ok(())
 }
 
 pub(crate) fn load_into(

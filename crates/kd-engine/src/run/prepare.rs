@@ -189,6 +189,10 @@ pub(crate) fn prepare(
         cx.plan.seed.wrapping_add(cx.si as u64 * 7919),
         device,
     )?;
+    let loader = match kd_dist::group() {
+        Some(g) => loader.shard(g.world.rank, g.world.size),
+        None => loader,
+    };
     Ok((prep, loader))
 }
 

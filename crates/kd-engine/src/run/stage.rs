@@ -9,6 +9,7 @@ use kd_data::{Batch, Loader};
 
 use super::checkpoint::restore_stage;
 use super::member::Member;
+use super::nets::sync_from_main;
 use super::pending::Pending;
 use super::prepare::{Prepared, StageCx, prepare};
 use crate::Result;
@@ -72,6 +73,9 @@ impl StageRun {
             } else {
                 m.restored = Some(r);
             }
+        }
+        for a in run.prep.methods.iter().chain(&run.prep.peers) {
+            sync_from_main(&a.vs)?;
         }
         Ok(run)
     }

@@ -88,6 +88,7 @@ pub(crate) fn step(
         Update::Sgd(opt, lr) => {
             opt.zero_grad()?;
             opt.backward(&total)?;
+            opt.average_over_ranks()?;
             opt.step(lr)?;
         }
         Update::Backward => total.backward(),
