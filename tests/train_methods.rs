@@ -17,6 +17,7 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
     let plan = Plan {
         precision: Default::default(),
         channels_last: true,
+        batchnorm: Default::default(),
         name: method.into(),
         seed: 0,
         device: DeviceChoice::Cpu,

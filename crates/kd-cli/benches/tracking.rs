@@ -26,6 +26,7 @@ fn plan() -> Plan {
     Plan {
         precision: Default::default(),
         channels_last: true,
+        batchnorm: Default::default(),
         name: "bench".into(),
         seed: 0,
         device: DeviceChoice::Auto,

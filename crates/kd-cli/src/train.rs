@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// and loss terms stay fp32; fp16 adds a dynamic loss scale).
     #[arg(long, default_value = "fp32")]
     pub precision: kd_engine::Precision,
+    /// BatchNorm while training: `batch` (each batch's statistics) or
+    /// `frozen` (the running statistics, left unchanged).
+    #[arg(long, default_value = "batch")]
+    pub batchnorm: kd_engine::BatchNorm,
     /// Keep convolutions in PyTorch's default NCHW order instead of
     /// channels-last.
     #[arg(long)]
@@ -181,6 +185,7 @@ impl TrainArgs {
             stages: vec![self.stage(stage, methods)],
             precision: self.precision,
             channels_last: !self.no_channels_last,
+            batchnorm: self.batchnorm,
         })
     }
 }

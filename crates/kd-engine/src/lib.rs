@@ -20,8 +20,8 @@ pub use eval::accuracy;
 pub use observe::{EpochRecord, Observer, RunResult, Silent, StageResult};
 pub use optim::Optimizer;
 pub use plan::{
-    DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Precision, Sgd,
-    StagePlan, Subject,
+    BatchNorm, DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Precision,
+    Sgd, StagePlan, Subject,
 };
 pub use run::{
     RunOptions, StepHarness, bench_plan, device, lockstep_key, run, run_group, validate,

@@ -32,6 +32,33 @@ pub struct Plan {
     /// float rounding.
     #[serde(default = "yes")]
     pub channels_last: bool,
+    /// What BatchNorm normalises with while training.
+    #[serde(default)]
+    pub batchnorm: BatchNorm,
+}
+
+/// BatchNorm in training forwards: each batch's own statistics (PyTorch's
+/// `train()`; in a data-parallel job, each rank's batch), or the running
+/// statistics, left unchanged (as in `eval()`; fine-tuning a pretrained
+/// network, and data-parallel runs that must equal one process on the
+/// combined batch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchNorm {
+    #[default]
+    Batch,
+    Frozen,
+}
+
+impl std::str::FromStr for BatchNorm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "batch" => Ok(BatchNorm::Batch),
+            "frozen" => Ok(BatchNorm::Frozen),
+            other => Err(format!("unknown batchnorm `{other}`; valid: batch, frozen")),
+        }
+    }
 }
 
 fn yes() -> bool {

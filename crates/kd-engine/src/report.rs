@@ -174,6 +174,7 @@ mod tests {
         let plan = Plan {
             precision: Default::default(),
             channels_last: true,
+            batchnorm: Default::default(),
             name: name.into(),
             seed,
             device: Default::default(),

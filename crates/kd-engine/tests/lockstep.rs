@@ -67,6 +67,7 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
         }],
         precision: Default::default(),
         channels_last: true,
+        batchnorm: Default::default(),
     }
 }
 

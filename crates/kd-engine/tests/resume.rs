@@ -22,6 +22,7 @@ fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Pla
     Plan {
         precision: Default::default(),
         channels_last: true,
+        batchnorm: Default::default(),
         name: name.into(),
         seed,
         device: DeviceChoice::Cpu,

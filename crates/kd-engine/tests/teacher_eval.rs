@@ -37,6 +37,7 @@ fn distillation_stage_reports_the_teacher_it_received() {
     let plan = Plan {
         precision: Default::default(),
         channels_last: true,
+        batchnorm: Default::default(),
         name: "teacher_eval".into(),
         seed: 3,
         device: DeviceChoice::Cpu,

@@ -64,6 +64,7 @@ pub fn bench_plan(
         }],
         precision: Precision::Fp32,
         channels_last: true,
+        batchnorm: Default::default(),
     }
 }
 
@@ -194,6 +195,7 @@ pub(crate) fn probe_step(
         channels_last: true,
         precision: Precision::Fp32,
         device: batch.images.device(),
+        frozen_bn: false,
     };
     student.use_channels_last()?;
     if let Some(t) = teacher.as_deref_mut() {

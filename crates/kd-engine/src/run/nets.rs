@@ -5,7 +5,7 @@ use kd_core::{TapShapes, Taps};
 use kd_models::Network;
 use tch::{Device, Tensor, nn};
 
-use crate::plan::{DeviceChoice, ModelPlan, Plan, Precision, Subject};
+use crate::plan::{BatchNorm, DeviceChoice, ModelPlan, Plan, Precision, Subject};
 use crate::tensors::TensorFile;
 use crate::{EngineError, Result};
 
@@ -23,12 +23,15 @@ pub fn device(choice: DeviceChoice) -> Result<Device> {
     }
 }
 
-/// How a run's forward passes execute: memory order and precision.
+/// How a run's forward passes execute: memory order, precision, and
+/// whether BatchNorm ever uses batch statistics.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Exec {
     pub channels_last: bool,
     pub precision: Precision,
     pub device: Device,
+    /// `batchnorm: frozen`: running statistics in training forwards too.
+    pub frozen_bn: bool,
 }
 
 impl Exec {
@@ -55,6 +58,7 @@ impl Exec {
             }
         }
         Ok(Exec {
+            frozen_bn: plan.batchnorm == BatchNorm::Frozen,
             channels_last: plan.channels_last,
             precision: plan.precision,
             device,
@@ -102,7 +106,8 @@ impl Net {
 
     /// Forward pass at the run's precision, taps in fp32.
     pub(crate) fn taps(&self, x: &Tensor, train: bool, exec: &Exec) -> Taps {
-        exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, train)))
+        let batch_stats = train && !exec.frozen_bn;
+        exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, batch_stats)))
     }
 
     /// Forward pass of a frozen network: eval mode, no graph.

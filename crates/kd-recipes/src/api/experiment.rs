@@ -14,6 +14,7 @@ pub(crate) struct Experiment {
     pub device: DeviceChoice,
     pub precision: Precision,
     pub channels_last: bool,
+    pub batchnorm: kd_engine::BatchNorm,
     pub data: DataPlan,
     pub student: Option<ModelPlan>,
     pub teacher: Option<ModelPlan>,
@@ -28,6 +29,7 @@ impl Default for Experiment {
             device: DeviceChoice::default(),
             precision: Precision::default(),
             channels_last: true,
+            batchnorm: Default::default(),
             data: DataPlan::default(),
             student: None,
             teacher: None,
@@ -60,6 +62,7 @@ impl Experiment {
             stages: self.stages.clone(),
             precision: self.precision,
             channels_last: self.channels_last,
+            batchnorm: self.batchnorm,
         })
     }
 }
@@ -156,6 +159,16 @@ pub(super) fn register(e: &mut Engine) {
         "Convolutions in channels-last memory order (default `true`; same values up to float rounding).",
         |mut x: Experiment, on: bool| -> Fallible<Experiment> {
             x.channels_last = on;
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "batchnorm",
+        &["experiment: Experiment", "mode: String", "Experiment"],
+        "`\"batch\"` (default): BatchNorm trains on each batch's statistics; `\"frozen\"`: on the running statistics, left unchanged (fine-tuning; data-parallel runs equal to one process).",
+        |mut x: Experiment, m: &str| -> Fallible<Experiment> {
+            x.batchnorm = m.parse().map_err(user)?;
             Ok(x)
         },
     );
