@@ -8,6 +8,7 @@
 //! Each training step the engine answers those requests in a [`StepIo`] and
 //! the method returns named loss terms. Nothing in this crate runs training.
 
+pub mod dist;
 mod error;
 mod method;
 mod progress;

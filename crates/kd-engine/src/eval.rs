@@ -4,17 +4,26 @@ use tch::{Device, Kind, Tensor};
 
 /// Top-1 and top-5 accuracy in percent, in eval mode, in libtorch's
 /// inference mode (nothing of it is ever differentiated), with the hit
-/// counts summed on the device and read once at the end.
+/// counts summed on the device and read once at the end. In a
+/// data-parallel job each rank evaluates its contiguous share of `data`
+/// and the counts are summed over the ranks.
 pub fn accuracy(
     net: &dyn Network,
     data: &Dataset,
     batch_size: usize,
     device: Device,
-) -> (f64, f64) {
+) -> crate::Result<(f64, f64)> {
     let n = data.len();
     if n == 0 {
-        return (0.0, 0.0);
+        return Ok((0.0, 0.0));
     }
+    let (lo, hi) = match kd_dist::group() {
+        Some(g) => {
+            let (r, w) = (g.world.rank as i64, g.world.size as i64);
+            (n * r / w, n * (r + 1) / w)
+        }
+        None => (0, n),
+    };
     let mean = Tensor::from_slice(&data.mean)
         .to_kind(Kind::Float)
         .view([1, 3, 1, 1])
@@ -25,9 +34,9 @@ pub fn accuracy(
         .to_device(device);
     let hits = kd_aten::inference_mode(|| {
         let mut hits = Tensor::zeros([2], (Kind::Int64, device));
-        let mut start = 0;
-        while start < n {
-            let len = (batch_size as i64).min(n - start);
+        let mut start = lo;
+        while start < hi {
+            let len = (batch_size as i64).min(hi - start);
             let x = (data
                 .images
                 .narrow(0, start, len)
@@ -50,6 +59,16 @@ pub fn accuracy(
         }
         hits
     });
+    if let Some(g) = kd_dist::group() {
+        // A clone: inference-mode tensors refuse in-place updates outside it.
+        let hits = hits.copy();
+        g.all_reduce_sum(std::slice::from_ref(&hits))?;
+        return Ok(percent(&hits, n));
+    }
+    Ok(percent(&hits, n))
+}
+
+fn percent(hits: &Tensor, n: i64) -> (f64, f64) {
     let (top1, top5) = (hits.int64_value(&[0]), hits.int64_value(&[1]));
     (
         100.0 * top1 as f64 / n as f64,

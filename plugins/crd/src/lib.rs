@@ -100,6 +100,10 @@ impl Crd {
                 z.shallow_clone()
                     .copy_(&(out.mean(Kind::Float) * self.n_data as f64))
             });
+            // Data-parallel: the job's first batch, so every rank's Z agrees.
+            // A failure here leaves Z per rank, which the engine's
+            // end-of-epoch check reports.
+            let _ = kd_core::dist::all_reduce_mean(z);
         }
         out / z
     }
@@ -200,6 +204,10 @@ impl Method for Crd {
         let Some((idx, f_s, f_t)) = self.pending.take() else {
             return Ok(());
         };
+        // Data-parallel: every rank writes the whole job's batch into its
+        // banks, so the banks stay the same everywhere.
+        let gather = kd_core::dist::all_gather_cat;
+        let (idx, f_s, f_t) = (gather(&idx)?, gather(&f_s)?, gather(&f_t)?);
         let mom = self.cfg.nce_mom;
         tch::no_grad(|| {
             for (memory, f) in [(&mut self.memory_t, f_t), (&mut self.memory_s, f_s)] {

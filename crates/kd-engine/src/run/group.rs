@@ -55,6 +55,8 @@ pub fn run_group(
     let Some(first) = plans.first() else {
         return Ok(Vec::new());
     };
+    super::nets::install_collectives();
+    same_plans_on_all_ranks(plans)?;
     let splits = kd_data::load(&first.data.source, first.data.val_fraction, 0)?;
     let classes = splits.train.num_classes;
     let mut results: Vec<Option<Result<RunResult>>> = plans.iter().map(|_| None).collect();
@@ -75,6 +77,28 @@ pub fn run_group(
         .into_iter()
         .map(|r| r.expect("every run ends with a result"))
         .collect())
+}
+
+/// Data-parallel: every rank must train the same plans (a rank started with
+/// other flags would average gradients of another model).
+fn same_plans_on_all_ranks(plans: &[Plan]) -> Result<()> {
+    use std::hash::{Hash, Hasher};
+    let Some(g) = kd_dist::group() else {
+        return Ok(());
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(plans)
+        .map_err(|e| EngineError::Plan(e.to_string()))?
+        .hash(&mut h);
+    let mine = h.finish() as i64;
+    let all = g.all_gather(&tch::Tensor::from_slice(&[mine]))?;
+    let hashes: Vec<i64> = all.iter().map(|t| t.int64_value(&[0])).collect();
+    if hashes.iter().any(|&x| x != mine) {
+        return Err(EngineError::Plan(format!(
+            "data-parallel ranks were given different plans (plan hashes by rank: {hashes:?}); start every rank with the same command"
+        )));
+    }
+    Ok(())
 }
 
 type Live<'a, 'o> = Vec<(usize, Member<'a, 'o>)>;

@@ -10,7 +10,9 @@ use super::RunOptions;
 use super::checkpoint::{
     Carry, Restored, Resume, Snapshot, append_jsonl, restore, write_checkpoint,
 };
-use super::nets::{Exec, Net, build_nets, device, named_vars, roles, sync_from_main};
+use super::nets::{
+    Exec, Net, build_nets, check_in_sync, device, named_vars, roles, sync_bn_stats, sync_from_main,
+};
 use super::prepare::StageCx;
 use super::stage::StageRun;
 use super::step::{Update, step};
@@ -142,7 +144,7 @@ impl<'a, 'o> Member<'a, 'o> {
                     &splits.test,
                     self.plan.data.eval_batch_size,
                     exec.device,
-                ),
+                )?,
             };
             if self.pristine_teacher {
                 *teacher_eval = Some(acc);
@@ -301,7 +303,7 @@ impl Member<'_, '_> {
 
     /// Test, validation and (in mutual learning) peer accuracy of the
     /// stage's network.
-    fn evaluate(&self, splits: &Splits) -> Accuracy {
+    fn evaluate(&self, splits: &Splits) -> Result<Accuracy> {
         let stage = self.stage_plan();
         let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
         let (bs, device) = (self.plan.data.eval_batch_size, self.exec.device);
@@ -309,17 +311,36 @@ impl Member<'_, '_> {
             eval::accuracy(net.model.as_ref(), data, bs, device)
         };
         let mutual = self.stage.as_ref().is_some_and(|s| s.prep.mutual);
-        Accuracy {
-            test: acc(net, &splits.test),
-            val: splits.val.as_ref().map(|v| acc(net, v)),
-            peer_top1: other.filter(|_| mutual).map(|t| acc(t, &splits.test).0),
-        }
+        Ok(Accuracy {
+            test: acc(net, &splits.test)?,
+            val: splits.val.as_ref().map(|v| acc(net, v)).transpose()?,
+            peer_top1: other
+                .filter(|_| mutual)
+                .map(|t| acc(t, &splits.test).map(|a| a.0))
+                .transpose()?,
+        })
     }
 
     /// Closes the epoch: evaluation, best weights, epoch log, checkpoint.
     pub(crate) fn end_epoch(&mut self, splits: &Splits) -> Result<()> {
         self.read_pending()?;
-        let acc = self.evaluate(splits);
+        if let Some(run) = &self.stage {
+            let (net, other) = roles(
+                self.stage_plan().subject,
+                &self.student,
+                self.teacher.as_ref(),
+            );
+            sync_bn_stats(&net.vs)?;
+            if run.prep.mutual
+                && let Some(o) = other
+            {
+                sync_bn_stats(&o.vs)?;
+            }
+            for a in run.prep.methods.iter().chain(&run.prep.peers) {
+                sync_bn_stats(&a.vs)?;
+            }
+        }
+        let acc = self.evaluate(splits)?;
         let stage = self.stage_plan();
         let run = self.stage.as_mut().expect("a stage is in progress");
         let mut e = run.epoch.take().expect("an epoch is in progress");
@@ -367,6 +388,13 @@ impl Member<'_, '_> {
             peer_top1: acc.peer_top1,
         };
         run.history.push(record.clone());
+        // Data-parallel: the network and every method's state (memory banks
+        // included) must be the same on all ranks.
+        let (net, _) = roles(stage.subject, &self.student, self.teacher.as_ref());
+        check_in_sync(&net.vs, "the network's weights")?;
+        for a in &run.prep.methods {
+            check_in_sync(&a.vs, &format!("method `{}`'s state", a.label))?;
+        }
         self.save_epoch(&record)
     }
 

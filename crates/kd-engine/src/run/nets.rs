@@ -181,6 +181,82 @@ pub(crate) fn named_vars(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor
     v
 }
 
+/// The job's collectives, as methods see them (`kd_core::dist`).
+struct JobCollective(&'static kd_dist::ProcessGroup);
+
+impl kd_core::dist::Collective for JobCollective {
+    fn all_gather_cat(&self, t: &Tensor) -> kd_core::Result<Tensor> {
+        let parts = self
+            .0
+            .all_gather(t)
+            .map_err(|e| kd_core::KdError::Invalid(e.to_string()))?;
+        Ok(Tensor::cat(&parts, 0))
+    }
+
+    fn all_reduce_mean(&self, t: &Tensor) -> kd_core::Result<()> {
+        let sum = t.detach().contiguous();
+        self.0
+            .all_reduce_sum(std::slice::from_ref(&sum))
+            .map_err(|e| kd_core::KdError::Invalid(e.to_string()))?;
+        tch::no_grad(|| t.shallow_clone().copy_(&(sum / self.0.world.size as f64)));
+        Ok(())
+    }
+}
+
+/// Gives methods the job's collectives, when this process is a rank of one.
+pub(crate) fn install_collectives() {
+    if let Some(g) = kd_dist::group() {
+        kd_core::dist::install(Box::new(JobCollective(g)));
+    }
+}
+
+/// In a data-parallel job, checks that every rank holds the same values in
+/// `vs` (a checksum per rank, gathered): ranks that drifted apart would
+/// silently train different models.
+pub(crate) fn check_in_sync(vs: &nn::VarStore, what: &str) -> Result<()> {
+    let Some(g) = kd_dist::group() else {
+        return Ok(());
+    };
+    let sum: f64 = vs
+        .variables()
+        .values()
+        .map(|t| {
+            t.to_kind(tch::Kind::Double)
+                .abs()
+                .sum(tch::Kind::Double)
+                .double_value(&[])
+        })
+        .sum();
+    let all = g.all_gather(&Tensor::from_slice(&[sum]))?;
+    let sums: Vec<f64> = all.iter().map(|t| t.double_value(&[0])).collect();
+    let spread = sums.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        - sums.iter().cloned().fold(f64::INFINITY, f64::min);
+    if spread > 1e-9 * sum.abs().max(1.0) {
+        return Err(EngineError::Plan(format!(
+            "data-parallel ranks disagree on {what} (checksums {sums:?}); stopped"
+        )));
+    }
+    Ok(())
+}
+
+/// In a data-parallel job, gives every rank rank 0's BatchNorm running
+/// statistics (what DDP's `broadcast_buffers` leaves in effect: rank 0's
+/// own batches); the rest of the state must already agree.
+pub(crate) fn sync_bn_stats(vs: &nn::VarStore) -> Result<()> {
+    let Some(g) = kd_dist::group() else {
+        return Ok(());
+    };
+    let mut stats: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+        .collect();
+    stats.sort_by(|a, b| a.0.cmp(&b.0));
+    let ts: Vec<Tensor> = stats.into_iter().map(|(_, t)| t).collect();
+    tch::no_grad(|| g.broadcast(&ts, 0))?;
+    Ok(())
+}
+
 /// In a data-parallel job, makes every rank's variables rank 0's (DDP's
 /// broadcast at start): parameters, buffers, method state.
 pub(crate) fn sync_from_main(vs: &nn::VarStore) -> Result<()> {

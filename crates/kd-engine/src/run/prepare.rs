@@ -182,16 +182,6 @@ pub(crate) fn prepare(
         carry,
         &probe,
     )?;
-    if let Some(g) = kd_dist::group().filter(|g| g.world.size > 1)
-        && (prep.needs.contrast.is_some() || prep.mutual)
-    {
-        // Memory banks would drift apart rank by rank, and a peer's
-        // gradients are not averaged yet: refuse rather than train wrong.
-        return Err(EngineError::Plan(format!(
-            "stage `{}`: memory banks (contrast sampling) and mutual learning do not run data-parallel yet ({} ranks); run them as one process",
-            stage.name, g.world.size
-        )));
-    }
     let contrast = prep.needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
     let loader = Loader::new(
         &cx.splits.train,
