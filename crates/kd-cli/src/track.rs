@@ -136,6 +136,8 @@ impl Tracking {
             for (k, v) in plan_params(plan) {
                 tracker.param(&k, v);
             }
+            // Ranks of a data-parallel job, each with the plan's batch size.
+            tracker.param("world_size", kd_dist::group().map_or(1, |g| g.world.size));
         }
         Ok(Tracking { tracker })
     }

@@ -105,6 +105,10 @@ fn plan_yaml(name: &str, batch: usize, method: &str, teacher: Option<&Path>) -> 
 }
 
 fn run_plan(plan: &Path, out: &Path, world: Option<(usize, u16)>) -> Child {
+    run_plan_with(plan, out, world, &[])
+}
+
+fn run_plan_with(plan: &Path, out: &Path, world: Option<(usize, u16)>, flags: &[&str]) -> Child {
     let mut c = Command::new(KD);
     // One thread per process, as torchrun sets: libtorch's CPU kernels may
     // split reductions by the threads they get, and a loaded machine would
@@ -115,6 +119,7 @@ fn run_plan(plan: &Path, out: &Path, world: Option<(usize, u16)>) -> Child {
         "--out",
         out.to_str().unwrap(),
     ])
+    .args(flags)
     .env("OMP_NUM_THREADS", "1")
     .env("MKL_NUM_THREADS", "1")
     .env_remove("MLFLOW_TRACKING_URI")
@@ -255,6 +260,56 @@ fn memory_banks_and_peers_stay_in_sync_across_ranks() {
         }
         let log = std::fs::read_to_string(out.join(format!("{name}/epochs.jsonl"))).unwrap();
         assert_eq!(log.lines().count(), 2, "{name}");
+    }
+}
+
+/// Both ranks of a job, to the end; their outputs.
+fn job(plan: &Path, out: &Path, flags: &[&str]) -> Vec<std::process::Output> {
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| run_plan_with(plan, out, Some((r, port)), flags))
+        .collect();
+    ranks
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// A data-parallel run stopped after one epoch and extended to two equals
+/// the uninterrupted two-epoch run bit for bit; resuming it with another
+/// number of ranks is refused.
+#[test]
+fn a_data_parallel_resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one.yaml"), dir.path().join("two.yaml"));
+    let yaml = plan_yaml("r", 16, "", None).replace("batchnorm: frozen", "batchnorm: batch");
+    std::fs::write(&two, &yaml).unwrap();
+    std::fs::write(&one, yaml.replace("epochs: 2", "epochs: 1")).unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for o in job(&two, &a, &[]).into_iter().chain(job(&one, &b, &[])) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // One process cannot take over the two ranks' checkpoint.
+    let alone = run_plan_with(&two, &b, None, &["--resume", "--extend"])
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&alone.stderr);
+    assert!(
+        !alone.status.success() && err.contains("job of 2 rank(s), resumed by 1"),
+        "{err}"
+    );
+    for o in job(&two, &b, &["--resume", "--extend"]) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (wa, wb) = (
+        weights(&a.join("r/train.last.safetensors")),
+        weights(&b.join("r/train.last.safetensors")),
+    );
+    for ((n, x), (_, y)) in wa.iter().zip(&wb) {
+        assert!(
+            x.equal(y),
+            "{n} differs between the resumed and the uninterrupted job"
+        );
     }
 }
 

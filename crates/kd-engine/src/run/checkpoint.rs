@@ -23,6 +23,19 @@ pub(crate) struct Resume {
     pub(crate) best_top1: f64,
     pub(crate) best_epoch: usize,
     pub(crate) finished: Vec<StageResult>,
+    /// Ranks of the job that wrote it: each rank's share of an epoch
+    /// depends on their number, so a resume needs the same.
+    #[serde(default = "one")]
+    pub(crate) world: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// This process's job size: its ranks, or 1.
+pub(crate) fn world_size() -> usize {
+    kd_dist::group().map_or(1, |g| g.world.size)
 }
 
 /// Method parameters carried from one stage to the next, by label.

@@ -8,7 +8,7 @@ use kd_data::{Batch, Splits};
 
 use super::RunOptions;
 use super::checkpoint::{
-    Carry, Restored, Resume, Snapshot, append_jsonl, restore, write_checkpoint,
+    Carry, Restored, Resume, Snapshot, append_jsonl, restore, world_size, write_checkpoint,
 };
 use super::nets::{
     Exec, Net, build_nets, check_in_sync, device, named_vars, roles, sync_bn_stats, sync_from_main,
@@ -64,6 +64,16 @@ impl<'a, 'o> Member<'a, 'o> {
                 .stages
                 .get(m.stage)
                 .map_or(m.stage == plan.stages.len(), |s| m.next_epoch <= s.epochs);
+            if m.world != world_size() {
+                return Err(EngineError::Format {
+                    path: ckpt.clone(),
+                    msg: format!(
+                        "written by a job of {} rank(s), resumed by {}; resume with the same number (each rank's share of the data depends on it)",
+                        m.world,
+                        world_size()
+                    ),
+                });
+            }
             if !fits {
                 return Err(EngineError::Format {
                     path: ckpt.clone(),
@@ -418,6 +428,7 @@ impl Member<'_, '_> {
             best_top1: run.best_top1,
             best_epoch: run.best_epoch,
             finished: self.results.clone(),
+            world: world_size(),
         };
         let p = &run.prep;
         let snap = Snapshot {
