@@ -21,6 +21,14 @@ pub(crate) fn plan(
     let n = (n_train as f64 * (1.0 - plan.data.val_fraction)).round() as usize;
     let steps = n.div_ceil(plan.data.batch_size.max(1)).max(1);
     for stage in &plan.stages {
+        // Progress counts a stage's steps in a `usize`: a stage longer than
+        // that could never finish, and its schedules could not be asked.
+        if stage.epochs.checked_mul(steps).is_none() {
+            return Err(format!(
+                "stage `{}`: {} epochs of {steps} steps each are more steps than training can count",
+                stage.name, stage.epochs
+            ));
+        }
         for m in &stage.methods {
             let weights = std::iter::once(("weight".to_string(), &m.weight)).chain(
                 m.schedule

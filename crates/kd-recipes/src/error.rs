@@ -64,11 +64,9 @@ fn script(file: &str, pos: Position, message: String) -> RecipeError {
 }
 
 pub(crate) fn from_parse(file: &str, err: &ParseError) -> RecipeError {
-    script(
-        file,
-        err.position(),
-        format!("syntax error: {}", err.err_type()),
-    )
+    let message = crate::sandbox::parse_limit_message(err.err_type())
+        .unwrap_or_else(|| format!("syntax error: {}", err.err_type()));
+    script(file, err.position(), message)
 }
 
 /// Locates an evaluation error at its innermost cause: an error inside a
@@ -98,9 +96,14 @@ pub(crate) fn from_eval(
 }
 
 fn message_of(err: EvalAltResult, hint: &dyn Fn(&str) -> Option<String>) -> String {
+    if let Some(message) = crate::sandbox::limit_message(&err, crate::limits::OPERATIONS) {
+        return message;
+    }
     match err {
         EvalAltResult::ErrorRuntime(d, _) => d.to_string(),
-        EvalAltResult::ErrorParsing(p, _) => format!("syntax error: {p}"),
+        EvalAltResult::ErrorParsing(p, _) => {
+            crate::sandbox::parse_limit_message(&p).unwrap_or_else(|| format!("syntax error: {p}"))
+        }
         EvalAltResult::ErrorFunctionNotFound(sig, _) => {
             let name = sig.split([' ', '(']).next().unwrap_or(&sig).to_string();
             // Rhai spells a string argument three ways at once.

@@ -80,7 +80,7 @@ pub fn definitions() -> String {
         Default::default(),
         None,
     ));
-    let mut engine = sandbox::engine(limits::OPERATIONS);
+    let mut engine = sandbox::base(limits::OPERATIONS);
     api::register(&mut engine, &session);
     let body = engine
         .definitions()

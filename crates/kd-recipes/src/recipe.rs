@@ -13,7 +13,7 @@ use rhai::{AST, Engine, Scope};
 
 use crate::api::{self, Link, Log, Msg, Session};
 use crate::error::{self, RecipeError, Result};
-use crate::sandbox::{self, Imports, Sources, limits};
+use crate::sandbox::{self, Imports, Sources, Watched, limits};
 use crate::summary::RunRecord;
 
 type Printer = Arc<dyn Fn(&str) + Send + Sync>;
@@ -89,7 +89,7 @@ impl Recipe {
             }
             map.insert(k.clone(), v.clone());
         }
-        let mut ast = sandbox::engine(limits::OPERATIONS)
+        let mut ast = sandbox::base(limits::OPERATIONS)
             .compile(&*text)
             .map_err(|e| error::from_parse(&id, &e))?;
         ast.set_source(id.as_str());
@@ -205,6 +205,7 @@ impl Recipe {
     }
 
     fn evaluate(&self, registry: &Registry, link: Option<Link>, quiet: bool) -> Result<Log> {
+        let _budget = sandbox::memory::activate();
         let sources = Arc::new(Sources::default());
         sources.add(&self.id, Arc::clone(&self.text), &self.ast);
         let registry =
@@ -215,8 +216,10 @@ impl Recipe {
             self.overrides.clone(),
             link,
         ));
-        let mut engine = sandbox::engine(limits::OPERATIONS);
-        engine.set_module_resolver(Imports::new(&self.path, sources));
+        let watched = Watched::default();
+        watched.add(&self.ast);
+        let mut engine = sandbox::engine(limits::OPERATIONS, &watched);
+        engine.set_module_resolver(Imports::new(&self.path, sources, watched));
         api::register(&mut engine, &session);
         let (print, debug) = (Arc::clone(&self.printer), Arc::clone(&self.printer));
         let id = self.id.clone();

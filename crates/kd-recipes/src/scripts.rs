@@ -14,12 +14,13 @@ use kd_core::Progress;
 use kd_engine::{EngineError, ScheduleFn, ScheduleResolver};
 use rhai::{AST, Array, CallFnOptions, Dynamic, Engine, Scope};
 
-use crate::sandbox;
+use crate::sandbox::{self, Watched};
 
 /// Turns `script` schedules of plans into callables; pass it to
 /// `kd_engine::run` and `kd_engine::validate` as their `scripts`.
 pub struct Scripts {
     engine: Arc<Engine>,
+    watched: Watched,
     compiled: Mutex<HashMap<String, Arc<AST>>>,
 }
 
@@ -31,10 +32,12 @@ impl Default for Scripts {
 
 impl Scripts {
     pub fn new() -> Scripts {
-        let mut engine = sandbox::engine(sandbox::limits::SCHEDULE_OPERATIONS);
+        let watched = Watched::default();
+        let mut engine = sandbox::engine(sandbox::limits::SCHEDULE_OPERATIONS, &watched);
         crate::api::register_progress(&mut engine);
         Scripts {
             engine: Arc::new(engine),
+            watched,
             compiled: Mutex::default(),
         }
     }
@@ -48,6 +51,7 @@ impl Scripts {
             .engine
             .compile(source)
             .map_err(|e| EngineError::Plan(format!("schedule source does not compile: {e}")))?;
+        self.watched.add(&ast);
         let ast = Arc::new(ast);
         compiled.insert(source.to_string(), Arc::clone(&ast));
         Ok(ast)
@@ -157,11 +161,21 @@ impl ScheduleFn for ScriptSchedule {
         let out: Dynamic = self
             .engine
             .call_fn_with_options(options, &mut self.scope, &self.ast, &self.name, args)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| {
+                fail(
+                    sandbox::limit_message(&e, sandbox::limits::SCHEDULE_OPERATIONS)
+                        .unwrap_or_else(|| e.to_string()),
+                )
+            })?;
         let v = match (out.as_float(), out.as_int()) {
             (Ok(f), _) => f,
             (_, Ok(i)) => i as f64,
-            _ => return Err(fail(format!("returned {}, not a number", out.type_name()))),
+            _ => {
+                return Err(fail(format!(
+                    "returned {}, not a number",
+                    crate::api::type_name(&out)
+                )));
+            }
         };
         if !v.is_finite() {
             return Err(fail(format!("returned {v}")));

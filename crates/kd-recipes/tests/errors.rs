@@ -199,19 +199,48 @@ fn sandbox_limits() {
     expect(
         "loop {\n  let a = 1;\n}\n",
         (1, 6),
-        &["Too many operations"],
+        &["operation limit exceeded", "50000000 operations"],
     );
     expect(
         "let a = [];\nfor i in 0..200000 { a.push(i); }\n",
         (2, 24),
-        &["Size of array"],
+        &["array size limit exceeded", "100000 items"],
     );
-    expect("fn f(x) { f(x) }\nf(1);\n", (2, 1), &["Stack overflow"]);
+    expect(
+        "fn f(x) { f(x) }\nf(1);\n",
+        (2, 1),
+        &["call depth limit exceeded", "64 deep"],
+    );
     expect(
         "let s = \"x\";\nloop { s += s; }\n",
         (2, 10),
-        &["Length of string"],
+        &["string size limit exceeded", "1048576 bytes"],
     );
+}
+
+#[test]
+fn a_stage_too_long_to_count_is_refused_before_its_schedule_is_asked() {
+    // Its steps overflowed while the schedule was probed: a panic.
+    let src = format!(
+        "let x = {TINY}.add(stage(\"s\", 4611686018427387904).add(method(\"ce\").weight(|p| p.fraction)));\nrun(x);\n"
+    );
+    let (.., message) = located(plan(&src));
+    assert!(
+        message.contains(
+            "4611686018427387904 epochs of 4 steps each are more steps than training can count"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn wrong_value_types_are_named_as_scripts_know_them() {
+    let message = expect(
+        "let w = warmup(stage(\"s\", 1), 2);\n",
+        (1, 9),
+        &["got Stage"],
+    );
+    assert!(!message.contains("::"), "{message}");
 }
 
 #[test]

@@ -427,7 +427,7 @@ run(x.name("zoo-data").data(schedule::kdzoo_data("C100")));
         }
     );
     let c100 = kd_data::DataSource::Cifar100 {
-        path: "c100".into(),
+        path: c100.clone(),
     };
     assert_eq!(
         (

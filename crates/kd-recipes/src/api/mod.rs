@@ -139,6 +139,27 @@ pub(crate) fn doc_comment(doc: &str) -> String {
         .join("\n")
 }
 
+/// The name a script knows a value's type by: without its engine at hand,
+/// Rhai names an API type by its Rust path.
+pub(crate) fn type_name(v: &Dynamic) -> &'static str {
+    use std::any::type_name as rust;
+    let api = [
+        (rust::<kd_engine::DataPlan>(), "Data"),
+        (rust::<Experiment>(), "Experiment"),
+        (rust::<kd_engine::MethodPlan>(), "Method"),
+        (rust::<kd_engine::ModelPlan>(), "Model"),
+        (rust::<Outcome>(), "RunResult"),
+        (rust::<kd_engine::StageResult>(), "StageResult"),
+        (rust::<kd_core::Progress>(), "Progress"),
+        (rust::<kd_engine::Schedule>(), "Schedule"),
+        (rust::<kd_engine::StagePlan>(), "Stage"),
+    ];
+    let name = v.type_name();
+    api.iter()
+        .find(|(r, _)| *r == name)
+        .map_or(name, |(_, script)| script)
+}
+
 /// A number given as int or float.
 pub(crate) fn number(v: &Dynamic, what: &str) -> Fallible<f64> {
     match (v.as_float(), v.as_int()) {
@@ -146,7 +167,7 @@ pub(crate) fn number(v: &Dynamic, what: &str) -> Fallible<f64> {
         (_, Ok(i)) => Ok(i as f64),
         _ => Err(user(format!(
             "{what} must be a number, got {}",
-            v.type_name()
+            type_name(v)
         ))),
     }
 }

@@ -69,12 +69,17 @@ fn run_many(s: &Session, xs: &[Experiment]) -> Fallible<Vec<Outcome>> {
                     Position::NONE,
                 ))
             };
-            link.tx
-                .send(Msg::Run(plans.clone()))
-                .map_err(|_| stopped())?;
-            let reply = link.rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            // Training's memory is not the recipe's.
+            let reply = crate::sandbox::memory::excluding(|| {
+                link.tx.send(Msg::Run(plans.clone())).ok()?;
+                link.rx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .recv()
+                    .ok()
+            });
             // A failed run stops the recipe; `try`/`catch` cannot swallow it.
-            let Ok(reply) = reply else {
+            let Some(reply) = reply else {
                 return Err(stopped());
             };
             let results: Option<Vec<RunResult>> = reply.into_iter().collect();
@@ -116,7 +121,7 @@ fn experiments(xs: &Array) -> Fallible<Vec<Experiment>> {
             v.clone().try_cast::<Experiment>().ok_or_else(|| {
                 user(format!(
                     "run_all takes an array of experiments, found a {}",
-                    v.type_name()
+                    super::type_name(v)
                 ))
             })
         })
@@ -160,7 +165,7 @@ fn param(s: &Session, name: &str, default: Option<Dynamic>) -> Fallible<Dynamic>
             Some(v) if v.type_id() == default.type_id() => Ok(v),
             _ => Err(bad(&format!(
                 "a Rhai literal of type {}",
-                default.type_name()
+                super::type_name(&default)
             ))),
         }
     }
@@ -185,7 +190,7 @@ fn records(results: &Array) -> Fallible<Vec<RunRecord>> {
                 .ok_or_else(|| {
                     user(format!(
                         "summary takes an array of run results, found a {}",
-                        v.type_name()
+                        super::type_name(v)
                     ))
                 })
         })

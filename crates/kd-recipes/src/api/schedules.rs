@@ -245,7 +245,7 @@ pub(crate) fn literal(v: &Dynamic) -> Result<String, String> {
             .collect::<Result<Vec<_>, String>>()?;
         return Ok(format!("#{{{}}}", items.join(", ")));
     }
-    Err(v.type_name().to_string())
+    Err(super::type_name(&v).to_string())
 }
 
 fn quote(s: &str) -> String {
