@@ -128,6 +128,7 @@ trains! {
     dist: json!({"tau": 4.0}), 2.0;
     ttm: json!({"l": 0.1}), 45.0;
     wttm: json!({"l": 0.2}), 4.0;
+    reviewkd: json!({}), 1.0;
 }
 
 #[test]

@@ -4,9 +4,14 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -26,9 +31,10 @@ std::vector<at::Tensor> gather(at::Tensor **ts, int64_t n) {
 
 }  // namespace
 
-#define KD_PROTECT(body)                          \
+// Variadic: a body with commas outside parentheses is still one argument.
+#define KD_PROTECT(...)                           \
   try {                                           \
-    body                                          \
+    __VA_ARGS__                                   \
   } catch (const std::exception &e) {             \
     return error_message(e.what());               \
   }                                               \
@@ -96,6 +102,48 @@ char *kd_set_cuda_autocast_dtype(int bf16) {
 // 1 when autocast's lower precision on CUDA is bfloat16, 0 for float16.
 int kd_cuda_autocast_is_bf16() {
   return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16 ? 1 : 0;
+}
+
+// Every tensor of a file `torch.save` wrote (a state_dict, or a checkpoint
+// dict holding one), flattened to dotted names: dict keys joined by '.',
+// list items by their index. Non-tensor values are skipped. `names` and
+// `tensors` are malloc'd arrays of `*n` entries the caller frees.
+char *kd_pickle_tensors(const char *path, char ***names, at::Tensor ***tensors, int64_t *n) {
+  KD_PROTECT({
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw std::runtime_error("cannot open the file");
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    c10::IValue root = torch::jit::pickle_load(bytes);
+    std::vector<std::pair<std::string, at::Tensor>> found;
+    std::vector<std::pair<std::string, c10::IValue>> stack{{"", root}};
+    while (!stack.empty()) {
+      auto [prefix, v] = stack.back();
+      stack.pop_back();
+      auto join = [&](const std::string &k) { return prefix.empty() ? k : prefix + "." + k; };
+      if (v.isTensor()) {
+        found.emplace_back(prefix, v.toTensor());
+      } else if (v.isGenericDict()) {
+        for (const auto &e : v.toGenericDict()) {
+          const auto &k = e.key();
+          std::string key = k.isString() ? k.toStringRef() : (k.isInt() ? std::to_string(k.toInt()) : "");
+          if (!key.empty()) stack.emplace_back(join(key), e.value());
+        }
+      } else if (v.isList()) {
+        auto l = v.toList();
+        for (size_t i = 0; i < l.size(); ++i) stack.emplace_back(join(std::to_string(i)), l.get(i));
+      } else if (v.isTuple()) {
+        const auto &t = v.toTupleRef().elements();
+        for (size_t i = 0; i < t.size(); ++i) stack.emplace_back(join(std::to_string(i)), t[i]);
+      }
+    }
+    *n = static_cast<int64_t>(found.size());
+    *names = static_cast<char **>(std::malloc(sizeof(char *) * (found.size() + 1)));
+    *tensors = static_cast<at::Tensor **>(std::malloc(sizeof(at::Tensor *) * (found.size() + 1)));
+    for (size_t i = 0; i < found.size(); ++i) {
+      (*names)[i] = error_message(found[i].first.c_str());
+      (*tensors)[i] = new at::Tensor(found[i].second);
+    }
+  })
 }
 
 }  // extern "C"

@@ -31,6 +31,12 @@ unsafe extern "C" {
     fn kd_inference_mode_free(guard: *mut c_void);
     fn kd_set_cuda_autocast_dtype(bf16: i32) -> *mut c_char;
     fn kd_cuda_autocast_is_bf16() -> i32;
+    fn kd_pickle_tensors(
+        path: *const c_char,
+        names: *mut *mut *mut c_char,
+        tensors: *mut *mut *mut c_void,
+        n: *mut i64,
+    ) -> *mut c_char;
 }
 
 /// Turns the shim's error convention (a malloc'd message or null) into a Result.
@@ -43,6 +49,8 @@ fn check(err: *mut c_char) -> Result<(), AtenError> {
         .to_string_lossy()
         .into_owned();
     unsafe { libc_free(err.cast()) };
+    // libtorch appends a C++ stack trace after the first line.
+    let msg = msg.lines().next().unwrap_or_default().to_string();
     Err(AtenError(msg))
 }
 
@@ -157,6 +165,32 @@ pub fn cuda_autocast_dtype() -> HalfKind {
         0 => HalfKind::F16,
         _ => HalfKind::Bf16,
     }
+}
+
+/// Every tensor of a file written by Python's `torch.save` (a state_dict,
+/// or a checkpoint dict holding one), with dotted names (`model.fc.weight`
+/// for `{"model": {"fc.weight": ...}}`); other values are left out. Read by
+/// libtorch's own unpickler, which runs no Python code.
+pub fn pickle_tensors(path: &std::path::Path) -> Result<Vec<(String, Tensor)>, AtenError> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| AtenError("the path holds a NUL byte".into()))?;
+    let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
+    check(unsafe { kd_pickle_tensors(c_path.as_ptr(), &mut names, &mut tensors, &mut n) })?;
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n as usize {
+        // SAFETY: the shim filled `n` malloc'd names and `n` new'd tensors.
+        unsafe {
+            let name = CStr::from_ptr(*names.add(i)).to_string_lossy().into_owned();
+            libc_free((*names.add(i)).cast());
+            let t = Tensor::from_ptr((*tensors.add(i)).cast());
+            out.push((name, t));
+        }
+    }
+    unsafe {
+        libc_free(names.cast());
+        libc_free(tensors.cast());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -46,7 +46,9 @@ enum Cmd {
         /// Teacher's zoo name (`kd models`).
         #[arg(long)]
         teacher: String,
-        /// Teacher weights (safetensors; a PyTorch state_dict loads as-is).
+        /// Teacher weights: safetensors, or a `torch.save` file (a
+        /// state_dict, or a checkpoint dict holding one); PyTorch's
+        /// parameter names load as they are.
         #[arg(long)]
         teacher_weights: PathBuf,
         /// Student's zoo name (`kd models`).

@@ -24,6 +24,7 @@ pub use kd_plugin_lwm;
 pub use kd_plugin_nst;
 pub use kd_plugin_ofd;
 pub use kd_plugin_pkt;
+pub use kd_plugin_reviewkd;
 pub use kd_plugin_rkd;
 pub use kd_plugin_sobolev;
 pub use kd_plugin_sp;

@@ -23,7 +23,11 @@ fn is_ignored(key: &str) -> bool {
     key == "num_batches_tracked" || key.ends_with(".num_batches_tracked")
 }
 
-/// Loads every variable of `vs` from the safetensors file at `path`.
+/// Loads every variable of `vs` from the weights file at `path`: safetensors,
+/// or a file Python's `torch.save` wrote (read by libtorch's unpickler, no
+/// Python involved): a bare `state_dict`, or a checkpoint dict holding one
+/// under some key (`model`, `state_dict`, `net`, ...: the key whose tensors
+/// name the most of the model's variables is taken).
 ///
 /// Keys may carry a leading `module.`; `*.num_batches_tracked` is ignored.
 /// Tensors are converted to each variable's kind and device, as PyTorch's
@@ -34,9 +38,16 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
         path: path.to_path_buf(),
         reason,
     };
-    check_safetensors(path).map_err(read_err)?;
-    let file = Tensor::read_safetensors(path).map_err(|e| read_err(plain(&e)))?;
     let mut vars = vs.variables();
+    let file = match check_safetensors(path) {
+        Ok(()) => Tensor::read_safetensors(path).map_err(|e| read_err(plain(&e)))?,
+        Err(why) if why.contains("torch.save") => {
+            let all = kd_aten::pickle_tensors(path)
+                .map_err(|e| read_err(format!("{why} (reading it as one failed: {e})")))?;
+            state_dict_within(all, &vars)
+        }
+        Err(why) => return Err(read_err(why)),
+    };
 
     let mut loaded: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut duplicate = Vec::new();
@@ -104,6 +115,43 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
     })
 }
 
+/// The tensors of a `torch.save` file that form the model's `state_dict`:
+/// those under the key prefix (none, `model.`, `state_dict.`, ...) whose
+/// names, that prefix and a `module.` removed, match the most variables.
+fn state_dict_within(
+    all: Vec<(String, Tensor)>,
+    vars: &std::collections::HashMap<String, Tensor>,
+) -> Vec<(String, Tensor)> {
+    let mut prefixes: Vec<String> = vec![String::new()];
+    for (k, _) in &all {
+        let mut at = 0;
+        while let Some(dot) = k[at..].find('.') {
+            let p = k[..at + dot + 1].to_string();
+            if !prefixes.contains(&p) {
+                prefixes.push(p);
+            }
+            at += dot + 1;
+        }
+    }
+    let stripped = |k: &str, p: &str| -> Option<String> {
+        let rest = k.strip_prefix(p)?;
+        Some(rest.strip_prefix(DATA_PARALLEL).unwrap_or(rest).to_string())
+    };
+    let hits = |p: &str| {
+        all.iter()
+            .filter(|(k, _)| stripped(k, p).is_some_and(|n| vars.contains_key(&n)))
+            .count()
+    };
+    let best = prefixes
+        .iter()
+        .max_by_key(|p| (hits(p), std::cmp::Reverse(p.len())))
+        .cloned()
+        .unwrap_or_default();
+    all.into_iter()
+        .filter_map(|(k, t)| k.strip_prefix(best.as_str()).map(|n| (n.to_string(), t)))
+        .collect()
+}
+
 /// Why `path` cannot be a safetensors file, in words, from its first bytes:
 /// missing, a PyTorch pickle (with the command that converts it), or a
 /// header that does not fit. `Ok` does not promise the rest parses.
@@ -130,7 +178,7 @@ pub fn check_safetensors(path: &Path) -> Result<(), String> {
         .is_some_and(|e| ["pth", "pt", "tar", "ckpt", "bin"].iter().any(|x| e == *x));
     if pickled || pth {
         return Err(format!(
-            "looks like a PyTorch checkpoint (torch.save), and kd reads safetensors; convert it once with: \
+            "looks like a PyTorch checkpoint (torch.save) that libtorch cannot read without Python; convert it once with: \
              python -c \"import torch, safetensors.torch as st; sd = torch.load('{p}', map_location='cpu'); \
              sd = sd.get('model', sd.get('state_dict', sd)); \
              st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{p}.safetensors')\"",

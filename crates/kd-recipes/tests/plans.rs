@@ -426,9 +426,7 @@ run(x.name("zoo-data").data(schedule::kdzoo_data("C100")));
             gamma: 0.1
         }
     );
-    let c100 = kd_data::DataSource::Cifar100 {
-        path: c100.clone(),
-    };
+    let c100 = kd_data::DataSource::Cifar100 { path: c100.clone() };
     assert_eq!(
         (
             &plans[1].data.source,

@@ -1,0 +1,55 @@
+//! Weights saved by Python's `torch.save` load without Python: a bare
+//! state_dict, and RepDistiller's checkpoint dict (model wrapped in
+//! DataParallel, optimizer state beside it). Written by
+//! tests/golden/pth.py, with the same weights as safetensors to compare.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, nn::VarStore};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/golden/fixtures")
+        .join(name)
+}
+
+fn loaded(path: &Path) -> VarStore {
+    let mut vs = VarStore::new(Device::Cpu);
+    kd_models::build("resnet8", &vs.root(), 10).unwrap();
+    kd_models::load_weights(&mut vs, path).unwrap_or_else(|e| panic!("{e}"));
+    vs
+}
+
+fn assert_same(a: &VarStore, b: &VarStore) {
+    let (va, vb) = (a.variables(), b.variables());
+    assert_eq!(va.len(), vb.len());
+    for (name, x) in &va {
+        assert!(x.equal(&vb[name]), "{name} differs");
+    }
+}
+
+#[test]
+fn a_bare_state_dict_loads_as_its_safetensors_twin() {
+    let pth = loaded(&fixture("pth_resnet8_bare.pth"));
+    assert_same(&pth, &loaded(&fixture("pth_resnet8.safetensors")));
+}
+
+#[test]
+fn a_checkpoint_dict_with_data_parallel_keys_loads_its_model() {
+    let pth = loaded(&fixture("pth_resnet8_checkpoint.pth"));
+    assert_same(
+        &pth,
+        &loaded(&fixture("pth_resnet8_checkpoint.safetensors")),
+    );
+    // And not the other weights: the two fixtures differ by an SGD step.
+    let bare = loaded(&fixture("pth_resnet8_bare.pth"));
+    assert!(!pth.variables()["conv1.weight"].equal(&bare.variables()["conv1.weight"]));
+}
+
+#[test]
+fn a_checkpoint_of_another_model_says_what_does_not_fit() {
+    let mut vs = VarStore::new(Device::Cpu);
+    kd_models::build("resnet20", &vs.root(), 10).unwrap();
+    let e = kd_models::load_weights(&mut vs, &fixture("pth_resnet8_checkpoint.pth")).unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+}
