@@ -1,7 +1,8 @@
 """Writes one recipe per method: the reference setting on CIFAR-100
 (Knowledge-Distillation-Zoo's pair resnet110 -> resnet20, its schedule and its
 loss weight λ, loss = CE + λ·method) and the same on the embedded synthetic
-set, where a small teacher is trained first. Run from the repository root:
+set, where a small teacher is trained first (DML: both networks start
+untrained, as in KD-Zoo's train_dml.py). Run from the repository root:
 python3 scripts/gen-recipes.py"""
 import pathlib
 
@@ -40,20 +41,29 @@ def init_stages(kind, epochs_expr, small):
     if kind in ("fsp", "ab"):
         w = 1.0 if kind == "fsp" else 10.0
         ms = "" if small else ".multistep([30, 40], 0.1)"
-        return (f'    // KD-Zoo: {epochs_expr} init epochs on the {kind} loss alone, then λ = 0.\n'
+        return (f'    // KD-Zoo: {epochs_expr} init epochs on the {kind} loss alone, then λ = 0,\n'
+                f'    // one optimiser throughout{" (train_kd.py)" if not small else ""}: the momentum carries over.\n'
                 f'    .add(stage("init", {epochs_expr}).train(["network"])\n'
                 f'        .sgd(#{{ lr: 0.01, momentum: 0.9, nesterov: true, weight_decay: 1e-4 }}){ms}\n'
                 f'        .add(method("{kind}").weight({w})))\n')
     if kind == "ft":
-        return (f'    // KD-Zoo: the paraphraser learns to reconstruct the teacher\'s map first.\n'
+        why = "" if small else ",\n    // for 30 epochs (train_ft.py: `train_para(..., 30)`)"
+        return (f'    // KD-Zoo: the paraphraser learns to reconstruct the teacher\'s map first{why}.\n'
                 f'    .add(stage("paraphraser", {epochs_expr}).train(["methods"])\n'
                 f'        .sgd(#{{ lr: 0.01, momentum: 0.9, nesterov: false, weight_decay: 1e-4 }})\n'
                 f'        .add(method("ft", #{{ phase: "paraphraser", k: 0.5 }})))\n')
     return ""
 
+# A stage after an init stage that continues its optimiser (KD-Zoo's AB and
+# FSP train both stages with one torch.optim.SGD).
+KEEP = {"fsp", "ab"}
+
 def cifar(name, lam, cfg, kind, paper):
+    if name == "dml":
+        return CIFAR_DML
     main = 'method("ce")' if kind in ("fsp", "ab") else f'method("ce"))\n        .add({method_call(name, cfg, lam)}'
-    init = init_stages(kind, 'param("init_epochs", 50)', False)
+    init = init_stages(kind, f'param("init_epochs", {30 if kind == "ft" else 50})', False)
+    keep = ".keep_optimizer()" if kind in KEEP else ""
     return f'''// {name}: {paper}.
 // Knowledge-Distillation-Zoo's setting: CIFAR-100, resnet110 -> resnet20,
 // 200 epochs, batch 128, Nesterov SGD lr 0.1 x0.1 at 100/150, weight decay
@@ -69,8 +79,33 @@ let x = experiment("{name}_resnet20_from_resnet110")
     .data(schedule::kdzoo_data(param("data", "data/cifar-100-binary")))
     .teacher("resnet110", param("teacher", "runs/teachers/resnet110_cifar100.safetensors"))
     .student("resnet20")
-{init}    .add(schedule::kdzoo(stage("distill", 200))
+{init}    .add(schedule::kdzoo(stage("distill", 200)){keep}
         .add({main}));
+
+run(x);
+'''
+
+CIFAR_DML = '''// dml: Zhang et al. 2018, deep mutual learning.
+// Knowledge-Distillation-Zoo's setting: CIFAR-100, resnet110 and resnet20
+// trained together from scratch, 200 epochs, batch 128, Nesterov SGD lr 0.1
+// x0.1 at 100/150, weight decay 1e-4, seed 2; loss = CE + 1.0 * dml for each
+// network. The peer (the plan's "teacher") starts untrained, as in
+// train_dml.py (`--net1_init initial_r110.pth.tar`: initial weights) and the
+// paper; a trained one would make this online distillation from a
+// pretrained network. Needs the CIFAR-100 binary files:
+//
+//     kd run {this file} --set data=/data/cifar-100-binary
+
+import "lib/cifar100_schedule" as schedule;
+
+let x = experiment("dml_resnet20_from_resnet110")
+    .seed(param("seed", 2))
+    .data(schedule::kdzoo_data(param("data", "data/cifar-100-binary")))
+    .teacher("resnet110")
+    .student("resnet20")
+    .add(schedule::kdzoo(stage("distill", 200))
+        .add(method("ce"))
+        .add(method("dml").weight(1.0)));
 
 run(x);
 '''
@@ -83,7 +118,10 @@ SYNTHETIC_CONFIG = {
 }
 
 def synthetic(name, lam, cfg, kind, paper):
+    if name == "dml":
+        return SYNTHETIC_DML
     cfg = SYNTHETIC_CONFIG.get(name, cfg)
+    keep = ".keep_optimizer()" if kind in KEEP else ""
     main = 'method("ce")' if kind in ("fsp", "ab") else f'method("ce"))\n        .add({method_call(name, cfg, lam)}'
     init = init_stages(kind, 'param("init_epochs", 2)', True)
     return f'''// {name}: {paper}, on the embedded synthetic set: a resnet20 teacher
@@ -100,12 +138,35 @@ let x = experiment("{name}_resnet8_from_resnet20_synthetic")
     .teacher("resnet20")
     .student("resnet8")
     .add(teacher_stage("teacher", epochs).add(method("ce")).cosine_lr(0))
-{init}    .add(stage("distill", epochs)
+{init}    .add(stage("distill", epochs){keep}
         .add({main})
         .cosine_lr(0));
 
 let r = run(x);
 print(`{name}: student best top-1 ${{r.best}}, last ${{r.last}}`);
+'''
+
+SYNTHETIC_DML = '''// dml: Zhang et al. 2018, deep mutual learning, on the embedded synthetic set:
+// resnet20 and resnet8 trained together from scratch, each on
+// CE + 1.0 * dml towards the other (the peer starts untrained, as in
+// KD-Zoo's train_dml.py and the paper). A few CPU minutes:
+//
+//     kd run {this file} --set epochs=2
+
+let epochs = param("epochs", 6);
+
+let x = experiment("dml_resnet8_from_resnet20_synthetic")
+    .seed(param("seed", 0))
+    .data(synthetic(#{ train_size: param("train_size", 2500), test_size: 500 }))
+    .teacher("resnet20")
+    .student("resnet8")
+    .add(stage("distill", epochs)
+        .add(method("ce"))
+        .add(method("dml").weight(1.0))
+        .cosine_lr(0));
+
+let r = run(x);
+print(`dml: student best top-1 ${r.best}, last ${r.last}`);
 '''
 
 root = pathlib.Path("recipes")

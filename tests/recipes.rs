@@ -290,3 +290,70 @@ fn ft_init_stage_trains_only_the_paraphraser() {
         "the main stage trains the student"
     );
 }
+
+/// The recipes follow KD-Zoo where an audit found them apart: DML's peer
+/// starts untrained (no weights, no stage training it first); FT's
+/// paraphraser trains 30 epochs; AB and FSP keep one optimiser across their
+/// two stages; the KD-Zoo data pipeline reflect-pads and uses KD-Zoo's
+/// normalisation.
+#[test]
+fn recipes_follow_kdzoo_where_the_audit_found_them_apart() {
+    kd_methods::link();
+    let registry = Registry::global().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("c100");
+    kd_data::write_cifar_folder(&data, true, 2, 2).unwrap();
+    let teacher = teacher_file(dir.path(), "resnet110");
+    let plan = |rel: &str| -> kd_engine::Plan {
+        // A recipe refuses values for params it does not read.
+        let text = std::fs::read_to_string(root().join(rel)).unwrap();
+        let sets: Vec<(String, String)> = [("data", &data), ("teacher", &teacher)]
+            .into_iter()
+            .filter(|(k, _)| text.contains(&format!("param(\"{k}\"")))
+            .map(|(k, v)| (k.to_string(), v.display().to_string()))
+            .collect();
+        let recipe = kd_recipes::Recipe::load(root().join(rel), &sets).unwrap();
+        let mut plans = recipe.plans(&registry).unwrap();
+        assert_eq!(plans.len(), 1, "{rel}");
+        plans.pop().unwrap()
+    };
+    for rel in [
+        "recipes/cifar100/dml/resnet20_from_resnet110.rhai",
+        "recipes/synthetic/dml/resnet8_from_resnet20.rhai",
+    ] {
+        let p = plan(rel);
+        let peer = p.teacher.as_ref().expect("DML has a peer");
+        assert_eq!(peer.weights, None, "{rel}: the peer starts untrained");
+        assert!(
+            p.stages
+                .iter()
+                .all(|s| s.subject == kd_engine::Subject::Student),
+            "{rel}: no stage trains the peer before mutual learning"
+        );
+    }
+    let ft = plan("recipes/cifar100/ft/resnet20_from_resnet110.rhai");
+    assert_eq!(ft.stages[0].name, "paraphraser");
+    assert_eq!(
+        ft.stages[0].epochs, 30,
+        "KD-Zoo's train_ft.py: train_para(..., 30)"
+    );
+    for rel in [
+        "recipes/cifar100/ab/resnet20_from_resnet110.rhai",
+        "recipes/cifar100/fsp/resnet20_from_resnet110.rhai",
+        "recipes/synthetic/ab/resnet8_from_resnet20.rhai",
+        "recipes/synthetic/fsp/resnet8_from_resnet20.rhai",
+    ] {
+        let p = plan(rel);
+        let keep: Vec<(&str, bool)> = p
+            .stages
+            .iter()
+            .map(|s| (s.name.as_str(), s.keep_optimizer))
+            .collect();
+        let init = keep.iter().position(|(n, _)| *n == "init").unwrap();
+        assert_eq!(keep[init + 1], ("distill", true), "{rel}: {keep:?}");
+        assert!(!keep[init].1, "{rel}: {keep:?}");
+    }
+    let p = plan("recipes/cifar100/st/resnet20_from_resnet110.rhai");
+    assert_eq!(p.data.crop_padding, kd_data::CropPadding::Reflect);
+    assert_eq!(p.data.normalize, kd_data::Normalize::Kdzoo);
+}

@@ -49,6 +49,7 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
                 ..Default::default()
             },
             lr_schedule: Default::default(),
+            keep_optimizer: false,
         }],
     };
     kd_engine::validate(&plan, &registry, &NoScripts, &[]).unwrap();

@@ -55,6 +55,7 @@ fn plan() -> Plan {
             methods: vec![MethodPlan::new("ce", 0.1), MethodPlan::new("st", 0.9)],
             optimizer: Default::default(),
             lr_schedule: Default::default(),
+            keep_optimizer: false,
         }],
     }
 }

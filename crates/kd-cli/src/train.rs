@@ -158,6 +158,7 @@ impl TrainArgs {
                     gamma: 0.1,
                 }
             },
+            keep_optimizer: false,
         }
     }
 

@@ -9,10 +9,15 @@ use tch::{Kind, Tensor};
 use crate::{DataError, Dataset};
 
 const PIXELS: usize = 3 * 32 * 32;
-const CIFAR10_MEAN: [f64; 3] = [0.4914, 0.4822, 0.4465];
-const CIFAR10_STD: [f64; 3] = [0.2470, 0.2435, 0.2616];
-const CIFAR100_MEAN: [f64; 3] = [0.5071, 0.4867, 0.4408];
-const CIFAR100_STD: [f64; 3] = [0.2675, 0.2565, 0.2761];
+// KD-Zoo's CIFAR-10 constants (train_kd.py) and RepDistiller's CIFAR-100
+// ones (dataset/cifar100.py): what CIFAR runs were always normalised with.
+pub(crate) const CIFAR10_MEAN: [f64; 3] = [0.4914, 0.4822, 0.4465];
+pub(crate) const CIFAR10_STD: [f64; 3] = [0.2470, 0.2435, 0.2616];
+pub(crate) const CIFAR100_MEAN: [f64; 3] = [0.5071, 0.4867, 0.4408];
+pub(crate) const CIFAR100_STD: [f64; 3] = [0.2675, 0.2565, 0.2761];
+/// KD-Zoo's CIFAR-100 constants (train_kd.py, train_ft.py, ...).
+pub(crate) const KDZOO_CIFAR100_MEAN: [f64; 3] = [0.5071, 0.4865, 0.4409];
+pub(crate) const KDZOO_CIFAR100_STD: [f64; 3] = [0.2673, 0.2564, 0.2762];
 
 /// Reads files of records `[label bytes][3072 pixels]`; `label_at` picks the
 /// byte that holds the label (CIFAR-100: 0 coarse, 1 fine).

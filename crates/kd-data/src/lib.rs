@@ -5,6 +5,7 @@
 
 mod cifar;
 mod loader;
+mod normalize;
 mod synthetic;
 
 use std::path::PathBuf;
@@ -14,7 +15,8 @@ use tch::{Kind, Tensor};
 use thiserror::Error;
 
 pub use cifar::{read_cifar10, read_cifar100, write_folder as write_cifar_folder};
-pub use loader::{Batch, Loader, LoaderConfig};
+pub use loader::{Batch, CROP_PAD, Crop, CropPadding, Loader, LoaderConfig, crop_and_flip};
+pub use normalize::Normalize;
 pub use synthetic::SyntheticConfig;
 
 #[derive(Debug, Error)]

@@ -7,16 +7,55 @@
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::{DataError, Dataset};
+
+/// Pixels on each side of the image that the random crop may shift into.
+pub const CROP_PAD: i64 = 4;
+
+/// What fills the border the random crop shifts into.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CropPadding {
+    /// Zeros: torchvision's `RandomCrop(32, padding=4)`, as RepDistiller.
+    #[default]
+    Zero,
+    /// The image mirrored about its edge row and column, which are not
+    /// repeated: `Pad(4, padding_mode='reflect')`, as KD-Zoo.
+    Reflect,
+}
+
+impl std::str::FromStr for CropPadding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "zero" => Ok(CropPadding::Zero),
+            "reflect" => Ok(CropPadding::Reflect),
+            other => Err(format!(
+                "unknown crop padding `{other}`; valid: zero, reflect"
+            )),
+        }
+    }
+}
+
+/// One image's augmentation draw: the top-left corner of its crop in the
+/// padded image (each in `0..=2 * CROP_PAD`) and whether it is mirrored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crop {
+    pub y: i64,
+    pub x: i64,
+    pub flip: bool,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderConfig {
     pub batch_size: usize,
     pub shuffle: bool,
-    /// Random crop (4 pixels of zero padding) and horizontal flip.
+    /// Random crop and horizontal flip.
     pub augment: bool,
+    pub padding: CropPadding,
     pub drop_last: bool,
     /// `(k, other_classes)`: add `k` contrast indices per sample.
     pub contrast: Option<(usize, bool)>,
@@ -176,13 +215,8 @@ impl Loader {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, epoch as u64, key));
         let device = self.images.device();
         let index = Tensor::from_slice(idx).to_device(device);
-        let raw = self.images.index_select(0, &index).to_kind(Kind::Float) / 255.0;
-        let raw = if self.cfg.augment {
-            self.augment(&raw, &mut rng)
-        } else {
-            raw
-        };
-        let images = (raw - &self.mean) / &self.std;
+        let crops = self.cfg.augment.then(|| draw_crops(idx.len(), &mut rng));
+        let images = self.images_at(&index, crops.as_deref());
         let contrast_index = self
             .cfg
             .contrast
@@ -195,27 +229,20 @@ impl Loader {
         }
     }
 
-    /// Random 32x32 crop of the zero-padded image, then a random flip,
-    /// as torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip.
-    fn augment(&self, x: &Tensor, rng: &mut ChaCha8Rng) -> Tensor {
-        let (b, c, h, w) = x.size4().expect("images are NCHW");
-        let pad = 4;
-        let padded = x.constant_pad_nd([pad, pad, pad, pad]);
-        let dev = x.device();
-        let oy: Vec<i64> = (0..b).map(|_| rng.random_range(0..=2 * pad)).collect();
-        let ox: Vec<i64> = (0..b).map(|_| rng.random_range(0..=2 * pad)).collect();
-        let flip: Vec<bool> = (0..b).map(|_| rng.random_bool(0.5)).collect();
-        let oy = Tensor::from_slice(&oy).to_device(dev).view([b, 1, 1, 1]);
-        let ox = Tensor::from_slice(&ox).to_device(dev).view([b, 1, 1, 1]);
-        let rows = (Tensor::arange(h, (Kind::Int64, dev)).view([1, 1, h, 1]) + oy)
-            .expand([b, c, h, w + 2 * pad], false);
-        let cols = Tensor::arange(w, (Kind::Int64, dev)).view([1, 1, 1, w]) + ox;
-        let flip_t = Tensor::from_slice(&flip).to_device(dev).view([b, 1, 1, 1]);
-        // A flipped crop reads its columns right to left.
-        let cols = cols
-            .where_self(&flip_t.logical_not(), &cols.flip([3]))
-            .expand([b, c, h, w], false);
-        padded.gather(2, &rows, false).gather(3, &cols, false)
+    /// The normalised images of samples `idx`, cropped and flipped as
+    /// `crops` says (`None`: as stored): a batch's images for given draws.
+    pub fn images(&self, idx: &[i64], crops: Option<&[Crop]>) -> Tensor {
+        let index = Tensor::from_slice(idx).to_device(self.images.device());
+        self.images_at(&index, crops)
+    }
+
+    fn images_at(&self, index: &Tensor, crops: Option<&[Crop]>) -> Tensor {
+        let raw = self.images.index_select(0, index).to_kind(Kind::Float) / 255.0;
+        let raw = match crops {
+            Some(c) => crop_and_flip(&raw, self.cfg.padding, c),
+            None => raw,
+        };
+        (raw - &self.mean) / &self.std
     }
 
     /// `[B, k + 1]`: the sample itself, then `k` negatives from the other
@@ -252,6 +279,49 @@ impl Loader {
     }
 }
 
+/// Every image's crop corner and flip. All rows, then all columns, then all
+/// flips: the order earlier runs drew them in, so they stay reproducible.
+fn draw_crops(n: usize, rng: &mut ChaCha8Rng) -> Vec<Crop> {
+    let ys: Vec<i64> = (0..n).map(|_| rng.random_range(0..=2 * CROP_PAD)).collect();
+    let xs: Vec<i64> = (0..n).map(|_| rng.random_range(0..=2 * CROP_PAD)).collect();
+    ys.into_iter()
+        .zip(xs)
+        .map(|(y, x)| Crop {
+            y,
+            x,
+            flip: rng.random_bool(0.5),
+        })
+        .collect()
+}
+
+/// The loader's augmentation with its draws given: each image of `x`
+/// (`[B, C, H, W]`, float) padded by `CROP_PAD` on every side as `padding`
+/// says, its `H×W` window at `crops[i]` taken, then mirrored left to right
+/// when asked: torchvision's `RandomCrop` then `RandomHorizontalFlip`.
+pub fn crop_and_flip(x: &Tensor, padding: CropPadding, crops: &[Crop]) -> Tensor {
+    let (b, c, h, w) = x.size4().expect("images are NCHW");
+    assert_eq!(crops.len() as i64, b, "one crop per image");
+    let pad = CROP_PAD;
+    let padded = match padding {
+        CropPadding::Zero => x.constant_pad_nd([pad, pad, pad, pad]),
+        CropPadding::Reflect => x.reflection_pad2d([pad, pad, pad, pad]),
+    };
+    let dev = x.device();
+    let column = |v: Vec<i64>| Tensor::from_slice(&v).to_device(dev).view([b, 1, 1, 1]);
+    let oy = column(crops.iter().map(|c| c.y).collect());
+    let ox = column(crops.iter().map(|c| c.x).collect());
+    let flip: Vec<bool> = crops.iter().map(|c| c.flip).collect();
+    let rows = (Tensor::arange(h, (Kind::Int64, dev)).view([1, 1, h, 1]) + oy)
+        .expand([b, c, h, w + 2 * pad], false);
+    let cols = Tensor::arange(w, (Kind::Int64, dev)).view([1, 1, 1, w]) + ox;
+    let flip_t = Tensor::from_slice(&flip).to_device(dev).view([b, 1, 1, 1]);
+    // A flipped crop reads its columns right to left.
+    let cols = cols
+        .where_self(&flip_t.logical_not(), &cols.flip([3]))
+        .expand([b, c, h, w], false);
+    padded.gather(2, &rows, false).gather(3, &cols, false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +346,7 @@ mod tests {
             batch_size: bs,
             shuffle: true,
             augment: true,
+            padding: CropPadding::Zero,
             drop_last: false,
             contrast: Some((5, true)),
         }
@@ -378,6 +449,7 @@ mod tests {
             batch_size: 2,
             shuffle: true,
             augment: false,
+            padding: CropPadding::Zero,
             drop_last: false,
             contrast: None,
         };

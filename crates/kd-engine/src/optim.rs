@@ -163,11 +163,12 @@ impl Optimizer {
             .scale
             .iter()
             .flat_map(|s| [(SCALE, &s.scale), (GROWTH, &s.growth)]);
-        self.names
-            .iter()
-            .map(String::as_str)
-            .zip(&self.bufs)
-            .chain(scale)
+        self.momentum().chain(scale)
+    }
+
+    /// Momentum buffers by parameter name.
+    pub fn momentum(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.names.iter().map(String::as_str).zip(&self.bufs)
     }
 
     pub fn buffer_mut(&mut self, name: &str) -> Option<&mut Tensor> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use kd_data::DataSource;
+use kd_data::{CropPadding, DataSource, Normalize};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::Weight;
@@ -107,6 +107,11 @@ pub struct DataPlan {
     pub batch_size: usize,
     pub eval_batch_size: usize,
     pub augment: bool,
+    /// What the random crop's border is filled with.
+    pub crop_padding: CropPadding,
+    /// The mean and std images are normalised with, for training and
+    /// evaluation alike.
+    pub normalize: Normalize,
     /// Fraction of the training set held out for validation (0: none).
     pub val_fraction: f64,
 }
@@ -118,6 +123,8 @@ impl Default for DataPlan {
             batch_size: 64,
             eval_batch_size: 256,
             augment: true,
+            crop_padding: CropPadding::Zero,
+            normalize: Normalize::Default,
             val_fraction: 0.0,
         }
     }
@@ -168,6 +175,16 @@ pub struct StagePlan {
     pub optimizer: Sgd,
     #[serde(default)]
     pub lr_schedule: LrSchedule,
+    /// Continue the previous stage's optimiser instead of a fresh one: the
+    /// momentum buffers of the parameters both stages train carry over, as
+    /// when one `torch.optim.SGD` serves both (KD-Zoo's AB and FSP). The
+    /// learning rate and the other settings are still this stage's.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keep_optimizer: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 fn default_train() -> Vec<Part> {

@@ -500,6 +500,7 @@ fn step_of_fixture(path: &Path, registry: &Registry) -> Result<TensorFile> {
         methods: vec![mp],
         optimizer: Default::default(),
         lr_schedule: Default::default(),
+        keep_optimizer: false,
     };
     let batch = kd_data::Batch {
         images: input.to_kind(Kind::Float),

@@ -169,6 +169,7 @@ mod tests {
             methods: vec![],
             optimizer: Default::default(),
             lr_schedule: Default::default(),
+            keep_optimizer: false,
         };
         stage.optimizer.lr = lr;
         let plan = Plan {

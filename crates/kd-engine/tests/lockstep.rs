@@ -64,6 +64,7 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
             methods: vec![MethodPlan::new("ce", 1.0), method],
             optimizer: Default::default(),
             lr_schedule: Default::default(),
+            keep_optimizer: false,
         }],
         precision: Default::default(),
         channels_last: true,

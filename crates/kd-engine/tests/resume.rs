@@ -47,6 +47,7 @@ fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Pla
             methods: vec![MethodPlan::new("ce", 1.0), method],
             optimizer: Default::default(),
             lr_schedule: Default::default(),
+            keep_optimizer: false,
         }],
     }
 }

@@ -27,6 +27,7 @@ fn stage(name: &str, subject: Subject, methods: Vec<MethodPlan>) -> StagePlan {
         methods,
         optimizer: Default::default(),
         lr_schedule: Default::default(),
+        keep_optimizer: false,
     }
 }
 

@@ -482,3 +482,68 @@ fn run_all_refuses_names_used_twice_and_unknown_precisions() {
     let err = plan(&src).unwrap_err().to_string();
     assert!(err.contains("precision `fp16` needs CUDA"), "{err}");
 }
+
+/// The crop's padding, the normalisation and `keep_optimizer` survive a YAML
+/// round trip; a saved plan without them keeps its old meaning; names a
+/// data set has no constants for, and wrong shapes, fail in the recipe.
+#[test]
+fn data_options_and_kept_optimizer_round_trip_through_yaml() {
+    let src = r#"
+let x = experiment("opts")
+    .data(synthetic(#{ train_size: 64, test_size: 32 })
+        .crop_padding("reflect").normalize([0.5, 0.4, 0.3], [0.2, 0.2, 0.25]))
+    .student("resnet8")
+    .add(stage("a", 1).add(method("ce")))
+    .add(stage("b", 1).keep_optimizer().add(method("ce")));
+run(x);
+"#;
+    let plans = plan(src).unwrap();
+    let d = &plans[0].data;
+    assert_eq!(d.crop_padding, kd_data::CropPadding::Reflect);
+    assert_eq!(
+        d.normalize,
+        kd_data::Normalize::Explicit {
+            mean: [0.5, 0.4, 0.3],
+            std: [0.2, 0.2, 0.25]
+        }
+    );
+    let keep: Vec<bool> = plans[0].stages.iter().map(|s| s.keep_optimizer).collect();
+    assert_eq!(keep, [false, true]);
+    let yaml = to_yaml(&plans).unwrap();
+    assert!(yaml.contains("crop_padding: reflect"), "{yaml}");
+    assert_eq!(from_yaml(&yaml, "opts").unwrap(), plans, "{yaml}");
+    // A plan saved before these fields existed means what it meant then.
+    let plain = plan(&format!(
+        "run({TINY}.add(stage(\"a\", 1).add(method(\"ce\"))));"
+    ))
+    .unwrap();
+    let old: String = to_yaml(&plain)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("crop_padding:") && !l.contains("normalize:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!old.contains("keep_optimizer"), "{old}");
+    let back = from_yaml(&old, "old").unwrap();
+    assert_eq!(back, plain, "{old}");
+    assert_eq!(back[0].data.crop_padding, kd_data::CropPadding::Zero);
+    assert_eq!(back[0].data.normalize, kd_data::Normalize::Default);
+    for (bad, needle) in [
+        (
+            r#"synthetic().normalize("kdzoo")"#,
+            "normalize `kdzoo` has no constants for the synthetic set",
+        ),
+        (r#"synthetic().normalize("zoo")"#, "unknown normalize `zoo`"),
+        (
+            r#"synthetic().normalize([0.5, 0.5], [1, 1, 1])"#,
+            "mean needs one number per channel (3), got 2",
+        ),
+        (
+            r#"synthetic().crop_padding("mirror")"#,
+            "unknown crop padding `mirror`; valid: zero, reflect",
+        ),
+    ] {
+        let e = plan(&format!("let d = {bad};")).unwrap_err().to_string();
+        assert!(e.contains(needle), "{bad}: {e}");
+    }
+}

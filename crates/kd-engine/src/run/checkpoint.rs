@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn};
 
 use super::methods::Active;
+use super::momentum::Momentum;
 use super::nets::{Net, load_into, named_vars};
 use crate::observe::{EpochRecord, StageResult};
 use crate::optim::Optimizer;
@@ -61,6 +62,7 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) peers: &'a [Active],
     pub(crate) opt: Option<&'a Optimizer>,
     pub(crate) carry: &'a Carry,
+    pub(crate) momentum: &'a Momentum,
     pub(crate) meta: &'a Resume,
 }
 
@@ -73,6 +75,7 @@ pub(crate) fn write_checkpoint(path: &Path, snap: &Snapshot) -> Result<()> {
         peers,
         opt,
         carry,
+        momentum,
         meta,
     } = *snap;
     let mut file = TensorFile::default();
@@ -101,6 +104,9 @@ pub(crate) fn write_checkpoint(path: &Path, snap: &Snapshot) -> Result<()> {
             file.push(format!("carry.{label}/{n}"), t);
         }
     }
+    for (key, t) in momentum {
+        file.push(format!("momentum.{key}"), t);
+    }
     file.metadata.insert(
         "resume".into(),
         serde_json::to_string(meta).map_err(|e| EngineError::Plan(e.to_string()))?,
@@ -115,6 +121,7 @@ pub(crate) struct Restored {
     pub(crate) meta: Resume,
     pub(crate) file: TensorFile,
     pub(crate) carry: Carry,
+    pub(crate) momentum: Momentum,
 }
 
 /// Reads `path` into the networks and returns the rest for the stages.
@@ -153,7 +160,16 @@ pub(crate) fn restore(
                 .push((var.to_string(), t.to_device(device)));
         }
     }
-    Ok(Restored { meta, file, carry })
+    let momentum = file
+        .with_prefix("momentum.")
+        .map(|(key, t)| (key.to_string(), t.to_device(device)))
+        .collect();
+    Ok(Restored {
+        meta,
+        file,
+        carry,
+        momentum,
+    })
 }
 
 /// A resumed stage's methods and momentum buffers, from the checkpoint.

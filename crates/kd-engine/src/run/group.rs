@@ -57,7 +57,8 @@ pub fn run_group(
     };
     super::nets::install_collectives();
     same_plans_on_all_ranks(plans)?;
-    let splits = kd_data::load(&first.data.source, first.data.val_fraction, 0)?;
+    let mut splits = kd_data::load(&first.data.source, first.data.val_fraction, 0)?;
+    splits.normalize_with(&first.data.normalize, &first.data.source)?;
     let classes = splits.train.num_classes;
     let mut results: Vec<Option<Result<RunResult>>> = plans.iter().map(|_| None).collect();
     let mut live: Vec<(usize, Member)> = Vec::new();

@@ -61,6 +61,7 @@ pub fn bench_plan(
             methods,
             optimizer: Default::default(),
             lr_schedule: Default::default(),
+            keep_optimizer: false,
         }],
         precision: Precision::Fp32,
         channels_last: true,
@@ -84,7 +85,8 @@ pub struct StepHarness {
 impl StepHarness {
     pub fn new(plan: &Plan, registry: &Registry) -> Result<StepHarness> {
         let exec = Exec::of(plan, device(plan.device)?)?;
-        let splits = kd_data::load(&plan.data.source, 0.0, 0)?;
+        let mut splits = kd_data::load(&plan.data.source, 0.0, 0)?;
+        splits.normalize_with(&plan.data.normalize, &plan.data.source)?;
         let classes = splits.train.num_classes;
         let (mut student, mut teacher) = build_nets(plan, classes, &exec)?;
         let stage = plan

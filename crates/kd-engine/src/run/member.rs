@@ -10,6 +10,7 @@ use super::RunOptions;
 use super::checkpoint::{
     Carry, Restored, Resume, Snapshot, append_jsonl, restore, world_size, write_checkpoint,
 };
+use super::momentum::{Momentum, check_keep, hand_on};
 use super::nets::{
     Exec, Net, build_nets, check_in_sync, device, named_vars, roles, sync_bn_stats, sync_from_main,
 };
@@ -31,6 +32,8 @@ pub(crate) struct Member<'a, 'o> {
     pub(crate) student: Net,
     pub(crate) teacher: Option<Net>,
     pub(crate) carry: Carry,
+    /// Momentum buffers for a later stage that keeps the optimiser.
+    pub(crate) momentum: Momentum,
     pub(crate) restored: Option<Restored>,
     pub(crate) results: Vec<StageResult>,
     pub(crate) ckpt: PathBuf,
@@ -47,6 +50,7 @@ impl<'a, 'o> Member<'a, 'o> {
         opts: &'a mut RunOptions<'o>,
         classes: i64,
     ) -> Result<Self> {
+        check_keep(&plan.stages)?;
         let exec = Exec::of(plan, device(plan.device)?)?;
         let (student, teacher) = build_nets(plan, classes, &exec)?;
         if kd_dist::is_main() {
@@ -96,6 +100,10 @@ impl<'a, 'o> Member<'a, 'o> {
             .as_mut()
             .map(|r| std::mem::take(&mut r.carry))
             .unwrap_or_default();
+        let momentum = restored
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.momentum))
+            .unwrap_or_default();
         Ok(Member {
             plan,
             opts,
@@ -103,6 +111,7 @@ impl<'a, 'o> Member<'a, 'o> {
             student,
             teacher,
             carry,
+            momentum,
             restored,
             results,
             ckpt,
@@ -438,6 +447,7 @@ impl Member<'_, '_> {
             peers: &p.peers,
             opt: Some(&p.opt),
             carry: &self.carry,
+            momentum: &self.momentum,
             meta: &meta,
         };
         if main {
@@ -462,6 +472,8 @@ impl Member<'_, '_> {
         if kd_dist::is_main() {
             kd_models::save_weights(&net.vs, &last_path)?;
         }
+        let next = self.plan.stages.get(self.results.len() + 1);
+        hand_on(&mut self.momentum, &run.prep, stage, next);
         for a in &run.prep.methods {
             self.carry.insert(a.label.clone(), named_vars(&a.vs, ""));
         }

@@ -5,6 +5,7 @@
 //!   several in lockstep sharing their frozen teacher's forward;
 //! - `member`: one run's state and what each point of the loop does to it;
 //! - `stage`, `prepare`, `methods`: a stage's methods, optimiser and loader;
+//! - `momentum`: optimiser state carried into a stage that keeps it;
 //! - `step`: one training step; `pending`: its values, read back in windows;
 //! - `checkpoint`, `nets`, `draws`, `harness` (benchmarks and the probe);
 //! - `validate`: what can be checked before anything trains.
@@ -15,6 +16,7 @@ mod group;
 mod harness;
 mod member;
 mod methods;
+mod momentum;
 mod nets;
 mod pending;
 mod prepare;

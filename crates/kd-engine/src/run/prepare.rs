@@ -201,6 +201,7 @@ fn loader_cfg(cx: &StageCx, contrast: Option<(usize, bool)>, augment: bool) -> L
         batch_size: cx.plan.data.batch_size,
         shuffle: true,
         augment,
+        padding: cx.plan.data.crop_padding,
         drop_last: false,
         contrast,
     }

@@ -9,6 +9,7 @@ use kd_data::{Batch, Loader};
 
 use super::checkpoint::restore_stage;
 use super::member::Member;
+use super::momentum::resume_momentum;
 use super::nets::sync_from_main;
 use super::pending::Pending;
 use super::prepare::{Prepared, StageCx, prepare};
@@ -50,7 +51,20 @@ impl StageRun {
     /// inside it.
     pub(crate) fn begin(m: &mut Member, cx: &StageCx) -> Result<StageRun> {
         let stage = &cx.plan.stages[cx.si];
-        let (prep, loader) = prepare(cx, stage, &mut m.student, m.teacher.as_mut(), &m.carry)?;
+        let (mut prep, loader) = prepare(cx, stage, &mut m.student, m.teacher.as_mut(), &m.carry)?;
+        if stage.keep_optimizer {
+            resume_momentum(&mut prep, stage.subject, &m.momentum)?;
+        }
+        // Only a chain of stages that keep the optimiser needs the buffers
+        // again; the checkpoint need not hold them otherwise.
+        if !cx
+            .plan
+            .stages
+            .get(cx.si + 1)
+            .is_some_and(|s| s.keep_optimizer)
+        {
+            m.momentum.clear();
+        }
         let mut run = StageRun {
             steps: loader.batches_per_epoch(),
             prep,

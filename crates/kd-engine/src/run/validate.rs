@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::checkpoint::Carry;
 use super::methods::{BuildEnv, build_stage};
+use super::momentum::check_keep;
 use super::nets::{Exec, Net, roles, shapes_of};
 use crate::plan::{DeviceChoice, LrSchedule, ModelPlan, Plan, StagePlan, Subject};
 use crate::schedule::{Schedule, ScheduleResolver, Weight};
@@ -26,6 +27,7 @@ pub fn validate(
 ) -> Result<()> {
     numbers(plan).map_err(EngineError::Plan)?;
     kd_data::check(&plan.data.source)?;
+    plan.data.normalize.stats(&plan.data.source)?;
     let (n_train, classes) = kd_data::describe(&plan.data.source)?;
     let n_data = n_train - (n_train as f64 * plan.data.val_fraction).round() as i64;
     let device = Device::Cpu;
@@ -43,6 +45,7 @@ pub fn validate(
     if plan.stages.is_empty() {
         return Err(EngineError::Plan("the plan has no stages".into()));
     }
+    check_keep(&plan.stages)?;
     if plan.device == DeviceChoice::Cpu {
         Exec::of(plan, Device::Cpu)?;
     }

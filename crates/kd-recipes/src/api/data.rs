@@ -1,8 +1,8 @@
 //! Data: which set, batch sizes, augmentation and the validation split.
 
-use kd_data::{DataSource, SyntheticConfig};
+use kd_data::{CropPadding, DataSource, Normalize, SyntheticConfig};
 use kd_engine::DataPlan;
-use rhai::{Dynamic, Engine, Map};
+use rhai::{Array, Dynamic, Engine, Map};
 
 use super::{Fallible, def, number, positive, typed};
 use crate::error::user;
@@ -79,6 +79,43 @@ pub(super) fn register(e: &mut Engine) {
     );
     def(
         e,
+        "crop_padding",
+        &["data: Data", "mode: String", "Data"],
+        "What fills the 4-pixel border of the random crop: `\"zero\"` (default;\nRepDistiller) or `\"reflect\"` (the image mirrored; KD-Zoo).",
+        |mut d: DataPlan, mode: &str| -> Fallible<DataPlan> {
+            d.crop_padding = mode.parse::<CropPadding>().map_err(user)?;
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "normalize",
+        &["data: Data", "name: String", "Data"],
+        "Normalisation constants by name: `\"default\"` (the data set's own;\nCIFAR-100: RepDistiller's), `\"kdzoo\"` or `\"repdistiller\"`.",
+        |mut d: DataPlan, name: &str| -> Fallible<DataPlan> {
+            let norm = name.parse::<Normalize>().map_err(user)?;
+            norm.stats(&d.source).map_err(|e| user(e.to_string()))?;
+            d.normalize = norm;
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "normalize",
+        &["data: Data", "mean: Array", "std: Array", "Data"],
+        "Normalisation by per-channel mean and std in [0, 1] units:\n`.normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])`.",
+        |mut d: DataPlan, mean: Array, std: Array| -> Fallible<DataPlan> {
+            let norm = Normalize::Explicit {
+                mean: channels(&mean, "mean")?,
+                std: channels(&std, "std")?,
+            };
+            norm.stats(&d.source).map_err(|e| user(e.to_string()))?;
+            d.normalize = norm;
+            Ok(d)
+        },
+    );
+    def(
+        e,
         "validation",
         &["data: Data", "fraction: float", "Data"],
         "Holds out this fraction of the training set for validation;\nthe best checkpoint is then chosen on it.",
@@ -93,4 +130,17 @@ pub(super) fn register(e: &mut Engine) {
             Ok(d)
         },
     );
+}
+
+fn channels(v: &Array, what: &str) -> Fallible<[f64; 3]> {
+    let values = v
+        .iter()
+        .map(|x| number(x, what))
+        .collect::<Fallible<Vec<f64>>>()?;
+    values.try_into().map_err(|v: Vec<f64>| {
+        user(format!(
+            "{what} needs one number per channel (3), got {}",
+            v.len()
+        ))
+    })
 }

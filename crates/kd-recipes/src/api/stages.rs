@@ -15,6 +15,7 @@ fn stage(name: &str, epochs: i64, subject: Subject) -> Fallible<StagePlan> {
         methods: Vec::new(),
         optimizer: Sgd::default(),
         lr_schedule: LrSchedule::Constant,
+        keep_optimizer: false,
     })
 }
 
@@ -88,6 +89,26 @@ pub(super) fn register(e: &mut Engine) {
         |mut s: StagePlan, config: Map| -> Fallible<StagePlan> {
             s.optimizer = typed::<Sgd>(&Dynamic::from_map(config), "sgd")?;
             Ok(s)
+        },
+    );
+    def(
+        e,
+        "keep_optimizer",
+        &["stage: Stage", "Stage"],
+        "Continues the previous stage's optimiser: the momentum buffers of the\nparameters both stages train carry over (one SGD for both, as KD-Zoo's\nAB and FSP); lr and the other settings stay this stage's.",
+        |mut s: StagePlan| {
+            s.keep_optimizer = true;
+            s
+        },
+    );
+    def(
+        e,
+        "keep_optimizer",
+        &["stage: Stage", "on: bool", "Stage"],
+        "Whether to continue the previous stage's optimiser (default false).",
+        |mut s: StagePlan, on: bool| {
+            s.keep_optimizer = on;
+            s
         },
     );
     def(
