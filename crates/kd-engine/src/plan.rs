@@ -226,6 +226,16 @@ impl MethodPlan {
     pub fn label(&self) -> &str {
         self.label.as_deref().unwrap_or(&self.method)
     }
+
+    /// The method's weight and its scheduled config fields, each with how
+    /// a message names it (`weight`, ``schedule of `T` ``).
+    pub fn weights(&self) -> impl Iterator<Item = (String, &Weight)> {
+        std::iter::once(("weight".to_string(), &self.weight)).chain(
+            self.schedule
+                .iter()
+                .map(|(f, w)| (format!("schedule of `{f}`"), w)),
+        )
+    }
 }
 
 /// SGD with PyTorch's semantics (weight decay added to the gradient,

@@ -30,12 +30,7 @@ pub(crate) fn plan(
             ));
         }
         for m in &stage.methods {
-            let weights = std::iter::once(("weight".to_string(), &m.weight)).chain(
-                m.schedule
-                    .iter()
-                    .map(|(f, w)| (format!("schedule of `{f}`"), w)),
-            );
-            for (what, w) in weights {
+            for (what, w) in m.weights() {
                 if !matches!(w, Weight::Schedule(Schedule::Script { .. })) {
                     continue;
                 }

@@ -132,12 +132,7 @@ fn stage_numbers(stage: &StagePlan) -> Result<(), String> {
         _ => {}
     }
     for m in &stage.methods {
-        let weights = std::iter::once(("weight".to_string(), &m.weight)).chain(
-            m.schedule
-                .iter()
-                .map(|(f, w)| (format!("schedule of `{f}`"), w)),
-        );
-        for (what, w) in weights {
+        for (what, w) in m.weights() {
             weight_numbers(w).map_err(|e| format!("method `{}`, {what}: {e}", m.label()))?;
         }
     }
