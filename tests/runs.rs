@@ -411,3 +411,25 @@ fn probe_refuses_bad_tensors_without_panicking() {
         "{e}"
     );
 }
+
+/// The data options reach plans from the command line, and a name with no
+/// constants for the data set is refused before training.
+#[test]
+fn data_options_on_the_command_line() {
+    let out = tempfile::tempdir().unwrap();
+    let e = err(&distill(
+        out.path(),
+        &["--epochs", "1", "--normalize", "kdzoo"],
+    ));
+    assert!(
+        e.contains("normalize `kdzoo` has no constants for the synthetic set"),
+        "{e}"
+    );
+    kd_cli::run(distill(
+        out.path(),
+        &["--epochs", "1", "--crop-padding", "reflect"],
+    ))
+    .unwrap();
+    let plan = std::fs::read_to_string(out.path().join("x_s0/plan.yaml")).unwrap();
+    assert!(plan.contains("crop_padding: reflect"), "{plan}");
+}

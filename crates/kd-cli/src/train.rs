@@ -17,6 +17,14 @@ pub struct TrainArgs {
     /// `synthetic`, `cifar10:DIR` or `cifar100:DIR`.
     #[arg(long, default_value = "synthetic")]
     pub data: String,
+    /// Padding of the random crop: `zero` (RepDistiller) or `reflect`
+    /// (KD-Zoo).
+    #[arg(long, default_value = "zero")]
+    pub crop_padding: kd_data::CropPadding,
+    /// Normalisation constants: `default` (the data set's own; RepDistiller's
+    /// for CIFAR-100), `kdzoo` or `repdistiller`.
+    #[arg(long, default_value = "default")]
+    pub normalize: kd_data::Normalize,
     /// Synthetic data: training samples.
     #[arg(long, default_value_t = 5000)]
     pub train_size: i64,
@@ -179,6 +187,8 @@ impl TrainArgs {
                 source: data_source(&self.data, self.train_size, self.classes)?,
                 batch_size: self.batch_size,
                 val_fraction: self.val_fraction,
+                crop_padding: self.crop_padding,
+                normalize: self.normalize,
                 ..Default::default()
             },
             student,
