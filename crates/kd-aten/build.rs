@@ -6,6 +6,11 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=cpp/kd_aten.cpp");
+    println!("cargo:rerun-if-changed=cpp/kd_ffi.h");
+    // kd-dist's shim shares the error convention (cpp/kd_ffi.h): it reads
+    // this folder as DEP_KD_ATEN_INCLUDE.
+    let cpp = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cpp");
+    println!("cargo:include={}", cpp.display());
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports its libtorch folder"),
     );

@@ -22,6 +22,7 @@ fn main() {
     build
         .cpp(true)
         .file("cpp/kd_dist.cpp")
+        .include(std::env::var("DEP_KD_ATEN_INCLUDE").expect("kd-aten reports its C++ folder"))
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

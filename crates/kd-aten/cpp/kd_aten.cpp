@@ -6,6 +6,8 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
+#include "kd_ffi.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -14,31 +16,8 @@
 #include <utility>
 #include <vector>
 
-namespace {
-
-char *error_message(const char *what) {
-  char *out = static_cast<char *>(std::malloc(std::strlen(what) + 1));
-  if (out != nullptr) std::strcpy(out, what);
-  return out;
-}
-
-std::vector<at::Tensor> gather(at::Tensor **ts, int64_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
-  return out;
-}
-
-}  // namespace
-
-// Variadic: a body with commas outside parentheses is still one argument.
-#define KD_PROTECT(...)                           \
-  try {                                           \
-    __VA_ARGS__                                   \
-  } catch (const std::exception &e) {             \
-    return error_message(e.what());               \
-  }                                               \
-  return nullptr;
+using kd_ffi::error_message;
+using kd_ffi::gather;
 
 extern "C" {
 

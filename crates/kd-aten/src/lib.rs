@@ -41,17 +41,28 @@ unsafe extern "C" {
 
 /// Turns the shim's error convention (a malloc'd message or null) into a Result.
 fn check(err: *mut c_char) -> Result<(), AtenError> {
-    if err.is_null() {
-        return Ok(());
+    // SAFETY: every shim function returns null or a message from malloc.
+    match unsafe { take_error(err) } {
+        None => Ok(()),
+        Some(msg) => Err(AtenError(msg)),
     }
-    // SAFETY: the shim returns a NUL-terminated string from malloc.
+}
+
+/// The message a shim function returned under `cpp/kd_ffi.h`'s convention
+/// (null on success, else a malloc'd NUL-terminated string, freed here),
+/// cut to its first line: libtorch appends a C++ stack trace.
+///
+/// # Safety
+/// `err` is null or a pointer a kd shim returned, not yet freed.
+pub unsafe fn take_error(err: *mut c_char) -> Option<String> {
+    if err.is_null() {
+        return None;
+    }
     let msg = unsafe { CStr::from_ptr(err) }
         .to_string_lossy()
         .into_owned();
     unsafe { libc_free(err.cast()) };
-    // libtorch appends a C++ stack trace after the first line.
-    let msg = msg.lines().next().unwrap_or_default().to_string();
-    Err(AtenError(msg))
+    Some(msg.lines().next().unwrap_or_default().to_string())
 }
 
 unsafe extern "C" {

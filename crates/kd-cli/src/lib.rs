@@ -603,7 +603,7 @@ pub fn run_sweep(
         .tag("kd.sweep", plans.len().to_string());
     let dir = ex.out.join(sweep);
     if ex.folders.overwrite && kd_engine::folder::holds_run(&dir) {
-        archive(&dir)?;
+        kd_engine::folder::archive(&dir)?;
     }
     let parent = kd_tracking::Tracker::start(dir, spec)?;
     let mut results: Vec<Option<RunResult>> = plans.iter().map(|_| None).collect();
@@ -732,18 +732,6 @@ fn folder_mode(ex: &Exec, dir: &Path) -> kd_engine::folder::Mode {
         (false, true) => Mode::Overwrite,
         (false, false) => Mode::Start,
     }
-}
-
-/// Moves a sweep's folder out of the way, as `--overwrite` does for runs.
-fn archive(dir: &Path) -> Result<()> {
-    let out = dir.parent().unwrap_or(Path::new("."));
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let to = out.join(".archive").join(format!("{name}.{secs}"));
-    std::fs::create_dir_all(out.join(".archive"))?;
-    std::fs::rename(dir, &to).with_context(|| format!("archiving {}", dir.display()))
 }
 
 /// Where and how plans run: output folder, resume, tracking.

@@ -12,24 +12,14 @@
 #endif
 
 #include <chrono>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
+#include "kd_ffi.h"
+
+using kd_ffi::error_message;
+using kd_ffi::gather;
+
 namespace {
-
-char *error_message(const char *what) {
-  char *out = static_cast<char *>(std::malloc(std::strlen(what) + 1));
-  if (out != nullptr) std::strcpy(out, what);
-  return out;
-}
-
-std::vector<at::Tensor> gather(at::Tensor **ts, int64_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
-  return out;
-}
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
@@ -37,15 +27,6 @@ struct Group {
 };
 
 }  // namespace
-
-// Variadic: a body with commas outside parentheses is still one argument.
-#define KD_PROTECT(...)               \
-  try {                               \
-    __VA_ARGS__                       \
-  } catch (const std::exception &e) { \
-    return error_message(e.what());   \
-  }                                   \
-  return nullptr;
 
 extern "C" {
 

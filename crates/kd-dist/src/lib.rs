@@ -3,7 +3,7 @@
 //! CPUs, NCCL on GPUs) with the collectives the engine needs. Without the
 //! variables there is no world and kd runs as a single process.
 
-use std::ffi::{CStr, CString, c_char, c_void};
+use std::ffi::{CString, c_char, c_void};
 use std::time::Duration;
 
 use tch::Tensor;
@@ -40,22 +40,14 @@ unsafe extern "C" {
     ) -> *mut c_char;
     fn kd_dist_barrier(g: *mut c_void) -> *mut c_char;
     fn kd_dist_has_nccl() -> i32;
-    #[link_name = "free"]
-    fn libc_free(p: *mut c_void);
 }
 
 fn check(what: &'static str, err: *mut c_char) -> Result<(), DistError> {
-    if err.is_null() {
-        return Ok(());
+    // SAFETY: every shim function returns null or a message from malloc.
+    match unsafe { kd_aten::take_error(err) } {
+        None => Ok(()),
+        Some(msg) => Err(DistError::Collective { what, msg }),
     }
-    // SAFETY: the shim returns a NUL-terminated string from malloc.
-    let msg = unsafe { CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { libc_free(err.cast()) };
-    // libtorch appends a C++ stack trace after the first line.
-    let msg = msg.lines().next().unwrap_or_default().to_string();
-    Err(DistError::Collective { what, msg })
 }
 
 fn raw(t: &Tensor) -> RawTensor {

@@ -139,10 +139,7 @@ pub fn open(plan: &Plan, dir: &Path, mode: Mode) -> Result<Opened, FolderError> 
         move |err| FolderError::Io { path, err }
     };
     if let Opened::Archived(to) = &opened {
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        std::fs::rename(dir, to).map_err(io(dir))?;
+        move_to(dir, to)?;
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     if opened != Opened::Resumed {
@@ -154,6 +151,25 @@ pub fn open(plan: &Plan, dir: &Path, mode: Mode) -> Result<Opened, FolderError> 
         std::fs::write(&path, yaml).map_err(io(&path))?;
     }
     Ok(opened)
+}
+
+/// Moves `dir` (a run, or a sweep's folder) to `<out>/.archive/`, as
+/// `--overwrite` does; returns where it went.
+pub fn archive(dir: &Path) -> Result<PathBuf, FolderError> {
+    let to = archive_path(dir);
+    move_to(dir, &to)?;
+    Ok(to)
+}
+
+fn move_to(dir: &Path, to: &Path) -> Result<(), FolderError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |err| FolderError::Io { path, err }
+    };
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::rename(dir, to).map_err(io(dir))
 }
 
 /// `<out>/.archive/<name>.<unix seconds>`, numbered on if taken.

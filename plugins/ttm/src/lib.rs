@@ -5,7 +5,7 @@
 
 use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
 use serde::{Deserialize, Serialize};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,7 +20,8 @@ impl Default for Config {
     }
 }
 
-pub struct Ttm {
+/// TTM's matching, shared with WTTM (`plugins/wttm`), which weights it.
+pub struct Matching {
     s: TapRef,
     t: TapRef,
     l: f64,
@@ -34,14 +35,8 @@ fn check(value: f64) -> std::result::Result<(), String> {
     }
 }
 
-impl Method for Ttm {
-    const NAME: &'static str = "ttm";
-    const SUMMARY: &'static str =
-        "Knowledge Distillation Based on Transformed Teacher Matching (Zheng & Yang, 2024)";
-    const SCHEDULABLE: &'static [&'static str] = &["l"];
-    type Config = Config;
-
-    fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
+impl Matching {
+    pub fn build(cfg: &Config, cx: &mut BuildCx) -> Result<Matching> {
         check(cfg.l).map_err(|e| cx.error(e))?;
         let (s, t) = cx.tap_pair("logits")?;
         let (cs, ct) = (cx.shape(s).to_vec(), cx.shape(t).to_vec());
@@ -50,10 +45,11 @@ impl Method for Ttm {
                 "needs logits over the same classes on both sides, got student {cs:?} and teacher {ct:?}"
             )));
         }
-        Ok(Ttm { s, t, l: cfg.l })
+        Ok(Matching { s, t, l: cfg.l })
     }
 
-    fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
+    /// Per sample: KL(p_t^γ / Σ p_t^γ ‖ softmax(s)) and Σ_c p_t,c^γ.
+    pub fn per_sample(&self, io: &StepIo) -> (Tensor, Tensor) {
         let log_p_s = io.tap(self.s).log_softmax(1, Kind::Float);
         // The authors' order: softmax, then the power, then renormalise (a
         // class whose probability underflows stays at zero).
@@ -62,18 +58,22 @@ impl Method for Ttm {
             .detach()
             .softmax(1, Kind::Float)
             .pow_tensor_scalar(self.l);
-        let norm = p_t.sum_dim_intlist(1, true, Kind::Float);
-        let p_t = p_t / norm;
-        // F.kl_div(log p_s, p_t, reduction='none') summed over classes, then
-        // the batch mean.
+        let norm = p_t.sum_dim_intlist(1, false, Kind::Float);
+        let p_t = p_t / norm.unsqueeze(1);
+        // F.kl_div(log p_s, p_t, reduction='none') summed over classes.
         let kl = (p_t.xlogy(&p_t) - &p_t * log_p_s).sum_dim_intlist(1, false, Kind::Float);
-        out.push("ttm", kl.mean(Kind::Float));
-        Ok(())
+        (kl, norm)
     }
 
-    fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
+    /// The exponent γ in effect.
+    pub fn l(&self) -> f64 {
+        self.l
+    }
+
+    /// Schedules `l`, the one schedulable field of both methods.
+    pub fn set_scheduled(&mut self, method: &str, field: &str, value: f64) -> Result<()> {
         let plan = |msg| KdError::Plan {
-            method: "ttm".into(),
+            method: method.into(),
             msg,
         };
         if field != "l" {
@@ -84,6 +84,30 @@ impl Method for Ttm {
         check(value).map_err(|e| plan(format!("scheduled {e}")))?;
         self.l = value;
         Ok(())
+    }
+}
+
+pub struct Ttm(Matching);
+
+impl Method for Ttm {
+    const NAME: &'static str = "ttm";
+    const SUMMARY: &'static str =
+        "Knowledge Distillation Based on Transformed Teacher Matching (Zheng & Yang, 2024)";
+    const SCHEDULABLE: &'static [&'static str] = &["l"];
+    type Config = Config;
+
+    fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
+        Matching::build(&cfg, cx).map(Ttm)
+    }
+
+    fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
+        let (kl, _) = self.0.per_sample(io);
+        out.push("ttm", kl.mean(Kind::Float));
+        Ok(())
+    }
+
+    fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
+        self.0.set_scheduled(Self::NAME, field, value)
     }
 }
 
@@ -144,7 +168,7 @@ mod tests {
         let mut m = testing::build::<Ttm>(json!({}), &s, Some(&s))
             .unwrap()
             .method;
-        assert!(m.set_scheduled("l", 0.2).is_ok() && m.l == 0.2);
+        assert!(m.set_scheduled("l", 0.2).is_ok() && m.0.l() == 0.2);
         assert!(m.set_scheduled("l", 0.0).is_err());
         assert!(m.set_scheduled("beta", 1.0).is_err());
     }

@@ -3,36 +3,11 @@
 //! student's plain softmax, weighted by the sample's `U_γ(p_t) = Σ_c p_t,c^γ`
 //! (larger for smoother teacher predictions), then the batch mean.
 
-use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
-use serde::{Deserialize, Serialize};
+use kd_core::{BuildCx, Losses, Method, Result, StepIo, register_method};
+use kd_plugin_ttm::{Config, Matching};
 use tch::Kind;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// Exponent γ of the power transform (`--ttm_l`; the paper's γ = 1/T).
-    pub l: f64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config { l: 1.0 }
-    }
-}
-
-pub struct Wttm {
-    s: TapRef,
-    t: TapRef,
-    l: f64,
-}
-
-fn check(value: f64) -> std::result::Result<(), String> {
-    if value > 0.0 && value.is_finite() {
-        Ok(())
-    } else {
-        Err(format!("l must be finite and positive, got {value}"))
-    }
-}
+pub struct Wttm(Matching);
 
 impl Method for Wttm {
     const NAME: &'static str = "wttm";
@@ -41,48 +16,20 @@ impl Method for Wttm {
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
-        check(cfg.l).map_err(|e| cx.error(e))?;
-        let (s, t) = cx.tap_pair("logits")?;
-        let (cs, ct) = (cx.shape(s).to_vec(), cx.shape(t).to_vec());
-        if cs != ct || cs.len() != 1 {
-            return Err(cx.error(format!(
-                "needs logits over the same classes on both sides, got student {cs:?} and teacher {ct:?}"
-            )));
-        }
-        Ok(Wttm { s, t, l: cfg.l })
+        Matching::build(&cfg, cx).map(Wttm)
     }
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
-        let log_p_s = io.tap(self.s).log_softmax(1, Kind::Float);
-        // As the authors: softmax, power, renormalise; the teacher is a
-        // constant, so the weight is too.
-        let p_t = io
-            .tap(self.t)
-            .detach()
-            .softmax(1, Kind::Float)
-            .pow_tensor_scalar(self.l);
-        let norm = p_t.sum_dim_intlist(1, false, Kind::Float);
-        let p_t = p_t / norm.unsqueeze(1);
-        let kl = (p_t.xlogy(&p_t) - &p_t * log_p_s).sum_dim_intlist(1, false, Kind::Float);
         // The raw sum of powers weights each sample, not normalised over the
-        // batch (`torch.mean(norm*KL)`).
+        // batch (`torch.mean(norm*KL)`); the teacher is a constant, so the
+        // weight is too.
+        let (kl, norm) = self.0.per_sample(io);
         out.push("wttm", (norm * kl).mean(Kind::Float));
         Ok(())
     }
 
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
-        let plan = |msg| KdError::Plan {
-            method: "wttm".into(),
-            msg,
-        };
-        if field != "l" {
-            return Err(plan(format!(
-                "field `{field}` cannot be scheduled; schedulable: l"
-            )));
-        }
-        check(value).map_err(|e| plan(format!("scheduled {e}")))?;
-        self.l = value;
-        Ok(())
+        self.0.set_scheduled(Self::NAME, field, value)
     }
 }
 
@@ -142,7 +89,7 @@ mod tests {
         let mut m = testing::build::<Wttm>(json!({}), &s, Some(&s))
             .unwrap()
             .method;
-        assert!(m.set_scheduled("l", 0.2).is_ok() && m.l == 0.2);
+        assert!(m.set_scheduled("l", 0.2).is_ok() && m.0.l() == 0.2);
         assert!(m.set_scheduled("l", -1.0).is_err());
         assert!(m.set_scheduled("T", 1.0).is_err());
     }
