@@ -3,8 +3,12 @@
 The architectures are RepDistiller's CIFAR ResNet (models/resnet.py), WRN
 (models/wrn.py), VGG-BN (models/vgg.py), Bottleneck ResNet (models/resnetv2.py),
 MobileNetV2 (models/mobilenetv2.py), ShuffleNet V1 (models/ShuffleNetv1.py) and
-V2 (models/ShuffleNetv2.py), with the same module names so the state_dict keys
-match; forward() returns kd's taps:
+V2 (models/ShuffleNetv2.py), then the ImageNet nets of mdistiller's zoo:
+torchvision's ResNets (torchvision/models/resnet.py; resnet18, resnet34,
+resnet50) and mdistiller's MobileNetV1 (mdistiller/models/imagenet/
+mobilenetv1.py), with the same module names so the state_dict keys match;
+check_imagenet_references() confirms the torchvision ones against
+torchvision itself. forward() returns kd's taps:
   feat/0 stem, feat/k stage k, preact/k the same point before its last ReLU,
   embed the pooled vector, logits.
 Where kd's taps differ from RepDistiller's `is_feat=True, preact=True` lists:
@@ -22,8 +26,9 @@ Writes into fixtures/:
                                num_batches_tracked included); big models in
                                float16 (their weights are rounded to float16
                                first, so the expectations are exact for them)
-  model_<name>_io.safetensors  `input` [B, 3, 32, 32] (B = 4, 2 for the
-                               models added later); eval-mode `logits`,
+  model_<name>_io.safetensors  `input` [B, 3, S, S] (B = 4, 2 for the
+                               models added later; S = 32, 64 for the
+                               ImageNet nets); eval-mode `logits`,
                                `embed` and every tap, spatial taps as
                                `x.flatten(1)[:, ::TAP_STRIDE]` to keep files
                                small; `train/logits` and `train/<bn buffer>`
@@ -32,7 +37,9 @@ Writes into fixtures/:
                                model, arch, num_classes, tap_stride, tap_shapes.
   model_zoo.json               per zoo name (100 classes): state_dict keys with
                                shapes, trainable parameter count, tap shapes
-                               for one 32x32 input.
+                               for one 32x32 input; for the ImageNet nets
+                               also `imagenet_params`, the count at 1000
+                               classes (torchvision's own for the ResNets).
 Run: ~/.cache/kd/venv/bin/python tests/golden/models.py
 """
 import json
@@ -42,6 +49,7 @@ import pathlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from safetensors.torch import save_file
 
 OUT = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -463,9 +471,138 @@ class ShuffleNetV2(nn.Module):
         return taps(feat, pre, embed, self.linear(embed))
 
 
+# ---------------------------------------------------------------- torchvision ResNets
+
+class TvBlock(nn.Module):
+    """torchvision's BasicBlock or Bottleneck (the stride on the 3x3), its
+    modules registered in torchvision's order."""
+
+    def __init__(self, c_in, planes, stride, bottleneck):
+        super().__init__()
+        self.expansion = 4 if bottleneck else 1
+        c_out = planes * self.expansion
+        if bottleneck:
+            self.conv1 = conv(c_in, planes, 1)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = conv(planes, planes, 3, stride)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.conv3 = conv(planes, c_out, 1)
+            self.bn3 = nn.BatchNorm2d(c_out)
+            self.chain = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+        else:
+            self.conv1 = conv(c_in, planes, 3, stride)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = conv(planes, planes, 3)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.chain = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        """Residual sum before the closing ReLU."""
+        h = x
+        for c, b in self.chain[:-1]:
+            h = F.relu(b(c(h)))
+        c, b = self.chain[-1]
+        return b(c(h)) + (x if self.downsample is None else self.downsample(x))
+
+
+class TvResNet(nn.Module):
+    def __init__(self, bottleneck, blocks, stem, planes, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        c_in = stem
+        for s, (n, p) in enumerate(zip(blocks, planes)):
+            layer = []
+            for i in range(n):
+                layer.append(TvBlock(c_in, p, (1 if s == 0 else 2) if i == 0 else 1, bottleneck))
+                c_in = layer[-1].expansion * p
+            setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
+        self.fc = nn.Linear(c_in, num_classes)
+        # torchvision's, zero_init_residual=False; fc left as PyTorch makes it.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        # mdistiller's taps: the stem before the max pool, each stage's
+        # output before its closing ReLU.
+        pre = [self.bn1(self.conv1(x))]
+        feat = [F.relu(pre[0])]
+        h = F.max_pool2d(feat[0], 3, 2, 1)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in list(layer)[:-1]:
+                h = F.relu(block(h))
+            pre.append(layer[-1](h))
+            feat.append(F.relu(pre[-1]))
+            h = feat[-1]
+        embed = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        return taps(feat, pre, embed, self.fc(embed))
+
+
+# ---------------------------------------------------------------- MobileNetV1 (mdistiller, ImageNet)
+
+class MobileNetV1(nn.Module):
+    # Output width and stride of model.1 .. model.13 (mdistiller's conv_dw).
+    LAYERS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),
+              (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
+    STAGE_ENDS = (3, 5, 11, 13)
+
+    def __init__(self, width, num_classes):
+        super().__init__()
+        c = int(32 * width)
+        layers = [nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())]
+        for out, stride in self.LAYERS:
+            o = int(out * width)
+            layers.append(nn.Sequential(
+                nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                nn.Conv2d(c, o, 1, 1, 0, bias=False), nn.BatchNorm2d(o), nn.ReLU()))
+            c = o
+        layers.append(nn.AvgPool2d(7))  # model.14: the global mean at 224 pixels; no state
+        self.model = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+        # PyTorch's default initialisation, as mdistiller.
+
+    def forward(self, x):
+        pre = [self.model[0][:-1](x)]
+        feat = [F.relu(pre[0])]
+        start = 1
+        for end in self.STAGE_ENDS:
+            h = self.model[start:end](feat[-1])
+            pre.append(self.model[end][:-1](h))
+            feat.append(F.relu(pre[-1]))
+            start = end + 1
+        embed = F.adaptive_avg_pool2d(feat[-1], 1).flatten(1)
+        return taps(feat, pre, embed, self.fc(embed))
+
+    def mdistiller_forward(self, x):
+        """mdistiller's forward(), verbatim in its indexing: (logits, feats)."""
+        feat1 = self.model[3][:-1](self.model[0:3](x))
+        feat2 = self.model[5][:-1](self.model[4:5](F.relu(feat1)))
+        feat3 = self.model[11][:-1](self.model[6:11](F.relu(feat2)))
+        feat4 = self.model[13][:-1](self.model[12:13](F.relu(feat3)))
+        avg = self.model[14](F.relu(feat4)).flatten(1)
+        return self.fc(avg), {"pooled_feat": avg, "preact_feats": [feat1, feat2, feat3, feat4]}
+
+
 # ---------------------------------------------------------------- zoo
 
+TV_RESNETS = {"resnet18": (False, [2, 2, 2, 2]), "resnet34": (False, [3, 4, 6, 3]),
+              "resnet50": (True, [3, 4, 6, 3])}
+
+
 def arch_of(name):
+    if name in TV_RESNETS:
+        bottleneck, blocks = TV_RESNETS[name]
+        return {"family": "tvresnet", "block": "bottleneck" if bottleneck else "basic", "blocks": blocks,
+                "stem": 64, "planes": [64, 128, 256, 512]}
+    if name == "MobileNetV1":
+        return {"family": "mobilenetv1", "width": 1.0}
     if name == "ResNet50":
         return {"family": "resnetv2", "blocks": [3, 4, 6, 3], "stem": 64, "planes": [64, 128, 256, 512]}
     if name.startswith("mobile_"):
@@ -498,15 +635,21 @@ def build(arch, num_classes):
         return ShuffleNetV1(arch["out_planes"], arch["num_blocks"], arch["groups"], num_classes)
     if arch["family"] == "shufflev2":
         return ShuffleNetV2(arch["out_channels"], arch["num_blocks"], num_classes)
+    if arch["family"] == "tvresnet":
+        return TvResNet(arch["block"] == "bottleneck", arch["blocks"], arch["stem"], arch["planes"], num_classes)
+    if arch["family"] == "mobilenetv1":
+        return MobileNetV1(arch["width"], num_classes)
     return VGG(arch["cfg"], num_classes)
 
 
 ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
        "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
        "vgg8", "vgg11", "vgg13", "vgg16", "vgg19",
-       "ResNet50", "mobile_half", "mobile_full", "ShuffleV1", "ShuffleV2"]
+       "ResNet50", "mobile_half", "mobile_full", "ShuffleV1", "ShuffleV2",
+       "resnet18", "resnet34", "resnet50", "MobileNetV1"]
+IMAGENET = ("resnet18", "resnet34", "resnet50", "MobileNetV1")
 
-# name -> (arch, float16 weights, batch). Full vgg8 is 4M parameters (16 MB),
+# name -> (arch, float16 weights, batch[, input size]). Full vgg8 is 4M parameters (16 MB),
 # so VGG is checked at 1/8 width with vgg11's two-conv blocks, which exercises
 # the Sequential indices vgg8 never reaches; vgg8 itself is covered by the zoo
 # table (keys, shapes, parameter and tap shapes). ResNet50 (23.5M parameters)
@@ -514,6 +657,13 @@ ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "r
 # changes without a stride (layer1.0) and identities, at 1/8 width (stem
 # 1/4) and fewer blocks. ShuffleV2 (2.6 MB even in float16) is checked at
 # RepDistiller's net size 0.5: the same blocks and head, stages at 41% width.
+# The ImageNet nets (11.7M to 25.6M parameters, 8 to 51 MB even in float16)
+# likewise, on 64x64 inputs: tv_resnet{18,34,50}_slim are resnet18, resnet34
+# and resnet50 with every width at 1/8 (resnet50's stem at 1/4, so layer1.0
+# has its shape-changing downsample without a stride), MobileNetV1_slim is
+# MobileNetV1 at width 1/4; check_imagenet_references() ties the full-width
+# ResNets to torchvision and the MobileNetV1 reference to mdistiller's
+# forward.
 # Entries are generated in this order from one seed: new ones go at the end,
 # so the fixtures before them stay as they are.
 GOLDEN = {
@@ -527,10 +677,17 @@ GOLDEN = {
                        True, 2),
     "resnet50_slim": ({"family": "resnetv2", "blocks": [2, 1, 2, 1], "stem": 16, "planes": [8, 16, 32, 64]},
                       False, 2),
+    "tv_resnet18_slim": ({"family": "tvresnet", "block": "basic", "blocks": [2, 2, 2, 2], "stem": 8,
+                          "planes": [8, 16, 32, 64]}, True, 2, 64),
+    "tv_resnet34_slim": ({"family": "tvresnet", "block": "basic", "blocks": [3, 4, 6, 3], "stem": 8,
+                          "planes": [8, 16, 32, 64]}, True, 2, 64),
+    "tv_resnet50_slim": ({"family": "tvresnet", "block": "bottleneck", "blocks": [3, 4, 6, 3], "stem": 16,
+                          "planes": [8, 16, 32, 64]}, True, 2, 64),
+    "MobileNetV1_slim": ({"family": "mobilenetv1", "width": 0.25}, True, 2, 64),
 }
 
 
-def perturb_and_calibrate(model):
+def perturb_and_calibrate(model, size=32):
     """Moves every parameter off its structured init (BN weight 1, bias 0)
     so swapped or ignored tensors show, and gives BN running statistics that
     differ from any test batch's own."""
@@ -543,23 +700,23 @@ def perturb_and_calibrate(model):
                 m.bias.normal_(0, 0.1)
         model.train()
         for _ in range(3):
-            model(torch.randn(16, 3, 32, 32) * 1.5 + 0.3)
+            model(torch.randn(16, 3, size, size) * 1.5 + 0.3)
 
 
 def sampled(t):
     return t.flatten(1)[:, ::TAP_STRIDE].contiguous() if t.dim() > 2 else t.contiguous()
 
 
-def golden(name, arch, half, batch):
+def golden(name, arch, half, batch, size=32):
     model = build(arch, NUM_CLASSES)
-    perturb_and_calibrate(model)
+    perturb_and_calibrate(model, size)
     if half:
         with torch.no_grad():
             for t in model.state_dict().values():
                 if t.is_floating_point():
                     t.copy_(t.half().float())
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    x = torch.randn(batch, 3, 32, 32)
+    x = torch.randn(batch, 3, size, size)
     model.eval()
     with torch.no_grad():
         out = model(x)
@@ -583,6 +740,54 @@ def golden(name, arch, half, batch):
     print(f"{name}: logits[0,:3]={out['logits'][0, :3].tolist()}")
 
 
+def assert_close(what, got, want):
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4 * max(1.0, want.abs().max().item()), f"{what}: max |diff| {err}"
+
+
+def check_imagenet_references():
+    """The ImageNet references are what they claim to be: each TvResNet
+    has torchvision's state_dict (keys in order, shapes) and, with
+    torchvision's weights, its logits and BN statistics in eval and train
+    mode; MobileNetV1's taps are mdistiller's forward at 224 pixels."""
+    for name, ctor in (("resnet18", torchvision.models.resnet18), ("resnet34", torchvision.models.resnet34),
+                       ("resnet50", torchvision.models.resnet50)):
+        tv = ctor(num_classes=NUM_CLASSES)
+        ours = build(arch_of(name), NUM_CLASSES)
+        shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+        assert shapes(ours) == shapes(tv), name
+        perturb_and_calibrate(tv)
+        ours.load_state_dict(tv.state_dict())
+        x = torch.randn(2, 3, 64, 64)
+        for train in (False, True):
+            tv.train(train)
+            ours.train(train)
+            with torch.no_grad():
+                assert_close(f"{name} train={train}", ours(x)["logits"], tv(x))
+        for (k, a), (_, b) in zip(ours.state_dict().items(), tv.state_dict().items()):
+            assert_close(f"{name} {k}", a.float(), b.float())
+    net = MobileNetV1(1.0, 1000)
+    perturb_and_calibrate(net)
+    net.eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224)
+        out = net(x)
+        logits, feats = net.mdistiller_forward(x)
+    assert_close("MobileNetV1 logits", out["logits"], logits)
+    assert_close("MobileNetV1 embed", out["embed"], feats["pooled_feat"])
+    for k, t in enumerate(feats["preact_feats"]):
+        assert_close(f"MobileNetV1 preact/{k + 1}", out[f"preact/{k + 1}"], t)
+    print("imagenet references: torchvision and mdistiller agree")
+
+
+def imagenet_params(name):
+    """Trainable parameters at ImageNet's 1000 classes; torchvision's own
+    model for the ResNets."""
+    model = getattr(torchvision.models, name)() if name in TV_RESNETS else build(arch_of(name), 1000)
+    return sum(p.numel() for p in model.parameters())
+
+
 def zoo_table():
     table = {}
     for name in ZOO:
@@ -594,6 +799,8 @@ def zoo_table():
             "state": [[k, list(v.shape)] for k, v in model.state_dict().items()],
             "taps": {k: list(v.shape[1:]) for k, v in out.items()},
         }
+        if name in IMAGENET:
+            table[name]["imagenet_params"] = imagenet_params(name)
     (OUT / "model_zoo.json").write_text(json.dumps(table, indent=None, separators=(",", ":")) + "\n")
     print("zoo:", {k: v["params"] for k, v in table.items()})
 
@@ -602,8 +809,9 @@ def main():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
     OUT.mkdir(exist_ok=True)
-    for name, (arch, half, batch) in GOLDEN.items():
-        golden(name, arch, half, batch)
+    for name, spec in GOLDEN.items():
+        golden(name, *spec)
+    check_imagenet_references()
     zoo_table()
 
 

@@ -1,29 +1,40 @@
 //! The CIFAR model zoo of RepDistiller (`models/resnet.py`, `resnetv2.py`,
 //! `wrn.py`, `vgg.py`, `mobilenetv2.py`, `ShuffleNetv1.py`, `ShuffleNetv2.py`)
-//! with the feature taps distillation methods read.
+//! and the ImageNet nets of mdistiller's zoo (torchvision's `resnet18`,
+//! `resnet34`, `resnet50`; `MobileNetV1`), with the feature taps
+//! distillation methods read.
 //!
-//! Architectures and parameter names follow RepDistiller exactly, so a
-//! PyTorch `state_dict` saved as safetensors loads with [`load_weights`] as it
-//! is. Models are built under a [`tch::nn::Path`]; `build("resnet20", &vs.root(), 100)`
-//! gives the names `conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...
+//! Architectures and parameter names follow RepDistiller (torchvision and
+//! mdistiller for the ImageNet nets) exactly, so a PyTorch `state_dict`
+//! saved as safetensors, or with `torch.save`, loads with [`load_weights`] as
+//! it is. Models are built under a [`tch::nn::Path`]; `build("resnet20",
+//! &vs.root(), 100)` gives the names `conv1.weight`,
+//! `layer1.0.bn1.running_mean`, `fc.bias`, ...
 //!
 //! Taps ([`kd_core::Taps`]): `feat/0` is the stem, `feat/k` stage `k`,
 //! `preact/k` the same point before its last ReLU, `embed` the pooled vector,
 //! `logits` the classifier output. What each means per family is documented
 //! on [`ResNet`], [`ResNetV2`], [`WideResNet`], [`Vgg`], [`MobileNetV2`],
-//! [`ShuffleNetV1`] and [`ShuffleNetV2`].
+//! [`ShuffleNetV1`], [`ShuffleNetV2`], [`TvResNet`] and [`MobileNetV1`].
+//! The ImageNet nets are meant for 224x224 inputs but pool adaptively, so
+//! any input of at least 32 pixels runs.
 //!
 //! Zoo names are RepDistiller's `model_dict` keys, case included: `resnet8`
 //! ... `resnet110`, `resnet8x4`, `resnet32x4`, `ResNet50`, `wrn_16_1` ...
 //! `wrn_40_2`, `vgg8` ... `vgg19`, `mobile_half`, `mobile_full`, `ShuffleV1`,
-//! `ShuffleV2` (see [`names`]).
+//! `ShuffleV2`; then torchvision's `resnet18`, `resnet34`, `resnet50` and
+//! mdistiller's `MobileNetV1` (see [`names`]). Case matters: `resnet50` is
+//! torchvision's ImageNet ResNet-50 (7x7 stem, max pool, `fc`), `ResNet50`
+//! RepDistiller's CIFAR Bottleneck net (3x3 stem, no pool, `linear`).
 
 mod layers;
+pub mod mobilenetv1;
 pub mod mobilenetv2;
 pub mod resnet;
 pub mod resnetv2;
 pub mod shufflenetv1;
 pub mod shufflenetv2;
+pub mod tvresnet;
 pub mod vgg;
 mod weights;
 pub mod wrn;
@@ -33,11 +44,13 @@ use std::path::PathBuf;
 use kd_core::Taps;
 use tch::{Tensor, nn};
 
+pub use mobilenetv1::{MobileNetV1, MobileNetV1Config};
 pub use mobilenetv2::{MobileNetV2, MobileNetV2Config};
 pub use resnet::{ResNet, ResNetConfig};
 pub use resnetv2::{ResNetV2, ResNetV2Config};
 pub use shufflenetv1::{ShuffleNetV1, ShuffleV1Config};
 pub use shufflenetv2::{ShuffleNetV2, ShuffleV2Config};
+pub use tvresnet::{TvBlock, TvResNet, TvResNetConfig};
 pub use vgg::{Vgg, VggConfig};
 pub use weights::{check_safetensors, load_weights, plain as plain_tch_error, save_weights};
 pub use wrn::{WideResNet, WrnConfig};
@@ -90,9 +103,11 @@ enum Arch {
     MobileNetV2 { expansion: i64, width_mult: f64 },
     ShuffleV1,
     ShuffleV2,
+    TvResNet { block: TvBlock, blocks: [i64; 4] },
+    MobileNetV1,
 }
 
-/// RepDistiller's `model_dict`.
+/// RepDistiller's `model_dict`, then mdistiller's ImageNet nets.
 const ZOO: &[(&str, Arch)] = &[
     (
         "resnet8",
@@ -212,11 +227,33 @@ const ZOO: &[(&str, Arch)] = &[
     ),
     ("ShuffleV1", Arch::ShuffleV1),
     ("ShuffleV2", Arch::ShuffleV2),
+    (
+        "resnet18",
+        Arch::TvResNet {
+            block: TvBlock::Basic,
+            blocks: [2, 2, 2, 2],
+        },
+    ),
+    (
+        "resnet34",
+        Arch::TvResNet {
+            block: TvBlock::Basic,
+            blocks: [3, 4, 6, 3],
+        },
+    ),
+    (
+        "resnet50",
+        Arch::TvResNet {
+            block: TvBlock::Bottleneck,
+            blocks: [3, 4, 6, 3],
+        },
+    ),
+    ("MobileNetV1", Arch::MobileNetV1),
 ];
 
-/// Classifier biases of the zoo's state_dicts (`fc`, VGG's `classifier`,
-/// MobileNetV2's `classifier.0`, `linear` of ResNet50 and the ShuffleNets),
-/// whose length is the number of classes.
+/// Classifier biases of the zoo's state_dicts (`fc`, also of the ImageNet
+/// nets, VGG's `classifier`, MobileNetV2's `classifier.0`, `linear` of
+/// ResNet50 and the ShuffleNets), whose length is the number of classes.
 const CLASSIFIER_BIASES: [&str; 4] = [
     "fc.bias",
     "classifier.bias",
@@ -285,6 +322,16 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
         ),
         Arch::ShuffleV2 => Box::new(
             ShuffleV2Config::new()
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::TvResNet { block, blocks } => Box::new(
+            TvResNetConfig::new(block, blocks)
+                .with_num_classes(num_classes)
+                .init(p)?,
+        ),
+        Arch::MobileNetV1 => Box::new(
+            MobileNetV1Config::new()
                 .with_num_classes(num_classes)
                 .init(p)?,
         ),

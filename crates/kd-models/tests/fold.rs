@@ -15,7 +15,10 @@ fn calibrated(name: &str) -> (nn::VarStore, Box<dyn kd_models::Network>) {
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     tch::no_grad(|| {
         for (n, mut v) in vars {
-            if n.contains("bn") || n.starts_with("block") && v.dim() == 1 {
+            // BNs: `bn*`, VGG's `block*` and MobileNetV1's `model.*` vectors.
+            if n.contains("bn")
+                || (n.starts_with("block") || n.starts_with("model.")) && v.dim() == 1
+            {
                 let _ = v.uniform_(0.5, 1.5);
             }
         }
@@ -34,7 +37,16 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn folded_eval_outputs_equal_unfolded_ones() {
-    for name in ["resnet8x4", "resnet20", "wrn_16_2", "vgg8", "ResNet50"] {
+    for name in [
+        "resnet8x4",
+        "resnet20",
+        "wrn_16_2",
+        "vgg8",
+        "ResNet50",
+        "resnet18",
+        "resnet50",
+        "MobileNetV1",
+    ] {
         let (_vs, mut net) = calibrated(name);
         let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
         let plain = tch::no_grad(|| net.forward_taps(&x, false));

@@ -1,13 +1,18 @@
 //! Forward passes against PyTorch (tests/golden/models.py): same weights,
 //! same input, every tap in eval mode, logits and BN running statistics
-//! after one train-mode pass.
+//! after one train-mode pass. The ImageNet nets are checked at reduced width
+//! on 64x64 inputs (`tv_resnet*_slim`, `MobileNetV1_slim`), their weights
+//! saved under torchvision's and mdistiller's `state_dict` keys.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{assert_close, fixture, metadata, read};
-use kd_models::{Network, ResNetV2Config, ShuffleV2Config, VggConfig, build, load_weights};
+use kd_models::{
+    MobileNetV1Config, Network, ResNetV2Config, ShuffleV2Config, TvBlock, TvResNetConfig,
+    VggConfig, build, load_weights,
+};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
@@ -37,9 +42,29 @@ fn build_arch(
             .init(&vs.root());
         return Box::new(net.unwrap());
     }
+    if arch["family"] == "tvresnet" {
+        let block = match arch["block"].as_str() {
+            Some("basic") => TvBlock::Basic,
+            Some("bottleneck") => TvBlock::Bottleneck,
+            other => panic!("{name}: unknown block {other:?}"),
+        };
+        let net = TvResNetConfig::new(block, serde_json::from_value(field("blocks")).unwrap())
+            .with_stem(serde_json::from_value(field("stem")).unwrap())
+            .with_planes(serde_json::from_value(field("planes")).unwrap())
+            .with_num_classes(classes)
+            .init(&vs.root());
+        return Box::new(net.unwrap());
+    }
+    if arch["family"] == "mobilenetv1" {
+        let net = MobileNetV1Config::new()
+            .with_width_mult(arch["width"].as_f64().unwrap())
+            .with_num_classes(classes)
+            .init(&vs.root());
+        return Box::new(net.unwrap());
+    }
     assert_eq!(
         arch["family"], "vgg",
-        "{name}: only slim VGGs, ResNetV2s and ShuffleNetV2s are built from a config"
+        "{name}: only slim VGGs, ResNetV2s, ShuffleNetV2s and ImageNet nets are built from a config"
     );
     let cfg: Vec<Vec<i64>> = serde_json::from_value(field("cfg")).unwrap();
     let net = VggConfig::new(8)
@@ -143,4 +168,24 @@ fn shufflev2_matches_pytorch() {
 #[test]
 fn resnet50_matches_pytorch() {
     check("resnet50_slim");
+}
+
+#[test]
+fn tv_resnet18_matches_pytorch() {
+    check("tv_resnet18_slim");
+}
+
+#[test]
+fn tv_resnet34_matches_pytorch() {
+    check("tv_resnet34_slim");
+}
+
+#[test]
+fn tv_resnet50_matches_pytorch() {
+    check("tv_resnet50_slim");
+}
+
+#[test]
+fn mobilenetv1_matches_pytorch() {
+    check("MobileNetV1_slim");
 }

@@ -1,9 +1,11 @@
-//! Fresh weights follow RepDistiller's initialisation, checked against the
-//! PyTorch formulas: convs N(0, sqrt(2 / (out*k*k))) (PyTorch's default
-//! U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the ShuffleNets, which keep it),
-//! BN weight 1 bias 0, running stats 0/1, classifiers per family (nn.Linear
-//! default for ResNet, ResNet50 and the ShuffleNets, zero bias for WRN,
-//! N(0, 0.01) with zero bias for VGG and MobileNetV2).
+//! Fresh weights follow RepDistiller's initialisation (torchvision's and
+//! mdistiller's for the ImageNet nets), checked against the PyTorch formulas:
+//! convs N(0, sqrt(2 / (out*k*k))) (PyTorch's default U(-1/sqrt(fan_in),
+//! 1/sqrt(fan_in)) for the ShuffleNets and MobileNetV1, which keep it), BN
+//! weight 1 bias 0, running stats 0/1, classifiers per family (nn.Linear
+//! default for ResNet, ResNet50, the ShuffleNets, torchvision's ResNets and
+//! MobileNetV1, zero bias for WRN, N(0, 0.01) with zero bias for VGG and
+//! MobileNetV2).
 
 use std::collections::HashMap;
 
@@ -154,6 +156,22 @@ fn shufflenet_init() {
         "ShuffleV2",
         Conv::TorchDefault,
         "linear",
+        Classifier::TorchDefault,
+    );
+}
+
+#[test]
+fn torchvision_resnet_init() {
+    check("resnet18", Conv::HeFanOut, "fc", Classifier::TorchDefault);
+    check("resnet50", Conv::HeFanOut, "fc", Classifier::TorchDefault);
+}
+
+#[test]
+fn mobilenetv1_init() {
+    check(
+        "MobileNetV1",
+        Conv::TorchDefault,
+        "fc",
         Classifier::TorchDefault,
     );
 }

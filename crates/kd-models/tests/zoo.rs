@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{fixture, is_ignored, read, zoo_table};
 use kd_models::{
-    MobileNetV2Config, ModelError, ResNetConfig, ResNetV2Config, ShuffleV1Config, ShuffleV2Config,
-    VggConfig, WrnConfig, build, is_classifier_bias, names,
+    MobileNetV1Config, MobileNetV2Config, ModelError, ResNetConfig, ResNetV2Config,
+    ShuffleV1Config, ShuffleV2Config, TvBlock, TvResNetConfig, VggConfig, WrnConfig, build,
+    is_classifier_bias, load_weights, names,
 };
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -112,6 +113,114 @@ fn zoo_names_are_repdistillers_model_dict_keys() {
     // Case is part of the name, as in RepDistiller's model_dict.
     let vs = VarStore::new(Device::Cpu);
     assert!(build("shufflev1", &vs.root(), 10).is_err());
+    // The ImageNet nets: torchvision's names and mdistiller's MobileNetV1.
+    for name in ["resnet18", "resnet34", "resnet50", "MobileNetV1"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    assert!(build("mobilenetv1", &vs.root(), 10).is_err());
+}
+
+/// `resnet50` is torchvision's ImageNet net, `ResNet50` RepDistiller's CIFAR
+/// one: a 7x7 stem and `fc` against a 3x3 stem and `linear`.
+#[test]
+fn torchvision_resnet50_is_not_repdistillers_resnet50() {
+    let shapes = |name: &str| -> BTreeMap<String, Vec<i64>> {
+        let vs = VarStore::new(Device::Cpu);
+        build(name, &vs.root(), 10).unwrap();
+        vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.size()))
+            .collect()
+    };
+    let tv = shapes("resnet50");
+    let rd = shapes("ResNet50");
+    assert_eq!(tv["conv1.weight"], [64, 3, 7, 7]);
+    assert_eq!(rd["conv1.weight"], [64, 3, 3, 3]);
+    assert_eq!(tv["fc.weight"], [10, 2048]);
+    assert_eq!(rd["linear.weight"], [10, 2048]);
+    assert!(tv.contains_key("layer1.0.downsample.0.weight"));
+    assert!(rd.contains_key("layer1.0.shortcut.0.weight"));
+}
+
+/// Trainable parameters at ImageNet's 1000 classes: torchvision's own counts
+/// for the ResNets (resnet18 11,689,512), mdistiller's net for MobileNetV1,
+/// as tests/golden/models.py computed them.
+#[test]
+fn imagenet_nets_have_the_reference_parameter_counts() {
+    let mut seen = 0;
+    for (name, entry) in zoo_table() {
+        let Some(want) = entry.get("imagenet_params") else {
+            continue;
+        };
+        let vs = VarStore::new(Device::Cpu);
+        build(&name, &vs.root(), 1000).unwrap();
+        let params: usize = vs.trainable_variables().iter().map(Tensor::numel).sum();
+        assert_eq!(params as i64, want.as_i64().unwrap(), "{name}");
+        seen += 1;
+    }
+    assert_eq!(seen, 4, "resnet18, resnet34, resnet50 and MobileNetV1");
+}
+
+/// A state_dict with torchvision's keys (mdistiller's for MobileNetV1;
+/// `num_batches_tracked` included, as `torch.save` has it), listed by
+/// tests/golden/models.py, loads into the zoo net of the same name.
+#[test]
+fn imagenet_state_dicts_load_under_their_reference_keys() {
+    let table = zoo_table();
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(5);
+    for name in ["resnet18", "resnet50", "MobileNetV1"] {
+        let state: Vec<(String, Vec<i64>)> =
+            serde_json::from_value(table[name]["state"].clone()).unwrap();
+        let tensors: Vec<(String, Tensor)> = state
+            .into_iter()
+            .map(|(k, shape)| {
+                let t = if is_ignored(&k) {
+                    Tensor::from(7i64).reshape(shape.as_slice())
+                } else {
+                    Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu))
+                };
+                (k, t)
+            })
+            .collect();
+        let path = dir.path().join(format!("{name}.safetensors"));
+        Tensor::write_safetensors(&tensors, &path).unwrap();
+        let mut vs = VarStore::new(Device::Cpu);
+        build(name, &vs.root(), 100).unwrap();
+        load_weights(&mut vs, &path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let vars = vs.variables();
+        for (k, t) in &tensors {
+            if !is_ignored(k) {
+                assert!(vars[k].equal(t), "{name} {k}: not loaded");
+            }
+        }
+    }
+}
+
+/// Adaptive pooling: the ImageNet nets run on their 224x224 inputs and on
+/// any other of at least 32 pixels.
+#[test]
+fn imagenet_nets_take_inputs_of_any_size() {
+    tch::manual_seed(6);
+    let cases: [(&str, [i64; 2], [i64; 3]); 4] = [
+        ("resnet18", [224, 224], [512, 7, 7]),
+        ("MobileNetV1", [224, 224], [1024, 7, 7]),
+        ("resnet50", [45, 37], [2048, 2, 2]),
+        ("MobileNetV1", [32, 64], [1024, 1, 2]),
+    ];
+    for (name, [h, w], last) in cases {
+        let vs = VarStore::new(Device::Cpu);
+        let net = build(name, &vs.root(), 10).unwrap();
+        let x = Tensor::randn([1, 3, h, w], (Kind::Float, Device::Cpu));
+        let taps = tch::no_grad(|| net.forward_taps(&x, false));
+        assert_eq!(taps.feat[4].size()[1..], last, "{name} at {h}x{w}");
+        assert_eq!(
+            taps.feat[0].size()[2..],
+            [(h + 1) / 2, (w + 1) / 2],
+            "{name}"
+        );
+        assert_eq!(taps.logits.size(), [1, 10], "{name}");
+    }
 }
 
 #[test]
@@ -153,7 +262,7 @@ fn classifier_biases_of_every_family_are_recognised() {
 /// architectures (the zoo table checks them against PyTorch as well).
 #[test]
 fn new_families_have_the_tap_shapes_of_their_stages() {
-    let cases: [(&str, &[&[i64]], i64); 4] = [
+    let cases: [(&str, &[&[i64]], i64); 7] = [
         (
             "mobile_half",
             &[
@@ -185,6 +294,39 @@ fn new_families_have_the_tap_shapes_of_their_stages() {
                 &[2048, 4, 4],
             ],
             2048,
+        ),
+        (
+            "resnet18",
+            &[
+                &[64, 16, 16],
+                &[64, 8, 8],
+                &[128, 4, 4],
+                &[256, 2, 2],
+                &[512, 1, 1],
+            ],
+            512,
+        ),
+        (
+            "resnet50",
+            &[
+                &[64, 16, 16],
+                &[256, 8, 8],
+                &[512, 4, 4],
+                &[1024, 2, 2],
+                &[2048, 1, 1],
+            ],
+            2048,
+        ),
+        (
+            "MobileNetV1",
+            &[
+                &[32, 16, 16],
+                &[128, 8, 8],
+                &[256, 4, 4],
+                &[512, 2, 2],
+                &[1024, 1, 1],
+            ],
+            1024,
         ),
     ];
     tch::manual_seed(3);
@@ -275,6 +417,38 @@ fn invalid_configurations_are_errors() {
     assert!(err.to_string().contains("num_classes"), "{err}");
     let err = build("ShuffleV2", &p, 0).err().expect("zero classes");
     assert!(err.to_string().contains("num_classes"), "{err}");
+    assert!(
+        TvResNetConfig::new(TvBlock::Basic, [2, 0, 2, 2])
+            .init(&p)
+            .is_err()
+    );
+    assert!(TvResNetConfig::resnet50().with_stem(0).init(&p).is_err());
+    assert!(
+        TvResNetConfig::resnet18()
+            .with_planes([64, 128, 0, 512])
+            .init(&p)
+            .is_err()
+    );
+    assert_eq!(
+        TvResNetConfig::resnet34(),
+        TvResNetConfig::new(TvBlock::Basic, [3, 4, 6, 3])
+    );
+    assert!(
+        MobileNetV1Config::new()
+            .with_width_mult(0.01)
+            .init(&p)
+            .is_err()
+    );
+    assert!(
+        MobileNetV1Config::new()
+            .with_width_mult(f64::INFINITY)
+            .init(&p)
+            .is_err()
+    );
+    for name in ["resnet18", "MobileNetV1"] {
+        let err = build(name, &p, 0).err().expect("zero classes");
+        assert!(err.to_string().contains("num_classes"), "{err}");
+    }
 }
 
 #[test]
@@ -317,6 +491,9 @@ fn gradients_reach_every_parameter_through_logits_and_taps() {
         "mobile_half",
         "ShuffleV1",
         "ShuffleV2",
+        "resnet18",
+        "resnet50",
+        "MobileNetV1",
     ] {
         let vs = VarStore::new(Device::Cpu);
         let net = build(name, &vs.root(), 10).unwrap();
@@ -350,6 +527,8 @@ fn new_models_train_one_step() {
         "mobile_full",
         "ShuffleV1",
         "ShuffleV2",
+        "resnet18",
+        "MobileNetV1",
     ] {
         let vs = VarStore::new(Device::Cpu);
         let net = build(name, &vs.root(), 10).unwrap();
