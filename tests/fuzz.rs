@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use kd_core::Registry;
 use kd_engine::tensors::{self, TensorFile};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestRunner;
 
 const FIXTURE_BYTE_CASES: u32 = 300;
 const FIXTURE_TENSOR_CASES: u32 = 300;
@@ -108,11 +108,7 @@ fn damaged_fixture_bytes_never_panic() {
         .iter()
         .map(|f| std::fs::read(golden(f)).unwrap())
         .collect();
-    let mut runner = TestRunner::new(Config {
-        cases: FIXTURE_BYTE_CASES,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(kd_tests::fuzz_config(FIXTURE_BYTE_CASES));
     let path = dir.path().join("f.safetensors");
     runner
         .run(&(0..FIXTURES.len(), byte_edits()), |(which, edits)| {
@@ -220,11 +216,7 @@ fn edit_file(f: &mut TensorFile, edits: &[TensorEdit]) {
 #[test]
 fn damaged_fixture_tensors_never_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let mut runner = TestRunner::new(Config {
-        cases: FIXTURE_TENSOR_CASES,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(kd_tests::fuzz_config(FIXTURE_TENSOR_CASES));
     let path = dir.path().join("f.safetensors");
     runner
         .run(&(0..FIXTURES.len(), tensor_edits()), |(which, edits)| {
@@ -300,11 +292,7 @@ fn damaged_checkpoints_never_panic_on_resume() {
         tensor_edits().prop_map(CheckpointEdit::Tensors),
         resume_meta.prop_map(CheckpointEdit::Resume),
     ];
-    let mut runner = TestRunner::new(Config {
-        cases: CHECKPOINT_CASES,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(kd_tests::fuzz_config(CHECKPOINT_CASES));
     let case_dir = dir.path().join("case");
     runner
         .run(&edit, |edit| {

@@ -1,7 +1,8 @@
 //! Recipes as users run them: every recipe in recipes/ validates with
 //! `kd plan`; the quickstart runs end to end; a scheduled weight is applied
 //! as its function says; a 3-seed sweep prints mean ± std; an init stage that
-//! trains only a method's modules leaves the student untouched.
+//! trains only a method's modules leaves the student untouched; the ImageNet
+//! recipes follow mdistiller's setting and carry their sources' numbers.
 
 use std::path::{Path, PathBuf};
 
@@ -29,11 +30,38 @@ fn recipes(dir: &Path, out: &mut Vec<PathBuf>) {
 /// Teacher weights of `arch` for 100 classes, as a stand-in for a trained
 /// teacher (planning checks they fit, not what they learnt).
 fn teacher_file(dir: &Path, arch: &str) -> PathBuf {
+    teacher_file_for(dir, arch, 100)
+}
+
+/// Teacher weights of `arch` for `classes` classes, saved as
+/// `<arch>_<classes>.safetensors`.
+fn teacher_file_for(dir: &Path, arch: &str, classes: i64) -> PathBuf {
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    kd_models::build(arch, &vs.root(), 100).unwrap();
-    let path = dir.join(format!("{arch}.safetensors"));
+    kd_models::build(arch, &vs.root(), classes).unwrap();
+    let path = dir.join(format!("{arch}_{classes}.safetensors"));
     kd_models::save_weights(&vs, &path).unwrap();
     path
+}
+
+/// An ImageFolder with ImageNet's 1000 classes (so torchvision-shaped
+/// teachers fit the models planning builds) of 4x4 PNGs: 17 per class for
+/// training, more than CRD's 16384 negatives, and one for validation.
+/// Planning lists the files; it does not decode them.
+fn imagenet_folder(root: &Path) {
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(4, 4, image::Rgb([120, 60, 30]))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let png = png.into_inner();
+    for (split, n) in [("train", 17), ("val", 1)] {
+        for c in 0..1000 {
+            let dir = root.join(split).join(format!("n{c:08}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                std::fs::write(dir.join(format!("img{i}.png")), &png).unwrap();
+            }
+        }
+    }
 }
 
 #[test]
@@ -50,26 +78,42 @@ fn every_recipe_passes_kd_plan() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cifar-100-binary");
     kd_data::write_cifar_folder(&data, true, 2, 2).unwrap();
-    // Every teacher a recipe names by default, as `runs/teachers/<arch>_cifar100.safetensors`.
-    let teacher_of = |text: &str| -> Option<(String, String)> {
+    let imagenet = dir.path().join("imagenet");
+    imagenet_folder(&imagenet);
+    // Every teacher a recipe names by default: CIFAR-100 ones as
+    // `runs/teachers/<arch>_cifar100.safetensors`, torchvision's ImageNet
+    // checkpoints as `runs/teachers/<arch>-<hash>.pth` (1000 classes).
+    let teacher_of = |text: &str| -> Option<(String, String, i64)> {
         let start = text.find(r#"param("teacher", "runs/teachers/"#)?;
         let rest = &text[start + r#"param("teacher", ""#.len()..];
         let path = &rest[..rest.find('"')?];
-        let arch = path
-            .strip_prefix("runs/teachers/")?
-            .strip_suffix("_cifar100.safetensors")?;
-        Some((format!(r#"param("teacher", "{path}")"#), arch.to_string()))
+        let file = path.strip_prefix("runs/teachers/")?;
+        let (arch, classes) = match file.strip_suffix("_cifar100.safetensors") {
+            Some(arch) => (arch, 100),
+            None => (file.strip_suffix(".pth")?.split_once('-')?.0, 1000),
+        };
+        Some((
+            format!(r#"param("teacher", "{path}")"#),
+            arch.to_string(),
+            classes,
+        ))
     };
-    let mut sets = vec![(
-        r#"param("data", "data/cifar-100-binary")"#.to_string(),
-        format!("data={}", data.display()),
-    )];
+    let mut sets = vec![
+        (
+            r#"param("data", "data/cifar-100-binary")"#.to_string(),
+            format!("data={}", data.display()),
+        ),
+        (
+            r#"param("data", "data/imagenet")"#.to_string(),
+            format!("data={}", imagenet.display()),
+        ),
+    ];
     for p in &all {
         let text = std::fs::read_to_string(p).unwrap();
-        if let Some((param, arch)) = teacher_of(&text)
+        if let Some((param, arch, classes)) = teacher_of(&text)
             && !sets.iter().any(|(q, _)| *q == param)
         {
-            let file = teacher_file(dir.path(), &arch);
+            let file = teacher_file_for(dir.path(), &arch, classes);
             sets.push((param, format!("teacher={}", file.display())));
         }
     }
@@ -356,4 +400,290 @@ fn recipes_follow_kdzoo_where_the_audit_found_them_apart() {
     let p = plan("recipes/cifar100/st/resnet20_from_resnet110.rhai");
     assert_eq!(p.data.crop_padding, kd_data::CropPadding::Reflect);
     assert_eq!(p.data.normalize, kd_data::Normalize::Kdzoo);
+}
+
+#[test]
+fn every_cifar100_recipe_carries_its_sources_number() {
+    kd_methods::link();
+    let registry = Registry::global().unwrap();
+    let mut all = Vec::new();
+    recipes(&root().join("recipes/cifar100"), &mut all);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("c100");
+    kd_data::write_cifar_folder(&data, true, 2, 2).unwrap();
+    let mut teachers: Vec<(String, PathBuf)> = Vec::new();
+    let mut missing = Vec::new();
+    for p in &all {
+        let text = std::fs::read_to_string(p).unwrap();
+        let mut sets = vec![("data".to_string(), data.display().to_string())];
+        // The teacher architecture is the first argument of `.teacher(...)`.
+        if let Some(at) = text.find(".teacher(\"")
+            && text.contains("param(\"teacher\"")
+        {
+            let rest = &text[at + ".teacher(\"".len()..];
+            let arch = rest[..rest.find('"').unwrap()].to_string();
+            let file = match teachers.iter().find(|(a, _)| *a == arch) {
+                Some((_, f)) => f.clone(),
+                None => {
+                    let f = teacher_file(dir.path(), &arch);
+                    teachers.push((arch, f.clone()));
+                    f
+                }
+            };
+            sets.push(("teacher".into(), file.display().to_string()));
+        }
+        let plans = kd_recipes::Recipe::load(p, &sets)
+            .and_then(|r| r.with_printer(|_| {}).plans(&registry))
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        for plan in plans {
+            match &plan.paper {
+                Some(paper)
+                    if paper.top1 > 0.0 && paper.top1 <= 100.0 && !paper.source.is_empty() =>
+                {
+                    // The number travels with the plan into plan.yaml.
+                    let yaml = kd_recipes::to_yaml(std::slice::from_ref(&plan)).unwrap();
+                    assert!(yaml.contains("paper:"), "{}", p.display());
+                }
+                other => missing.push(format!("{} ({}): {other:?}", p.display(), plan.name)),
+            }
+        }
+    }
+    assert!(all.len() >= 51, "found {} recipes", all.len());
+    assert!(
+        missing.is_empty(),
+        "recipes without their source's number:\n{}",
+        missing.join("\n")
+    );
+}
+
+/// The ImageNet recipes follow mdistiller's setting: each plans against a
+/// 1000-class ImageFolder with a teacher of torchvision's shape given by
+/// `--set teacher=...`, distils the pair its file names for 100 epochs with
+/// SGD (momentum 0.9, weight decay 1e-4, lr x0.1 at 30/60/90, the configs'
+/// lr 0.2 per 512 images of batch), on 224-pixel crops, and carries its
+/// source's number. Every (pair, method) the task lists is there.
+#[test]
+fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
+    kd_methods::link();
+    let registry = Registry::global().unwrap();
+    let mut all = Vec::new();
+    recipes(&root().join("recipes/imagenet"), &mut all);
+    all.sort();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("imagenet");
+    imagenet_folder(&data);
+    let teachers: Vec<(&str, PathBuf)> = ["resnet34", "resnet50"]
+        .into_iter()
+        .map(|a| (a, teacher_file_for(dir.path(), a, 1000)))
+        .collect();
+    let mut found = Vec::new();
+    for p in &all {
+        let text = std::fs::read_to_string(p).unwrap();
+        let at = text.find(".teacher(\"").expect("a teacher") + ".teacher(\"".len();
+        let arch = &text[at..][..text[at..].find('"').unwrap()];
+        let (_, teacher) = teachers
+            .iter()
+            .find(|(a, _)| *a == arch)
+            .unwrap_or_else(|| panic!("{}: teacher `{arch}`", p.display()));
+        let sets = [
+            ("data".to_string(), data.display().to_string()),
+            ("teacher".to_string(), teacher.display().to_string()),
+        ];
+        let plans = kd_recipes::Recipe::load(p, &sets)
+            .and_then(|r| r.with_printer(|_| {}).plans(&registry))
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(plans.len(), 1, "{}", p.display());
+        let plan = &plans[0];
+        let what = p.display().to_string();
+        let (s, t) = (
+            plan.student.arch.as_str(),
+            plan.teacher.as_ref().expect("a teacher").arch.as_str(),
+        );
+        assert!(
+            matches!(
+                (s, t),
+                ("resnet18", "resnet34") | ("MobileNetV1", "resnet50")
+            ),
+            "{what}: {s} from {t}"
+        );
+        assert_eq!(
+            p.file_stem().unwrap().to_str().unwrap(),
+            format!("{s}_from_{t}"),
+            "{what}"
+        );
+        assert_eq!(
+            plan.teacher.as_ref().unwrap().weights.as_ref(),
+            Some(teacher)
+        );
+        assert_eq!(
+            plan.data.source,
+            kd_data::DataSource::ImageFolder {
+                path: data.clone(),
+                image_size: 224,
+                resize_size: 256,
+                skip_corrupt: false,
+            },
+            "{what}"
+        );
+        assert!(plan.data.augment, "{what}");
+        assert_eq!(plan.data.normalize, kd_data::Normalize::Default, "{what}");
+        assert_eq!(plan.stages.len(), 1, "{what}");
+        let stage = &plan.stages[0];
+        assert_eq!(stage.epochs, 100, "{what}");
+        assert_eq!(
+            stage.lr_schedule,
+            kd_engine::LrSchedule::Multistep {
+                milestones: vec![30, 60, 90],
+                gamma: 0.1
+            },
+            "{what}"
+        );
+        let o = &stage.optimizer;
+        assert_eq!(
+            (o.momentum, o.nesterov, o.weight_decay),
+            (0.9, false, 1e-4),
+            "{what}"
+        );
+        assert!(
+            [(512, 0.2), (256, 0.1), (128, 0.05)].contains(&(plan.data.batch_size, o.lr)),
+            "{what}: batch {} lr {}",
+            plan.data.batch_size,
+            o.lr
+        );
+        // mdistiller's ImageNet warm-ups last one 1-based epoch: none at all.
+        assert!(
+            stage
+                .methods
+                .iter()
+                .all(|m| matches!(m.weight, kd_engine::Weight::Const(_))),
+            "{what}"
+        );
+        let method = p.parent().unwrap().file_name().unwrap().to_str().unwrap();
+        let name = if method == "kd" { "st" } else { method };
+        let names: Vec<&str> = stage.methods.iter().map(|m| m.method.as_str()).collect();
+        assert_eq!(names, ["ce", name], "{what}");
+        let paper = plan
+            .paper
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: no paper"));
+        assert!(
+            (60.0..80.0).contains(&paper.top1) && !paper.source.is_empty(),
+            "{what}: {paper:?}"
+        );
+        let yaml = kd_recipes::to_yaml(std::slice::from_ref(plan)).unwrap();
+        assert!(yaml.contains("paper:"), "{what}");
+        found.push(format!("{t}->{s} {method}"));
+    }
+    found.sort();
+    let mut want: Vec<String> = ["kd", "at", "crd", "dkd", "reviewkd"]
+        .map(|m| format!("resnet34->resnet18 {m}"))
+        .into_iter()
+        .chain(
+            ["kd", "at", "ofd", "crd", "dkd", "reviewkd"]
+                .map(|m| format!("resnet50->MobileNetV1 {m}")),
+        )
+        .collect();
+    want.sort();
+    assert_eq!(found, want);
+}
+
+/// Mean and sample standard deviation, written out here so the report's
+/// numbers are checked against a second computation.
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0);
+    (m, v.sqrt())
+}
+
+#[test]
+fn kd_report_summarises_a_seed_sweep_against_the_papers_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("report.rhai");
+    std::fs::write(
+        &recipe,
+        r#"
+fn tiny(name, seed, lr) {
+    experiment(name)
+        .seed(seed)
+        .device("cpu")
+        .data(synthetic(#{ train_size: 96, test_size: 64 }).batch_size(32))
+        .student("resnet8")
+        .add(stage("train", 2).lr(lr).add(method("ce")))
+}
+for s in [0, 1, 2] {
+    run(tiny(`tiny_s${s}`, s, 0.05)
+        .paper(#{ top1: 50.0, epoch: "last", runs: 3, source: "a test table" }));
+}
+run(tiny("other", 0, 0.2));
+"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let rep = dir.path().join("rep");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    kd_cli::run([
+        "kd".to_string(),
+        "run".into(),
+        s(&recipe),
+        "--out".into(),
+        s(&out),
+        "--tracking-uri".into(),
+        "none".into(),
+    ])
+    .unwrap();
+    kd_cli::run([
+        "kd".to_string(),
+        "report".into(),
+        s(&out),
+        "--out".into(),
+        s(&rep),
+    ])
+    .unwrap();
+
+    let finals = |run: &str| {
+        let recs = epochs_jsonl(&out.join(run));
+        let last = &recs.last().unwrap().1;
+        (
+            last["best_top1"].as_f64().unwrap(),
+            last["test_top1"].as_f64().unwrap(),
+        )
+    };
+    let runs: Vec<(f64, f64)> = (0..3).map(|i| finals(&format!("tiny_s{i}"))).collect();
+    let best = mean_sd(&runs.iter().map(|r| r.0).collect::<Vec<_>>());
+    let last = mean_sd(&runs.iter().map(|r| r.1).collect::<Vec<_>>());
+    let md = std::fs::read_to_string(rep.join("report.md")).unwrap();
+    let row = format!(
+        "| tiny | 3 (0, 1, 2) | {:.2} ± {:.2} | {:.2} ± {:.2} | 50.00 (last, mean of 3) | {:+.2} | a test table |",
+        best.0,
+        best.1,
+        last.0,
+        last.1,
+        last.0 - 50.0
+    );
+    assert!(md.contains(&row), "expected row\n{row}\nin\n{md}");
+    let other = finals("other");
+    let row = format!("| other | 1 (0) | {:.2} | {:.2} | | | |", other.0, other.1);
+    assert!(md.contains(&row), "expected row\n{row}\nin\n{md}");
+    let png = std::fs::read(rep.join("report.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // MLflow gets the number as params and the gap as a metric (the journal
+    // is what is shipped to the server).
+    let journal = std::fs::read_to_string(out.join("tiny_s1/journal.jsonl")).unwrap();
+    let events: Vec<Value> = journal
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |ev: &str, key: &str| {
+        events
+            .iter()
+            .find(|e| e["ev"] == ev && e["key"] == key)
+            .unwrap_or_else(|| panic!("no {ev} {key} in the journal"))
+            .clone()
+    };
+    assert_eq!(find("param", "paper.top1")["value"], "50.0");
+    assert_eq!(find("param", "paper.source")["value"], "a test table");
+    let gap = find("metric", "paper/gap_top1")["value"].as_f64().unwrap();
+    assert!((gap - (runs[1].1 - 50.0)).abs() < 1e-9, "gap {gap}");
 }

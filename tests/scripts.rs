@@ -1,8 +1,9 @@
 //! The benchmark scripts run end to end at CI size (no timing is asserted):
 //! `scripts/bench-vs-torch --smoke` (kd and the PyTorch loop compute the
-//! same first step) and `scripts/bench-sweep --smoke` (every run of a
-//! lockstep sweep equals its solo run). They drive the `kd` binary that
-//! `make test` builds first.
+//! same first step), `scripts/bench-sweep --smoke` (every run of a
+//! lockstep sweep equals its solo run) and `scripts/bench-data --smoke`
+//! (kd's ImageFolder pipeline and torchvision's DataLoader on 16 JPEGs).
+//! They drive the `kd` binary that `make test` builds first.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -59,4 +60,14 @@ fn bench_sweep_runs_equal_their_solo_runs() {
         "{text}"
     );
     assert!(text.contains("sweep of 5 runs"), "{text}");
+}
+
+#[test]
+fn bench_data_times_kd_and_torchvision_on_the_same_images() {
+    let text = script("bench-data", &[]);
+    assert!(text.contains("16 training images"), "{text}");
+    assert!(
+        text.contains("kd img/s") && text.contains("torchvision"),
+        "{text}"
+    );
 }

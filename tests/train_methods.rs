@@ -18,6 +18,7 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        paper: None,
         name: method.into(),
         seed: 0,
         device: DeviceChoice::Cpu,
@@ -130,6 +131,7 @@ trains! {
     ttm: json!({"l": 0.1}), 45.0;
     wttm: json!({"l": 0.2}), 4.0;
     reviewkd: json!({}), 1.0;
+    mlkd: json!({}), 1.0;
 }
 
 #[test]

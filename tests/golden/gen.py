@@ -11,9 +11,13 @@ Fixture layout (safetensors):
             optionally n_data = data set size (memory banks; default: max index + 1)
   inputs    student/<tap>, teacher/<tap> (float32), batch/target (int64 [B]),
             optionally batch/index (int64 [B]), batch/contrast_index (int64 [B, K+1]),
-            method/<state_dict key> (parameters and buffers set before the call)
+            method/<state_dict key> (parameters and buffers set before the call),
+            optionally aug/student/<tap>, aug/teacher/<tap> (both networks on the
+            augmented second view of the batch, MLKD's strong view)
   expected  expect/loss (float32 scalar, before the recipe's weight),
             expect/grad/student/<tap> (d loss / d tap for every student tap given),
+            expect/grad/aug/student/<tap> (the same for the augmented view's taps),
+            optionally expect/terms/<name> (a named loss term of the method),
             expect/method/<state_dict key> (parameters and buffers after the call)
 
 Step fixtures (`step_fixture()`, metadata probe = step) are for methods that
@@ -50,9 +54,14 @@ OUT = HERE / "fixtures"
 
 
 def fixture(name, method, params, student, teacher, target, *, index=None,
-            contrast_index=None, module=None, n_data=None, loss_fn):
+            contrast_index=None, module=None, n_data=None, augmented=None,
+            loss_fn):
     """Runs `loss_fn(student, teacher, target, index, contrast_index, module)`
     on leaf copies of the student taps and saves inputs plus expectations.
+
+    `augmented` is a pair (student taps, teacher taps) on the augmented view;
+    `loss_fn` then also gets `augmented=(student leaves, teacher taps)` and
+    may return `(loss, {term name: value})` to have the terms checked too.
 
     `module` is an nn.Module holding the method's own parameters and buffers
     (or None); its state_dict is saved before and after the call, so the probe
@@ -77,12 +86,28 @@ def fixture(name, method, params, student, teacher, target, *, index=None,
             if k.endswith("num_batches_tracked"):
                 continue
             tensors[f"method/{k}"] = v.detach().clone().float()
-    loss = loss_fn(s_leaf, t_det, target, index, contrast_index, module)
+    extra = {}
+    if augmented is not None:
+        a_leaf = {k: v.detach().clone().float().requires_grad_(True) for k, v in augmented[0].items()}
+        a_det = {k: v.detach().clone().float() for k, v in augmented[1].items()}
+        for k, v in a_leaf.items():
+            tensors[f"aug/student/{k}"] = v.detach().clone()
+        for k, v in a_det.items():
+            tensors[f"aug/teacher/{k}"] = v.clone()
+        extra["augmented"] = (a_leaf, a_det)
+    loss = loss_fn(s_leaf, t_det, target, index, contrast_index, module, **extra)
+    if isinstance(loss, tuple):
+        loss, terms = loss
+        for k, v in terms.items():
+            tensors[f"expect/terms/{k}"] = v.detach().float().reshape(())
     loss.backward()
     tensors["expect/loss"] = loss.detach().float().reshape(())
     for k, v in s_leaf.items():
         g = v.grad if v.grad is not None else torch.zeros_like(v)
         tensors[f"expect/grad/student/{k}"] = g.detach().clone()
+    for k, v in extra.get("augmented", ({}, {}))[0].items():
+        g = v.grad if v.grad is not None else torch.zeros_like(v)
+        tensors[f"expect/grad/aug/student/{k}"] = g.detach().clone()
     if module is not None:
         for k, v in module.state_dict().items():
             if k.endswith("num_batches_tracked"):

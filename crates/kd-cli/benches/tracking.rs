@@ -27,6 +27,7 @@ fn plan() -> Plan {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        paper: None,
         name: "bench".into(),
         seed: 0,
         device: DeviceChoice::Auto,

@@ -2,7 +2,9 @@
 //! the tests; `main.rs` only maps its result to an exit code.
 
 mod bench;
+mod bench_data;
 mod console;
+mod report;
 mod track;
 mod train;
 
@@ -135,6 +137,14 @@ enum Cmd {
     /// Time training steps of one distillation on a fixed batch (what
     /// `scripts/bench-vs-torch` compares with PyTorch).
     Bench(bench::BenchArgs),
+    /// Images per second of the ImageFolder training pipeline alone (what
+    /// `scripts/bench-data` compares with torchvision's DataLoader).
+    #[command(hide = true)]
+    BenchData(bench_data::BenchDataArgs),
+    /// Summarise finished runs: per configuration, mean ± std over seeds of
+    /// the best and last top-1, and the gap to the number the recipe's
+    /// source reports; writes report.md and report.png.
+    Report(report::ReportArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -398,6 +408,8 @@ where
         }) => probe_model(&name, &weights, &input, &out, num_classes),
         Cmd::Methods { json } => print_methods(&registry, json),
         Cmd::Bench(args) => bench::bench(&args, &registry),
+        Cmd::BenchData(args) => bench_data::bench_data(&args),
+        Cmd::Report(args) => report::report(&args),
         Cmd::Probe(Probe::Loss {
             fixture,
             out,

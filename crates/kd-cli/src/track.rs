@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use kd_engine::{EpochRecord, Observer, Plan, StageResult};
+use kd_engine::{EpochRecord, Observer, Paper, Plan, StageResult};
 use kd_tracking::{RunSpec, RunStatus, Tracker};
 use sha2::{Digest, Sha256};
 
@@ -13,6 +13,8 @@ pub const EXPERIMENT: &str = "kd";
 
 pub struct Tracking {
     pub tracker: Tracker,
+    /// The source's number and the stage it is compared at (the last).
+    paper: Option<(Paper, String)>,
 }
 
 /// `a.b.0.c = value` for every leaf of a JSON value.
@@ -139,7 +141,9 @@ impl Tracking {
             // Ranks of a data-parallel job, each with the plan's batch size.
             tracker.param("world_size", kd_dist::group().map_or(1, |g| g.world.size));
         }
-        Ok(Tracking { tracker })
+        let last_stage = plan.stages.last().map(|s| s.name.clone());
+        let paper = plan.paper.clone().zip(last_stage);
+        Ok(Tracking { tracker, paper })
     }
 
     /// Plots, plan, log; then the final status.
@@ -212,6 +216,10 @@ impl Observer for Tracking {
             result.last_top1,
             0,
         );
+        if let Some((paper, _)) = self.paper.as_ref().filter(|(_, s)| *s == result.name) {
+            let gap = kd_engine::report::paper_gap(paper, result.best_top1, result.last_top1);
+            t.metric("paper/gap_top1", gap, 0);
+        }
     }
 
     fn artifact(&mut self, path: &Path) {

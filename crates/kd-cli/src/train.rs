@@ -14,7 +14,9 @@ use kd_engine::{
 /// Flags shared by every command that trains.
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// `synthetic`, `cifar10:DIR` or `cifar100:DIR`.
+    /// `synthetic`, `digits` (UCI handwritten digits, written by the
+    /// bootstrap), `cifar10:DIR`, `cifar100:DIR` or `imagefolder:DIR`
+    /// (torchvision's layout: DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg).
     #[arg(long, default_value = "synthetic")]
     pub data: String,
     /// Padding of the random crop: `zero` (RepDistiller) or `reflect`
@@ -25,6 +27,18 @@ pub struct TrainArgs {
     /// for CIFAR-100), `kdzoo` or `repdistiller`.
     #[arg(long, default_value = "default")]
     pub normalize: kd_data::Normalize,
+    /// ImageFolder data: side of the square training and evaluation
+    /// images (RandomResizedCrop / CenterCrop size) [default: 224].
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    /// ImageFolder data: evaluation resizes the shorter side to this
+    /// before the centre crop [default: 256].
+    #[arg(long)]
+    pub resize_size: Option<u32>,
+    /// ImageFolder data: leave out image files that cannot be decoded
+    /// (each named in a warning) instead of stopping with an error.
+    #[arg(long)]
+    pub skip_corrupt: bool,
     /// Synthetic data: training samples.
     #[arg(long, default_value_t = 5000)]
     pub train_size: i64,
@@ -69,8 +83,10 @@ pub struct TrainArgs {
     /// and loss terms stay fp32; fp16 adds a dynamic loss scale).
     #[arg(long, default_value = "fp32")]
     pub precision: kd_engine::Precision,
-    /// BatchNorm while training: `batch` (each batch's statistics) or
-    /// `frozen` (the running statistics, left unchanged).
+    /// BatchNorm while training: `batch` (each batch's statistics),
+    /// `frozen` (the running statistics, left unchanged) or `sync` (the
+    /// whole data-parallel job's batch, SyncBatchNorm; `batch` in one
+    /// process).
     #[arg(long, default_value = "batch")]
     pub batchnorm: kd_engine::BatchNorm,
     /// Keep convolutions in PyTorch's default NCHW order instead of
@@ -138,11 +154,39 @@ pub fn data_source(spec: &str, train_size: i64, classes: i64) -> Result<DataSour
         }),
         Some(("cifar10", dir)) => DataSource::Cifar10 { path: dir.into() },
         Some(("cifar100", dir)) => DataSource::Cifar100 { path: dir.into() },
-        _ => bail!("unknown --data `{spec}`; valid: synthetic, cifar10:DIR, cifar100:DIR"),
+        None if spec == "digits" => DataSource::Digits,
+        Some(("imagefolder", dir)) => DataSource::image_folder(dir),
+        _ => bail!(
+            "unknown --data `{spec}`; valid: synthetic, digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR"
+        ),
     })
 }
 
 impl TrainArgs {
+    /// `--data` with the options that apply to it.
+    fn source(&self) -> Result<DataSource> {
+        let mut source = data_source(&self.data, self.train_size, self.classes)?;
+        match &mut source {
+            DataSource::ImageFolder {
+                image_size,
+                resize_size,
+                skip_corrupt,
+                ..
+            } => {
+                *image_size = self.image_size.unwrap_or(*image_size);
+                *resize_size = self.resize_size.unwrap_or(*resize_size);
+                *skip_corrupt = self.skip_corrupt;
+            }
+            _ if self.image_size.is_some() || self.resize_size.is_some() || self.skip_corrupt => {
+                bail!(
+                    "--image-size, --resize-size and --skip-corrupt apply to --data imagefolder:DIR only"
+                )
+            }
+            _ => {}
+        }
+        Ok(source)
+    }
+
     fn stage(&self, name: &str, methods: Vec<MethodPlan>) -> StagePlan {
         StagePlan {
             name: name.into(),
@@ -184,7 +228,7 @@ impl TrainArgs {
             seed,
             device: self.device.into(),
             data: DataPlan {
-                source: data_source(&self.data, self.train_size, self.classes)?,
+                source: self.source()?,
                 batch_size: self.batch_size,
                 val_fraction: self.val_fraction,
                 crop_padding: self.crop_padding,
@@ -197,6 +241,7 @@ impl TrainArgs {
             precision: self.precision,
             channels_last: !self.no_channels_last,
             batchnorm: self.batchnorm,
+            paper: None,
         })
     }
 }

@@ -18,8 +18,8 @@ pub mod testing;
 
 pub use error::{KdError, Result};
 pub use method::{
-    AttackSpec, BuildCx, ContrastSpec, DynMethod, GradRef, Losses, Method, Needs, StepIo, TapRef,
-    ViewRef, ViewTaps,
+    AttackSpec, AugmentPolicy, AugmentSpec, BuildCx, ContrastSpec, DynMethod, GradRef, Losses,
+    Method, Needs, StepIo, TapRef, ViewRef, ViewTaps,
 };
 pub use progress::Progress;
 pub use registry::{ConfigField, MethodEntry, Registry, build_config};

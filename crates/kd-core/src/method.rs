@@ -131,6 +131,26 @@ pub struct AttackSpec {
     pub clamp: (f64, f64),
 }
 
+/// A second view of every training batch: the same samples drawn again by
+/// the loader (their own crop and flip) and then augmented by `policy`;
+/// the student (training, with a graph) and the teacher (frozen) are both
+/// evaluated on it. Methods that do not ask for it see no change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AugmentSpec {
+    pub policy: AugmentPolicy,
+}
+
+/// Strong augmentation policies of the loader.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AugmentPolicy {
+    /// FixMatch's RandAugment as MLKD's code uses it: `n` operations drawn
+    /// with replacement from 14 (autocontrast, brightness, color, contrast,
+    /// equalize, identity, posterize, rotate, sharpness, shear x/y,
+    /// solarize, translate x/y), each at a uniformly random magnitude,
+    /// then a cutout of up to half the image side.
+    RandAugment { n: usize },
+}
+
 /// How the data loader draws contrast indices: column 0 is the sample itself,
 /// then `k` negatives.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +165,8 @@ pub struct ContrastSpec {
 pub struct Needs {
     pub grads: Vec<GradSpec>,
     pub views: Vec<AttackSpec>,
+    /// The augmented second view, if a method asked for one.
+    pub augmented: Option<AugmentSpec>,
     pub contrast: Option<ContrastSpec>,
     pub index: bool,
     pub mutual: bool,
@@ -271,6 +293,26 @@ impl<'a> BuildCx<'a> {
         Ok(ViewRef(self.needs.views.len() - 1))
     }
 
+    /// A second, strongly augmented view of every batch (MLKD), with the
+    /// teacher evaluated on it too. One per run: methods asking for the
+    /// same policy share it; another policy is an error.
+    pub fn augmented_view(&mut self, spec: AugmentSpec) -> Result<()> {
+        self.shapes(Side::Teacher)?;
+        self.needs.teacher = true;
+        match self.needs.augmented {
+            Some(have) if have != spec => Err(KdError::Plan {
+                method: self.method.into(),
+                msg: format!(
+                    "asks for the augmented view {spec:?}, but another method of the stage asked for {have:?}; a stage has one"
+                ),
+            }),
+            _ => {
+                self.needs.augmented = Some(spec);
+                Ok(())
+            }
+        }
+    }
+
     /// Per-sample dataset indices in every batch.
     pub fn sample_index(&mut self) {
         self.needs.index = true;
@@ -335,6 +377,8 @@ pub struct StepIo<'a> {
     pub teacher: Option<&'a Taps>,
     pub grads: &'a [Tensor],
     pub views: &'a [Option<ViewTaps>],
+    /// Both networks on the augmented view, for methods that asked for it.
+    pub augmented: Option<&'a ViewTaps>,
     pub target: &'a Tensor,
     pub index: Option<&'a Tensor>,
     pub contrast_index: Option<&'a Tensor>,
@@ -363,6 +407,12 @@ impl StepIo<'_> {
     /// Taps on an adversarial view, `None` when nothing was attacked.
     pub fn view(&self, v: ViewRef) -> Option<&ViewTaps> {
         self.views.get(v.0).and_then(Option::as_ref)
+    }
+
+    /// The augmented view's taps; `None` outside training steps (evaluation
+    /// and probes without one), where methods fall back to the batch alone.
+    pub fn augmented(&self) -> Option<&ViewTaps> {
+        self.augmented
     }
 
     pub fn target(&self) -> &Tensor {

@@ -62,6 +62,7 @@ pub fn io<'a>(s: &'a Taps, t: Option<&'a Taps>, target: &'a Tensor) -> StepIo<'a
         teacher: t,
         grads: &[],
         views: &[],
+        augmented: None,
         target,
         index: None,
         contrast_index: None,

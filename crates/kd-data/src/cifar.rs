@@ -72,6 +72,7 @@ fn dataset(images: Tensor, labels: Tensor, classes: i64, mean: [f64; 3], std: [f
         num_classes: classes,
         mean,
         std,
+        files: None,
     }
 }
 

@@ -2,7 +2,11 @@
 //!
 //! All randomness (order, crops, flips, contrast indices) comes from a ChaCha
 //! stream keyed by (seed, epoch, batch), so any batch can be rebuilt exactly:
-//! a resumed run sees the same data as an uninterrupted one.
+//! a resumed run sees the same data as an uninterrupted one. Image files
+//! are decoded and augmented on CPU worker threads instead, each sample's
+//! crop and flip keyed by (seed, epoch, sample index), the next batch
+//! decoded while the current one trains; normalisation and contrast
+//! indices are then the same as for images in memory.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -10,6 +14,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::folder::{FileImages, Transform};
+use crate::prefetch::{Prefetcher, to_device};
+use crate::transform::Normalization;
 use crate::{DataError, Dataset};
 
 /// Pixels on each side of the image that the random crop may shift into.
@@ -72,7 +79,11 @@ pub struct Batch {
 }
 
 pub struct Loader {
+    /// In-memory images on the device (empty for image files).
     images: Tensor,
+    /// Image files, with their normalisation and the batch decoded ahead.
+    files: Option<(FileImages, Normalization, Prefetcher)>,
+    device: Device,
     labels: Tensor,
     labels_host: Vec<i64>,
     cfg: LoaderConfig,
@@ -144,6 +155,11 @@ impl Loader {
         };
         Ok(Loader {
             images: data.images.to_device(device),
+            files: data.files.clone().map(|f| {
+                let norm = Normalization::new(data.mean, data.std);
+                (f, norm, Prefetcher::default())
+            }),
+            device,
             labels: data.labels.to_device(device),
             labels_host,
             mean: stats(data.mean),
@@ -206,34 +222,86 @@ impl Loader {
             .collect()
     }
 
-    /// Batch `b` of an epoch whose order is `order`.
-    pub fn batch(&self, order: &[i64], epoch: usize, b: usize) -> Batch {
+    /// Batch `b` of an epoch whose order is `order`. Image files that
+    /// cannot be decoded are an error naming the file, or, when the source
+    /// skips them, left out of the batch.
+    pub fn batch(&self, order: &[i64], epoch: usize, b: usize) -> Result<Batch, DataError> {
         let bs = self.cfg.batch_size;
         let idx = &order[b * bs..((b + 1) * bs).min(order.len())];
         let (rank, world) = self.shard;
         let key = (b * world + rank) as u64;
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed, epoch as u64, key));
-        let device = self.images.device();
-        let index = Tensor::from_slice(idx).to_device(device);
-        let crops = self.cfg.augment.then(|| draw_crops(idx.len(), &mut rng));
-        let images = self.images_at(&index, crops.as_deref());
+        let device = self.device;
+        let (images, idx, index) = match &self.files {
+            None => {
+                let index = Tensor::from_slice(idx).to_device(device);
+                let crops = self.cfg.augment.then(|| draw_crops(idx.len(), &mut rng));
+                (
+                    self.images_at(&index, crops.as_deref()),
+                    idx.to_vec(),
+                    index,
+                )
+            }
+            Some((files, norm, prefetch)) => {
+                let how = match self.cfg.augment {
+                    true => Transform::Train {
+                        seed: self.seed,
+                        epoch,
+                    },
+                    false => Transform::Eval,
+                };
+                let decoded = prefetch.get(files, idx, how, norm, device)?;
+                let next = &order[((b + 1) * bs).min(order.len())..((b + 2) * bs).min(order.len())];
+                // Not past the epoch's last batch (`drop_last` leaves a tail).
+                if !next.is_empty() && b + 1 < self.batches_per_epoch() {
+                    prefetch.start(files, next.to_vec(), how, norm, device);
+                }
+                let kept: Vec<i64> = decoded.kept.iter().map(|&p| idx[p]).collect();
+                if kept.is_empty() {
+                    return Err(DataError::Invalid(format!(
+                        "every image of batch {b} of epoch {epoch} was skipped as unreadable"
+                    )));
+                }
+                let index = Tensor::from_slice(&kept).to_device(device);
+                (to_device(&decoded.images, device), kept, index)
+            }
+        };
         let contrast_index = self
             .cfg
             .contrast
-            .map(|(k, other)| self.contrast(idx, k, other, &mut rng).to_device(device));
-        Batch {
+            .map(|(k, other)| self.contrast(&idx, k, other, &mut rng).to_device(device));
+        Ok(Batch {
             images,
             labels: self.labels.index_select(0, &index),
             index,
             contrast_index,
-        }
+        })
     }
 
     /// The normalised images of samples `idx`, cropped and flipped as
     /// `crops` says (`None`: as stored): a batch's images for given draws.
-    pub fn images(&self, idx: &[i64], crops: Option<&[Crop]>) -> Tensor {
-        let index = Tensor::from_slice(idx).to_device(self.images.device());
-        self.images_at(&index, crops)
+    /// Image files are taken through the evaluation transform; the
+    /// pad-and-crop draws are the in-memory sets' augmentation only.
+    pub fn images(&self, idx: &[i64], crops: Option<&[Crop]>) -> Result<Tensor, DataError> {
+        let Some((files, norm, _)) = &self.files else {
+            let index = Tensor::from_slice(idx).to_device(self.device);
+            return Ok(self.images_at(&index, crops));
+        };
+        if crops.is_some() {
+            return Err(DataError::Invalid(
+                "pad-and-crop draws apply to in-memory images; image files are augmented by RandomResizedCrop"
+                    .into(),
+            ));
+        }
+        let decoded = files.decode(idx, Transform::Eval, norm, None)?;
+        if decoded.kept.len() < idx.len() {
+            let skipped = idx.len() - decoded.kept.len();
+            return Err(DataError::Invalid(format!(
+                "{skipped} of the {} images asked for are unreadable",
+                idx.len()
+            )));
+        }
+        Ok(to_device(&decoded.images, self.device))
     }
 
     fn images_at(&self, index: &Tensor, crops: Option<&[Crop]>) -> Tensor {
@@ -338,6 +406,7 @@ mod tests {
             num_classes: classes,
             mean: [0.0; 3],
             std: [1.0; 3],
+            files: None,
         }
     }
 
@@ -360,14 +429,14 @@ mod tests {
         let (o1, o2) = (l.order(1), l.order(1));
         assert_eq!(o1, o2);
         assert_ne!(l.order(0), o1);
-        let (a, b) = (l.batch(&o1, 1, 2), l.batch(&o2, 1, 2));
+        let (a, b) = (l.batch(&o1, 1, 2).unwrap(), l.batch(&o2, 1, 2).unwrap());
         assert_eq!(a.images.size(), [4, 3, 32, 32]);
         assert!(
             a.images.equal(&b.images)
                 && a.contrast_index.unwrap().equal(&b.contrast_index.unwrap())
         );
         let mut seen: Vec<i64> = (0..3)
-            .flat_map(|b| Vec::<i64>::try_from(&l.batch(&o1, 1, b).index).unwrap())
+            .flat_map(|b| Vec::<i64>::try_from(&l.batch(&o1, 1, b).unwrap().index).unwrap())
             .collect();
         seen.sort();
         assert_eq!(
@@ -391,7 +460,7 @@ mod tests {
         )
         .unwrap();
         let order: Vec<i64> = (0..64).collect();
-        let batch = l.batch(&order, 0, 0);
+        let batch = l.batch(&order, 0, 0).unwrap();
         let raw = d.images.to_kind(Kind::Float) / 255.0;
         // Each augmented image must equal a shifted, possibly mirrored, window
         // of its zero-padded original.
@@ -413,7 +482,7 @@ mod tests {
         let d = data(30, 3);
         let l = Loader::new(&d, cfg(10), 1, Device::Cpu).unwrap();
         let order = l.order(0);
-        let b = l.batch(&order, 0, 0);
+        let b = l.batch(&order, 0, 0).unwrap();
         let ci = b.contrast_index.unwrap();
         assert_eq!(ci.size(), [10, 6]);
         assert!(ci.select(1, 0).equal(&b.index));

@@ -19,7 +19,9 @@ use crate::{DataError, DataSource, Splits};
 pub enum Normalize {
     /// The data set's own: CIFAR-10 (0.4914, 0.4822, 0.4465) /
     /// (0.2470, 0.2435, 0.2616), CIFAR-100 RepDistiller's, the synthetic
-    /// set its training statistics. What plans without the field meant.
+    /// set its training statistics, an ImageFolder set ImageNet's
+    /// (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225). What plans without
+    /// the field meant.
     #[default]
     Default,
     /// Knowledge-Distillation-Zoo's `train_*.py`: CIFAR-100
@@ -66,6 +68,8 @@ impl Normalize {
             DataSource::Cifar100 { .. } => (Some(cifar100), "CIFAR-100"),
             DataSource::Cifar10 { .. } => (cifar10, "CIFAR-10"),
             DataSource::Synthetic(_) => (None, "the synthetic set"),
+            DataSource::Digits => (None, "the digits set"),
+            DataSource::ImageFolder { .. } => (None, "an ImageFolder set"),
         };
         stats.map(Some).ok_or_else(|| {
             DataError::Invalid(format!(

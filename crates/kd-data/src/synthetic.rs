@@ -36,16 +36,20 @@ pub struct SyntheticConfig {
 impl SyntheticConfig {
     /// Refuses a configuration `generate` cannot honour.
     pub fn check(&self) -> Result<(), DataError> {
-        if self.classes < 2 || self.classes % 2 != 0 {
+        // The set is generated into memory (3 KB an image) and its classes
+        // size every classifier: bounds that keep both within a machine.
+        if self.classes < 2 || self.classes % 2 != 0 || self.classes > MAX_CLASSES {
             return Err(DataError::Invalid(format!(
-                "synthetic classes must be even and at least 2, got {}",
+                "synthetic classes must be even, from 2 to {MAX_CLASSES}, got {}",
                 self.classes
             )));
         }
-        if self.train_size < 1 || self.test_size < 1 {
-            return Err(DataError::Invalid(
-                "synthetic train_size and test_size must be positive".into(),
-            ));
+        let sizes = 1..=MAX_SAMPLES;
+        if !sizes.contains(&self.train_size) || !sizes.contains(&self.test_size) {
+            return Err(DataError::Invalid(format!(
+                "synthetic train_size and test_size must be from 1 to {MAX_SAMPLES}, got {} and {}",
+                self.train_size, self.test_size
+            )));
         }
         if !(0.0..0.5).contains(&self.label_noise) {
             return Err(DataError::Invalid(format!(
@@ -62,6 +66,9 @@ impl SyntheticConfig {
         Ok(())
     }
 }
+
+const MAX_CLASSES: i64 = 10_000;
+const MAX_SAMPLES: i64 = 1_000_000;
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
@@ -211,32 +218,14 @@ pub(crate) fn generate(cfg: &SyntheticConfig) -> Result<(Dataset, Dataset), Data
     let flip = rng.rand(&[cfg.train_size]).lt(cfg.label_noise);
     let sibling = train_y.bitwise_xor(1);
     let train_y = sibling.where_self(&flip, &train_y);
-    let stats = |x: &Tensor| -> [f64; 3] {
-        let m = Vec::<f64>::try_from(
-            x.to_kind(Kind::Double)
-                .mean_dim([0, 2, 3].as_slice(), false, Kind::Double)
-                / 255.0,
-        )
-        .unwrap_or_else(|_| vec![0.5; 3]);
-        [m[0], m[1], m[2]]
-    };
-    let mean = stats(&train_x);
-    let centred =
-        train_x.to_kind(Kind::Double) / 255.0 - Tensor::from_slice(&mean).view([1, 3, 1, 1]);
-    let std_v: Vec<f64> = Vec::try_from(
-        centred
-            .square()
-            .mean_dim([0, 2, 3].as_slice(), false, Kind::Double)
-            .sqrt(),
-    )
-    .unwrap_or_else(|_| vec![0.25; 3]);
-    let std = [std_v[0].max(1e-3), std_v[1].max(1e-3), std_v[2].max(1e-3)];
+    let (mean, std) = crate::channel_stats(&train_x);
     let make = |images, labels| Dataset {
         images,
         labels,
         num_classes: cfg.classes,
         mean,
         std,
+        files: None,
     };
     Ok((make(train_x, train_y), make(test_x, test_y)))
 }

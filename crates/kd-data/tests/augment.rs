@@ -97,7 +97,11 @@ fn loader_normalises_with_each_frameworks_constants() {
     ] {
         let splits = cifar100(&f["images"], norm);
         let l = loader(&splits, CropPadding::Zero);
-        assert_same(&l.images(&idx, None), &f[&format!("plain/{name}")], name);
+        assert_same(
+            &l.images(&idx, None).unwrap(),
+            &f[&format!("plain/{name}")],
+            name,
+        );
         // Evaluation normalises the test split the same way.
         assert_eq!(
             (splits.test.mean, splits.test.std),
@@ -117,7 +121,7 @@ fn kdzoo_and_repdistiller_training_transforms_equal_torch() {
         (Normalize::Default, CropPadding::Zero, "repdistiller"),
     ] {
         let splits = cifar100(&f["images"], norm);
-        let got = loader(&splits, padding).images(&idx, Some(&c));
+        let got = loader(&splits, padding).images(&idx, Some(&c)).unwrap();
         assert_same(&got, &f[&format!("full/{name}")], name);
     }
 }
@@ -131,10 +135,10 @@ fn drawn_crops_are_windows_of_the_reflect_padded_image() {
     let l = loader(&splits, CropPadding::Reflect);
     let n = f["images"].size()[0];
     let idx: Vec<i64> = (0..n).collect();
-    let batch = l.batch(&idx, 3, 0);
+    let batch = l.batch(&idx, 3, 0).unwrap();
     let windows: Vec<Tensor> = (0..=8)
         .flat_map(|y| (0..=8).flat_map(move |x| [false, true].map(|flip| Crop { y, x, flip })))
-        .map(|c| l.images(&idx, Some(&vec![c; n as usize])))
+        .map(|c| l.images(&idx, Some(&vec![c; n as usize])).unwrap())
         .collect();
     for i in 0..n {
         let img = batch.images.get(i);

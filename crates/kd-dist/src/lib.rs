@@ -1,7 +1,8 @@
 //! Data-parallel training on libtorch's c10d: the world `torchrun` (or a
 //! user setting the same variables) describes, and a process group (Gloo on
-//! CPUs, NCCL on GPUs) with the collectives the engine needs. Without the
-//! variables there is no world and kd runs as a single process.
+//! CPUs, NCCL on GPUs) with the collectives the engine needs, SyncBatchNorm
+//! among them ([`ProcessGroup::sync_batch_norm`]). Without the variables
+//! there is no world and kd runs as a single process.
 
 use std::ffi::{CString, c_char, c_void};
 use std::time::Duration;
@@ -39,6 +40,17 @@ unsafe extern "C" {
         n: i64,
     ) -> *mut c_char;
     fn kd_dist_barrier(g: *mut c_void) -> *mut c_char;
+    fn kd_dist_sync_batch_norm(
+        g: *mut c_void,
+        x: RawTensor,
+        weight: RawTensor,
+        bias: RawTensor,
+        running_mean: RawTensor,
+        running_var: RawTensor,
+        momentum: f64,
+        eps: f64,
+        out: *mut RawTensor,
+    ) -> *mut c_char;
     fn kd_dist_has_nccl() -> i32;
 }
 
@@ -52,6 +64,23 @@ fn check(what: &'static str, err: *mut c_char) -> Result<(), DistError> {
 
 fn raw(t: &Tensor) -> RawTensor {
     t.as_ptr() as RawTensor
+}
+
+fn raw_or_null(t: Option<&Tensor>) -> RawTensor {
+    t.map_or(std::ptr::null_mut(), raw)
+}
+
+/// One BatchNorm layer's training forward: its input, its affine
+/// parameters and running statistics (`torch.nn.BatchNorm2d`'s arguments).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchNormInput<'a> {
+    pub input: &'a Tensor,
+    pub weight: Option<&'a Tensor>,
+    pub bias: Option<&'a Tensor>,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+    pub momentum: f64,
+    pub eps: f64,
 }
 
 /// Whether this build can make NCCL process groups.
@@ -201,6 +230,59 @@ impl ProcessGroup {
 
     pub fn barrier(&self) -> Result<(), DistError> {
         check("barrier", unsafe { kd_dist_barrier(self.raw) })
+    }
+
+    /// BatchNorm's training forward over the whole job's batch, as
+    /// `torch.nn.SyncBatchNorm`: normalised with the mean and biased
+    /// variance of every rank's rows together (one allreduce of per-channel
+    /// sum, sum of squares and count), running statistics updated in place
+    /// with the global mean and unbiased variance, and a backward that
+    /// allreduces the per-channel sums of dy and dy·(x − mean) (a second
+    /// allreduce) so that the input gradient is that of one BatchNorm over
+    /// the concatenated batch. Weight and bias gradients are this rank's
+    /// own: average them over the ranks as any other gradient.
+    ///
+    /// Every rank must make the same calls in the same order, forward and
+    /// backward (each is a collective). In a world of one this is plain
+    /// `batch_norm` in training mode, bit for bit.
+    pub fn sync_batch_norm(&self, bn: BatchNormInput) -> Result<Tensor, DistError> {
+        if self.world.size == 1 {
+            // What tch's `nn::BatchNorm::forward_t` calls: no collective
+            // can change one rank's statistics.
+            return bn
+                .input
+                .f_batch_norm(
+                    bn.weight,
+                    bn.bias,
+                    Some(bn.running_mean),
+                    Some(bn.running_var),
+                    true,
+                    bn.momentum,
+                    bn.eps,
+                    true,
+                )
+                .map_err(|e| DistError::Collective {
+                    what: "sync batchnorm",
+                    msg: e.to_string(),
+                });
+        }
+        let mut out: RawTensor = std::ptr::null_mut();
+        // SAFETY: the tensors are live for the call; on success the shim
+        // hands over a new at::Tensor, owned by the returned Tensor.
+        check("sync batchnorm", unsafe {
+            kd_dist_sync_batch_norm(
+                self.raw,
+                raw(bn.input),
+                raw_or_null(bn.weight),
+                raw_or_null(bn.bias),
+                raw(bn.running_mean),
+                raw(bn.running_var),
+                bn.momentum,
+                bn.eps,
+                &mut out,
+            )
+        })?;
+        Ok(unsafe { Tensor::from_ptr(out.cast()) })
     }
 
     /// Averages gradients over the ranks in one flat bucket per kind and

@@ -128,6 +128,7 @@ fn losses(c: &mut Criterion) {
                     teacher: Some(&teacher),
                     grads: &grads,
                     views: &views,
+                    augmented: None,
                     target: &target,
                     index: Some(&index),
                     contrast_index: contrast.as_ref(),

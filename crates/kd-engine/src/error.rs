@@ -49,3 +49,27 @@ impl EngineError {
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Runs `f`, turning a libtorch exception into [`EngineError::Plan`]
+/// (`{what}: {libtorch's first line}`): tch's infallible tensor ops panic
+/// on them, and user input (a fixture, a plan asking for a model too big
+/// to allocate) can provoke one; the user gets a line, not a C++ trace.
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        // tch wraps libtorch's message: `... Torch("<what>\nException raised from ...`.
+        let cause = msg.split_once("Torch(\"").map_or(msg, |(_, w)| w);
+        // Debug-printed, so its line breaks are the two characters `\n`.
+        let cause = cause.split("\\n").next().unwrap_or(cause);
+        let cause = cause.split(['\n', '"']).next().unwrap_or(cause).trim();
+        Err(EngineError::Plan(format!("{what}: {cause}")))
+    })
+}

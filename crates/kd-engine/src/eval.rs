@@ -24,28 +24,13 @@ pub fn accuracy(
         }
         None => (0, n),
     };
-    let mean = Tensor::from_slice(&data.mean)
-        .to_kind(Kind::Float)
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    let std = Tensor::from_slice(&data.std)
-        .to_kind(Kind::Float)
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    let hits = kd_aten::inference_mode(|| {
+    let hits = kd_aten::inference_mode(|| -> crate::Result<Tensor> {
+        // Top-1 hits, top-5 hits, samples seen: image files left out as
+        // unreadable are not counted.
         let mut hits = Tensor::zeros([2], (Kind::Int64, device));
-        let mut start = lo;
-        while start < hi {
-            let len = (batch_size as i64).min(hi - start);
-            let x = (data
-                .images
-                .narrow(0, start, len)
-                .to_device(device)
-                .to_kind(Kind::Float)
-                / 255.0
-                - &mean)
-                / &std;
-            let y = data.labels.narrow(0, start, len).to_device(device);
+        let mut seen = 0i64;
+        for batch in data.eval_batches(lo, hi, batch_size, device) {
+            let (x, y) = batch?;
             let logits = net.forward_taps(&x, false).logits;
             let k = logits.size()[1].min(5);
             let (_, pred) = logits.topk(k, 1, true, true);
@@ -55,21 +40,29 @@ pub fn accuracy(
                 0,
             );
             hits += batch;
-            start += len;
+            seen += y.size()[0];
         }
-        hits
-    });
+        let seen = Tensor::from_slice(&[seen]).to_device(device);
+        Ok(Tensor::cat(&[hits, seen], 0))
+    })?;
     if let Some(g) = kd_dist::group() {
         // A clone: inference-mode tensors refuse in-place updates outside it.
         let hits = hits.copy();
         g.all_reduce_sum(std::slice::from_ref(&hits))?;
-        return Ok(percent(&hits, n));
+        return Ok(percent(&hits));
     }
-    Ok(percent(&hits, n))
+    Ok(percent(&hits))
 }
 
-fn percent(hits: &Tensor, n: i64) -> (f64, f64) {
-    let (top1, top5) = (hits.int64_value(&[0]), hits.int64_value(&[1]));
+fn percent(hits: &Tensor) -> (f64, f64) {
+    let (top1, top5, n) = (
+        hits.int64_value(&[0]),
+        hits.int64_value(&[1]),
+        hits.int64_value(&[2]),
+    );
+    if n == 0 {
+        return (0.0, 0.0);
+    }
     (
         100.0 * top1 as f64 / n as f64,
         100.0 * top5 as f64 / n as f64,

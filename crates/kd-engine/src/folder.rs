@@ -189,7 +189,7 @@ fn archive_path(dir: &Path) -> PathBuf {
     to
 }
 
-fn read_saved(path: &Path) -> Result<Plan, FolderError> {
+pub(crate) fn read_saved(path: &Path) -> Result<Plan, FolderError> {
     let text = std::fs::read_to_string(path).map_err(|err| FolderError::Io {
         path: path.to_path_buf(),
         err,

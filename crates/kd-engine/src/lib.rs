@@ -12,6 +12,7 @@ pub mod plan;
 pub mod probe;
 pub mod report;
 mod run;
+pub mod saved;
 pub mod schedule;
 pub mod tensors;
 
@@ -20,8 +21,8 @@ pub use eval::accuracy;
 pub use observe::{EpochRecord, Observer, RunResult, Silent, StageResult};
 pub use optim::Optimizer;
 pub use plan::{
-    BatchNorm, DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Part, Plan, Precision,
-    Sgd, StagePlan, Subject,
+    BatchNorm, DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Paper, PaperEpoch, Part,
+    Plan, Precision, Sgd, StagePlan, Subject,
 };
 pub use run::{
     RunOptions, StepHarness, bench_plan, device, lockstep_key, run, run_group, validate,

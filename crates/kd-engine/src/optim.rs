@@ -59,9 +59,10 @@ impl Optimizer {
     }
 
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        // Fallible: a SyncBatchNorm backward is a collective.
         match &self.scale {
-            Some(s) => (loss * &s.scale).backward(),
-            None => loss.backward(),
+            Some(s) => (loss * &s.scale).f_backward()?,
+            None => loss.f_backward()?,
         }
         Ok(())
     }

@@ -35,19 +35,69 @@ pub struct Plan {
     /// What BatchNorm normalises with while training.
     #[serde(default)]
     pub batchnorm: BatchNorm,
+    /// The number the recipe's source reports for this configuration, so
+    /// a run can be told faithful or broken (`kd report`, MLflow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paper: Option<Paper>,
+}
+
+/// A published result: top-1 test accuracy (%) of the student, which
+/// epoch it is taken at, over how many runs, and where it is printed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paper {
+    pub top1: f64,
+    #[serde(default)]
+    pub epoch: PaperEpoch,
+    /// Runs the number is a mean of; absent where the source does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<u32>,
+    /// Publication, table and column: `RepDistiller README, table 1,
+    /// resnet110 -> resnet20`.
+    pub source: String,
+}
+
+/// Which epoch a published number is read at. Sources that report the
+/// best test epoch flatter a method against those that report the last;
+/// `kd report` compares like with like (an unstated one with the best).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaperEpoch {
+    #[default]
+    Best,
+    Last,
+    Unstated,
+}
+
+impl std::str::FromStr for PaperEpoch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "best" => Ok(PaperEpoch::Best),
+            "last" => Ok(PaperEpoch::Last),
+            "unstated" => Ok(PaperEpoch::Unstated),
+            other => Err(format!(
+                "unknown paper epoch `{other}`; valid: best, last, unstated"
+            )),
+        }
+    }
 }
 
 /// BatchNorm in training forwards: each batch's own statistics (PyTorch's
-/// `train()`; in a data-parallel job, each rank's batch), or the running
+/// `train()`; in a data-parallel job, each rank's batch), the running
 /// statistics, left unchanged (as in `eval()`; fine-tuning a pretrained
 /// network, and data-parallel runs that must equal one process on the
-/// combined batch).
+/// combined batch), or the statistics of the whole job's batch
+/// (`torch.nn.SyncBatchNorm`: one allreduce per BatchNorm layer in the
+/// forward and one in the backward). `sync` in a single process, or a job
+/// of one rank, is `batch` exactly.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BatchNorm {
     #[default]
     Batch,
     Frozen,
+    Sync,
 }
 
 impl std::str::FromStr for BatchNorm {
@@ -56,7 +106,10 @@ impl std::str::FromStr for BatchNorm {
         match s {
             "batch" => Ok(BatchNorm::Batch),
             "frozen" => Ok(BatchNorm::Frozen),
-            other => Err(format!("unknown batchnorm `{other}`; valid: batch, frozen")),
+            "sync" => Ok(BatchNorm::Sync),
+            other => Err(format!(
+                "unknown batchnorm `{other}`; valid: batch, frozen, sync"
+            )),
         }
     }
 }

@@ -1,17 +1,19 @@
 //! The conformance harness. `probe_loss` runs one method on taps read from a
-//! fixture, as a training step would, and writes the loss, the gradients
-//! w.r.t. every student tap and the method's parameters and buffers after
-//! the call. `probe_step` runs one training step of a method on networks and
-//! a batch read from a fixture, for methods that need the networks
-//! themselves (gradient taps, adversarial views), and writes the loss, the
-//! gradients w.r.t. every student parameter, the student's buffers and the
-//! method's state after the step.
+//! fixture, as a training step would (with both networks' taps on an
+//! augmented view when the fixture gives them), and writes the loss, the
+//! gradients w.r.t. every student tap (the view's too) and the method's
+//! parameters and buffers after the call. `probe_step` runs one training
+//! step of a method on networks and a batch read from a fixture, for methods
+//! that need the networks themselves (gradient taps, adversarial views), and
+//! writes the loss, the gradients w.r.t. every student parameter, the
+//! student's buffers and the method's state after the step.
 
 use std::path::Path;
 
-use kd_core::{BuildCx, Losses, Needs, Progress, Registry, StepIo, Tap, TapShapes, Taps};
+use kd_core::{BuildCx, Losses, Needs, Progress, Registry, StepIo, Tap, TapShapes, Taps, ViewTaps};
 use tch::{Device, Kind, Tensor, nn};
 
+use crate::error::guarded;
 use crate::plan::{MethodPlan, StagePlan, Subject};
 use crate::run::{self, Net};
 use crate::tensors::{self, TensorFile};
@@ -71,7 +73,9 @@ fn taps_from(file: &TensorFile, prefix: &str, requires_grad: bool) -> Result<Opt
 /// metadata `ms_per_call` says how long each took: `scripts/bench-losses`
 /// sets it beside PyTorch's time on the same taps.
 pub fn probe_loss(path: &Path, registry: &Registry, repeat: usize) -> Result<TensorFile> {
-    guarded(|| loss_of_fixture(path, registry, repeat))
+    guarded("libtorch refused the fixture's tensors", || {
+        loss_of_fixture(path, registry, repeat)
+    })
 }
 
 fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<TensorFile> {
@@ -93,6 +97,26 @@ fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<Te
     let (student, s_shapes, s_leaves) = taps_from(&file, "student/", true)?
         .ok_or_else(|| bad("no `student/<tap>` tensors".into()))?;
     let teacher = taps_from(&file, "teacher/", false)?;
+    // Both networks on the augmented second view (MLKD's strong view).
+    let augmented = match (
+        taps_from(&file, "aug/student/", true)?,
+        taps_from(&file, "aug/teacher/", false)?,
+    ) {
+        (Some(s), Some(t)) => Some((
+            ViewTaps {
+                student: s.0,
+                teacher: t.0,
+            },
+            s.2,
+            t.2,
+        )),
+        (None, None) => None,
+        _ => {
+            return Err(bad(
+                "an augmented view needs both `aug/student/<tap>` and `aug/teacher/<tap>`".into(),
+            ));
+        }
+    };
     let target = file
         .get("batch/target")
         .ok_or_else(|| bad("no `batch/target`".into()))?;
@@ -110,13 +134,19 @@ fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<Te
         None => max_index.unwrap_or(target.size()[0]),
     };
     let num_classes = s_shapes.get(Tap::Logits).map(|s| s[0]).unwrap_or(10);
-    check_batch(
-        &given_taps(&s_leaves, teacher.as_ref()),
-        target,
-        num_classes,
-    )
-    .and_then(|n| check_indices([index, contrast_index], n_data).map(|_| n))
-    .map_err(bad)?;
+    let mut batch_taps = given_taps(&s_leaves, teacher.as_ref());
+    if let Some((_, s, t)) = &augmented {
+        for (side, given) in [("student", s), ("teacher", t)] {
+            batch_taps.extend(
+                given
+                    .iter()
+                    .map(|(tap, t)| (format!("aug/{side}/{tap}"), t)),
+            );
+        }
+    }
+    check_batch(&batch_taps, target, num_classes)
+        .and_then(|n| check_indices([index, contrast_index], n_data).map(|_| n))
+        .map_err(bad)?;
 
     let mut vs = nn::VarStore::new(Device::Cpu);
     let mut needs = Needs::default();
@@ -137,13 +167,21 @@ fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<Te
             "method `{method}` needs gradient taps or adversarial views; `kd probe loss` feeds taps only"
         )));
     }
+    if augmented.is_some() && needs.augmented.is_none() {
+        return Err(bad(format!(
+            "gives `aug/*` taps, but method `{method}` asks for no augmented view"
+        )));
+    }
     set_vars(&mut vs, &file, path)?;
+    // Leaves whose gradients are written: the batch's student taps, then the view's.
+    let aug_leaves: &[(Tap, Tensor)] = augmented.as_ref().map_or(&[], |a| &a.1);
 
     let io = StepIo {
         student: &student,
         teacher: teacher.as_ref().map(|t| &t.0),
         grads: &[],
         views: &[],
+        augmented: augmented.as_ref().map(|a| &a.0),
         target,
         index,
         contrast_index,
@@ -161,8 +199,13 @@ fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<Te
     let loss = losses.total();
     loss.backward();
     tch::no_grad(|| m.after_step(&io))?;
+    let all_leaves: Vec<(Tap, Tensor)> = s_leaves
+        .iter()
+        .chain(aug_leaves)
+        .map(|(tap, t)| (*tap, t.shallow_clone()))
+        .collect();
     let ms_per_call = (repeat > 0)
-        .then(|| time_calls(m.as_mut(), &io, &s_leaves, &vs, repeat))
+        .then(|| time_calls(m.as_mut(), &io, &all_leaves, &vs, repeat))
         .transpose()?;
 
     let mut out = TensorFile::default();
@@ -174,10 +217,11 @@ fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<Te
     for (name, t) in &losses.terms {
         out.push(format!("terms/{name}"), t);
     }
-    for (tap, leaf) in &s_leaves {
+    for (i, (tap, leaf)) in all_leaves.iter().enumerate() {
         let g = leaf.grad();
         let g = if g.defined() { g } else { leaf.zeros_like() };
-        out.push(format!("grad/student/{tap}"), &g);
+        let side = if i < s_leaves.len() { "" } else { "aug/" };
+        out.push(format!("grad/{side}student/{tap}"), &g);
     }
     let mut vars: Vec<_> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -246,31 +290,6 @@ fn check_indices(indices: [Option<&Tensor>; 2], n_data: i64) -> Result<(), Strin
         }
     }
     Ok(())
-}
-
-/// Runs `f`, turning a libtorch exception into an error: tch's infallible
-/// tensor ops panic on them, and a fixture can hold anything, so the probe
-/// says what libtorch refused instead of printing a C++ stack trace.
-fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(hook);
-    r.unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown failure");
-        // tch wraps libtorch's message: `... Torch("<what>\nException raised from ...`.
-        let what = msg.split_once("Torch(\"").map_or(msg, |(_, w)| w);
-        // Debug-printed, so its line breaks are the two characters `\n`.
-        let what = what.split("\\n").next().unwrap_or(what);
-        let what = what.split(['\n', '"']).next().unwrap_or(what).trim();
-        Err(EngineError::Plan(format!(
-            "libtorch refused the fixture's tensors: {what}"
-        )))
-    })
 }
 
 /// Milliseconds per call of the method on `io`: loss, backward, after-step
@@ -398,7 +417,9 @@ fn set_weights(net: &Net, file: &TensorFile, prefix: &str, path: &Path) -> Resul
 /// factor the method applies itself (BSS's epoch decay at the fixture's
 /// `epoch` of `epochs`) is included.
 pub fn probe_step(path: &Path, registry: &Registry) -> Result<TensorFile> {
-    guarded(|| step_of_fixture(path, registry))
+    guarded("libtorch refused the fixture's tensors", || {
+        step_of_fixture(path, registry)
+    })
 }
 
 fn step_of_fixture(path: &Path, registry: &Registry) -> Result<TensorFile> {

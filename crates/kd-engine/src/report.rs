@@ -1,8 +1,9 @@
 //! Summaries of several runs, one table for every command: a row per
 //! configuration with its seeds and the mean ± sample standard deviation of
-//! the best and the last test top-1 of each run's last stage.
+//! the best and the last test top-1 of each run's last stage, and where the
+//! plan carries its source's number, that number and the gap to it.
 
-use crate::{Plan, RunResult};
+use crate::{Paper, PaperEpoch, Plan, RunResult};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
@@ -10,6 +11,26 @@ pub struct Summary {
     pub seeds: Vec<u64>,
     pub best: (f64, f64),
     pub last: (f64, f64),
+    pub paper: Option<Paper>,
+}
+
+impl Summary {
+    /// Mean top-1 of these runs less the source's number, read at the
+    /// epoch the source reports (the best where it does not say).
+    pub fn gap(&self) -> Option<f64> {
+        self.paper
+            .as_ref()
+            .map(|p| paper_gap(p, self.best.0, self.last.0))
+    }
+}
+
+/// A run's (or a mean's) distance to a published number: its best or last
+/// top-1, as the source reports, less the source's.
+pub fn paper_gap(paper: &Paper, best: f64, last: f64) -> f64 {
+    match paper.epoch {
+        PaperEpoch::Last => last - paper.top1,
+        PaperEpoch::Best | PaperEpoch::Unstated => best - paper.top1,
+    }
 }
 
 /// Mean and sample standard deviation, n − 1 (0 for a single value).
@@ -37,6 +58,7 @@ pub fn summarize(config: &str, runs: &[(&Plan, &RunResult)]) -> Summary {
         seeds: runs.iter().map(|(p, _)| p.seed).collect(),
         best: mean_std(&pick(|r| r.last().map(|s| s.best_top1))),
         last: mean_std(&pick(|r| r.last().map(|s| s.last_top1))),
+        paper: runs.first().and_then(|(p, _)| p.paper.clone()),
     }
 }
 
@@ -146,6 +168,60 @@ pub fn table(rows: &[Summary]) -> String {
     out
 }
 
+/// The rows as a Markdown table, with the source's number and the gap
+/// when any row has one.
+pub fn markdown(rows: &[Summary]) -> String {
+    let cell = |(m, s): (f64, f64), n: usize| {
+        if n < 2 {
+            format!("{m:.2}")
+        } else {
+            format!("{m:.2} ± {s:.2}")
+        }
+    };
+    let papers = rows.iter().any(|r| r.paper.is_some());
+    let mut out = String::from("| configuration | seeds | best top-1 (%) | last top-1 (%) |");
+    if papers {
+        out.push_str(" paper (%) | gap | source |");
+    }
+    out.push_str(if papers {
+        "\n|---|---|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|\n"
+    });
+    for r in rows {
+        let n = r.seeds.len();
+        let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
+        out.push_str(&format!(
+            "| {} | {} ({}) | {} | {} |",
+            r.config.replace('|', "\\|"),
+            n,
+            seeds.join(", "),
+            cell(r.best, n),
+            cell(r.last, n)
+        ));
+        if papers {
+            match (&r.paper, r.gap()) {
+                (Some(p), Some(gap)) => {
+                    let runs = p.runs.map_or(String::new(), |k| format!(", mean of {k}"));
+                    let epoch = match p.epoch {
+                        PaperEpoch::Best => "best",
+                        PaperEpoch::Last => "last",
+                        PaperEpoch::Unstated => "epoch unstated",
+                    };
+                    out.push_str(&format!(
+                        " {:.2} ({epoch}{runs}) | {gap:+.2} | {} |",
+                        p.top1,
+                        p.source.replace('|', "\\|")
+                    ));
+                }
+                _ => out.push_str(" | | |"),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +252,7 @@ mod tests {
             precision: Default::default(),
             channels_last: true,
             batchnorm: Default::default(),
+            paper: None,
             name: name.into(),
             seed,
             device: Default::default(),

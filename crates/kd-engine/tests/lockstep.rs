@@ -69,6 +69,7 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        paper: None,
     }
 }
 

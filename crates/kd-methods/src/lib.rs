@@ -21,6 +21,7 @@ pub use kd_plugin_ft;
 pub use kd_plugin_irg;
 pub use kd_plugin_logits;
 pub use kd_plugin_lwm;
+pub use kd_plugin_mlkd;
 pub use kd_plugin_nst;
 pub use kd_plugin_ofd;
 pub use kd_plugin_pkt;

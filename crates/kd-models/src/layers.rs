@@ -3,9 +3,14 @@
 //! PyTorch twin (tch's own defaults differ: BN weight U(0,1), linear weight
 //! bound sqrt(6/fan_in)).
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use tch::Tensor;
 use tch::nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use tch::nn::{self, Init};
+
+use crate::ModelError;
 
 /// He normal over fan-out. RepDistiller writes it two ways (`kaiming_normal_(
 /// mode='fan_out')` in resnet.py, `normal_(0, sqrt(2/(k*k*out)))` in wrn.py and
@@ -82,17 +87,136 @@ pub(crate) fn conv_grouped(
 
 /// PyTorch's BatchNorm2d epsilon, which every zoo network uses.
 const BN_EPS: f64 = 1e-5;
+/// PyTorch's BatchNorm2d momentum, which every zoo network uses.
+const BN_MOMENTUM: f64 = 0.1;
 
 /// BatchNorm2d as PyTorch builds it: weight 1, bias 0, momentum 0.1, eps 1e-5.
-pub(crate) fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
+pub(crate) fn bn(p: nn::Path, c: i64) -> Bn {
     let cfg = nn::BatchNormConfig {
         ws_init: Init::Const(1.),
         bs_init: Init::Const(0.),
-        momentum: 0.1,
+        momentum: BN_MOMENTUM,
         eps: BN_EPS,
         ..Default::default()
     };
-    nn::batch_norm2d(p, c, cfg)
+    Bn(nn::batch_norm2d(p, c, cfg))
+}
+
+/// One training-mode BatchNorm forward as a [`TrainBatchNorm`] hook sees
+/// it: the arguments of `torch.nn.functional.batch_norm`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchNormArgs<'a> {
+    pub input: &'a Tensor,
+    pub weight: Option<&'a Tensor>,
+    pub bias: Option<&'a Tensor>,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+    pub momentum: f64,
+    pub eps: f64,
+}
+
+/// A replacement for the batch's own statistics in the zoo's training
+/// BatchNorm forwards: the engine's SyncBatchNorm, which the zoo cannot
+/// depend on. It returns the layer's output and updates the running
+/// statistics in place, as `batch_norm` in training mode does.
+pub type TrainBatchNorm =
+    dyn Fn(&BatchNormArgs) -> Result<Tensor, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The hook of the forward in progress on this thread, and its first error.
+struct Hooked {
+    hook: Rc<TrainBatchNorm>,
+    failed: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+thread_local! {
+    static HOOK: RefCell<Option<Hooked>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (forwards of zoo networks) with every training-mode BatchNorm
+/// of the zoo going through `hook`. The hook is this thread's and lasts for
+/// `f` only: several runs of one process (lockstep groups, parallel tests)
+/// may train with different BatchNorm modes, and a process-wide switch
+/// would leak from one into the others.
+///
+/// A forward cannot return an error, so a failing hook (a collective that
+/// timed out) is recorded, the rest of `f` runs on plain batch statistics
+/// (no further collective to wait for), and the first error is returned
+/// here instead of `f`'s value.
+pub fn with_train_batch_norm<T>(
+    hook: Rc<TrainBatchNorm>,
+    f: impl FnOnce() -> T,
+) -> Result<T, ModelError> {
+    /// Puts back the enclosing hook, also when `f` panics.
+    struct Restore(Option<Hooked>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HOOK.with(|h| *h.borrow_mut() = self.0.take());
+        }
+    }
+    let outer = HOOK.with(|h| h.replace(Some(Hooked { hook, failed: None })));
+    let restore = Restore(outer);
+    let out = f();
+    let failed = HOOK.with(|h| h.borrow_mut().as_mut().and_then(|k| k.failed.take()));
+    drop(restore);
+    match failed {
+        None => Ok(out),
+        Some(e) => Err(ModelError::TrainBatchNorm(e)),
+    }
+}
+
+/// The zoo's BatchNorm2d: tch's layer, whose training forwards go through
+/// this thread's [`TrainBatchNorm`] hook while one is installed.
+#[derive(Debug)]
+pub(crate) struct Bn(nn::BatchNorm);
+
+impl std::ops::Deref for Bn {
+    type Target = nn::BatchNorm;
+    fn deref(&self) -> &nn::BatchNorm {
+        &self.0
+    }
+}
+
+impl nn::ModuleT for Bn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if train && let Some(y) = self.hooked(xs) {
+            return y;
+        }
+        self.0.forward_t(xs, train)
+    }
+}
+
+impl Bn {
+    /// The hook's output, when a hook is installed and has not failed.
+    fn hooked(&self, xs: &Tensor) -> Option<Tensor> {
+        // The hook is called outside the borrow: it may run a forward of
+        // its own.
+        let hook = HOOK.with(|h| {
+            h.borrow()
+                .as_ref()
+                .filter(|k| k.failed.is_none())
+                .map(|k| k.hook.clone())
+        })?;
+        let args = BatchNormArgs {
+            input: xs,
+            weight: self.0.ws.as_ref(),
+            bias: self.0.bs.as_ref(),
+            running_mean: &self.0.running_mean,
+            running_var: &self.0.running_var,
+            momentum: BN_MOMENTUM,
+            eps: BN_EPS,
+        };
+        match hook(&args) {
+            Ok(y) => Some(y),
+            Err(e) => {
+                HOOK.with(|h| {
+                    if let Some(k) = h.borrow_mut().as_mut() {
+                        k.failed.get_or_insert(e);
+                    }
+                });
+                None
+            }
+        }
+    }
 }
 
 /// A convolution and the BatchNorm that reads its output. In eval mode
@@ -102,7 +226,7 @@ pub(crate) fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
 #[derive(Debug)]
 pub(crate) struct ConvBn {
     pub conv: nn::Conv2D,
-    pub bn: nn::BatchNorm,
+    pub bn: Bn,
     stride: i64,
     padding: i64,
     groups: i64,
@@ -112,7 +236,7 @@ pub(crate) struct ConvBn {
 
 impl ConvBn {
     /// `conv(x)` then `bn`, with the geometry `conv` was built with.
-    pub fn new(conv: nn::Conv2D, bn: nn::BatchNorm, stride: i64, groups: i64) -> ConvBn {
+    pub fn new(conv: nn::Conv2D, bn: Bn, stride: i64, groups: i64) -> ConvBn {
         let padding = conv.ws.size()[2] / 2;
         ConvBn {
             conv,

@@ -44,6 +44,7 @@ use std::path::PathBuf;
 use kd_core::Taps;
 use tch::{Tensor, nn};
 
+pub use layers::{BatchNormArgs, TrainBatchNorm, with_train_batch_norm};
 pub use mobilenetv1::{MobileNetV1, MobileNetV1Config};
 pub use mobilenetv2::{MobileNetV2, MobileNetV2Config};
 pub use resnet::{ResNet, ResNetConfig};
@@ -89,6 +90,9 @@ pub enum ModelError {
         key: String,
         reason: String,
     },
+    /// The [`TrainBatchNorm`] hook of a training forward failed.
+    #[error("training BatchNorm: {0}")]
+    TrainBatchNorm(Box<dyn std::error::Error + Send + Sync>),
 }
 
 const RESNET: [i64; 4] = [16, 16, 32, 64];

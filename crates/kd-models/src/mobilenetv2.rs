@@ -11,7 +11,7 @@ use kd_core::Taps;
 use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
-use crate::layers::{ConvInit, LinearInit, bn, conv_grouped, global_pool, linear};
+use crate::layers::{Bn, ConvInit, LinearInit, bn, conv_grouped, global_pool, linear};
 use crate::{ModelError, Network, check_classes};
 
 /// RepDistiller's `interverted_residual_setting`: (expands, channels, blocks,
@@ -131,9 +131,9 @@ impl MobileNetV2Config {
 /// the block keeps stride and width.
 #[derive(Debug)]
 struct InvertedResidual {
-    expand: (nn::Conv2D, nn::BatchNorm),
-    depthwise: (nn::Conv2D, nn::BatchNorm),
-    project: (nn::Conv2D, nn::BatchNorm),
+    expand: (nn::Conv2D, Bn),
+    depthwise: (nn::Conv2D, Bn),
+    project: (nn::Conv2D, Bn),
     residual: bool,
 }
 
@@ -189,9 +189,9 @@ impl InvertedResidual {
 /// this gives its BN output, as for the other families.
 #[derive(Debug)]
 pub struct MobileNetV2 {
-    stem: (nn::Conv2D, nn::BatchNorm),
+    stem: (nn::Conv2D, Bn),
     stages: Vec<Vec<InvertedResidual>>,
-    head: (nn::Conv2D, nn::BatchNorm),
+    head: (nn::Conv2D, Bn),
     classifier: nn::Linear,
 }
 

@@ -10,7 +10,7 @@ use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
 use crate::layers::{
-    ConvInit, LinearInit, PreactBlock, Stage, bn, channel_shuffle, conv_grouped, linear,
+    Bn, ConvInit, LinearInit, PreactBlock, Stage, bn, channel_shuffle, conv_grouped, linear,
     staged_taps,
 };
 use crate::{ModelError, Network, check_classes};
@@ -152,12 +152,12 @@ impl BlockSpec {
 #[derive(Debug)]
 struct Bottleneck {
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     shuffle: i64,
     conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
+    bn2: Bn,
     conv3: nn::Conv2D,
-    bn3: nn::BatchNorm,
+    bn3: Bn,
     strided: bool,
 }
 
@@ -210,7 +210,7 @@ impl PreactBlock for Bottleneck {
 #[derive(Debug)]
 pub struct ShuffleNetV1 {
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     stages: Vec<Stage<Bottleneck>>,
     linear: nn::Linear,
 }

@@ -11,7 +11,9 @@ use kd_core::Taps;
 use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
-use crate::layers::{ConvInit, LinearInit, bn, channel_shuffle, conv_grouped, global_pool, linear};
+use crate::layers::{
+    Bn, ConvInit, LinearInit, bn, channel_shuffle, conv_grouped, global_pool, linear,
+};
 use crate::{ModelError, Network, check_classes};
 
 const STEM: i64 = 24;
@@ -133,7 +135,7 @@ impl ShuffleV2Config {
 #[derive(Debug)]
 struct DownBlock {
     convs: [nn::Conv2D; 5],
-    bns: [nn::BatchNorm; 5],
+    bns: [Bn; 5],
 }
 
 impl DownBlock {
@@ -170,11 +172,11 @@ impl DownBlock {
 struct SplitBlock {
     half: i64,
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
+    bn2: Bn,
     conv3: nn::Conv2D,
-    bn3: nn::BatchNorm,
+    bn3: Bn,
 }
 
 impl SplitBlock {
@@ -245,10 +247,10 @@ impl Stage {
 #[derive(Debug)]
 pub struct ShuffleNetV2 {
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     stages: Vec<Stage>,
     conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
+    bn2: Bn,
     linear: nn::Linear,
 }
 

@@ -8,7 +8,7 @@ use kd_core::Taps;
 use tch::Tensor;
 use tch::nn::{self, Module, ModuleT};
 
-use crate::layers::{ConvBn, LinearInit, bn, conv, global_pool, linear};
+use crate::layers::{Bn, ConvBn, LinearInit, bn, conv, global_pool, linear};
 use crate::{ModelError, Network, check_classes};
 
 /// Depth `6n+4` (n blocks per stage); stage widths are 16, 32, 64 times
@@ -69,7 +69,7 @@ impl WrnConfig {
 
 #[derive(Debug)]
 struct WideBlock {
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     /// `conv1`, then `bn2`, which reads it (pre-activation blocks: `bn1`
     /// reads the block input, which no convolution of this block makes).
     mid: ConvBn,
@@ -176,7 +176,7 @@ pub struct WideResNet {
     block1: Stage,
     block2: Stage,
     block3: Stage,
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     fc: nn::Linear,
 }
 

@@ -27,12 +27,7 @@ pub const MUTATED_YAML_CASES: u32 = 2_000;
 pub const VALIDATED_YAML_CASES: u32 = 100;
 
 fn config(cases: u32) -> Config {
-    Config {
-        cases,
-        // A failure prints its smallest input; no files in the source tree.
-        failure_persistence: None,
-        ..Config::default()
-    }
+    common::fuzz_config(cases)
 }
 
 fn registry() -> &'static Registry {

@@ -547,3 +547,54 @@ run(x);
         assert!(e.contains(needle), "{bad}: {e}");
     }
 }
+
+/// `imagefolder(path)` and its options reach the plan and survive a YAML
+/// round trip; the options refuse other data and sizes out of range.
+#[test]
+fn imagefolder_options_round_trip_through_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    // Planning lists the folder; it decodes nothing.
+    for split in ["train", "val"] {
+        for class in ["cat", "dog"] {
+            let d = dir.path().join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("a.jpg"), b"").unwrap();
+        }
+    }
+    let path = dir.path().display().to_string();
+    let src = format!(
+        r#"
+let x = experiment("img")
+    .data(imagefolder("{path}").image_size(32).resize_size(36).skip_corrupt(true))
+    .student("resnet8")
+    .add(stage("a", 1).add(method("ce")));
+run(x);
+"#
+    );
+    let plans = plan(&src).unwrap();
+    assert_eq!(
+        plans[0].data.source,
+        kd_data::DataSource::ImageFolder {
+            path: dir.path().into(),
+            image_size: 32,
+            resize_size: 36,
+            skip_corrupt: true,
+        }
+    );
+    let yaml = to_yaml(&plans).unwrap();
+    assert!(yaml.contains("kind: imagefolder"), "{yaml}");
+    assert_eq!(from_yaml(&yaml, "img").unwrap(), plans, "{yaml}");
+    for (bad, needle) in [
+        (
+            "synthetic().image_size(32)".to_string(),
+            "`image_size` applies to `imagefolder(path)` data only",
+        ),
+        (
+            format!(r#"imagefolder("{path}").resize_size(0)"#),
+            "resize_size must be in 1..=4096 pixels, got 0",
+        ),
+    ] {
+        let e = plan(&format!("let d = {bad};")).unwrap_err().to_string();
+        assert!(e.contains(needle), "{bad}: {e}");
+    }
+}

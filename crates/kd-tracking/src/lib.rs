@@ -55,7 +55,7 @@ pub use client::{
 };
 pub use error::{Error, Result};
 pub use journal::{journaled_status, metric_history};
-pub use plot::{History, plot_curves};
+pub use plot::{Bar, History, plot_bars, plot_curves};
 pub use server::ServerInfo;
 pub use sync::{SyncReport, sync, sync_all};
 pub use tracker::{FinishReport, Options, RunSpec, Tracker};

@@ -115,6 +115,84 @@ fn panel(
     Ok(())
 }
 
+/// One configuration of a report: its mean top-1 with the standard
+/// deviation over seeds, and the number its source publishes, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bar {
+    pub label: String,
+    pub mean: f64,
+    pub std: f64,
+    pub paper: Option<f64>,
+}
+
+/// A horizontal bar per configuration (mean, with a ±std error bar) and
+/// the published number as a red tick, rendered to `png`. Labels are
+/// ASCII (the bundled font is); other characters show as boxes.
+pub fn plot_bars(bars: &[Bar], title: &str, png: &Path) -> Result<()> {
+    register_font()?;
+    let height = 90 + 34 * bars.len().max(1) as u32;
+    let root = BitMapBackend::new(png, (1000, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let ends = bars.iter().flat_map(|b| {
+        let spread = if b.std.is_finite() { b.std } else { 0.0 };
+        [b.mean - spread, b.mean + spread]
+            .into_iter()
+            .chain(b.paper)
+            .filter(|v| v.is_finite())
+    });
+    let (lo, hi) = bounds(ends, 0.15);
+    let n = bars.len().max(1) as f64;
+    let longest = bars.iter().map(|b| b.label.len()).max().unwrap_or(0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 20))
+        .margin(14)
+        .x_label_area_size(36)
+        .y_label_area_size((longest as u32 * 8 + 12).clamp(60, 420))
+        .build_cartesian_2d(lo..hi, 0.0..n)
+        .map_err(plot_err)?;
+    let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc("test top-1 (%)")
+        .y_labels(bars.len().max(1) * 2 + 1)
+        .y_label_formatter(&|y| {
+            // Labels sit at bar centres only; the first row at the top.
+            let k = (y - 0.5).round();
+            if (y - 0.5 - k).abs() < 1e-6 && k >= 0.0 && (k as usize) < labels.len() {
+                labels[labels.len() - 1 - k as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(plot_err)?;
+    let blue = RGBColor(70, 110, 180);
+    for (i, b) in bars.iter().enumerate() {
+        let y = n - i as f64 - 0.5;
+        if b.mean.is_finite() {
+            let bar = Rectangle::new([(lo, y - 0.3), (b.mean, y + 0.3)], blue.mix(0.75).filled());
+            chart.draw_series([bar]).map_err(plot_err)?;
+        }
+        if b.std.is_finite() && b.std > 0.0 {
+            let (a, z) = (b.mean - b.std, b.mean + b.std);
+            let whisker = [
+                PathElement::new([(a, y), (z, y)], BLACK.stroke_width(2)),
+                PathElement::new([(a, y - 0.15), (a, y + 0.15)], BLACK.stroke_width(2)),
+                PathElement::new([(z, y - 0.15), (z, y + 0.15)], BLACK.stroke_width(2)),
+            ];
+            chart.draw_series(whisker).map_err(plot_err)?;
+        }
+        if let Some(p) = b.paper.filter(|p| p.is_finite()) {
+            let tick = PathElement::new([(p, y - 0.42), (p, y + 0.42)], RED.stroke_width(3));
+            chart.draw_series([tick]).map_err(plot_err)?;
+        }
+    }
+    root.present().map_err(plot_err)
+}
+
 /// A non-empty range around the values, widened by `margin` of its span.
 fn bounds(values: impl Iterator<Item = f64>, margin: f64) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
@@ -168,6 +246,31 @@ mod tests {
         let png = dir.path().join("empty.png");
         plot_curves(&History::new(), &png).unwrap();
         assert!(png.metadata().unwrap().len() > 0);
+    }
+
+    #[test]
+    fn bars_render_one_row_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("report.png");
+        let bars = [
+            Bar {
+                label: "st".into(),
+                mean: 70.1,
+                std: 0.4,
+                paper: Some(70.06),
+            },
+            Bar {
+                label: "baseline".into(),
+                mean: 68.5,
+                std: f64::NAN,
+                paper: None,
+            },
+        ];
+        plot_bars(&bars, "top-1", &png).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        assert_eq!(h, 90 + 34 * 2, "the height grows with the rows");
     }
 
     #[test]

@@ -272,6 +272,7 @@ mod tests {
             teacher: Some(t),
             grads: &[],
             views,
+            augmented: None,
             target: y,
             index: None,
             contrast_index: None,

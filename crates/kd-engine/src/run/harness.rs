@@ -66,6 +66,7 @@ pub fn bench_plan(
         precision: Precision::Fp32,
         channels_last: true,
         batchnorm: Default::default(),
+        paper: None,
     }
 }
 
@@ -102,7 +103,7 @@ impl StepHarness {
             scripts: &crate::NoScripts,
         };
         let (prep, loader) = prepare(&cx, stage, &mut student, teacher.as_mut(), &Carry::new())?;
-        let batch = loader.batch(&loader.order(0), 0, 0);
+        let batch = loader.batch(&loader.order(0), 0, 0)?;
         Ok(StepHarness {
             student,
             teacher,
@@ -198,6 +199,7 @@ pub(crate) fn probe_step(
         precision: Precision::Fp32,
         device: batch.images.device(),
         frozen_bn: false,
+        sync_bn: false,
     };
     student.use_channels_last()?;
     if let Some(t) = teacher.as_deref_mut() {

@@ -208,7 +208,7 @@ impl<'a, 'o> Member<'a, 'o> {
     /// networks' weights (the step's own conversion is then free).
     pub(crate) fn input_batch(&self, b: usize) -> Result<Batch> {
         let run = self.stage.as_ref().expect("a stage is in progress");
-        let mut batch = run.batch(b);
+        let mut batch = run.batch(b)?;
         batch.images = self.exec.input(&batch.images)?;
         Ok(batch)
     }
@@ -349,11 +349,16 @@ impl Member<'_, '_> {
                 &self.student,
                 self.teacher.as_ref(),
             );
-            sync_bn_stats(&net.vs)?;
-            if run.prep.mutual
-                && let Some(o) = other
-            {
-                sync_bn_stats(&o.vs)?;
+            // SyncBatchNorm leaves the networks' running statistics equal
+            // on every rank already (the end-of-epoch check compares
+            // them); method modules keep their own BatchNorms, per rank.
+            if !self.exec.sync_bn {
+                sync_bn_stats(&net.vs)?;
+                if run.prep.mutual
+                    && let Some(o) = other
+                {
+                    sync_bn_stats(&o.vs)?;
+                }
             }
             for a in run.prep.methods.iter().chain(&run.prep.peers) {
                 sync_bn_stats(&a.vs)?;
@@ -409,8 +414,16 @@ impl Member<'_, '_> {
         run.history.push(record.clone());
         // Data-parallel: the network and every method's state (memory banks
         // included) must be the same on all ranks.
-        let (net, _) = roles(stage.subject, &self.student, self.teacher.as_ref());
+        let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
         check_in_sync(&net.vs, "the network's weights")?;
+        // A DML peer's running statistics are not broadcast under
+        // SyncBatchNorm either: check that they agree.
+        if self.exec.sync_bn
+            && run.prep.mutual
+            && let Some(o) = other
+        {
+            check_in_sync(&o.vs, "the peer network's weights")?;
+        }
         for a in &run.prep.methods {
             check_in_sync(&a.vs, &format!("method `{}`'s state", a.label))?;
         }

@@ -1,6 +1,8 @@
 //! The networks of a run: building them, their roles in a stage, and the
 //! frozen teacher's inference form.
 
+use std::rc::Rc;
+
 use kd_core::{TapShapes, Taps};
 use kd_models::Network;
 use tch::{Device, Tensor, nn};
@@ -32,6 +34,9 @@ pub(crate) struct Exec {
     pub device: Device,
     /// `batchnorm: frozen`: running statistics in training forwards too.
     pub frozen_bn: bool,
+    /// `batchnorm: sync` in a job of several ranks: training forwards
+    /// normalise with the whole job's batch (SyncBatchNorm).
+    pub sync_bn: bool,
 }
 
 impl Exec {
@@ -59,6 +64,10 @@ impl Exec {
         }
         Ok(Exec {
             frozen_bn: plan.batchnorm == BatchNorm::Frozen,
+            // Without a process group (or with one rank) there is no other
+            // batch to include: `sync` is `batch`.
+            sync_bn: plan.batchnorm == BatchNorm::Sync
+                && kd_dist::group().is_some_and(|g| g.world.size > 1),
             channels_last: plan.channels_last,
             precision: plan.precision,
             device,
@@ -104,15 +113,24 @@ impl Net {
         Ok(Net { vs, model })
     }
 
-    /// Forward pass at the run's precision, taps in fp32.
-    pub(crate) fn taps(&self, x: &Tensor, train: bool, exec: &Exec) -> Taps {
+    /// Forward pass at the run's precision, taps in fp32. With
+    /// `batchnorm: sync`, a training forward is a collective: every rank
+    /// must make it, in the same order.
+    pub(crate) fn taps(&self, x: &Tensor, train: bool, exec: &Exec) -> Result<Taps> {
         let batch_stats = train && !exec.frozen_bn;
-        exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, batch_stats)))
+        let forward = || exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, batch_stats)));
+        match kd_dist::group().filter(|_| batch_stats && exec.sync_bn) {
+            Some(g) => Ok(kd_models::with_train_batch_norm(
+                sync_batch_norm(g),
+                forward,
+            )?),
+            None => Ok(forward()),
+        }
     }
 
     /// Forward pass of a frozen network: eval mode, no graph.
     pub(crate) fn frozen_taps(&self, x: &Tensor, exec: &Exec) -> Taps {
-        tch::no_grad(|| self.taps(x, false, exec))
+        tch::no_grad(|| exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, false))))
     }
 
     /// Puts 4-d weights (convolution kernels) in channels-last order, so
@@ -179,6 +197,21 @@ pub(crate) fn named_vars(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// SyncBatchNorm over the job, as the zoo's training-BatchNorm hook.
+fn sync_batch_norm(g: &'static kd_dist::ProcessGroup) -> Rc<kd_models::TrainBatchNorm> {
+    Rc::new(move |a: &kd_models::BatchNormArgs| {
+        Ok(g.sync_batch_norm(kd_dist::BatchNormInput {
+            input: a.input,
+            weight: a.weight,
+            bias: a.bias,
+            running_mean: a.running_mean,
+            running_var: a.running_var,
+            momentum: a.momentum,
+            eps: a.eps,
+        })?)
+    })
 }
 
 /// The job's collectives, as methods see them (`kd_core::dist`).

@@ -162,7 +162,7 @@ pub(crate) fn prepare(
     let device = cx.exec.device;
     let probe = {
         let l = Loader::new(&cx.splits.train, loader_cfg(cx, None, false), 0, device)?;
-        l.batch(&[0, 1], 0, 0).images
+        l.batch(&[0, 1], 0, 0)?.images
     };
     let env = BuildEnv {
         registry: cx.registry,

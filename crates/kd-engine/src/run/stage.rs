@@ -105,9 +105,9 @@ impl StageRun {
         subject == Subject::Student && !self.prep.mutual && !teacher_grads
     }
 
-    pub(crate) fn batch(&self, b: usize) -> Batch {
+    pub(crate) fn batch(&self, b: usize) -> Result<Batch> {
         let e = self.epoch.as_ref().expect("an epoch is in progress");
-        self.loader.batch(&e.order, e.epoch, b)
+        Ok(self.loader.batch(&e.order, e.epoch, b)?)
     }
 
     pub(crate) fn begin_epoch(&mut self, epoch: usize, stage: &StagePlan, bar: bool) {

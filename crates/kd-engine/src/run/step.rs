@@ -79,7 +79,7 @@ pub(crate) fn step(
 ) -> Result<StepOut> {
     let x = nets.exec.input(&batch.images)?;
     let y = &batch.labels;
-    let fwd = forward(nets, &x, y, teacher);
+    let fwd = forward(nets, &x, y, teacher)?;
     let views = adversarial_views(nets, methods, &fwd, batch, &x, progress)?;
     let io = step_io(&fwd, &views, batch, progress);
     let (weights, terms, total) = losses(nets, methods, peers, &fwd, &io, batch)?;
@@ -91,7 +91,8 @@ pub(crate) fn step(
             opt.average_over_ranks()?;
             opt.step(lr)?;
         }
-        Update::Backward => total.backward(),
+        // A SyncBatchNorm backward is a collective and may fail.
+        Update::Backward => total.f_backward()?,
     }
     tch::no_grad(|| {
         methods
@@ -106,7 +107,7 @@ pub(crate) fn step(
     })
 }
 
-fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> Forward {
+fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> Result<Forward> {
     let exec = nets.exec;
     let input_for = |side| {
         if nets.grad_of(side) {
@@ -118,14 +119,17 @@ fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> F
     // A frozen teacher runs in eval mode without graph unless a gradient
     // tap of it was asked for; a peer trains.
     let t_input = input_for(Side::Teacher);
-    let t_live = nets.other.map(|t| match shared {
-        Some(s) if nets.frozen_teacher() => s.map(Tensor::shallow_clone),
-        _ if nets.mutual || nets.grad_of(Side::Teacher) => t.taps(&t_input, nets.mutual, exec),
-        _ => t.frozen_taps(&t_input, exec),
-    });
+    let t_live = nets
+        .other
+        .map(|t| match shared {
+            Some(s) if nets.frozen_teacher() => Ok(s.map(Tensor::shallow_clone)),
+            _ if nets.mutual || nets.grad_of(Side::Teacher) => t.taps(&t_input, nets.mutual, exec),
+            _ => Ok(t.frozen_taps(&t_input, exec)),
+        })
+        .transpose()?;
     let s_input = input_for(Side::Student);
     let student = if nets.net_trains || nets.grad_of(Side::Student) {
-        nets.net.taps(&s_input, nets.net_trains, exec)
+        nets.net.taps(&s_input, nets.net_trains, exec)?
     } else {
         nets.net.frozen_taps(&s_input, exec)
     };
@@ -134,23 +138,30 @@ fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> F
         .grads
         .iter()
         .map(|g| match g.side {
+            // Said here, before the shim's own refusal arrives as a libtorch
+            // error with a C++ backtrace.
+            Side::Student if g.create_graph && exec.sync_bn && nets.net_trains => {
+                Err(EngineError::Plan(
+                    "batchnorm: sync does not support second derivatives (a gradient taken with create_graph, as sobolev and lwm do); use batchnorm: batch for these methods".into(),
+                ))
+            }
             Side::Student => {
-                let grad = target_grad(&student, &s_input, g.wrt, y, g.create_graph);
-                if g.create_graph { grad } else { grad.detach() }
+                let grad = target_grad(&student, &s_input, g.wrt, y, g.create_graph)?;
+                Ok(if g.create_graph { grad } else { grad.detach() })
             }
             Side::Teacher => {
                 let t = t_live.as_ref().expect("teacher grads need a teacher");
-                target_grad(t, &t_input, g.wrt, y, false).detach()
+                Ok(target_grad(t, &t_input, g.wrt, y, false)?.detach())
             }
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let t_taps = t_live.as_ref().map(Taps::detach);
-    Forward {
+    Ok(Forward {
         t_live,
         t_taps,
         student,
         grads,
-    }
+    })
 }
 
 /// Gradient of the target-class logit w.r.t. the input or a tap.
@@ -160,7 +171,7 @@ fn target_grad(
     wrt: Option<kd_core::Tap>,
     target: &Tensor,
     create_graph: bool,
-) -> Tensor {
+) -> Result<Tensor> {
     let picked = taps
         .logits
         .gather(1, &target.unsqueeze(1), false)
@@ -169,7 +180,9 @@ fn target_grad(
         Some(t) => taps.get(t).expect("grad taps are validated at build"),
         None => input,
     };
-    Tensor::run_backward(&[&picked], &[x], true, create_graph).remove(0)
+    // Fallible: through SyncBatchNorm this backward is a collective, and a
+    // second-order one (`create_graph`) is refused.
+    Ok(Tensor::f_run_backward(&[&picked], &[x], true, create_graph)?.remove(0))
 }
 
 fn step_io<'a>(
@@ -183,6 +196,7 @@ fn step_io<'a>(
         teacher: fwd.t_taps.as_ref(),
         grads: &fwd.grads,
         views,
+        augmented: None,
         target: &batch.labels,
         index: Some(&batch.index),
         contrast_index: batch.contrast_index.as_ref(),
@@ -206,6 +220,14 @@ fn adversarial_views(
     if needs.views.is_empty() {
         return Ok(views);
     }
+    if nets.exec.sync_bn && nets.net_trains {
+        // Each rank attacks its own choice of rows, possibly none: the
+        // ranks' extra training forwards (SyncBatchNorm collectives) would
+        // not pair up.
+        return Err(EngineError::Plan(
+            "batchnorm: sync cannot train with adversarial views (bss): each rank attacks a different number of its rows; use batchnorm: batch".into(),
+        ));
+    }
     let teacher = nets
         .other
         .expect("adversarial views need a teacher, checked at build");
@@ -226,7 +248,7 @@ fn adversarial_views(
                 &needs.views[v],
             );
             views[v] = Some(ViewTaps {
-                student: nets.net.taps(&adv, nets.net_trains, nets.exec),
+                student: nets.net.taps(&adv, nets.net_trains, nets.exec)?,
                 teacher: teacher.frozen_taps(&adv, nets.exec),
             });
         }

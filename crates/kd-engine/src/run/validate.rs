@@ -28,6 +28,20 @@ pub fn validate(
     numbers(plan).map_err(EngineError::Plan)?;
     kd_data::check(&plan.data.source)?;
     plan.data.normalize.stats(&plan.data.source)?;
+    // Building the networks allocates what the plan asks for, which can be
+    // more than the machine has (a huge class count, say).
+    crate::error::guarded("libtorch cannot build the plan's networks", || {
+        networks(plan, registry, scripts, pending)
+    })
+}
+
+/// The plan's networks and methods, built on the CPU from its weights.
+fn networks(
+    plan: &Plan,
+    registry: &Registry,
+    scripts: &dyn ScheduleResolver,
+    pending: &[PathBuf],
+) -> Result<()> {
     let (n_train, classes) = kd_data::describe(&plan.data.source)?;
     let n_data = n_train - (n_train as f64 * plan.data.val_fraction).round() as i64;
     let device = Device::Cpu;
@@ -49,7 +63,8 @@ pub fn validate(
     if plan.device == DeviceChoice::Cpu {
         Exec::of(plan, Device::Cpu)?;
     }
-    let probe = Tensor::zeros([2, 3, 32, 32], (Kind::Float, device));
+    let side = plan.data.source.image_size();
+    let probe = Tensor::zeros([2, 3, side, side], (Kind::Float, device));
     let env = BuildEnv {
         registry,
         device,

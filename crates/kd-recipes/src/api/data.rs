@@ -35,6 +35,13 @@ pub(super) fn register(e: &mut Engine) {
     );
     def(
         e,
+        "digits",
+        &["Data"],
+        "The UCI handwritten digits (1,797 real 8×8 images, 10 classes) that the\nbootstrap writes into the cache in CIFAR-10's layout.",
+        || with(DataSource::Digits),
+    );
+    def(
+        e,
         "cifar10",
         &["path: String", "Data"],
         "CIFAR-10 from the folder holding `data_batch_{1..5}.bin` and `test_batch.bin`.",
@@ -46,6 +53,42 @@ pub(super) fn register(e: &mut Engine) {
         &["path: String", "Data"],
         "CIFAR-100 from the folder holding `train.bin` and `test.bin`.",
         |path: &str| with(DataSource::Cifar100 { path: path.into() }),
+    );
+    def(
+        e,
+        "imagefolder",
+        &["path: String", "Data"],
+        "JPEG/PNG files in torchvision's ImageFolder layout: `path/train/<class>/…`\nand `path/val/<class>/…` (the test split), decoded batch by batch;\nImageNet's transforms at 224 pixels (256 before evaluation's crop).",
+        |path: &str| with(DataSource::image_folder(path)),
+    );
+    def(
+        e,
+        "image_size",
+        &["data: Data", "pixels: int", "Data"],
+        "ImageFolder data: side of the square images (RandomResizedCrop's and\nCenterCrop's size; default 224).",
+        |d: DataPlan, n: i64| -> Fallible<DataPlan> {
+            let v = side(n, "image_size")?;
+            folder_option(d, "image_size", |size, _, _| *size = v)
+        },
+    );
+    def(
+        e,
+        "resize_size",
+        &["data: Data", "pixels: int", "Data"],
+        "ImageFolder data: evaluation resizes the shorter side to this before\nthe centre crop (default 256).",
+        |d: DataPlan, n: i64| -> Fallible<DataPlan> {
+            let v = side(n, "resize_size")?;
+            folder_option(d, "resize_size", |_, resize, _| *resize = v)
+        },
+    );
+    def(
+        e,
+        "skip_corrupt",
+        &["data: Data", "on: bool", "Data"],
+        "ImageFolder data: leave out files that cannot be decoded (each named in\na warning) instead of stopping the run (off by default).",
+        |d: DataPlan, on: bool| -> Fallible<DataPlan> {
+            folder_option(d, "skip_corrupt", |_, _, skip| *skip = on)
+        },
     );
     def(
         e,
@@ -130,6 +173,36 @@ pub(super) fn register(e: &mut Engine) {
             Ok(d)
         },
     );
+}
+
+/// Sets an option of an ImageFolder source; other sources have none.
+fn folder_option(
+    mut d: DataPlan,
+    what: &str,
+    set: impl FnOnce(&mut u32, &mut u32, &mut bool),
+) -> Fallible<DataPlan> {
+    match &mut d.source {
+        DataSource::ImageFolder {
+            image_size,
+            resize_size,
+            skip_corrupt,
+            ..
+        } => set(image_size, resize_size, skip_corrupt),
+        _ => {
+            return Err(user(format!(
+                "`{what}` applies to `imagefolder(path)` data only"
+            )));
+        }
+    }
+    Ok(d)
+}
+
+fn side(n: i64, what: &str) -> Fallible<u32> {
+    let max = kd_data::FolderConfig::MAX_SIDE;
+    match u32::try_from(n) {
+        Ok(v) if (1..=max).contains(&v) => Ok(v),
+        _ => Err(user(format!("{what} must be in 1..={max} pixels, got {n}"))),
+    }
 }
 
 fn channels(v: &Array, what: &str) -> Fallible<[f64; 3]> {

@@ -1,10 +1,10 @@
 //! An experiment: the plan of one run, built up before `run(...)`.
 
-use kd_engine::{DataPlan, DeviceChoice, ModelPlan, Plan, Precision, StagePlan};
-use rhai::{Engine, FuncRegistration};
+use kd_engine::{DataPlan, DeviceChoice, ModelPlan, Paper, Plan, Precision, StagePlan};
+use rhai::{Dynamic, Engine, FuncRegistration, Map};
 
 use super::models::model;
-use super::{Fallible, count, def, doc_comment};
+use super::{Fallible, count, def, doc_comment, typed};
 use crate::error::user;
 
 #[derive(Debug, Clone)]
@@ -19,6 +19,7 @@ pub(crate) struct Experiment {
     pub student: Option<ModelPlan>,
     pub teacher: Option<ModelPlan>,
     pub stages: Vec<StagePlan>,
+    pub paper: Option<Paper>,
 }
 
 impl Default for Experiment {
@@ -34,6 +35,7 @@ impl Default for Experiment {
             student: None,
             teacher: None,
             stages: Vec::new(),
+            paper: None,
         }
     }
 }
@@ -63,6 +65,7 @@ impl Experiment {
             precision: self.precision,
             channels_last: self.channels_last,
             batchnorm: self.batchnorm,
+            paper: self.paper.clone(),
         })
     }
 }
@@ -166,9 +169,34 @@ pub(super) fn register(e: &mut Engine) {
         e,
         "batchnorm",
         &["experiment: Experiment", "mode: String", "Experiment"],
-        "`\"batch\"` (default): BatchNorm trains on each batch's statistics; `\"frozen\"`: on the running statistics, left unchanged (fine-tuning; data-parallel runs equal to one process).",
+        "`\"batch\"` (default): BatchNorm trains on each batch's statistics; `\"frozen\"`: on the running statistics, left unchanged (fine-tuning; data-parallel runs equal to one process); `\"sync\"`: on the statistics of the whole data-parallel job's batch (SyncBatchNorm; `\"batch\"` in one process).",
         |mut x: Experiment, m: &str| -> Fallible<Experiment> {
             x.batchnorm = m.parse().map_err(user)?;
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "paper",
+        &["experiment: Experiment", "result: Map", "Experiment"],
+        "The number this configuration's source reports, for `kd report` and MLflow:\n`#{ top1: 73.33, epoch: \"best\" | \"last\" | \"unstated\", runs: 5, source: \"RepDistiller README, table 1\" }`\n(`epoch` defaults to best; leave `runs` out where the source does not say).",
+        |mut x: Experiment, result: Map| -> Fallible<Experiment> {
+            let p: Paper = typed(&Dynamic::from_map(result), "paper")?;
+            if !(p.top1.is_finite() && p.top1 > 0.0 && p.top1 <= 100.0) {
+                return Err(user(format!(
+                    "paper: top1 is a test accuracy in percent, in (0, 100]; got {}",
+                    p.top1
+                )));
+            }
+            if p.source.trim().is_empty() {
+                return Err(user(
+                    "paper: `source` must name where the number is printed",
+                ));
+            }
+            if p.runs == Some(0) {
+                return Err(user("paper: `runs` must be at least 1 (or left out)"));
+            }
+            x.paper = Some(p);
             Ok(x)
         },
     );
