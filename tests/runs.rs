@@ -412,6 +412,34 @@ fn probe_refuses_bad_tensors_without_panicking() {
     );
 }
 
+/// An augmented view (MLKD's strong view) comes as both networks' taps, with
+/// the batch's size, and only to a method that asks for one.
+#[test]
+fn probe_checks_the_augmented_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(probe_loss(d, "mlkd.safetensors", &|_| {}), "ok");
+    let e = probe_loss(d, "mlkd.safetensors", &|f| {
+        f.tensors.retain(|(n, _)| n != "aug/teacher/logits")
+    });
+    assert!(
+        e.contains("needs both `aug/student/<tap>` and `aug/teacher/<tap>`"),
+        "{e}"
+    );
+    let e = probe_loss(d, "mlkd.safetensors", &|f| {
+        let t = f.get("aug/student/logits").unwrap().narrow(0, 0, 1);
+        replace(f, "aug/student/logits", t)
+    });
+    assert!(e.contains("`aug/student/logits` has shape [1,"), "{e}");
+    let e = probe_loss(d, "st.safetensors", &|f| {
+        for side in ["student", "teacher"] {
+            let t = f.get(&format!("{side}/logits")).unwrap().copy();
+            f.push(format!("aug/{side}/logits"), &t);
+        }
+    });
+    assert!(e.contains("method `st` asks for no augmented view"), "{e}");
+}
+
 /// The data options reach plans from the command line, and a name with no
 /// constants for the data set is refused before training.
 #[test]

@@ -4,7 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/InferenceMode.h>
-#include <torch/csrc/jit/serialization/pickle.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
 
 #include "kd_ffi.h"
 
@@ -83,16 +84,38 @@ int kd_cuda_autocast_is_bf16() {
   return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16 ? 1 : 0;
 }
 
-// Every tensor of a file `torch.save` wrote (a state_dict, or a checkpoint
-// dict holding one), flattened to dotted names: dict keys joined by '.',
-// list items by their index. Non-tensor values are skipped. `names` and
-// `tensors` are malloc'd arrays of `*n` entries the caller frees.
-char *kd_pickle_tensors(const char *path, char ***names, at::Tensor ***tensors, int64_t *n) {
+// The pickle program (`data.pkl`) of a file `torch.save` wrote, malloc'd
+// into `*out` (`*len` bytes) for the caller to free.
+char *kd_pth_pickle(const char *path, char **out, int64_t *len) {
   KD_PROTECT({
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw std::runtime_error("cannot open the file");
-    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    c10::IValue root = torch::jit::pickle_load(bytes);
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    auto [data, size] = reader.getRecord("data.pkl");
+    *out = static_cast<char *>(std::malloc(size ? size : 1));
+    std::memcpy(*out, data.get(), size);
+    *len = static_cast<int64_t>(size);
+  })
+}
+
+// Every tensor of the file at `path`, unpickling `pkl` (its `data.pkl`,
+// possibly rewritten by the caller) with the file's tensor records:
+// flattened to dotted names, dict keys joined by '.', list items by their
+// index; non-tensor values are skipped. `names` and `tensors` are malloc'd
+// arrays of `*n` entries the caller frees.
+char *kd_pickle_tensors(const char *path, const char *pkl, int64_t pkl_len, char ***names,
+                        at::Tensor ***tensors, int64_t *n) {
+  KD_PROTECT({
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    size_t at = 0;
+    auto read = [&](char *buf, size_t want) -> size_t {
+      size_t k = std::min(want, static_cast<size_t>(pkl_len) - at);
+      std::memcpy(buf, pkl + at, k);
+      at += k;
+      return k;
+    };
+    auto record = [&](const std::string &key) { return std::get<0>(reader.getRecord("data/" + key)); };
+    torch::jit::Unpickler unpickler(read, nullptr, nullptr, record, std::nullopt);
+    unpickler.set_version(reader.version());
+    c10::IValue root = unpickler.parse_ivalue();
     std::vector<std::pair<std::string, at::Tensor>> found;
     std::vector<std::pair<std::string, c10::IValue>> stack{{"", root}};
     while (!stack.empty()) {

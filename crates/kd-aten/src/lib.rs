@@ -3,6 +3,8 @@
 //! PyTorch's multi-tensor SGD update, channels-last memory order, inference
 //! mode and autocast's lower precision on CUDA.
 
+mod pickle;
+
 use std::ffi::{CStr, c_char, c_void};
 
 use tch::Tensor;
@@ -31,8 +33,11 @@ unsafe extern "C" {
     fn kd_inference_mode_free(guard: *mut c_void);
     fn kd_set_cuda_autocast_dtype(bf16: i32) -> *mut c_char;
     fn kd_cuda_autocast_is_bf16() -> i32;
+    fn kd_pth_pickle(path: *const c_char, out: *mut *mut c_char, len: *mut i64) -> *mut c_char;
     fn kd_pickle_tensors(
         path: *const c_char,
+        pkl: *const c_char,
+        pkl_len: i64,
         names: *mut *mut *mut c_char,
         tensors: *mut *mut *mut c_void,
         n: *mut i64,
@@ -185,8 +190,23 @@ pub fn cuda_autocast_dtype() -> HalfKind {
 pub fn pickle_tensors(path: &std::path::Path) -> Result<Vec<(String, Tensor)>, AtenError> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| AtenError("the path holds a NUL byte".into()))?;
+    let (mut raw_pkl, mut len) = (std::ptr::null_mut(), 0i64);
+    check(unsafe { kd_pth_pickle(c_path.as_ptr(), &mut raw_pkl, &mut len) })?;
+    // SAFETY: the shim malloc'd `len` bytes at `raw_pkl`.
+    let pkl = unsafe { std::slice::from_raw_parts(raw_pkl as *const u8, len as usize) }.to_vec();
+    unsafe { libc_free(raw_pkl.cast()) };
+    let pkl = pickle::plain_dicts(&pkl).unwrap_or(pkl);
     let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
-    check(unsafe { kd_pickle_tensors(c_path.as_ptr(), &mut names, &mut tensors, &mut n) })?;
+    check(unsafe {
+        kd_pickle_tensors(
+            c_path.as_ptr(),
+            pkl.as_ptr().cast(),
+            pkl.len() as i64,
+            &mut names,
+            &mut tensors,
+            &mut n,
+        )
+    })?;
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n as usize {
         // SAFETY: the shim filled `n` malloc'd names and `n` new'd tensors.

@@ -189,9 +189,12 @@ fn apply_op(op: RandAugmentOp, x: &Tensor, mags: &[f64]) -> Tensor {
         Color => blend(&luma(x).expand_as(x), x, mags),
         Contrast => {
             // ImageEnhance.Contrast: a uniform grey at int(mean(L) + 0.5).
-            let sums: Vec<i64> =
-                Vec::try_from(luma(x).sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Int64))
-                    .unwrap();
+            let sums: Vec<i64> = Vec::try_from(
+                luma(x)
+                    .sum_dim_intlist([1, 2, 3].as_slice(), false, Kind::Int64)
+                    .to_device(Device::Cpu),
+            )
+            .unwrap();
             let grey = sums
                 .iter()
                 .map(|&s| ((s as f64 / (h * w) as f64) + 0.5) as i64 as f32);

@@ -53,3 +53,30 @@ fn a_checkpoint_of_another_model_says_what_does_not_fit() {
     let e = kd_models::load_weights(&mut vs, &fixture("pth_resnet8_checkpoint.pth")).unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
 }
+
+#[test]
+fn the_ordered_dict_of_state_dict_loads_as_it_is_saved() {
+    // `torch.save(model.state_dict())`: an OrderedDict with `_metadata`,
+    // which libtorch's unpickler alone turns into None.
+    let pth = loaded(&fixture("pth_resnet8_ordered.pth"));
+    assert_same(&pth, &loaded(&fixture("pth_resnet8.safetensors")));
+}
+
+#[test]
+fn a_state_dict_under_the_state_dict_key_loads() {
+    let pth = loaded(&fixture("pth_resnet8_state_dict.pth"));
+    assert_same(&pth, &loaded(&fixture("pth_resnet8.safetensors")));
+}
+
+#[test]
+fn half_precision_weights_load_into_the_float_model() {
+    let pth = loaded(&fixture("pth_resnet8_fp16.pth"));
+    let twin = loaded(&fixture("pth_resnet8_fp16.safetensors"));
+    assert_same(&pth, &twin);
+    assert!(
+        pth.variables()
+            .values()
+            .all(|t| t.kind() != tch::Kind::Half),
+        "fp16 values are widened into the model's own kinds"
+    );
+}

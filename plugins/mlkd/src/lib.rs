@@ -198,13 +198,13 @@ impl Method for Mlkd {
             let ce = s_s.log_softmax(1, Kind::Float).nll_loss(io.target());
             out.push("ce_strong", ce * c.ce_weight);
         }
-        out.push("kd_weak", self.level(&temps, Some(&mask), &ins_w));
+        out.push("kd_weak", self.level(&temps, Some(&mask), ins_w));
         if let Some((s_s, t_s)) = strong {
             let (zs_s, zt_s) = (ls(s_s), ls(t_s));
             let ins_s = |tau| instance(&zs_s, &zt_s, tau);
             let kd_strong = if c.released {
                 // The code's τ = 2 and 6 "strong" terms read the weak logits.
-                self.level(&temps[..3], None, ins_s) + self.level(&temps[3..], None, &ins_w)
+                self.level(&temps[..3], None, ins_s) + self.level(&temps[3..], None, ins_w)
             } else {
                 self.level(&temps, None, ins_s)
             };
