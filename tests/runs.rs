@@ -149,17 +149,37 @@ fn a_run_folder_is_one_run() {
 /// more equals 2 epochs straight (constant learning rate), bit for bit.
 #[test]
 fn an_extended_run_equals_the_longer_run() {
+    extended_equals_straight("st");
+}
+
+/// The same for MLKD, whose batches carry a second, strongly augmented view
+/// drawn from a stream of its own: it too is rebuilt exactly on resume.
+#[test]
+fn an_extended_run_with_the_augmented_view_equals_the_longer_run() {
+    extended_equals_straight("mlkd");
+}
+
+fn extended_equals_straight(method: &str) {
+    let with = |out: &Path, extra: &[&str]| {
+        let mut a = distill(out, extra);
+        let i = a.iter().position(|x| x == "st").unwrap();
+        a[i] = method.to_string();
+        a
+    };
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    kd_cli::run(distill(a.path(), &["--epochs", "2"])).unwrap();
-    kd_cli::run(distill(b.path(), &["--epochs", "1"])).unwrap();
+    kd_cli::run(with(a.path(), &["--epochs", "2"])).unwrap();
+    kd_cli::run(with(b.path(), &["--epochs", "1"])).unwrap();
     // A plain resume of a finished run leaves it as it is.
-    kd_cli::run(distill(b.path(), &["--epochs", "1", "--resume"])).unwrap();
+    kd_cli::run(with(b.path(), &["--epochs", "1", "--resume"])).unwrap();
     assert_eq!(epochs_logged(&b.path().join("x_s0")), 1);
-    kd_cli::run(distill(
-        b.path(),
-        &["--epochs", "2", "--resume", "--extend"],
-    ))
-    .unwrap();
+    kd_cli::run(with(b.path(), &["--epochs", "2", "--resume", "--extend"])).unwrap();
+    if method == "mlkd" {
+        let log = std::fs::read_to_string(b.path().join("x_s0/epochs.jsonl")).unwrap();
+        assert!(
+            log.contains("mlkd/kd_strong") && log.contains("mlkd/ce_strong"),
+            "the strong view's terms are trained: {log}"
+        );
+    }
     assert_eq!(epochs_logged(&b.path().join("x_s0")), 2);
     let w = |d: &Path| kd_engine::tensors::read(&d.join("x_s0/distill.last.safetensors")).unwrap();
     let (wa, wb) = (w(a.path()), w(b.path()));

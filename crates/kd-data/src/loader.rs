@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::folder::{FileImages, Transform};
 use crate::prefetch::{Prefetcher, to_device};
+use crate::randaugment::{RandAugmentDraw, randaugment};
 use crate::transform::Normalization;
 use crate::{DataError, Dataset};
 
@@ -69,13 +70,15 @@ pub struct LoaderConfig {
 }
 
 /// One batch: normalised images, labels, data-set indices, and, when asked
-/// for, contrast indices `[B, k + 1]` whose column 0 is the sample itself.
+/// for, contrast indices `[B, k + 1]` whose column 0 is the sample itself
+/// and a strongly augmented second view of the same samples.
 #[derive(Debug)]
 pub struct Batch {
     pub images: Tensor,
     pub labels: Tensor,
     pub index: Tensor,
     pub contrast_index: Option<Tensor>,
+    pub strong: Option<Tensor>,
 }
 
 pub struct Loader {
@@ -97,6 +100,8 @@ pub struct Loader {
     /// `(rank, world)`: this process reads every world-th sample of each
     /// epoch's order, from `rank` on (PyTorch's DistributedSampler).
     shard: (usize, usize),
+    /// Also draw a strongly augmented view of every batch (RandAugment).
+    strong: bool,
 }
 
 pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
@@ -169,6 +174,7 @@ impl Loader {
             by_class,
             class_span,
             shard: (0, 1),
+            strong: false,
         })
     }
 
@@ -176,6 +182,21 @@ impl Loader {
     /// epoch's order padded with its own start to a multiple of `world`,
     /// then every `world`-th sample from position `rank`, as PyTorch's
     /// `DistributedSampler` does. Augmentation draws differ per rank.
+    /// Adds to every batch a second view of the same samples: their own
+    /// crop and flip, then RandAugment's two operations and a cutout, as
+    /// MLKD's loader does (`RandAugment(2, 10)` after `RandomCrop` and
+    /// `RandomHorizontalFlip`). Drawn from a stream of its own, so the
+    /// first view is what it is without it. In-memory sets only.
+    pub fn strong_view(mut self) -> Result<Loader, DataError> {
+        if self.files.is_some() {
+            return Err(DataError::Invalid(
+                "the strongly augmented view (mlkd) is built for in-memory sets (synthetic, digits, CIFAR), not image files".into(),
+            ));
+        }
+        self.strong = true;
+        Ok(self)
+    }
+
     pub fn shard(mut self, rank: usize, world: usize) -> Loader {
         self.shard = (rank.min(world.saturating_sub(1)), world.max(1));
         self
@@ -270,11 +291,13 @@ impl Loader {
             .cfg
             .contrast
             .map(|(k, other)| self.contrast(&idx, k, other, &mut rng).to_device(device));
+        let strong = self.strong.then(|| self.strong_images(&index, epoch, key));
         Ok(Batch {
             images,
             labels: self.labels.index_select(0, &index),
             index,
             contrast_index,
+            strong,
         })
     }
 
@@ -311,6 +334,23 @@ impl Loader {
             None => raw,
         };
         (raw - &self.mean) / &self.std
+    }
+
+    /// The strong view of samples `index`: crop and flip, RandAugment and
+    /// cutout on 0..255 values (PIL's order), then normalised.
+    fn strong_images(&self, index: &Tensor, epoch: usize, key: u64) -> Tensor {
+        // A salt of its own: the weak view's draws stay as they were.
+        const STRONG: u64 = 0x5354_524f_4e47_5649;
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed ^ STRONG, epoch as u64, key));
+        let n = index.size()[0] as usize;
+        let raw = self.images.index_select(0, index).to_kind(Kind::Float);
+        let (h, w) = (raw.size()[2], raw.size()[3]);
+        let crops = draw_crops(n, &mut rng);
+        let draws: Vec<RandAugmentDraw> = (0..n)
+            .map(|_| RandAugmentDraw::sample(&mut rng, w, h))
+            .collect();
+        let augmented = randaugment(&crop_and_flip(&raw, self.cfg.padding, &crops), &draws);
+        (augmented / 255.0 - &self.mean) / &self.std
     }
 
     /// `[B, k + 1]`: the sample itself, then `k` negatives from the other
@@ -419,6 +459,32 @@ mod tests {
             drop_last: false,
             contrast: Some((5, true)),
         }
+    }
+
+    #[test]
+    fn the_strong_view_leaves_the_first_view_alone_and_is_reproducible() {
+        let d = data(24, 4);
+        let plain = Loader::new(&d, cfg(8), 7, Device::Cpu).unwrap();
+        let strong = Loader::new(&d, cfg(8), 7, Device::Cpu)
+            .unwrap()
+            .strong_view()
+            .unwrap();
+        let order = plain.order(3);
+        assert_eq!(strong.order(3), order);
+        let (p, s, again) = (
+            plain.batch(&order, 3, 1).unwrap(),
+            strong.batch(&order, 3, 1).unwrap(),
+            strong.batch(&order, 3, 1).unwrap(),
+        );
+        assert!(p.strong.is_none());
+        assert!(p.images.equal(&s.images), "the first view is unchanged");
+        assert!(p.contrast_index.unwrap().equal(&s.contrast_index.unwrap()));
+        let (v, w) = (s.strong.unwrap(), again.strong.unwrap());
+        assert_eq!(v.size(), s.images.size());
+        assert!(v.equal(&w), "the view is rebuilt exactly from its key");
+        assert!(!v.equal(&s.images), "the view is augmented on its own");
+        let other = strong.batch(&order, 4, 1).unwrap().strong.unwrap();
+        assert!(!other.equal(&v), "another epoch draws another view");
     }
 
     #[test]

@@ -528,6 +528,7 @@ fn step_of_fixture(path: &Path, registry: &Registry) -> Result<TensorFile> {
         labels: target.shallow_clone(),
         index: Tensor::arange(rows, (Kind::Int64, device)),
         contrast_index: None,
+        strong: None,
     };
     let progress = Progress {
         epoch,

@@ -106,6 +106,7 @@ mod tests {
             teacher: Some(&taps),
             grads: &grads,
             views: &[],
+            augmented: None,
             target: &target,
             index: None,
             contrast_index: None,

@@ -194,12 +194,11 @@ fn run_epoch(
             .find(|(_, m)| m.shares_teacher())
             .and_then(|(_, m)| m.teacher_taps(&batch).ok().flatten());
         each(&mut active, results, |m| {
-            // Contrast indices differ between methods; images do not.
-            let own = if m
-                .stage
-                .as_ref()
-                .is_some_and(|s| s.prep.needs.contrast.is_some())
-            {
+            // Contrast indices differ between methods, and only some draw
+            // the augmented view; the first view's images do not differ.
+            let own = if m.stage.as_ref().is_some_and(|s| {
+                s.prep.needs.contrast.is_some() || s.prep.needs.augmented.is_some()
+            }) {
                 Some(m.input_batch(b)?)
             } else {
                 None

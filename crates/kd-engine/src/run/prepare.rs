@@ -1,7 +1,7 @@
 //! A stage made ready to step: its methods built, parameters frozen or
 //! trainable as the stage says, its optimiser and its loader.
 
-use kd_core::{Needs, Registry};
+use kd_core::{AugmentPolicy, AugmentSpec, Needs, Registry};
 use kd_data::{Loader, LoaderConfig, Splits};
 use tch::Tensor;
 
@@ -189,6 +189,17 @@ pub(crate) fn prepare(
         cx.plan.seed.wrapping_add(cx.si as u64 * 7919),
         device,
     )?;
+    let loader = match prep.needs.augmented {
+        Some(AugmentSpec {
+            policy: AugmentPolicy::RandAugment { n: 2 },
+        }) => loader.strong_view()?,
+        Some(other) => {
+            return Err(EngineError::Plan(format!(
+                "the loader draws RandAugment with 2 operations (MLKD's), not {other:?}"
+            )));
+        }
+        None => loader,
+    };
     let loader = match kd_dist::group() {
         Some(g) => loader.shard(g.world.rank, g.world.size),
         None => loader,

@@ -81,7 +81,11 @@ pub(crate) fn step(
     let y = &batch.labels;
     let fwd = forward(nets, &x, y, teacher)?;
     let views = adversarial_views(nets, methods, &fwd, batch, &x, progress)?;
-    let io = step_io(&fwd, &views, batch, progress);
+    let augmented = augmented_view(nets, batch)?;
+    let io = StepIo {
+        augmented: augmented.as_ref(),
+        ..step_io(&fwd, &views, batch, progress)
+    };
     let (weights, terms, total) = losses(nets, methods, peers, &fwd, &io, batch)?;
     let values = scalars(&terms, &total, &fwd.student.logits, y);
     match update {
@@ -162,6 +166,36 @@ fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> R
         student,
         grads,
     })
+}
+
+/// Both networks on the batch's strongly augmented view, for the methods
+/// that asked for it: the student as it trains (graph, batch statistics),
+/// the teacher frozen.
+fn augmented_view(nets: &StageNets, batch: &Batch) -> Result<Option<ViewTaps>> {
+    if nets.needs.augmented.is_none() {
+        return Ok(None);
+    }
+    let strong = batch.strong.as_ref().ok_or_else(|| {
+        EngineError::Plan("a method asks for the augmented view, but the batch has none".into())
+    })?;
+    let teacher = match nets.other {
+        Some(t) if nets.frozen_teacher() => t,
+        _ => {
+            return Err(EngineError::Plan(
+                "the augmented view needs a frozen teacher (not a peer that trains, nor one with gradient taps)".into(),
+            ));
+        }
+    };
+    let x = nets.exec.input(strong)?;
+    let student = if nets.net_trains {
+        nets.net.taps(&x, true, nets.exec)?
+    } else {
+        nets.net.frozen_taps(&x, nets.exec)
+    };
+    Ok(Some(ViewTaps {
+        student,
+        teacher: teacher.frozen_taps(&x, nets.exec),
+    }))
 }
 
 /// Gradient of the target-class logit w.r.t. the input or a tap.
