@@ -11,6 +11,7 @@ reads them without Python (crates/kd-models/tests/pth.rs):
                               'optimizer'}, the model wrapped in DataParallel
                               (keys prefixed `module.`), its state_dict()
                               saved as it is (an OrderedDict)
+  pth_no_tensors.pth          {'epoch': 3, 'acc': 71.2}: a file that is no weights
   pth_resnet8.safetensors     the same weights, for comparison (and
                               pth_resnet8_fp16.safetensors for the fp16 file)
 """
@@ -31,6 +32,7 @@ def main():
     models.perturb_and_calibrate(net)
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
     torch.save(sd, OUT / "pth_resnet8_bare.pth")
+    torch.save({"epoch": 3, "acc": 71.2}, OUT / "pth_no_tensors.pth")
     torch.save(net.state_dict(), OUT / "pth_resnet8_ordered.pth")
     torch.save({"state_dict": net.state_dict(), "epoch": 3}, OUT / "pth_resnet8_state_dict.pth")
     half = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}

@@ -138,6 +138,21 @@ char *kd_pickle_tensors(const char *path, const char *pkl, int64_t pkl_len, char
         for (size_t i = 0; i < t.size(); ++i) stack.emplace_back(join(std::to_string(i)), t[i]);
       }
     }
+    if (found.empty()) {
+      // Say what the file holds instead, so a wrong file is recognised.
+      std::string what = root.tagKind();
+      if (root.isGenericDict()) {
+        what = "a dict with keys";
+        int shown = 0;
+        for (const auto &e : root.toGenericDict()) {
+          if (shown++ == 8) { what += " ..."; break; }
+          what += " " + (e.key().isString() ? e.key().toStringRef() : e.key().tagKind());
+        }
+      } else if (root.isList()) {
+        what = "a list of " + std::to_string(root.toList().size()) + " items";
+      }
+      throw std::runtime_error("holds no tensors, so no weights: found " + what);
+    }
     *n = static_cast<int64_t>(found.size());
     *names = static_cast<char **>(std::malloc(sizeof(char *) * (found.size() + 1)));
     *tensors = static_cast<at::Tensor **>(std::malloc(sizeof(at::Tensor *) * (found.size() + 1)));

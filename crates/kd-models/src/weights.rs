@@ -42,8 +42,16 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
     let file = match check_safetensors(path) {
         Ok(()) => Tensor::read_safetensors(path).map_err(|e| read_err(plain(&e)))?,
         Err(why) if why.contains("torch.save") => {
-            let all = kd_aten::pickle_tensors(path)
-                .map_err(|e| read_err(format!("{why} (reading it as one failed: {e})")))?;
+            let all = kd_aten::pickle_tensors(path).map_err(|e| {
+                let e = e.to_string();
+                match e.split_once("holds no tensors") {
+                    // Read, but not weights: say what it is instead.
+                    Some((_, rest)) => {
+                        read_err(format!("a torch.save file that holds no tensors{rest}"))
+                    }
+                    None => read_err(format!("{why} (reading it as one failed: {e})")),
+                }
+            })?;
             state_dict_within(all, &vars)
         }
         Err(why) => return Err(read_err(why)),

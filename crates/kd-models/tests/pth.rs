@@ -80,3 +80,21 @@ fn half_precision_weights_load_into_the_float_model() {
         "fp16 values are widened into the model's own kinds"
     );
 }
+
+#[test]
+fn a_torch_save_file_without_tensors_says_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.pth");
+    // torch.save({'epoch': 3, 'acc': 71.2}) from Python 3.11 / torch 2.11,
+    // written by tests/golden/pth.py.
+    std::fs::copy(fixture("pth_no_tensors.pth"), &path).unwrap();
+    let mut vs = VarStore::new(Device::Cpu);
+    kd_models::build("resnet8", &vs.root(), 10).unwrap();
+    let e = kd_models::load_weights(&mut vs, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("holds no tensors") && e.contains("a dict with keys epoch acc"),
+        "{e}"
+    );
+}

@@ -27,7 +27,7 @@ pub const MUTATED_YAML_CASES: u32 = 2_000;
 pub const VALIDATED_YAML_CASES: u32 = 100;
 
 fn config(cases: u32) -> Config {
-    common::fuzz_config(cases)
+    kd_tests::fuzz_config(cases)
 }
 
 fn registry() -> &'static Registry {
