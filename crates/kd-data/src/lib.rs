@@ -1,6 +1,8 @@
 //! Data for `kd`: the real CIFAR-10/100 binary files, an embedded synthetic
-//! set for the demo and tests, deterministic splits, and a loader that does
-//! augmentation as batched tensor ops on the training device. Every sample
+//! set for tests, the UCI digits the bootstrap writes (the demo's real
+//! images), deterministic splits, and a loader that does augmentation as
+//! batched tensor ops on the training device (a RandAugment second view
+//! too, equal to Pillow's, for methods that train on one). Every sample
 //! keeps its data-set index, which memory-bank methods need. ImageFolder
 //! sets (JPEG and PNG files) stay on disk: only their file list is held,
 //! and batches are decoded and transformed on CPU worker threads.
