@@ -396,6 +396,13 @@ fn recipes_follow_kdzoo_where_the_audit_found_them_apart() {
         let init = keep.iter().position(|(n, _)| *n == "init").unwrap();
         assert_eq!(keep[init + 1], ("distill", true), "{rel}: {keep:?}");
         assert!(!keep[init].1, "{rel}: {keep:?}");
+        // train_init's `criterionCls(out_s, target) * 0.0`.
+        let ce = p.stages[init]
+            .methods
+            .iter()
+            .find(|m| m.label() == "ce")
+            .unwrap_or_else(|| panic!("{rel}: the init stage has no zero-weighted ce"));
+        assert_eq!(ce.weight, kd_engine::Weight::Const(0.0), "{rel}");
     }
     let p = plan("recipes/cifar100/st/resnet20_from_resnet110.rhai");
     assert_eq!(p.data.crop_padding, kd_data::CropPadding::Reflect);

@@ -282,3 +282,35 @@ fn the_first_stage_cannot_keep_an_optimizer() {
     .to_string();
     assert!(e.contains("but it is the first stage"), "{e}");
 }
+
+/// KD-Zoo's init stages (`train_init` in train_kd.py) compute
+/// `criterionCls(out_s, target) * 0.0`: the classifier gets a zero gradient
+/// and so still takes weight decay (and momentum) from the one optimiser.
+/// In kd a `ce` at weight 0 does the same, and changes nothing else: one
+/// step of SGD from a zero gradient scales the classifier by `1 - lr·wd`.
+#[test]
+fn a_zero_weighted_loss_keeps_the_classifier_in_the_update() {
+    let mut alone = stage("init", 1, Subject::Student, false);
+    alone.methods = vec![MethodPlan::new("at", 1.0)];
+    let mut with_ce = alone.clone();
+    with_ce.methods.push(MethodPlan::new("ce", 0.0));
+    let (pa, pb) = (
+        plan("alone", vec![alone], true),
+        plan("with_ce", vec![with_ce], true),
+    );
+    let (da, db) = (run(&pa), run(&pb));
+    let (a, b) = (student(&da, &pa), student(&db, &pb));
+    let (lr, wd) = (0.05, 5e-4);
+    for (n, x) in &a.tensors {
+        let y = b.get(n).unwrap();
+        if n.starts_with("fc.") {
+            // Two images in one batch of 8: one epoch is one step.
+            let want = x * (1.0 - lr * wd);
+            let d = (y - &want).abs().max().double_value(&[]);
+            assert!(d < 1e-7, "{n}: decayed by weight decay alone ({d:e})");
+            assert!(!x.equal(y), "{n} moved");
+        } else {
+            assert!(x.equal(y), "{n}: a zero-weighted term changes nothing else");
+        }
+    }
+}
