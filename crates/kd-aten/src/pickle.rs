@@ -57,6 +57,19 @@ fn le(bytes: &[u8]) -> usize {
         .fold(0usize, |acc, &b| acc.wrapping_shl(8) | b as usize)
 }
 
+/// Drops the memo entries whose put was at or after output offset `cut`,
+/// which the caller just truncated away; the OrderedDict class stays, as
+/// every later fetch of it is rewritten too.
+fn forget(memo: &mut HashMap<usize, Slot>, put_at: &mut HashMap<usize, usize>, cut: usize) {
+    put_at.retain(|key, at| {
+        let keep = *at < cut || matches!(memo.get(key), Some(Slot::OdClass(_)));
+        if !keep {
+            memo.remove(key);
+        }
+        keep
+    });
+}
+
 /// The program with every OrderedDict made a plain dict, or `None` when it
 /// holds none or an opcode this model does not follow.
 pub fn plain_dicts(pkl: &[u8]) -> Option<Vec<u8>> {
@@ -117,10 +130,10 @@ pub fn plain_dicts(pkl: &[u8]) -> Option<Vec<u8>> {
             b')' => stack.push((Slot::EmptyTuple, here)),
             b'h' | b'j' | b'g' => {
                 let key = if op == b'g' { number(body)? } else { le(body) };
+                // A memo entry cut out with the bytes that made it is gone
+                // (`forget` below): no rewrite then.
                 let slot = match *memo.get(&key)? {
                     Slot::OdClass(_) => Slot::OdClass(here),
-                    // Its put was cut out with the state it belonged to.
-                    _ if put_at.get(&key).is_none_or(|&p| p >= out.len()) => return None,
                     s => s,
                 };
                 stack.push((slot, here));
@@ -142,6 +155,7 @@ pub fn plain_dicts(pkl: &[u8]) -> Option<Vec<u8>> {
                         // The class (and its memo put) and `()` go; an
                         // empty dict takes their place.
                         out.truncate(from);
+                        forget(&mut memo, &mut put_at, from);
                         out.push(b'}');
                         emit = false;
                         changed = true;
@@ -156,6 +170,7 @@ pub fn plain_dicts(pkl: &[u8]) -> Option<Vec<u8>> {
                 if stack.last()?.0 == Slot::OdDict {
                     // `_metadata` of a state_dict: not weights.
                     out.truncate(state_at);
+                    forget(&mut memo, &mut put_at, state_at);
                     emit = false;
                 }
             }
@@ -217,6 +232,21 @@ mod tests {
         let mut want = vec![0x80, 2];
         want.extend(b"}q\x01X\x01\x00\x00\x00aK\x07s.");
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn a_memoised_class_serves_every_ordered_dict_and_cut_entries_stay_cut() {
+        // Two OrderedDicts from one memoised class, inside a list.
+        let mut p = vec![0x80, 2];
+        p.extend(b"](ccollections\nOrderedDict\nq\x00)Rq\x01h\x00)Rq\x02e.");
+        let mut want = vec![0x80, 2];
+        want.extend(b"](}q\x01}q\x02e.");
+        assert_eq!(plain_dicts(&p), Some(want));
+        // The metadata state memoises a dict that a later fetch reads: it
+        // went with the BUILD, so the program is left to libtorch.
+        let mut p = vec![0x80, 2];
+        p.extend(b"](ccollections\nOrderedDict\nq\x00)R}q\x01bh\x01e.");
+        assert_eq!(plain_dicts(&p), None);
     }
 
     #[test]
