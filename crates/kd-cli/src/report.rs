@@ -3,7 +3,7 @@
 //! table and a bar chart, each with the source's number where the plan
 //! carries one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use kd_engine::report::{Summary, group, markdown};
@@ -89,7 +89,7 @@ fn title(rows: &[Summary]) -> String {
 fn list(paths: &[PathBuf]) -> String {
     paths
         .iter()
-        .map(|p: &PathBuf| Path::display(p).to_string())
+        .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }

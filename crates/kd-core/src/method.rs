@@ -293,7 +293,7 @@ impl<'a> BuildCx<'a> {
         Ok(ViewRef(self.needs.views.len() - 1))
     }
 
-    /// A second, strongly augmented view of every batch (MLKD), with the
+    /// A second, strongly augmented view of every batch, with the
     /// teacher evaluated on it too. One per run: methods asking for the
     /// same policy share it; another policy is an error.
     pub fn augmented_view(&mut self, spec: AugmentSpec) -> Result<()> {

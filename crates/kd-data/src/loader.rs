@@ -178,25 +178,25 @@ impl Loader {
         })
     }
 
-    /// Reads rank `rank`'s share of every epoch, of `world` ranks: the
-    /// epoch's order padded with its own start to a multiple of `world`,
-    /// then every `world`-th sample from position `rank`, as PyTorch's
-    /// `DistributedSampler` does. Augmentation draws differ per rank.
     /// Adds to every batch a second view of the same samples: their own
     /// crop and flip, then RandAugment's two operations and a cutout, as
-    /// MLKD's loader does (`RandAugment(2, 10)` after `RandomCrop` and
+    /// FixMatch-style loaders do (`RandAugment(2, 10)` after `RandomCrop` and
     /// `RandomHorizontalFlip`). Drawn from a stream of its own, so the
     /// first view is what it is without it. In-memory sets only.
     pub fn strong_view(mut self) -> Result<Loader, DataError> {
         if self.files.is_some() {
             return Err(DataError::Invalid(
-                "the strongly augmented view (mlkd) is built for in-memory sets (synthetic, digits, CIFAR), not image files".into(),
+                "the strongly augmented view is built for in-memory sets (synthetic, digits, CIFAR), not image files".into(),
             ));
         }
         self.strong = true;
         Ok(self)
     }
 
+    /// Reads rank `rank`'s share of every epoch, of `world` ranks: the
+    /// epoch's order padded with its own start to a multiple of `world`,
+    /// then every `world`-th sample from position `rank`, as PyTorch's
+    /// `DistributedSampler` does. Augmentation draws differ per rank.
     pub fn shard(mut self, rank: usize, world: usize) -> Loader {
         self.shard = (rank.min(world.saturating_sub(1)), world.max(1));
         self

@@ -97,7 +97,7 @@ fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<Te
     let (student, s_shapes, s_leaves) = taps_from(&file, "student/", true)?
         .ok_or_else(|| bad("no `student/<tap>` tensors".into()))?;
     let teacher = taps_from(&file, "teacher/", false)?;
-    // Both networks on the augmented second view (MLKD's strong view).
+    // Both networks on the augmented second view.
     let augmented = match (
         taps_from(&file, "aug/student/", true)?,
         taps_from(&file, "aug/teacher/", false)?,

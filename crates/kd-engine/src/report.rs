@@ -121,16 +121,18 @@ fn label(members: &[(&Plan, &RunResult)]) -> String {
     }
 }
 
+/// `mean ± std` to two decimals; the std is left out for a single run.
+fn cell((m, s): (f64, f64), n: usize) -> String {
+    if n < 2 {
+        format!("{m:.2}")
+    } else {
+        format!("{m:.2} ± {s:.2}")
+    }
+}
+
 /// A plain-text table, one row per summary; the std is left out for a
 /// single run.
 pub fn table(rows: &[Summary]) -> String {
-    let cell = |(m, s): (f64, f64), n: usize| {
-        if n < 2 {
-            format!("{m:.2}")
-        } else {
-            format!("{m:.2} ± {s:.2}")
-        }
-    };
     let mut cells = vec![[
         "configuration".to_string(),
         "seeds".into(),
@@ -171,13 +173,6 @@ pub fn table(rows: &[Summary]) -> String {
 /// The rows as a Markdown table, with the source's number and the gap
 /// when any row has one.
 pub fn markdown(rows: &[Summary]) -> String {
-    let cell = |(m, s): (f64, f64), n: usize| {
-        if n < 2 {
-            format!("{m:.2}")
-        } else {
-            format!("{m:.2} ± {s:.2}")
-        }
-    };
     let papers = rows.iter().any(|r| r.paper.is_some());
     let mut out = String::from("| configuration | seeds | best top-1 (%) | last top-1 (%) |");
     if papers {

@@ -195,7 +195,7 @@ pub(crate) fn prepare(
         }) => loader.strong_view()?,
         Some(other) => {
             return Err(EngineError::Plan(format!(
-                "the loader draws RandAugment with 2 operations (MLKD's), not {other:?}"
+                "the loader draws RandAugment with 2 operations, not {other:?}"
             )));
         }
         None => loader,

@@ -146,7 +146,7 @@ fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> R
             // error with a C++ backtrace.
             Side::Student if g.create_graph && exec.sync_bn && nets.net_trains => {
                 Err(EngineError::Plan(
-                    "batchnorm: sync does not support second derivatives (a gradient taken with create_graph, as sobolev and lwm do); use batchnorm: batch for these methods".into(),
+                    "batchnorm: sync does not support second derivatives (a gradient tap taken with create_graph); use batchnorm: batch for methods that take one".into(),
                 ))
             }
             Side::Student => {
@@ -259,7 +259,7 @@ fn adversarial_views(
         // ranks' extra training forwards (SyncBatchNorm collectives) would
         // not pair up.
         return Err(EngineError::Plan(
-            "batchnorm: sync cannot train with adversarial views (bss): each rank attacks a different number of its rows; use batchnorm: batch".into(),
+            "batchnorm: sync cannot train with adversarial views: each rank attacks a different number of its rows; use batchnorm: batch".into(),
         ));
     }
     let teacher = nets
