@@ -1,7 +1,9 @@
 //! Runs in lockstep (one teacher forward per batch for all students) end
 //! exactly as the same runs alone: weights, method state and every epoch
-//! record bit for bit on the CPU; a failing run stops alone; a group
-//! interrupted and resumed ends as an uninterrupted one.
+//! record bit for bit on the CPU, with runs that take gradient taps of the
+//! teacher (its forward shared with its graph) and runs of more stages than
+//! others in the group; a failing run stops alone; a group interrupted and
+//! resumed ends as an uninterrupted one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -83,7 +85,21 @@ fn methods() -> Vec<(&'static str, MethodPlan)> {
         ("crd", crd),
         ("fitnet", fitnet),
         ("at", MethodPlan::new("at", 100.0)),
+        ("sobolev", MethodPlan::new("sobolev", 20.0)),
+        ("lwm", MethodPlan::new("lwm", 0.4)),
     ]
+}
+
+/// `plan` with an init stage of one epoch before its stage of two, as AB's
+/// recipes have: in lockstep, its init stage runs beside the other runs'
+/// first stage.
+fn with_init_stage(mut plan: Plan, method: MethodPlan) -> Plan {
+    let mut init = plan.stages[0].clone();
+    init.name = "init".into();
+    init.epochs = 1;
+    init.methods = vec![method];
+    plan.stages.insert(0, init);
+    plan
 }
 
 fn options<'a>(
@@ -103,12 +119,11 @@ fn options<'a>(
     }
 }
 
-/// Epoch records without the wall-clock numbers.
+/// Epoch records of every stage, without the wall-clock numbers.
 fn records(r: &RunResult) -> Vec<EpochRecord> {
-    r.stages[0]
-        .epochs
+    r.stages
         .iter()
-        .cloned()
+        .flat_map(|s| s.epochs.iter().cloned())
         .map(|mut e| {
             e.images_per_sec = 0.0;
             e
@@ -165,6 +180,8 @@ fn lockstep_runs_equal_solo_runs_and_failures_stay_alone() {
     let mut broken = MethodPlan::new("st", 1.0);
     broken.weight = Weight::Const(f64::NAN);
     plans.insert(1, plan("broken", &teacher, broken));
+    let ab = plan("ab", &teacher, MethodPlan::new("st", 0.9));
+    plans.push(with_init_stage(ab, MethodPlan::new("ab", 10.0)));
     let keys: Vec<_> = plans.iter().map(kd_engine::lockstep_key).collect();
     assert!(keys[0].is_some() && keys.iter().all(|k| *k == keys[0]));
 
@@ -191,11 +208,18 @@ fn lockstep_runs_equal_solo_runs_and_failures_stay_alone() {
         }
         let (s, g) = (s.as_ref().unwrap(), g.as_ref().unwrap());
         assert_eq!(records(s), records(g), "{}: epoch records differ", p.name);
-        let files = [
+        assert_eq!(
+            records(s).len(),
+            p.stages.iter().map(|s| s.epochs).sum::<usize>()
+        );
+        let mut files = vec![
             "checkpoint.safetensors",
             "distill.last.safetensors",
             "distill.best.safetensors",
         ];
+        if p.stages.len() > 1 {
+            files.extend(["init.last.safetensors", "init.best.safetensors"]);
+        }
         assert_same_files(
             &solo_root.join(&p.name),
             &dir.path().join("group").join(&p.name),
@@ -217,11 +241,13 @@ fn resumed_group_equals_uninterrupted_group() {
     kd_methods::link();
     let dir = tempfile::tempdir().unwrap();
     let teacher = teacher_file(dir.path());
-    let plans: Vec<Plan> = methods()
+    let mut plans: Vec<Plan> = methods()
         .into_iter()
         .take(2)
         .map(|(n, m)| plan(n, &teacher, m))
         .collect();
+    let ab = plan("ab", &teacher, MethodPlan::new("st", 0.9));
+    plans.push(with_init_stage(ab, MethodPlan::new("ab", 10.0)));
     let whole = group(&plans, &dir.path().join("whole"), false, None, &mut Silent);
     let flag = Arc::new(AtomicBool::new(false));
     let cut = group(

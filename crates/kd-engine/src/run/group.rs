@@ -1,13 +1,17 @@
 //! Runs in lockstep: plans that share their teacher, data, seed and batch
-//! size see the same batches in the same order, so each batch's frozen
-//! teacher taps are computed once and handed to every student. A run alone
-//! is a group of one, through the same code.
+//! size see the same batches in the same order in their stage of the same
+//! index, so each batch's teacher forward is computed once and handed to
+//! every student of that stage (with its graph when some run takes gradient
+//! taps of the teacher). Stages may differ in length and number between the
+//! runs: a run waits out the epochs it does not have. A run alone is a group
+//! of one, through the same code.
 
 use kd_core::Registry;
 use kd_data::Splits;
 
 use super::RunOptions;
 use super::member::Member;
+use super::step::Share;
 use crate::observe::RunResult;
 use crate::plan::{Plan, Subject};
 use crate::{EngineError, Result};
@@ -20,7 +24,6 @@ pub fn lockstep_key(plan: &Plan) -> Option<String> {
     if plan.stages.iter().any(|s| s.subject == Subject::Teacher) {
         return None;
     }
-    let stages: Vec<usize> = plan.stages.iter().map(|s| s.epochs).collect();
     let key = serde_json::json!({
         "seed": plan.seed,
         "device": plan.device,
@@ -28,7 +31,6 @@ pub fn lockstep_key(plan: &Plan) -> Option<String> {
         "teacher": teacher,
         "precision": plan.precision,
         "channels_last": plan.channels_last,
-        "stage_epochs": stages,
     });
     Some(key.to_string())
 }
@@ -48,7 +50,7 @@ pub fn run_group(
         let key = lockstep_key(&plans[0]);
         if key.is_none() || plans.iter().any(|p| lockstep_key(p) != key) {
             return Err(EngineError::Plan(
-                "plans run in lockstep must share teacher weights, data, seed, batch size, precision and stage lengths".into(),
+                "plans run in lockstep must share teacher weights, data, seed, batch size and precision".into(),
             ));
         }
     }
@@ -68,7 +70,8 @@ pub fn run_group(
             Err(e) => results[i] = Some(Err(e)),
         }
     }
-    for si in 0..first.stages.len() {
+    let stages = plans.iter().map(|p| p.stages.len()).max().unwrap_or(0);
+    for si in 0..stages {
         run_stage(si, &mut live, &mut results, registry, &splits);
     }
     for (i, m) in live {
@@ -131,7 +134,7 @@ fn run_stage(
     let mut in_stage: Live = Vec::new();
     let mut done: Live = Vec::new();
     for (i, m) in live.drain(..) {
-        if m.results.len() == si {
+        if m.results.len() == si && si < m.plan.stages.len() {
             in_stage.push((i, m))
         } else {
             done.push((i, m))
@@ -141,8 +144,10 @@ fn run_stage(
         m.begin_stage(registry, splits, &mut teacher_eval)
     });
     let epochs = in_stage
-        .first()
-        .map_or(0, |(_, m)| m.plan.stages[si].epochs);
+        .iter()
+        .map(|(_, m)| m.plan.stages[si].epochs)
+        .max()
+        .unwrap_or(0);
     let first = in_stage
         .iter()
         .filter_map(|(_, m)| m.stage.as_ref().map(|s| s.first_epoch))
@@ -189,10 +194,15 @@ fn run_epoch(
             }
             None => break,
         };
+        // With its graph when any run takes gradient taps of the teacher:
+        // the other runs read the same values, detached.
+        let graph = active
+            .iter()
+            .any(|(_, m)| m.teacher_share() == Some(Share::Graph));
         let shared = active
             .iter()
-            .find(|(_, m)| m.shares_teacher())
-            .and_then(|(_, m)| m.teacher_taps(&batch).ok().flatten());
+            .find(|(_, m)| m.teacher_share().is_some())
+            .and_then(|(_, m)| m.shared_teacher(&batch, graph).ok().flatten());
         each(&mut active, results, |m| {
             // Contrast indices differ between methods, and only some draw
             // the augmented view; the first view's images do not differ.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use kd_core::{Progress, Registry, Taps};
+use kd_core::{Progress, Registry};
 use kd_data::{Batch, Splits};
 
 use super::RunOptions;
@@ -16,7 +16,7 @@ use super::nets::{
 };
 use super::prepare::StageCx;
 use super::stage::StageRun;
-use super::step::{Update, step};
+use super::step::{Share, SharedTeacher, Update, step};
 use crate::observe::{EpochRecord, RunResult, StageResult};
 use crate::plan::{Plan, StagePlan, Subject};
 use crate::{EngineError, Result, eval};
@@ -175,20 +175,22 @@ impl<'a, 'o> Member<'a, 'o> {
     }
 
     /// Whether the stage in progress trains in `epoch` (a resumed run
-    /// skips the epochs it has).
+    /// skips the epochs it has; a shorter stage than the group's waits).
     pub(crate) fn trains_in(&self, epoch: usize) -> bool {
-        self.stage.as_ref().is_some_and(|s| s.first_epoch <= epoch)
+        let epochs = self.stage_plan().epochs;
+        self.stage
+            .as_ref()
+            .is_some_and(|s| s.first_epoch <= epoch && epoch < epochs)
     }
 
-    /// Whether this run's frozen teacher taps can be computed once for all
-    /// the runs that share them.
-    pub(crate) fn shares_teacher(&self) -> bool {
+    /// How this run's teacher forward can be computed once for all the
+    /// runs that share it (`None`: it cannot).
+    pub(crate) fn teacher_share(&self) -> Option<Share> {
         let subject = self.stage_plan().subject;
-        self.pristine_teacher
-            && self
-                .stage
-                .as_ref()
-                .is_some_and(|s| s.frozen_teacher(subject))
+        let stage = self.stage.as_ref()?;
+        stage
+            .teacher_share(subject)
+            .filter(|_| self.pristine_teacher)
     }
 
     pub(crate) fn stopped(&self) -> bool {
@@ -213,20 +215,29 @@ impl<'a, 'o> Member<'a, 'o> {
         Ok(batch)
     }
 
-    /// The frozen teacher's taps on `batch` (images already in the weights'
-    /// layout, as `input_batch` gives them), as a step computes them.
-    pub(crate) fn teacher_taps(&self, batch: &Batch) -> Result<Option<Taps>> {
+    /// The frozen teacher's forward on `batch` (images already in the
+    /// weights' layout, as `input_batch` gives them), as a step computes it;
+    /// with `graph`, as a step that takes gradient taps of it does.
+    pub(crate) fn shared_teacher(
+        &self,
+        batch: &Batch,
+        graph: bool,
+    ) -> Result<Option<SharedTeacher>> {
         let Some(t) = &self.teacher else {
             return Ok(None);
         };
-        Ok(Some(
-            t.frozen_taps(&self.exec.input(&batch.images)?, &self.exec),
-        ))
+        let x = self.exec.input(&batch.images)?;
+        Ok(Some(SharedTeacher::compute(t, &x, graph, &self.exec)?))
     }
 
     /// Step `b` of the epoch in progress; `shared`: the frozen teacher's
-    /// taps on this batch, when another run of the group computed them.
-    pub(crate) fn step(&mut self, b: usize, batch: &Batch, shared: Option<&Taps>) -> Result<()> {
+    /// forward on this batch, when another run of the group computed it.
+    pub(crate) fn step(
+        &mut self,
+        b: usize,
+        batch: &Batch,
+        shared: Option<&SharedTeacher>,
+    ) -> Result<()> {
         let stage = self.stage_plan();
         let shared = shared.filter(|_| self.pristine_teacher);
         let run = self.stage.as_mut().expect("a stage is in progress");

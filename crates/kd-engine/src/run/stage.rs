@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use kd_core::Side;
 use kd_data::{Batch, Loader};
 
 use super::checkpoint::restore_stage;
@@ -13,6 +12,7 @@ use super::momentum::resume_momentum;
 use super::nets::sync_from_main;
 use super::pending::Pending;
 use super::prepare::{Prepared, StageCx, prepare};
+use super::step::{Share, teacher_share};
 use crate::Result;
 use crate::observe::EpochRecord;
 use crate::plan::{StagePlan, Subject};
@@ -94,15 +94,11 @@ impl StageRun {
         Ok(run)
     }
 
-    /// The teacher's taps can come from a forward shared with other runs.
-    pub(crate) fn frozen_teacher(&self, subject: Subject) -> bool {
-        let teacher_grads = self
-            .prep
-            .needs
-            .grads
-            .iter()
-            .any(|g| g.side == Side::Teacher);
-        subject == Subject::Student && !self.prep.mutual && !teacher_grads
+    /// How the teacher's taps can come from a forward shared with other
+    /// runs (`None`: the stage trains its teacher).
+    pub(crate) fn teacher_share(&self, subject: Subject) -> Option<Share> {
+        let fixed = subject == Subject::Student && !self.prep.mutual;
+        teacher_share(fixed, &self.prep.needs)
     }
 
     pub(crate) fn batch(&self, b: usize) -> Result<Batch> {

@@ -29,10 +29,60 @@ impl StageNets<'_> {
         self.needs.grads.iter().any(|g| g.side == side)
     }
 
-    /// The other network is a frozen teacher run without a graph, whose
-    /// taps depend on the batch alone (and so can be shared).
+    /// How the teacher's forward on a batch may come from a group's shared
+    /// one: its taps depend on the batch alone unless it is a peer that
+    /// trains.
+    pub(crate) fn teacher_share(&self) -> Option<Share> {
+        teacher_share(self.other.is_some() && !self.mutual, self.needs)
+    }
+
     pub(crate) fn frozen_teacher(&self) -> bool {
-        self.other.is_some() && !self.mutual && !self.grad_of(Side::Teacher)
+        self.teacher_share() == Some(Share::Frozen)
+    }
+}
+
+/// What a run needs of a teacher forward shared by the runs of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Share {
+    /// The taps alone.
+    Frozen,
+    /// The taps with their graph from an input that requires grad: the run
+    /// takes gradient taps of the teacher.
+    Graph,
+}
+
+/// `fixed`: the stage has a teacher that it does not train.
+pub(crate) fn teacher_share(fixed: bool, needs: &Needs) -> Option<Share> {
+    let graph = needs.grads.iter().any(|g| g.side == Side::Teacher);
+    fixed.then_some(if graph { Share::Graph } else { Share::Frozen })
+}
+
+/// A batch's teacher forward, computed once for the runs of a group.
+pub(crate) struct SharedTeacher {
+    /// The taps, without graph.
+    pub(crate) taps: Taps,
+    /// The input (requiring grad) and the taps with their graph, when some
+    /// run of the group takes gradient taps of the teacher.
+    pub(crate) live: Option<(Tensor, Taps)>,
+}
+
+impl SharedTeacher {
+    /// The frozen teacher `t` on `x` (images in the weights' layout), as a
+    /// step of a run alone computes it; with `graph`, as one that takes
+    /// gradient taps of it does.
+    pub(crate) fn compute(t: &Net, x: &Tensor, graph: bool, exec: &Exec) -> Result<Self> {
+        if !graph {
+            return Ok(SharedTeacher {
+                taps: t.frozen_taps(x, exec),
+                live: None,
+            });
+        }
+        let x = x.detach().set_requires_grad(true);
+        let live = t.taps(&x, false, exec)?;
+        Ok(SharedTeacher {
+            taps: live.detach(),
+            live: Some((x, live)),
+        })
     }
 }
 
@@ -66,15 +116,15 @@ struct Forward {
     grads: Vec<Tensor>,
 }
 
-/// `teacher`: the frozen teacher's taps on this batch when the caller has
-/// them already (computed once for several students).
+/// `teacher`: the frozen teacher's forward on this batch when the caller
+/// has it already (computed once for several students).
 pub(crate) fn step(
     nets: &StageNets,
     methods: &mut [Active],
     peers: &mut [Active],
     batch: &Batch,
     progress: Progress,
-    teacher: Option<&Taps>,
+    teacher: Option<&SharedTeacher>,
     update: Update,
 ) -> Result<StepOut> {
     let x = nets.exec.input(&batch.images)?;
@@ -111,7 +161,12 @@ pub(crate) fn step(
     })
 }
 
-fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> Result<Forward> {
+fn forward(
+    nets: &StageNets,
+    x: &Tensor,
+    y: &Tensor,
+    shared: Option<&SharedTeacher>,
+) -> Result<Forward> {
     let exec = nets.exec;
     let input_for = |side| {
         if nets.grad_of(side) {
@@ -120,17 +175,27 @@ fn forward(nets: &StageNets, x: &Tensor, y: &Tensor, shared: Option<&Taps>) -> R
             x.shallow_clone()
         }
     };
+    let share = nets.teacher_share();
+    let clone = |t: &Taps| t.map(Tensor::shallow_clone);
+    let shared = shared.and_then(|s| match (share, &s.live) {
+        (Some(Share::Frozen), _) => Some((x.shallow_clone(), clone(&s.taps))),
+        (Some(Share::Graph), Some((input, live))) => Some((input.shallow_clone(), clone(live))),
+        _ => None,
+    });
     // A frozen teacher runs in eval mode without graph unless a gradient
     // tap of it was asked for; a peer trains.
-    let t_input = input_for(Side::Teacher);
-    let t_live = nets
-        .other
-        .map(|t| match shared {
-            Some(s) if nets.frozen_teacher() => Ok(s.map(Tensor::shallow_clone)),
-            _ if nets.mutual || nets.grad_of(Side::Teacher) => t.taps(&t_input, nets.mutual, exec),
-            _ => Ok(t.frozen_taps(&t_input, exec)),
-        })
-        .transpose()?;
+    let (t_input, t_live) = match (shared, nets.other) {
+        (Some((input, taps)), _) => (input, Some(taps)),
+        (None, None) => (x.shallow_clone(), None),
+        (None, Some(t)) => {
+            let input = input_for(Side::Teacher);
+            let taps = match share {
+                Some(Share::Frozen) => t.frozen_taps(&input, exec),
+                _ => t.taps(&input, nets.mutual, exec)?,
+            };
+            (input, Some(taps))
+        }
+    };
     let s_input = input_for(Side::Student);
     let student = if nets.net_trains || nets.grad_of(Side::Student) {
         nets.net.taps(&s_input, nets.net_trains, exec)?
