@@ -28,10 +28,18 @@ pub(crate) struct Resume {
     /// depends on their number, so a resume needs the same.
     #[serde(default = "one")]
     pub(crate) world: usize,
+    /// No stage so far has trained the teacher (mutual learning): a resumed
+    /// run may share its teacher's forward again only then.
+    #[serde(default = "yes")]
+    pub(crate) pristine_teacher: bool,
 }
 
 fn one() -> usize {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// This process's job size: its ranks, or 1.

@@ -71,8 +71,18 @@ pub fn run_group(
         }
     }
     let stages = plans.iter().map(|p| p.stages.len()).max().unwrap_or(0);
+    // The frozen teacher's accuracy, measured once for every stage of every
+    // run whose teacher no stage has trained.
+    let mut teacher_eval = None;
     for si in 0..stages {
-        run_stage(si, &mut live, &mut results, registry, &splits);
+        run_stage(
+            si,
+            &mut live,
+            &mut results,
+            registry,
+            &splits,
+            &mut teacher_eval,
+        );
     }
     for (i, m) in live {
         results[i] = Some(m.finish());
@@ -129,8 +139,8 @@ fn run_stage(
     results: &mut [Option<Result<RunResult>>],
     registry: &Registry,
     splits: &Splits,
+    teacher_eval: &mut Option<(f64, f64)>,
 ) {
-    let mut teacher_eval = None;
     let mut in_stage: Live = Vec::new();
     let mut done: Live = Vec::new();
     for (i, m) in live.drain(..) {
@@ -141,7 +151,7 @@ fn run_stage(
         }
     }
     each(&mut in_stage, results, |m| {
-        m.begin_stage(registry, splits, &mut teacher_eval)
+        m.begin_stage(registry, splits, teacher_eval)
     });
     let epochs = in_stage
         .iter()

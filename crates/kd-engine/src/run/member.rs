@@ -92,6 +92,7 @@ impl<'a, 'o> Member<'a, 'o> {
         if let Some(t) = &teacher {
             sync_from_main(&t.vs)?;
         }
+        let pristine_teacher = restored.as_ref().is_none_or(|r| r.meta.pristine_teacher);
         let results = restored
             .as_ref()
             .map(|r| r.meta.finished.clone())
@@ -116,7 +117,7 @@ impl<'a, 'o> Member<'a, 'o> {
             results,
             ckpt,
             stage: None,
-            pristine_teacher: true,
+            pristine_teacher,
         })
     }
 
@@ -462,6 +463,7 @@ impl Member<'_, '_> {
             best_epoch: run.best_epoch,
             finished: self.results.clone(),
             world: world_size(),
+            pristine_teacher: self.pristine_teacher,
         };
         let p = &run.prep;
         let snap = Snapshot {

@@ -40,9 +40,11 @@ impl Prepared {
         &'a mut [Active],
         &'a mut Optimizer,
     ) {
+        // A stage whose methods read nothing of the other network (AB's
+        // stage after its init stage: CE alone) runs without it.
         let nets = StageNets {
             net,
-            other,
+            other: other.filter(|_| self.needs.teacher),
             net_trains: self.net_trains,
             mutual: self.mutual,
             needs: &self.needs,

@@ -97,8 +97,9 @@ impl StageRun {
     /// How the teacher's taps can come from a forward shared with other
     /// runs (`None`: the stage trains its teacher).
     pub(crate) fn teacher_share(&self, subject: Subject) -> Option<Share> {
-        let fixed = subject == Subject::Student && !self.prep.mutual;
-        teacher_share(fixed, &self.prep.needs)
+        let needs = &self.prep.needs;
+        let fixed = subject == Subject::Student && !self.prep.mutual && needs.teacher;
+        teacher_share(fixed, needs)
     }
 
     pub(crate) fn batch(&self, b: usize) -> Result<Batch> {
