@@ -51,6 +51,12 @@ char *kd_sgd_foreach(at::Tensor **params, at::Tensor **grads, at::Tensor **bufs,
   })
 }
 
+// `F.leaky_relu(t, slope)`: one kernel each way, where tch binds only the
+// default slope of 0.01.
+char *kd_leaky_relu(at::Tensor *t, double slope, at::Tensor **out) {
+  KD_PROTECT({ *out = new at::Tensor(at::leaky_relu(*t, slope)); })
+}
+
 // Drops the gradients of `params` (PyTorch's `zero_grad(set_to_none=True)`):
 // the next backward then hands each parameter its gradient without an
 // accumulating addition, and nothing is zeroed.

@@ -27,6 +27,7 @@ unsafe extern "C" {
         nesterov: i32,
     ) -> *mut c_char;
     fn kd_grads_to_none(params: *const RawTensor, n: i64) -> *mut c_char;
+    fn kd_leaky_relu(t: RawTensor, slope: f64, out: *mut RawTensor) -> *mut c_char;
     fn kd_channels_last(t: RawTensor, out: *mut RawTensor) -> *mut c_char;
     fn kd_is_channels_last(t: RawTensor) -> i32;
     fn kd_inference_mode_new() -> *mut c_void;
@@ -133,6 +134,15 @@ pub fn grads_to_none(params: &[Tensor]) -> Result<(), AtenError> {
     check(unsafe { kd_grads_to_none(p.as_ptr(), p.len() as i64) })
 }
 
+/// `F.leaky_relu(t, slope)`, differentiable: one kernel forward and one
+/// backward (tch's `leaky_relu` has the slope fixed at 0.01).
+pub fn leaky_relu(t: &Tensor, slope: f64) -> Result<Tensor, AtenError> {
+    let mut out: RawTensor = std::ptr::null_mut();
+    // SAFETY: `t` is live; on success the shim hands over a new at::Tensor.
+    check(unsafe { kd_leaky_relu(raw(t), slope, &mut out) })?;
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
 /// `t` with channels-last strides (NHWC in memory, NCHW in shape).
 pub fn channels_last(t: &Tensor) -> Result<Tensor, AtenError> {
     let mut out: RawTensor = std::ptr::null_mut();
@@ -229,6 +239,17 @@ mod tests {
     use tch::{Device, Kind};
 
     use super::*;
+
+    #[test]
+    fn leaky_relu_takes_its_slope_both_ways() {
+        let x = Tensor::from_slice(&[-2.0f32, -0.5, 0.0, 0.25, 3.0]).set_requires_grad(true);
+        let y = leaky_relu(&x, 0.1).unwrap();
+        let want = [-0.2f32, -0.05, 0.0, 0.25, 3.0];
+        assert_eq!(Vec::<f32>::try_from(&y).unwrap(), want);
+        y.sum(tch::Kind::Float).backward();
+        let g = Vec::<f32>::try_from(&x.grad()).unwrap();
+        assert_eq!(g, [0.1f32, 0.1, 0.1, 1.0, 1.0]);
+    }
 
     #[test]
     fn channels_last_keeps_values_and_changes_strides() {

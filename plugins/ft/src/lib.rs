@@ -6,7 +6,7 @@
 //! frozen. The two steps are two recipe stages (`phase`), see
 //! docs/methods.d/ft.md.
 
-use kd_core::{BuildCx, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
 use serde::{Deserialize, Serialize};
 use tch::{Reduction, Tensor, nn};
 
@@ -135,7 +135,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = if self.transposed {
             x.conv_transpose2d(
                 &self.weight,
@@ -163,7 +163,7 @@ impl Block {
             ),
             None => y,
         };
-        y.where_self(&y.gt(0.0), &(&y * 0.1))
+        kd_aten::leaky_relu(&y, 0.1).map_err(|e| KdError::Invalid(e.to_string()))
     }
 }
 
@@ -191,10 +191,10 @@ fn stack(
         .collect()
 }
 
-fn run(blocks: &[Block], x: &Tensor, train: bool) -> Tensor {
+fn run(blocks: &[Block], x: &Tensor, train: bool) -> Result<Tensor> {
     blocks
         .iter()
-        .fold(x.shallow_clone(), |h, b| b.forward(&h, train))
+        .try_fold(x.shallow_clone(), |h, b| b.forward(&h, train))
 }
 
 /// Per-sample L2 normalisation of the flattened factor (F.normalize).
@@ -278,12 +278,12 @@ impl Method for Ft {
         let t = io.tap(self.t);
         match self.phase {
             Phase::Paraphraser => {
-                let rec = run(&self.decoder, &run(&self.encoder, t, io.train), io.train);
+                let rec = run(&self.decoder, &run(&self.encoder, t, io.train)?, io.train)?;
                 out.push("ft_para", rec.mse_loss(t, Reduction::Mean));
             }
             Phase::Transfer => {
-                let factor_s = unit(&run(&self.translator, io.tap(self.s), io.train));
-                let factor_t = unit(&run(&self.encoder, t, false));
+                let factor_s = unit(&run(&self.translator, io.tap(self.s), io.train)?);
+                let factor_t = unit(&run(&self.encoder, t, false)?);
                 out.push("ft", factor_s.l1_loss(&factor_t, Reduction::Mean));
             }
         }
