@@ -18,6 +18,7 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        cuda_graph: false,
         paper: None,
         name: method.into(),
         seed: 0,

@@ -29,7 +29,7 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .warnings(false);
-    if let Some(includes) = nccl_includes(root, &lib) {
+    if let Some(includes) = nccl_includes(root) {
         build.define("KD_NCCL", None);
         for i in includes {
             build.include(i);
@@ -40,29 +40,14 @@ fn main() {
     build.compile("kd_dist");
 }
 
-/// `nccl.h` and the CUDA runtime headers from the `nvidia-*` wheels beside
-/// torch, when libtorch was built with CUDA.
-fn nccl_includes(torch: &Path, lib: &Path) -> Option<Vec<PathBuf>> {
-    if !lib.join("libtorch_cuda.so").exists() {
-        return None;
-    }
-    let nvidia = torch.parent()?.join("nvidia");
-    let nccl = nvidia.join("nccl/include");
-    let cuda = std::fs::read_dir(&nvidia)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("include")))
-        .find(|p| p.join("cuda_runtime_api.h").exists())?;
-    // cuda_runtime.h includes crt/*.h, which the runtime wheel lacks and
-    // nvidia-cuda-crt (or a CUDA toolkit) provides.
-    let crt = [cuda.clone(), PathBuf::from("/usr/local/cuda/include")]
-        .into_iter()
-        .find(|p| p.join("crt/host_config.h").exists());
-    let Some(crt) = crt else {
-        println!(
-            "cargo:warning=NCCL left out: no crt/host_config.h beside {} (pip install nvidia-cuda-crt, which scripts/bootstrap does)",
-            cuda.display()
-        );
-        return None;
-    };
-    nccl.join("nccl.h").exists().then(|| vec![nccl, cuda, crt])
+/// `nccl.h` from the `nvidia-nccl` wheel beside torch, and the CUDA runtime
+/// headers kd-aten found (it compiles CUDA graphs against them).
+fn nccl_includes(torch: &Path) -> Option<Vec<PathBuf>> {
+    let cuda = std::env::var("DEP_KD_ATEN_CUDA_INCLUDE").ok()?;
+    let nccl = torch.parent()?.join("nvidia/nccl/include");
+    nccl.join("nccl.h").exists().then(|| {
+        std::iter::once(nccl)
+            .chain(cuda.split(';').map(PathBuf::from))
+            .collect()
+    })
 }

@@ -9,6 +9,16 @@
 
 #include "kd_ffi.h"
 
+#ifdef KD_CUDA
+// Device-generic guards and events (dispatched through c10_cuda at run
+// time), so that nothing here calls the CUDA runtime directly.
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -168,5 +178,80 @@ char *kd_pickle_tensors(const char *path, const char *pkl, int64_t pkl_len, char
     }
   })
 }
+
+// CUDA graphs (at::cuda::CUDAGraph, which tch does not bind), compiled when
+// the CUDA runtime headers were found at build time; no GPU is needed to
+// build them.
+#ifdef KD_CUDA
+struct KdGraph {
+  at::cuda::CUDAGraph graph;
+};
+#else
+struct KdGraph {};
+#endif
+
+int kd_cuda_graphs_built() {
+#ifdef KD_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Captures what `body(ctx)` launches on CUDA device `device` into a new
+// graph, as torch.cuda.graph does: on a side stream that first waits for the
+// device's current stream, which waits for it in turn afterwards. The body
+// runs once, recording instead of executing its kernels; its error (a
+// malloc'd message) comes back as the call's. The capture is ended even
+// after an error, so the stream does not stay in capture mode.
+char *kd_cuda_graph_capture(int device, char *(*body)(void *), void *ctx, void **out) {
+#ifdef KD_CUDA
+  KD_PROTECT({
+    auto index = static_cast<c10::DeviceIndex>(device);
+    c10::DeviceGuard on_device(c10::Device(c10::DeviceType::CUDA, index));
+    c10::Stream current = c10::cuda::getCurrentCUDAStream(index).unwrap();
+    c10::Stream side = c10::cuda::getStreamFromPool(false, index).unwrap();
+    c10::Event ready(c10::DeviceType::CUDA);
+    ready.record(current);
+    ready.block(side);
+    auto g = std::make_unique<KdGraph>();
+    char *err = nullptr;
+    {
+      c10::StreamGuard on_side(side);
+      g->graph.capture_begin();
+      err = body(ctx);
+      try {
+        g->graph.capture_end();
+      } catch (const std::exception &e) {
+        if (err == nullptr) err = kd_ffi::error_message(e.what());
+      }
+    }
+    c10::Event done(c10::DeviceType::CUDA);
+    done.record(side);
+    done.block(current);
+    if (err != nullptr) return err;
+    *out = g.release();
+  })
+#else
+  (void)device;
+  (void)body;
+  (void)ctx;
+  (void)out;
+  return kd_ffi::error_message(
+      "this kd was built without the CUDA runtime headers: CUDA graphs are not available");
+#endif
+}
+
+// Launches the captured work again on the device's current stream.
+char *kd_cuda_graph_replay(void *graph) {
+#ifdef KD_CUDA
+  KD_PROTECT({ static_cast<KdGraph *>(graph)->graph.replay(); })
+#else
+  (void)graph;
+  return kd_ffi::error_message("this kd was built without CUDA graphs");
+#endif
+}
+
+void kd_cuda_graph_free(void *graph) { delete static_cast<KdGraph *>(graph); }
 
 }  // extern "C"

@@ -1,9 +1,12 @@
 //! The few libtorch calls kd needs that `tch` does not bind, through a small
 //! C++ shim (`cpp/kd_aten.cpp`) compiled against the same libtorch:
 //! PyTorch's multi-tensor SGD update, channels-last memory order, inference
-//! mode and autocast's lower precision on CUDA.
+//! mode, autocast's lower precision on CUDA, and CUDA graphs.
 
+mod graph;
 mod pickle;
+
+pub use graph::CudaGraph;
 
 use std::ffi::{CStr, c_char, c_void};
 

@@ -27,6 +27,7 @@ fn plan() -> Plan {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        cuda_graph: false,
         paper: None,
         name: "bench".into(),
         seed: 0,

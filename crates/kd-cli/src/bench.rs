@@ -46,6 +46,9 @@ pub struct BenchArgs {
     precision: Precision,
     #[arg(long)]
     no_channels_last: bool,
+    /// Capture the step as a CUDA graph after the warm-up steps and replay it.
+    #[arg(long)]
+    cuda_graph: bool,
     /// Folder for `init.safetensors` (weights and batch before the first
     /// step) and `kd.json` (the timing and every step's loss).
     #[arg(long)]
@@ -58,6 +61,7 @@ fn plan(a: &BenchArgs) -> Result<Plan> {
     plan.device = a.device.into();
     plan.precision = a.precision;
     plan.channels_last = !a.no_channels_last;
+    plan.cuda_graph = a.cuda_graph;
     Ok(plan)
 }
 
@@ -92,6 +96,9 @@ pub fn bench(a: &BenchArgs, registry: &Registry) -> Result<()> {
         "threads": tch::get_num_threads(),
         "precision": plan.precision,
         "channels_last": plan.channels_last,
+        "cuda_graph": h.graph_stats().map(|s| serde_json::json!({
+            "captures": s.captures, "replays": s.replays, "eager": s.eager,
+        })),
     });
     if let Some(dir) = &a.dump {
         std::fs::write(dir.join("kd.json"), report.to_string())

@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// process).
     #[arg(long, default_value = "batch")]
     pub batchnorm: kd_engine::BatchNorm,
+    /// Capture each stage's full-batch training step as a CUDA graph and
+    /// replay it (CUDA only; same losses as without).
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Keep convolutions in PyTorch's default NCHW order instead of
     /// channels-last.
     #[arg(long)]
@@ -241,6 +245,7 @@ impl TrainArgs {
             precision: self.precision,
             channels_last: !self.no_channels_last,
             batchnorm: self.batchnorm,
+            cuda_graph: self.cuda_graph,
             paper: None,
         })
     }

@@ -25,6 +25,6 @@ pub use plan::{
     Plan, Precision, Sgd, StagePlan, Subject,
 };
 pub use run::{
-    RunOptions, StepHarness, bench_plan, device, lockstep_key, run, run_group, validate,
+    GraphStats, RunOptions, StepHarness, bench_plan, device, lockstep_key, run, run_group, validate,
 };
 pub use schedule::{NoScripts, Schedule, ScheduleFn, ScheduleResolver, Weight};

@@ -35,6 +35,10 @@ pub struct Plan {
     /// What BatchNorm normalises with while training.
     #[serde(default)]
     pub batchnorm: BatchNorm,
+    /// Capture each stage's full-batch training step as a CUDA graph and
+    /// replay it (CUDA only; the losses are those of the uncaptured step).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cuda_graph: bool,
     /// The number the recipe's source reports for this configuration, so
     /// a run can be told faithful or broken (`kd report`, MLflow).
     #[serde(default, skip_serializing_if = "Option::is_none")]

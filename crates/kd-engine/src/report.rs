@@ -247,6 +247,7 @@ mod tests {
             precision: Default::default(),
             channels_last: true,
             batchnorm: Default::default(),
+            cuda_graph: false,
             paper: None,
             name: name.into(),
             seed,

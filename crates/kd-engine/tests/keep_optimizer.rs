@@ -71,6 +71,7 @@ fn plan(name: &str, stages: Vec<StagePlan>, teacher: bool) -> Plan {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        cuda_graph: false,
         paper: None,
     }
 }

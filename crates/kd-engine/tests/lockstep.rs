@@ -71,6 +71,7 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        cuda_graph: false,
         paper: None,
     }
 }

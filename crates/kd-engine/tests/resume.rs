@@ -23,6 +23,7 @@ fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Pla
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        cuda_graph: false,
         paper: None,
         name: name.into(),
         seed,

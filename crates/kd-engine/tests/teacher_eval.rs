@@ -39,6 +39,7 @@ fn distillation_stage_reports_the_teacher_it_received() {
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
+        cuda_graph: false,
         paper: None,
         name: "teacher_eval".into(),
         seed: 3,

@@ -7,6 +7,7 @@ use tch::{Tensor, nn};
 
 use super::checkpoint::Carry;
 use super::draws::Draws;
+use super::graph::GraphStats;
 use super::methods::BuildEnv;
 use super::nets::{Exec, Net, build_nets, device, named_vars, roles};
 use super::pending::Pending;
@@ -66,6 +67,7 @@ pub fn bench_plan(
         precision: Precision::Fp32,
         channels_last: true,
         batchnorm: Default::default(),
+        cuda_graph: false,
         paper: None,
     }
 }
@@ -119,7 +121,6 @@ impl StepHarness {
     /// Issues one step without waiting for the device; `read` collects.
     pub fn step_async(&mut self) -> Result<()> {
         let (net, other) = roles(self.subject, &self.student, self.teacher.as_ref());
-        let (nets, methods, peers, opt) = self.prep.split(net, other, &self.exec);
         let progress = Progress {
             epoch: 0,
             epochs: 1,
@@ -127,10 +128,17 @@ impl StepHarness {
             steps_per_epoch: 1,
             global_step: 0,
         };
-        let update = Update::Sgd(opt, self.lr);
-        let out = step(&nets, methods, peers, &self.batch, progress, None, update)?;
+        let out =
+            self.prep
+                .train_step(net, other, &self.exec, &self.batch, progress, None, self.lr)?;
         self.pending.push(0, self.lr, out);
         Ok(())
+    }
+
+    /// How the steps ran under `cuda_graph: true` (captured, replayed,
+    /// eager); `None` without it.
+    pub fn graph_stats(&self) -> Option<GraphStats> {
+        self.prep.graph.as_ref().map(|g| g.stats)
     }
 
     /// The total loss of every step issued since the last read, in order.
@@ -200,6 +208,7 @@ pub(crate) fn probe_step(
         device: batch.images.device(),
         frozen_bn: false,
         sync_bn: false,
+        graph: None,
     };
     student.use_channels_last()?;
     if let Some(t) = teacher.as_deref_mut() {

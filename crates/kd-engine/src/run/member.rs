@@ -16,7 +16,7 @@ use super::nets::{
 };
 use super::prepare::StageCx;
 use super::stage::StageRun;
-use super::step::{Share, SharedTeacher, Update, step};
+use super::step::{Share, SharedTeacher};
 use crate::observe::{EpochRecord, RunResult, StageResult};
 use crate::plan::{Plan, StagePlan, Subject};
 use crate::{EngineError, Result, eval};
@@ -187,6 +187,10 @@ impl<'a, 'o> Member<'a, 'o> {
     /// How this run's teacher forward can be computed once for all the
     /// runs that share it (`None`: it cannot).
     pub(crate) fn teacher_share(&self) -> Option<Share> {
+        // A captured step computes its own teacher forward.
+        if self.exec.graph.is_some() {
+            return None;
+        }
         let subject = self.stage_plan().subject;
         let stage = self.stage.as_ref()?;
         stage
@@ -252,16 +256,9 @@ impl<'a, 'o> Member<'a, 'o> {
         };
         let lr = stage.lr_schedule.lr(stage.optimizer.lr, progress);
         let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
-        let (nets, methods, peers, opt) = run.prep.split(net, other, &self.exec);
-        let out = step(
-            &nets,
-            methods,
-            peers,
-            batch,
-            progress,
-            shared,
-            Update::Sgd(opt, lr),
-        )?;
+        let out = run
+            .prep
+            .train_step(net, other, &self.exec, batch, progress, shared, lr)?;
         e.pending.push(b, lr, out);
         e.lr = lr;
         let every = if self.opts.log_every > 0 {
@@ -497,6 +494,18 @@ impl Member<'_, '_> {
             .with_file_name(format!("{}.best.safetensors", stage.name));
         if kd_dist::is_main() {
             kd_models::save_weights(&net.vs, &last_path)?;
+        }
+        if let Some(g) = &run.prep.graph {
+            // How many steps the CUDA graph replayed, for the run's record.
+            let at = (run.epochs_before + run.history.len() as i64) * run.steps as i64;
+            let s = g.stats;
+            let values = [
+                ("captures", s.captures),
+                ("replays", s.replays),
+                ("eager", s.eager),
+            ]
+            .map(|(k, v)| (format!("stage/{}/cuda_graph_{k}", stage.name), v as f64));
+            self.opts.observer.metrics(at, &values);
         }
         let next = self.plan.stages.get(self.results.len() + 1);
         hand_on(&mut self.momentum, &run.prep, stage, next);

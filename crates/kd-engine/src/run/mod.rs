@@ -12,6 +12,7 @@
 
 mod checkpoint;
 mod draws;
+mod graph;
 mod group;
 mod harness;
 mod member;
@@ -30,6 +31,7 @@ use std::sync::atomic::AtomicBool;
 
 use kd_core::Registry;
 
+pub use graph::GraphStats;
 pub use group::{lockstep_key, run_group};
 pub(crate) use harness::probe_step;
 pub use harness::{StepHarness, bench_plan};

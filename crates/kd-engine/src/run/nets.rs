@@ -7,6 +7,7 @@ use kd_core::{TapShapes, Taps};
 use kd_models::Network;
 use tch::{Device, Tensor, nn};
 
+use super::graph::GraphBackend;
 use crate::plan::{BatchNorm, DeviceChoice, ModelPlan, Plan, Precision, Subject};
 use crate::tensors::TensorFile;
 use crate::{EngineError, Result};
@@ -37,6 +38,8 @@ pub(crate) struct Exec {
     /// `batchnorm: sync` in a job of several ranks: training forwards
     /// normalise with the whole job's batch (SyncBatchNorm).
     pub sync_bn: bool,
+    /// `cuda_graph: true`: where the captured steps run.
+    pub graph: Option<GraphBackend>,
 }
 
 impl Exec {
@@ -62,7 +65,17 @@ impl Exec {
                 Precision::Fp16 => kd_aten::set_cuda_autocast_dtype(kd_aten::HalfKind::F16)?,
             }
         }
+        let graph = plan
+            .cuda_graph
+            .then(|| GraphBackend::on(device))
+            .transpose()?;
+        if graph.is_some() && kd_dist::group().is_some() {
+            return Err(EngineError::Plan(
+                "cuda_graph does not capture data-parallel steps (their gradient averaging is a collective); drop cuda_graph under torchrun".into(),
+            ));
+        }
         Ok(Exec {
+            graph,
             frozen_bn: plan.batchnorm == BatchNorm::Frozen,
             // Without a process group (or with one rank) there is no other
             // batch to include: `sync` is `batch`.

@@ -1,15 +1,16 @@
 //! A stage made ready to step: its methods built, parameters frozen or
 //! trainable as the stage says, its optimiser and its loader.
 
-use kd_core::{AugmentPolicy, AugmentSpec, Needs, Registry};
-use kd_data::{Loader, LoaderConfig, Splits};
+use kd_core::{AugmentPolicy, AugmentSpec, Needs, Progress, Registry};
+use kd_data::{Batch, Loader, LoaderConfig, Splits};
 use tch::Tensor;
 
 use super::checkpoint::Carry;
 use super::draws::Draws;
+use super::graph::{self, StepGraph};
 use super::methods::{Active, BuildEnv, build_stage};
 use super::nets::{Exec, Net, named_vars, roles, shapes_of};
-use super::step::StageNets;
+use super::step::{SharedTeacher, StageNets, StepOut, Update, step};
 use crate::optim::Optimizer;
 use crate::plan::{Part, Plan, Precision, StagePlan, Subject};
 use crate::schedule::ScheduleResolver;
@@ -24,6 +25,8 @@ pub(crate) struct Prepared {
     pub(crate) draws: Draws,
     pub(crate) net_trains: bool,
     pub(crate) mutual: bool,
+    /// `cuda_graph: true`: the stage's captured step.
+    pub(crate) graph: Option<StepGraph>,
 }
 
 impl Prepared {
@@ -52,6 +55,59 @@ impl Prepared {
             exec,
         };
         (nets, &mut self.methods, &mut self.peers, &mut self.opt)
+    }
+
+    /// One training step of the stage at learning rate `lr`: through its
+    /// captured graph when the plan asks for one (whose steps compute
+    /// their own teacher forward, so `shared` is not used then).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn train_step(
+        &mut self,
+        net: &Net,
+        other: Option<&Net>,
+        exec: &Exec,
+        batch: &Batch,
+        progress: Progress,
+        shared: Option<&SharedTeacher>,
+        lr: f64,
+    ) -> Result<StepOut> {
+        let key = match &self.graph {
+            Some(_) => Some(graph::key(
+                lr,
+                &mut self.methods,
+                &mut self.peers,
+                progress,
+            )?),
+            None => None,
+        };
+        let mut graph = self.graph.take();
+        let out = {
+            let (nets, methods, peers, opt) = self.split(net, other, exec);
+            match (&mut graph, key) {
+                (Some(g), Some(key)) => g.step(key, batch, |b| {
+                    step(
+                        &nets,
+                        methods,
+                        peers,
+                        b,
+                        progress,
+                        None,
+                        Update::Sgd(opt, lr),
+                    )
+                }),
+                _ => step(
+                    &nets,
+                    methods,
+                    peers,
+                    batch,
+                    progress,
+                    shared,
+                    Update::Sgd(opt, lr),
+                ),
+            }
+        };
+        self.graph = graph;
+        out
     }
 }
 
@@ -140,6 +196,7 @@ pub(crate) fn prepare_stage(
         draws,
         net_trains,
         mutual,
+        graph: None,
     })
 }
 
@@ -173,7 +230,7 @@ pub(crate) fn prepare(
         classes: cx.splits.train.num_classes,
         scripts: cx.scripts,
     };
-    let prep = prepare_stage(
+    let mut prep = prepare_stage(
         &env,
         cx.exec,
         cx.plan.seed + cx.si as u64,
@@ -184,6 +241,10 @@ pub(crate) fn prepare(
         carry,
         &probe,
     )?;
+    if let Some(backend) = cx.exec.graph {
+        graph::check(&prep.needs)?;
+        prep.graph = Some(StepGraph::new(backend, cx.plan.data.batch_size));
+    }
     let contrast = prep.needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
     let loader = Loader::new(
         &cx.splits.train,

@@ -109,6 +109,9 @@ fn numbers(plan: &Plan) -> Result<(), String> {
     for stage in &plan.stages {
         stage_numbers(stage).map_err(|e| format!("stage `{}`: {e}", stage.name))?;
     }
+    if plan.cuda_graph && plan.precision == crate::plan::Precision::Fp16 {
+        return Err("cuda_graph cannot capture fp16 steps: the loss scale's overflow check reads the device every step; use bf16 (no loss scale) or drop cuda_graph".into());
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@ pub(crate) struct Experiment {
     pub precision: Precision,
     pub channels_last: bool,
     pub batchnorm: kd_engine::BatchNorm,
+    pub cuda_graph: bool,
     pub data: DataPlan,
     pub student: Option<ModelPlan>,
     pub teacher: Option<ModelPlan>,
@@ -31,6 +32,7 @@ impl Default for Experiment {
             precision: Precision::default(),
             channels_last: true,
             batchnorm: Default::default(),
+            cuda_graph: false,
             data: DataPlan::default(),
             student: None,
             teacher: None,
@@ -65,6 +67,7 @@ impl Experiment {
             precision: self.precision,
             channels_last: self.channels_last,
             batchnorm: self.batchnorm,
+            cuda_graph: self.cuda_graph,
             paper: self.paper.clone(),
         })
     }
@@ -152,6 +155,16 @@ pub(super) fn register(e: &mut Engine) {
         "`\"fp32\"` (default), or mixed precision on CUDA: `\"bf16\"` or `\"fp16\"` (with a dynamic loss scale); weights, optimiser state and loss terms stay fp32.",
         |mut x: Experiment, p: &str| -> Fallible<Experiment> {
             x.precision = p.parse().map_err(user)?;
+            Ok(x)
+        },
+    );
+    def(
+        e,
+        "cuda_graph",
+        &["experiment: Experiment", "on: bool", "Experiment"],
+        "Capture each stage's full-batch training step as a CUDA graph and replay it (default `false`; CUDA only; the losses are those of the uncaptured step, and a step whose learning rate or loss weights changed captures again).",
+        |mut x: Experiment, on: bool| -> Fallible<Experiment> {
+            x.cuda_graph = on;
             Ok(x)
         },
     );
