@@ -7,7 +7,6 @@ use std::path::Path;
 
 use kd_engine::{EpochRecord, Observer, Paper, Plan, StageResult};
 use kd_tracking::{RunSpec, RunStatus, Tracker};
-use sha2::{Digest, Sha256};
 
 pub const EXPERIMENT: &str = "kd";
 
@@ -64,10 +63,7 @@ pub fn plan_params(plan: &Plan) -> Vec<(String, String)> {
     out
 }
 
-pub fn sha256_file(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
-    Some(format!("{:x}", Sha256::digest(&bytes)))
-}
+use kd_engine::tensors::sha256_file;
 
 /// Tags every run carries, so a number can be traced to what made it.
 pub fn run_tags(plan: &Plan, device: &str, recipe: Option<&Path>) -> Vec<(String, String)> {

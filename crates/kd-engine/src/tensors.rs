@@ -177,3 +177,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))
 }
+
+/// The SHA-256 of a file's bytes, in hex; `None` when it cannot be read.
+pub fn sha256_file(path: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).ok()?;
+    Some(format!("{:x}", Sha256::digest(&bytes)))
+}

@@ -267,6 +267,22 @@ fn resumed_group_equals_uninterrupted_group() {
             r.as_ref().err()
         );
     }
+    // The teacher is still its file's: the checkpoints leave it out.
+    for p in &plans {
+        let ckpt = tensors::read(
+            &dir.path()
+                .join("cut")
+                .join(&p.name)
+                .join("checkpoint.safetensors"),
+        )
+        .unwrap();
+        assert!(
+            ckpt.tensors.iter().all(|(n, _)| !n.starts_with("teacher.")),
+            "{}",
+            p.name
+        );
+        assert!(ckpt.tensors.iter().any(|(n, _)| n.starts_with("student.")));
+    }
     tch::manual_seed(999);
     let resumed = group(&plans, &dir.path().join("cut"), true, None, &mut Silent);
     for ((p, w), r) in plans.iter().zip(&whole).zip(&resumed) {
@@ -283,4 +299,31 @@ fn resumed_group_equals_uninterrupted_group() {
             &files,
         );
     }
+}
+
+#[test]
+fn a_checkpoint_without_its_teacher_refuses_a_changed_teacher_file() {
+    kd_methods::link();
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = teacher_file(dir.path());
+    let plans = vec![plan("st", &teacher, MethodPlan::new("st", 0.9))];
+    let flag = Arc::new(AtomicBool::new(false));
+    let cut = group(
+        &plans,
+        dir.path(),
+        false,
+        Some(flag.clone()),
+        &mut StopAfterFirst(flag),
+    );
+    assert!(matches!(cut[0], Err(EngineError::Interrupted(_))));
+    // Other weights under the same name.
+    tch::manual_seed(4);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _ = kd_models::build("resnet8", &vs.root(), 10).unwrap();
+    kd_models::save_weights(&vs, &teacher).unwrap();
+    let err = group(&plans, dir.path(), true, None, &mut Silent)
+        .remove(0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("contents changed"), "{err}");
 }

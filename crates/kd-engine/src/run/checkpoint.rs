@@ -32,6 +32,14 @@ pub(crate) struct Resume {
     /// run may share its teacher's forward again only then.
     #[serde(default = "yes")]
     pub(crate) pristine_teacher: bool,
+    /// The teacher's tensors are in the checkpoint. A teacher still as its
+    /// weights file gave it is left out (it is most of a distillation
+    /// checkpoint) and loaded from that file again on resume, whose
+    /// SHA-256 must then be `teacher_sha256`.
+    #[serde(default = "yes")]
+    pub(crate) teacher_saved: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) teacher_sha256: Option<String>,
 }
 
 fn one() -> usize {
@@ -156,7 +164,7 @@ pub(crate) fn restore(
         });
     }
     load_into(&student.vs, &file, "student.", path)?;
-    if let Some(t) = teacher {
+    if let Some(t) = teacher.filter(|_| meta.teacher_saved) {
         load_into(&t.vs, &file, "teacher.", path)?;
     }
     let mut carry = Carry::new();

@@ -41,6 +41,9 @@ pub(crate) struct Member<'a, 'o> {
     /// No stage of this run has trained its teacher: its taps are those of
     /// the weights it was loaded with, which other runs may share.
     pub(crate) pristine_teacher: bool,
+    /// SHA-256 of the teacher's weights file: while the teacher is pristine,
+    /// checkpoints leave it out and name the file's contents instead.
+    teacher_sha256: Option<String>,
 }
 
 impl<'a, 'o> Member<'a, 'o> {
@@ -93,6 +96,19 @@ impl<'a, 'o> Member<'a, 'o> {
             sync_from_main(&t.vs)?;
         }
         let pristine_teacher = restored.as_ref().is_none_or(|r| r.meta.pristine_teacher);
+        let teacher_sha256 = teacher_file_sha256(plan);
+        if let Some(m) = restored
+            .as_ref()
+            .map(|r| &r.meta)
+            .filter(|m| !m.teacher_saved)
+        {
+            check_teacher_file(
+                plan,
+                m.teacher_sha256.as_deref(),
+                teacher_sha256.as_deref(),
+                &ckpt,
+            )?;
+        }
         let results = restored
             .as_ref()
             .map(|r| r.meta.finished.clone())
@@ -118,6 +134,7 @@ impl<'a, 'o> Member<'a, 'o> {
             ckpt,
             stage: None,
             pristine_teacher,
+            teacher_sha256,
         })
     }
 
@@ -452,6 +469,7 @@ impl Member<'_, '_> {
                 record,
             )?;
         }
+        let teacher_saved = !self.pristine_teacher || self.teacher_sha256.is_none();
         let meta = Resume {
             stage: self.results.len(),
             next_epoch: record.epoch + 1,
@@ -461,11 +479,13 @@ impl Member<'_, '_> {
             finished: self.results.clone(),
             world: world_size(),
             pristine_teacher: self.pristine_teacher,
+            teacher_saved,
+            teacher_sha256: self.teacher_sha256.clone(),
         };
         let p = &run.prep;
         let snap = Snapshot {
             student: &self.student,
-            teacher: self.teacher.as_ref(),
+            teacher: self.teacher.as_ref().filter(|_| teacher_saved),
             methods: &p.methods,
             peers: &p.peers,
             opt: Some(&p.opt),
@@ -572,4 +592,46 @@ fn check_stage(stage: &StagePlan, has_teacher: bool) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The SHA-256 of the plan's teacher weights file, hashed once per file
+/// version (path, size, modification time) in a process: the runs of a
+/// sweep share one teacher, and an earlier run of a recipe may rewrite it.
+fn teacher_file_sha256(plan: &Plan) -> Option<String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Version = (PathBuf, u64, std::time::SystemTime);
+    static SEEN: OnceLock<Mutex<HashMap<Version, Option<String>>>> = OnceLock::new();
+    let path = plan.teacher.as_ref()?.weights.as_ref()?;
+    let meta = std::fs::metadata(path).ok()?;
+    let version = (path.clone(), meta.len(), meta.modified().ok()?);
+    let mut seen = SEEN.get_or_init(Default::default).lock().ok()?;
+    seen.entry(version)
+        .or_insert_with(|| crate::tensors::sha256_file(path))
+        .clone()
+}
+
+/// A checkpoint without the teacher resumes only from the same teacher file.
+fn check_teacher_file(
+    plan: &Plan,
+    saved: Option<&str>,
+    now: Option<&str>,
+    ckpt: &std::path::Path,
+) -> Result<()> {
+    if saved.is_some() && saved == now {
+        return Ok(());
+    }
+    let file = plan
+        .teacher
+        .as_ref()
+        .and_then(|t| t.weights.as_ref())
+        .map_or_else(|| "(none)".into(), |w| w.display().to_string());
+    Err(EngineError::Format {
+        path: ckpt.to_path_buf(),
+        msg: format!(
+            "the checkpoint takes its teacher from {file}, whose contents changed since it was written (SHA-256 {} then, {} now); put the original file back, or start the run again with --overwrite",
+            saved.unwrap_or("unknown"),
+            now.unwrap_or("unreadable")
+        ),
+    })
 }
