@@ -83,6 +83,20 @@ fn raw(t: &Tensor) -> RawTensor {
     t.as_ptr() as RawTensor
 }
 
+/// One training-mode BatchNorm forward: the arguments of
+/// `torch.nn.functional.batch_norm`. The zoo's training-BatchNorm hook
+/// (kd-models) hands these over, and SyncBatchNorm (kd-dist) takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchNormArgs<'a> {
+    pub input: &'a Tensor,
+    pub weight: Option<&'a Tensor>,
+    pub bias: Option<&'a Tensor>,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+    pub momentum: f64,
+    pub eps: f64,
+}
+
 /// SGD hyper-parameters of one update (PyTorch's `torch.optim.SGD`, no
 /// dampening, not maximising).
 #[derive(Debug, Clone, Copy)]

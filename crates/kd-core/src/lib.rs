@@ -19,7 +19,7 @@ pub mod testing;
 pub use error::{KdError, Result};
 pub use method::{
     AttackSpec, AugmentPolicy, AugmentSpec, BuildCx, ContrastSpec, DynMethod, GradRef, Losses,
-    Method, Needs, StepIo, TapRef, ViewRef, ViewTaps,
+    Method, Needs, StepIo, TapRef, ViewRef, ViewTaps, set_scheduled_field,
 };
 pub use progress::Progress;
 pub use registry::{ConfigField, MethodEntry, Registry, build_config};

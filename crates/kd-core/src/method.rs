@@ -57,6 +57,33 @@ pub trait Method: Send + Sized + 'static {
     }
 }
 
+/// The body of a [`Method::set_scheduled`]: sets the field named `field`
+/// among `fields` (name, the config value it schedules) to `value` once
+/// `check` accepts it; an unknown field is refused naming the schedulable
+/// ones.
+pub fn set_scheduled_field(
+    method: &str,
+    fields: &mut [(&str, &mut f64)],
+    field: &str,
+    value: f64,
+    check: impl FnOnce(&str, f64) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let plan = |msg: String| KdError::Plan {
+        method: method.into(),
+        msg,
+    };
+    let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+    let Some((_, slot)) = fields.iter_mut().find(|(n, _)| *n == field) else {
+        return Err(plan(format!(
+            "field `{field}` cannot be scheduled; schedulable: {}",
+            names.join(", ")
+        )));
+    };
+    check(field, value).map_err(|m| plan(format!("scheduled {m}")))?;
+    **slot = value;
+    Ok(())
+}
+
 /// Object-safe face of [`Method`], what the engine holds.
 pub trait DynMethod: Send {
     fn name(&self) -> &'static str;

@@ -36,6 +36,13 @@ pub fn taps(maps: Vec<Tensor>, logits: Tensor) -> Taps {
     }
 }
 
+/// Taps of logits alone, one row per sample.
+pub fn logits(rows: &[&[f32]]) -> Taps {
+    let b = rows.len() as i64;
+    let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    taps(vec![], Tensor::from_slice(&flat).view([b, -1]))
+}
+
 /// Taps from feature maps alone, with zero logits over `classes`.
 pub fn maps(maps: Vec<Tensor>, classes: i64) -> Taps {
     let b = maps.first().map_or(1, |m| m.size()[0]);

@@ -1,5 +1,6 @@
-//! MLKD's strong view (Jin et al. 2023, `mdistiller/dataset/cifar100.py` of
-//! logit-standardization-KD): `RandAugment(2, 10)`, two of 14 PIL ops drawn
+//! The strongly augmented view methods may ask for, as
+//! `mdistiller/dataset/cifar100.py` of logit-standardization-KD draws it:
+//! `RandAugment(2, 10)`, two of 14 PIL ops drawn
 //! with replacement, each at a uniform magnitude in its range, then Cutout.
 //! The reference runs them on PIL images; here they are batched tensor ops
 //! on uint8-valued images that repeat Pillow's arithmetic (its LUTs, float32

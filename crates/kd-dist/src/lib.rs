@@ -70,18 +70,7 @@ fn raw_or_null(t: Option<&Tensor>) -> RawTensor {
     t.map_or(std::ptr::null_mut(), raw)
 }
 
-/// One BatchNorm layer's training forward: its input, its affine
-/// parameters and running statistics (`torch.nn.BatchNorm2d`'s arguments).
-#[derive(Debug, Clone, Copy)]
-pub struct BatchNormInput<'a> {
-    pub input: &'a Tensor,
-    pub weight: Option<&'a Tensor>,
-    pub bias: Option<&'a Tensor>,
-    pub running_mean: &'a Tensor,
-    pub running_var: &'a Tensor,
-    pub momentum: f64,
-    pub eps: f64,
-}
+pub use kd_aten::BatchNormArgs;
 
 /// Whether this build can make NCCL process groups.
 pub fn has_nccl() -> bool {
@@ -245,7 +234,7 @@ impl ProcessGroup {
     /// Every rank must make the same calls in the same order, forward and
     /// backward (each is a collective). In a world of one this is plain
     /// `batch_norm` in training mode, bit for bit.
-    pub fn sync_batch_norm(&self, bn: BatchNormInput) -> Result<Tensor, DistError> {
+    pub fn sync_batch_norm(&self, bn: BatchNormArgs) -> Result<Tensor, DistError> {
         if self.world.size == 1 {
             // What tch's `nn::BatchNorm::forward_t` calls: no collective
             // can change one rank's statistics.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kd_dist::{BatchNormInput, ProcessGroup, World};
+use kd_dist::{BatchNormArgs, ProcessGroup, World};
 use tch::{Device, Kind, Tensor};
 
 const MOMENTUM: f64 = 0.1;
@@ -65,8 +65,8 @@ impl Layer {
         }
     }
 
-    fn input<'a>(&'a self, x: &'a Tensor) -> BatchNormInput<'a> {
-        BatchNormInput {
+    fn input<'a>(&'a self, x: &'a Tensor) -> BatchNormArgs<'a> {
+        BatchNormArgs {
             input: x,
             weight: Some(&self.weight),
             bias: Some(&self.bias),

@@ -58,10 +58,8 @@ impl Observer for GraphMetrics {
     }
 }
 
-fn run(plan: &Plan, dir: &Path, observer: &mut dyn Observer) -> Result<RunResult, EngineError> {
-    kd_methods::link();
-    let registry = Registry::global().unwrap();
-    let mut opts = RunOptions {
+fn options<'a>(plan: &Plan, dir: &Path, observer: &'a mut dyn Observer) -> RunOptions<'a> {
+    RunOptions {
         run_dir: dir.join(&plan.name),
         resume: false,
         observer,
@@ -69,8 +67,13 @@ fn run(plan: &Plan, dir: &Path, observer: &mut dyn Observer) -> Result<RunResult
         stop: None,
         log_every: 1,
         progress_bar: false,
-    };
-    kd_engine::run(plan, &registry, &mut opts)
+    }
+}
+
+fn run(plan: &Plan, dir: &Path, observer: &mut dyn Observer) -> Result<RunResult, EngineError> {
+    kd_methods::link();
+    let registry = Registry::global().unwrap();
+    kd_engine::run(plan, &registry, &mut options(plan, dir, observer))
 }
 
 fn assert_same_run(a: &RunResult, b: &RunResult) {
@@ -92,10 +95,27 @@ fn assert_same_run(a: &RunResult, b: &RunResult) {
     }
 }
 
-fn stats(m: &GraphMetrics) -> [f64; 3] {
+/// Trains the plan with and without graphs under `lr`, checks that the two
+/// runs end alike, and returns the graphed run's [captures, replays, eager].
+fn graphed_against_eager(lr: LrSchedule) -> [f64; 3] {
+    emulate();
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = GraphMetrics::default();
+    let graphed = run(
+        &plan("graphed", methods(), lr.clone(), true),
+        dir.path(),
+        &mut seen,
+    );
+    let eager = run(
+        &plan("eager", methods(), lr, false),
+        dir.path(),
+        &mut Silent,
+    );
+    assert_same_run(&graphed.unwrap(), &eager.unwrap());
     ["captures", "replays", "eager"].map(|k| {
         let key = format!("stage/distill/cuda_graph_{k}");
-        m.0.iter()
+        seen.0
+            .iter()
             .find(|(n, _)| *n == key)
             .map_or(-1.0, |(_, v)| *v)
     })
@@ -103,53 +123,21 @@ fn stats(m: &GraphMetrics) -> [f64; 3] {
 
 #[test]
 fn a_graphed_run_equals_the_eager_run_and_captures_again_when_the_lr_steps() {
-    emulate();
-    let dir = tempfile::tempdir().unwrap();
     let lr = LrSchedule::Multistep {
         milestones: vec![2],
         gamma: 0.1,
     };
-    let mut seen = GraphMetrics::default();
-    let graphed = run(
-        &plan("graphed", methods(), lr.clone(), true),
-        dir.path(),
-        &mut seen,
-    )
-    .unwrap();
-    let eager = run(
-        &plan("eager", methods(), lr, false),
-        dir.path(),
-        &mut Silent,
-    )
-    .unwrap();
-    assert_same_run(&graphed, &eager);
     // 18 steps: two warm-up steps and the three batches of 16 run eagerly;
     // a capture at epoch 0 and one when the learning rate drops at epoch 2;
     // the other 11 full batches are replays.
-    assert_eq!(stats(&seen), [2.0, 11.0, 5.0]);
+    assert_eq!(graphed_against_eager(lr), [2.0, 11.0, 5.0]);
 }
 
 #[test]
 fn a_per_step_schedule_turns_graphs_off_for_the_stage() {
-    emulate();
-    let dir = tempfile::tempdir().unwrap();
-    let lr = LrSchedule::Cosine { warmup_epochs: 0 };
-    let mut seen = GraphMetrics::default();
-    let graphed = run(
-        &plan("graphed", methods(), lr.clone(), true),
-        dir.path(),
-        &mut seen,
-    )
-    .unwrap();
-    let eager = run(
-        &plan("eager", methods(), lr, false),
-        dir.path(),
-        &mut Silent,
-    )
-    .unwrap();
-    assert_same_run(&graphed, &eager);
     // One capture (after the warm-up), replaced at the next step: off.
-    assert_eq!(stats(&seen), [1.0, 0.0, 17.0]);
+    let lr = LrSchedule::Cosine { warmup_epochs: 0 };
+    assert_eq!(graphed_against_eager(lr), [1.0, 0.0, 17.0]);
 }
 
 #[test]
@@ -182,15 +170,7 @@ fn graphed_runs_in_a_lockstep_group_equal_their_solo_runs() {
     let mut opts: Vec<RunOptions> = plans
         .iter()
         .zip([&mut a as &mut dyn Observer, &mut b])
-        .map(|(p, observer)| RunOptions {
-            run_dir: dir.path().join("group").join(&p.name),
-            resume: false,
-            observer,
-            scripts: &kd_engine::NoScripts,
-            stop: None,
-            log_every: 1,
-            progress_bar: false,
-        })
+        .map(|(p, observer)| options(p, &dir.path().join("group"), observer))
         .collect();
     let grouped = kd_engine::run_group(&plans, &registry, &mut opts).unwrap();
     for (s, g) in solo.iter().zip(&grouped) {

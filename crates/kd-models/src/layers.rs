@@ -102,18 +102,8 @@ pub(crate) fn bn(p: nn::Path, c: i64) -> Bn {
     Bn(nn::batch_norm2d(p, c, cfg))
 }
 
-/// One training-mode BatchNorm forward as a [`TrainBatchNorm`] hook sees
-/// it: the arguments of `torch.nn.functional.batch_norm`.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchNormArgs<'a> {
-    pub input: &'a Tensor,
-    pub weight: Option<&'a Tensor>,
-    pub bias: Option<&'a Tensor>,
-    pub running_mean: &'a Tensor,
-    pub running_var: &'a Tensor,
-    pub momentum: f64,
-    pub eps: f64,
-}
+/// One training-mode BatchNorm forward as a [`TrainBatchNorm`] hook sees it.
+pub use kd_aten::BatchNormArgs;
 
 /// A replacement for the batch's own statistics in the zoo's training
 /// BatchNorm forwards: the engine's SyncBatchNorm, which the zoo cannot

@@ -4,7 +4,9 @@
 //! gradient-reversal layer of strength λ. The student descends the KD loss
 //! while θ ascends it, and a recipe raises λ along a curriculum.
 
-use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{
+    BuildCx, Losses, Method, Result, StepIo, TapRef, register_method, set_scheduled_field,
+};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::Init;
@@ -117,20 +119,10 @@ impl Method for Ctkd {
     }
 
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
-        let plan = |msg: String| KdError::Plan {
-            method: Self::NAME.into(),
-            msg,
-        };
-        match field {
-            "lambda" => {
-                check_lambda(value).map_err(|m| plan(format!("scheduled {m}")))?;
-                self.lambda = value;
-                Ok(())
-            }
-            _ => Err(plan(format!(
-                "field `{field}` cannot be scheduled; schedulable: lambda"
-            ))),
-        }
+        let mut fields = [("lambda", &mut self.lambda)];
+        set_scheduled_field(Self::NAME, &mut fields, field, value, |_, v| {
+            check_lambda(v)
+        })
     }
 }
 

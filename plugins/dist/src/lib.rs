@@ -4,7 +4,9 @@
 //! intra-class term the same between each class's columns over the batch;
 //! `τ²·(β·inter + γ·intra)`.
 
-use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{
+    BuildCx, Losses, Method, Result, StepIo, TapRef, register_method, set_scheduled_field,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -96,25 +98,13 @@ impl Method for Dist {
     }
 
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
-        let slot = match field {
-            "beta" => &mut self.cfg.beta,
-            "gamma" => &mut self.cfg.gamma,
-            "tau" => &mut self.cfg.tau,
-            _ => {
-                return Err(KdError::Plan {
-                    method: "dist".into(),
-                    msg: format!(
-                        "field `{field}` cannot be scheduled; schedulable: beta, gamma, tau"
-                    ),
-                });
-            }
-        };
-        check(field, value).map_err(|msg| KdError::Plan {
-            method: "dist".into(),
-            msg: format!("scheduled {msg}"),
-        })?;
-        *slot = value;
-        Ok(())
+        let c = &mut self.cfg;
+        let mut fields = [
+            ("beta", &mut c.beta),
+            ("gamma", &mut c.gamma),
+            ("tau", &mut c.tau),
+        ];
+        set_scheduled_field(Self::NAME, &mut fields, field, value, check)
     }
 }
 
@@ -122,16 +112,11 @@ register_method!(Dist);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Taps, testing};
+    use kd_core::Taps;
+    use kd_core::testing::{self, logits};
     use serde_json::json;
 
     use super::*;
-
-    fn logits(rows: &[&[f32]]) -> Taps {
-        let b = rows.len() as i64;
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        testing::taps(vec![], Tensor::from_slice(&flat).view([b, -1]))
-    }
 
     fn terms(cfg: serde_json::Value, s: &Taps, t: &Taps) -> Vec<(String, f64)> {
         let mut b = testing::build::<Dist>(cfg, s, Some(t)).unwrap();

@@ -4,7 +4,9 @@
 //! apart: `α·TCKD + β·NCKD`, each × T². Optionally on logits standardised
 //! per sample first (logit standardisation, Sun et al., 2024).
 
-use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{
+    BuildCx, Losses, Method, Result, StepIo, TapRef, register_method, set_scheduled_field,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -127,25 +129,13 @@ impl Method for Dkd {
     }
 
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
-        let slot = match field {
-            "alpha" => &mut self.cfg.alpha,
-            "beta" => &mut self.cfg.beta,
-            "T" => &mut self.cfg.t,
-            _ => {
-                return Err(KdError::Plan {
-                    method: "dkd".into(),
-                    msg: format!(
-                        "field `{field}` cannot be scheduled; schedulable: alpha, beta, T"
-                    ),
-                });
-            }
-        };
-        check(field, value).map_err(|msg| KdError::Plan {
-            method: "dkd".into(),
-            msg: format!("scheduled {msg}"),
-        })?;
-        *slot = value;
-        Ok(())
+        let c = &mut self.cfg;
+        let mut fields = [
+            ("alpha", &mut c.alpha),
+            ("beta", &mut c.beta),
+            ("T", &mut c.t),
+        ];
+        set_scheduled_field(Self::NAME, &mut fields, field, value, check)
     }
 }
 
@@ -153,16 +143,11 @@ register_method!(Dkd);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Taps, testing};
+    use kd_core::Taps;
+    use kd_core::testing::{self, logits};
     use serde_json::json;
 
     use super::*;
-
-    fn logits(rows: &[&[f32]]) -> Taps {
-        let b = rows.len() as i64;
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        testing::taps(vec![], Tensor::from_slice(&flat).view([b, -1]))
-    }
 
     fn terms(cfg: serde_json::Value, s: &Taps, t: &Taps, y: &[i64]) -> Result<Vec<f64>> {
         let y = Tensor::from_slice(y);

@@ -15,7 +15,7 @@
 
 use kd_core::{
     AugmentPolicy, AugmentSpec, BuildCx, KdError, Losses, Method, Result, StepIo, TapRef,
-    register_method,
+    register_method, set_scheduled_field,
 };
 use kd_plugin_dkd::standardize;
 use serde::{Deserialize, Serialize};
@@ -227,25 +227,13 @@ impl Method for Mlkd {
     }
 
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
-        let slot = match field {
-            "T" => &mut self.cfg.t,
-            "kd_weight" => &mut self.cfg.kd_weight,
-            "ce_weight" => &mut self.cfg.ce_weight,
-            _ => {
-                return Err(KdError::Plan {
-                    method: Self::NAME.into(),
-                    msg: format!(
-                        "field `{field}` cannot be scheduled; schedulable: T, kd_weight, ce_weight"
-                    ),
-                });
-            }
-        };
-        check(field, value).map_err(|msg| KdError::Plan {
-            method: Self::NAME.into(),
-            msg: format!("scheduled {msg}"),
-        })?;
-        *slot = value;
-        Ok(())
+        let c = &mut self.cfg;
+        let mut fields = [
+            ("T", &mut c.t),
+            ("kd_weight", &mut c.kd_weight),
+            ("ce_weight", &mut c.ce_weight),
+        ];
+        set_scheduled_field(Self::NAME, &mut fields, field, value, check)
     }
 }
 
@@ -253,16 +241,11 @@ register_method!(Mlkd);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Taps, ViewTaps, testing};
+    use kd_core::testing::{self, logits};
+    use kd_core::{Taps, ViewTaps};
     use serde_json::json;
 
     use super::*;
-
-    fn logits(rows: &[&[f32]]) -> Taps {
-        let b = rows.len() as i64;
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        testing::taps(vec![], Tensor::from_slice(&flat).view([b, -1]))
-    }
 
     /// Named terms of one step, with the strong view when given.
     fn terms(

@@ -1,7 +1,9 @@
 //! Soft targets (Hinton et al., 2015): KL(p_t^T || p_s^T) · T²; optionally
 //! on per-sample standardised logits (logit standardisation, Sun et al., 2024).
 
-use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{
+    BuildCx, Losses, Method, Result, StepIo, TapRef, register_method, set_scheduled_field,
+};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -75,20 +77,13 @@ impl Method for St {
     }
 
     fn set_scheduled(&mut self, field: &str, value: f64) -> Result<()> {
-        match field {
-            "T" if value > 0.0 => {
-                self.temp = value;
-                Ok(())
+        let mut fields = [("T", &mut self.temp)];
+        set_scheduled_field(Self::NAME, &mut fields, field, value, |_, v| {
+            match v > 0.0 {
+                true => Ok(()),
+                false => Err(format!("T must be positive, got {v}")),
             }
-            "T" => Err(KdError::Plan {
-                method: "st".into(),
-                msg: format!("scheduled T must be positive, got {value}"),
-            }),
-            _ => Err(KdError::Plan {
-                method: "st".into(),
-                msg: format!("field `{field}` cannot be scheduled; schedulable: T"),
-            }),
-        }
+        })
     }
 }
 

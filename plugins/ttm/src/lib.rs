@@ -3,7 +3,9 @@
 //! temperature 1/γ) to the student's plain softmax; no temperature on the
 //! student side and no T² factor.
 
-use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{
+    BuildCx, Losses, Method, Result, StepIo, TapRef, register_method, set_scheduled_field,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -72,18 +74,8 @@ impl Matching {
 
     /// Schedules `l`, the one schedulable field of both methods.
     pub fn set_scheduled(&mut self, method: &str, field: &str, value: f64) -> Result<()> {
-        let plan = |msg| KdError::Plan {
-            method: method.into(),
-            msg,
-        };
-        if field != "l" {
-            return Err(plan(format!(
-                "field `{field}` cannot be scheduled; schedulable: l"
-            )));
-        }
-        check(value).map_err(|e| plan(format!("scheduled {e}")))?;
-        self.l = value;
-        Ok(())
+        let mut fields = [("l", &mut self.l)];
+        set_scheduled_field(method, &mut fields, field, value, |_, v| check(v))
     }
 }
 
@@ -115,17 +107,10 @@ register_method!(Ttm);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Taps, testing};
+    use kd_core::testing::{self, logits};
     use serde_json::json;
-    use tch::Tensor;
 
     use super::*;
-
-    fn logits(rows: &[&[f32]]) -> Taps {
-        let b = rows.len() as i64;
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        testing::taps(vec![], Tensor::from_slice(&flat).view([b, -1]))
-    }
 
     #[test]
     fn power_transform_is_a_teacher_temperature() {

@@ -37,17 +37,10 @@ register_method!(Wttm);
 
 #[cfg(test)]
 mod tests {
-    use kd_core::{Taps, testing};
+    use kd_core::testing::{self, logits};
     use serde_json::json;
-    use tch::Tensor;
 
     use super::*;
-
-    fn logits(rows: &[&[f32]]) -> Taps {
-        let b = rows.len() as i64;
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        testing::taps(vec![], Tensor::from_slice(&flat).view([b, -1]))
-    }
 
     #[test]
     fn each_sample_is_weighted_by_its_sum_of_powers() {

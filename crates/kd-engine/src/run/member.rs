@@ -442,7 +442,7 @@ impl Member<'_, '_> {
         // included) must be the same on all ranks.
         let (net, other) = roles(stage.subject, &self.student, self.teacher.as_ref());
         check_in_sync(&net.vs, "the network's weights")?;
-        // A DML peer's running statistics are not broadcast under
+        // A mutual-learning peer's running statistics are not broadcast under
         // SyncBatchNorm either: check that they agree.
         if self.exec.sync_bn
             && run.prep.mutual

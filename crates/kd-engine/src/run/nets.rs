@@ -214,17 +214,7 @@ pub(crate) fn named_vars(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor
 
 /// SyncBatchNorm over the job, as the zoo's training-BatchNorm hook.
 fn sync_batch_norm(g: &'static kd_dist::ProcessGroup) -> Rc<kd_models::TrainBatchNorm> {
-    Rc::new(move |a: &kd_models::BatchNormArgs| {
-        Ok(g.sync_batch_norm(kd_dist::BatchNormInput {
-            input: a.input,
-            weight: a.weight,
-            bias: a.bias,
-            running_mean: a.running_mean,
-            running_var: a.running_var,
-            momentum: a.momentum,
-            eps: a.eps,
-        })?)
-    })
+    Rc::new(move |a: &kd_models::BatchNormArgs| Ok(g.sync_batch_norm(*a)?))
 }
 
 /// The job's collectives, as methods see them (`kd_core::dist`).

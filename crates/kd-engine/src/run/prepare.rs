@@ -43,8 +43,8 @@ impl Prepared {
         &'a mut [Active],
         &'a mut Optimizer,
     ) {
-        // A stage whose methods read nothing of the other network (AB's
-        // stage after its init stage: CE alone) runs without it.
+        // A stage whose methods read nothing of the other network (cross-
+        // entropy alone after an init stage, say) runs without it.
         let nets = StageNets {
             net,
             other: other.filter(|_| self.needs.teacher),
