@@ -39,15 +39,15 @@ pub struct TrainArgs {
     /// (each named in a warning) instead of stopping with an error.
     #[arg(long)]
     pub skip_corrupt: bool,
-    /// Synthetic data: training samples.
-    #[arg(long, default_value_t = 5000)]
-    pub train_size: i64,
-    /// Synthetic data: number of classes (even).
-    #[arg(long, default_value_t = 10)]
-    pub classes: i64,
+    /// Synthetic data: training samples [default: 5000].
+    #[arg(long, allow_negative_numbers = true)]
+    pub train_size: Option<i64>,
+    /// Synthetic data: number of classes (even) [default: 10].
+    #[arg(long, allow_negative_numbers = true)]
+    pub classes: Option<i64>,
     /// Fraction of the training set held out for validation (selects the
     /// best epoch when above 0).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub val_fraction: f64,
     /// Epochs of training.
     #[arg(long, default_value_t = 30)]
@@ -56,19 +56,19 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// SGD learning rate (> 0).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub lr: f64,
     /// Epochs at which the learning rate is multiplied by 0.1 (comma-separated).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "cosine")]
     pub milestones: Vec<usize>,
     /// Cosine learning-rate decay instead of milestones.
     #[arg(long)]
     pub cosine: bool,
     /// SGD weight decay (>= 0).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// SGD momentum, in [0, 1).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub momentum: f64,
     /// Nesterov momentum.
     #[arg(long)]
@@ -100,7 +100,8 @@ pub struct TrainArgs {
     /// Folder holding run folders.
     #[arg(long, default_value = "runs")]
     pub out: PathBuf,
-    /// Run name (default derived from the models and methods).
+    /// Run name (default derived from the models and methods); `_s<seed>`
+    /// is appended to each run's folder and MLflow name.
     #[arg(long)]
     pub name: Option<String>,
     #[command(flatten)]
@@ -149,12 +150,25 @@ impl From<DeviceArg> for DeviceChoice {
     }
 }
 
-pub fn data_source(spec: &str, train_size: i64, classes: i64) -> Result<DataSource> {
+/// The supervised term of the shortcut commands (`train-teacher`,
+/// `distill`); recipes name their losses themselves. The only method the
+/// command line names, and only as the default a flag (`--ce`) weights.
+pub const LABEL_LOSS: &str = "ce";
+
+/// `--data SPEC`; `--train-size` and `--classes` shape the synthetic set
+/// and are refused with a fixed one (they would be silently ignored).
+pub fn data_source(spec: &str, train_size: Option<i64>, classes: Option<i64>) -> Result<DataSource> {
+    if spec != "synthetic" && (train_size.is_some() || classes.is_some()) {
+        bail!(
+            "--train-size and --classes shape --data synthetic only; `{spec}` has its own images and classes"
+        );
+    }
+    let d = SyntheticConfig::default();
     Ok(match spec.split_once(':') {
         None if spec == "synthetic" => DataSource::Synthetic(SyntheticConfig {
-            train_size,
-            classes,
-            ..Default::default()
+            train_size: train_size.unwrap_or(d.train_size),
+            classes: classes.unwrap_or(d.classes),
+            ..d
         }),
         Some(("cifar10", dir)) => DataSource::Cifar10 { path: dir.into() },
         Some(("cifar100", dir)) => DataSource::Cifar100 { path: dir.into() },
@@ -167,6 +181,18 @@ pub fn data_source(spec: &str, train_size: i64, classes: i64) -> Result<DataSour
 }
 
 impl TrainArgs {
+    /// Where and how this command's plans run.
+    pub fn exec(&self) -> crate::exec::Exec<'_> {
+        crate::exec::Exec {
+            out: &self.out,
+            folders: self.folders,
+            solo: self.solo,
+            tracking_uri: self.tracking_uri.as_deref(),
+            recipe: None,
+            scripts: &kd_engine::NoScripts,
+        }
+    }
+
     /// `--data` with the options that apply to it.
     fn source(&self) -> Result<DataSource> {
         let mut source = data_source(&self.data, self.train_size, self.classes)?;
@@ -227,18 +253,20 @@ impl TrainArgs {
         methods: Vec<MethodPlan>,
         seed: u64,
     ) -> Result<Plan> {
+        let data = DataPlan {
+            source: self.source()?,
+            batch_size: self.batch_size,
+            val_fraction: self.val_fraction,
+            crop_padding: self.crop_padding,
+            normalize: self.normalize,
+            world_size: kd_dist::world_size(),
+            ..Default::default()
+        };
         Ok(Plan {
             name,
             seed,
             device: self.device.into(),
-            data: DataPlan {
-                source: self.source()?,
-                batch_size: self.batch_size,
-                val_fraction: self.val_fraction,
-                crop_padding: self.crop_padding,
-                normalize: self.normalize,
-                ..Default::default()
-            },
+            data,
             student,
             teacher,
             stages: vec![self.stage(stage, methods)],
@@ -286,4 +314,88 @@ pub fn apply_config(methods: &mut [MethodPlan], spec: &str) -> Result<()> {
     }
     m.config[field] = value;
     Ok(())
+}
+
+/// One plan per seed; the run name gets a `_s<seed>` suffix. A seed given
+/// twice would name two runs alike, so it is refused here, before any plan.
+pub fn seeds(
+    train: &TrainArgs,
+    name: &str,
+    mut make: impl FnMut(String, u64) -> Result<Plan>,
+) -> Result<Vec<Plan>> {
+    if train.seeds.is_empty() {
+        bail!("--seeds needs at least one seed");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = train.seeds.iter().find(|s| !seen.insert(**s)) {
+        bail!("--seeds gives seed {dup} twice; each seed is one run (`{name}_s{dup}`)");
+    }
+    train
+        .seeds
+        .iter()
+        .map(|&seed| make(format!("{name}_s{seed}"), seed))
+        .collect()
+}
+
+/// `kd distill`'s method groups: `--method`'s, then each `--compare`'s,
+/// labelled by their method names, each with `--config` applied where it
+/// names one of its methods and the label loss at weight `ce` in front.
+pub(crate) fn method_groups(
+    registry: &kd_core::Registry,
+    methods: &[String],
+    compare: &[String],
+    configs: &[String],
+    ce: f64,
+) -> Result<Vec<(String, Vec<kd_engine::MethodPlan>)>> {
+    let specs = std::iter::once(methods.to_vec()).chain(
+        compare
+            .iter()
+            .map(|c| c.split('+').map(str::to_string).collect()),
+    );
+    let mut groups = Vec::new();
+    for spec in specs {
+        let label = spec
+            .iter()
+            .map(|m| m.split(':').next().unwrap_or(m))
+            .collect::<Vec<_>>()
+            .join("+");
+        let group = spec
+            .iter()
+            .map(|m| parse_method(m))
+            .collect::<Result<Vec<_>>>()?;
+        groups.push((label, group));
+    }
+    for c in configs {
+        let method = c.split(['.', '=']).next().unwrap_or_default();
+        let mut applied = false;
+        for (_, group) in groups
+            .iter_mut()
+            .filter(|(_, g)| g.iter().any(|m| m.method == method))
+        {
+            apply_config(group, c)?;
+            applied = true;
+        }
+        if !applied {
+            bail!("--config `{c}`: no --method or --compare group uses `{method}`");
+        }
+    }
+    if ce > 0.0 {
+        for (_, group) in &mut groups {
+            group.insert(0, kd_engine::MethodPlan::new(LABEL_LOSS, ce));
+        }
+    }
+    // Every default filled in, as recipes store them: `--config st.T=4`
+    // (the default) and no `--config` are then the same plan on resume.
+    for m in groups.iter_mut().flat_map(|(_, g)| g.iter_mut()) {
+        m.config = registry
+            .get(&m.method)?
+            .resolve_config(std::mem::take(&mut m.config))?;
+    }
+    if let Some(dup) = (1..groups.len()).find(|&i| groups[..i].iter().any(|g| g.0 == groups[i].0)) {
+        bail!(
+            "two method groups are both named `{}`; each --method/--compare group is one run per seed, named after its methods, so compare other methods (weights and configs of one method belong in a recipe, or in separate commands with --name)",
+            groups[dup].0
+        );
+    }
+    Ok(groups)
 }

@@ -4,8 +4,13 @@ use thiserror::Error;
 /// wrote the recipe: what was wrong, and what would have been valid.
 #[derive(Debug, Error)]
 pub enum KdError {
-    #[error("unknown method `{name}`; registered methods: {valid}")]
-    UnknownMethod { name: String, valid: String },
+    #[error("unknown method `{name}`{}; registered methods: {valid}", nearest.as_ref().map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default())]
+    UnknownMethod {
+        name: String,
+        /// The registered name closest in spelling, if any is close.
+        nearest: Option<String>,
+        valid: String,
+    },
     #[error("method `{method}` config: {msg}")]
     Config { method: String, msg: String },
     #[error("unknown tap `{name}` on the {side}; valid taps: {valid}")]

@@ -127,8 +127,21 @@ impl Registry {
             .copied()
             .ok_or_else(|| KdError::UnknownMethod {
                 name: name.to_string(),
+                nearest: self.nearest(name),
                 valid: self.names().join(", "),
             })
+    }
+
+    /// The registered name nearest to `name` in edits, when it is near
+    /// enough to be a typo (`att` → `at`, `kd` → `st` is not).
+    pub fn nearest(&self, name: &str) -> Option<String> {
+        let limit = (name.chars().count() / 3).max(1);
+        self.names()
+            .into_iter()
+            .map(|n| (strsim::levenshtein(name, n), n))
+            .filter(|(d, n)| *d <= limit && *d < n.len())
+            .min()
+            .map(|(_, n)| n.to_string())
     }
 
     pub fn names(&self) -> Vec<&'static str> {

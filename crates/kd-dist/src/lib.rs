@@ -15,6 +15,19 @@ pub enum DistError {
     Env(String),
     #[error("distributed {what} failed: {msg}")]
     Collective { what: &'static str, msg: String },
+    /// A collective of a running job failed: a peer exited, was killed or
+    /// stopped answering within the timeout. Gloo's and NCCL's messages
+    /// name sockets, not ranks, so this says which ranks it can have been.
+    #[error(
+        "distributed {what} failed on rank {rank} of {size}: {peers} left the job or stopped answering ({msg}); every rank stops, keeping the last epoch's checkpoint; relaunch all {size} ranks with the same command and --resume"
+    )]
+    PeerLost {
+        what: &'static str,
+        rank: usize,
+        size: usize,
+        peers: String,
+        msg: String,
+    },
 }
 
 type RawTensor = *mut c_void;
@@ -157,6 +170,32 @@ impl Drop for ProcessGroup {
 }
 
 impl ProcessGroup {
+    /// [`check`] for a collective of the joined job: a failure means a
+    /// peer is gone, and the message says which ranks that can be.
+    fn check(&self, what: &'static str, err: *mut c_char) -> Result<(), DistError> {
+        check(what, err).map_err(|e| match e {
+            DistError::Collective { what, msg } => {
+                let (rank, size) = (self.world.rank, self.world.size);
+                let others: Vec<String> = (0..size)
+                    .filter(|&r| r != rank)
+                    .map(|r| r.to_string())
+                    .collect();
+                let peers = match others.as_slice() {
+                    [one] => format!("rank {one}"),
+                    _ => format!("one of ranks {}", others.join(", ")),
+                };
+                DistError::PeerLost {
+                    what,
+                    rank,
+                    size,
+                    peers,
+                    msg,
+                }
+            }
+            other => other,
+        })
+    }
+
     /// Joins the job: connects to the store (rank 0 hosts it unless
     /// torchrun's agent does) and builds the group. `timeout` bounds the
     /// rendezvous and every collective: a rank that dies or hangs makes
@@ -191,7 +230,7 @@ impl ProcessGroup {
     /// Sums each tensor over the ranks, in place.
     pub fn all_reduce_sum(&self, ts: &[Tensor]) -> Result<(), DistError> {
         flat(ts, |t| {
-            check("allreduce", unsafe {
+            self.check("allreduce", unsafe {
                 kd_dist_allreduce_sum(self.raw, &raw(t), 1)
             })
         })
@@ -200,7 +239,7 @@ impl ProcessGroup {
     /// Copies rank `root`'s tensors into every rank's, in place.
     pub fn broadcast(&self, ts: &[Tensor], root: usize) -> Result<(), DistError> {
         flat(ts, |t| {
-            check("broadcast", unsafe {
+            self.check("broadcast", unsafe {
                 kd_dist_broadcast(self.raw, &raw(t), 1, root as i32)
             })
         })
@@ -211,14 +250,14 @@ impl ProcessGroup {
         let t = t.contiguous();
         let outs: Vec<Tensor> = (0..self.world.size).map(|_| t.empty_like()).collect();
         let raws: Vec<RawTensor> = outs.iter().map(raw).collect();
-        check("allgather", unsafe {
+        self.check("allgather", unsafe {
             kd_dist_allgather(self.raw, raw(&t), raws.as_ptr(), raws.len() as i64)
         })?;
         Ok(outs)
     }
 
     pub fn barrier(&self) -> Result<(), DistError> {
-        check("barrier", unsafe { kd_dist_barrier(self.raw) })
+        self.check("barrier", unsafe { kd_dist_barrier(self.raw) })
     }
 
     /// BatchNorm's training forward over the whole job's batch, as
@@ -258,7 +297,7 @@ impl ProcessGroup {
         let mut out: RawTensor = std::ptr::null_mut();
         // SAFETY: the tensors are live for the call; on success the shim
         // hands over a new at::Tensor, owned by the returned Tensor.
-        check("sync batchnorm", unsafe {
+        self.check("sync batchnorm", unsafe {
             kd_dist_sync_batch_norm(
                 self.raw,
                 raw(bn.input),
@@ -279,7 +318,7 @@ impl ProcessGroup {
     pub fn average(&self, grads: &[Tensor]) -> Result<(), DistError> {
         let size = self.world.size as f64;
         flat(grads, |buf| {
-            check("allreduce", unsafe {
+            self.check("allreduce", unsafe {
                 kd_dist_allreduce_sum(self.raw, &raw(buf), 1)
             })?;
             tch::no_grad(|| {
@@ -339,6 +378,11 @@ pub fn init(pg: ProcessGroup) -> Result<(), DistError> {
 /// This process's group, when it was launched as one rank of several.
 pub fn group() -> Option<&'static ProcessGroup> {
     GROUP.get()
+}
+
+/// Processes in this job (1 outside a data-parallel launch).
+pub fn world_size() -> usize {
+    group().map_or(1, |g| g.world.size)
 }
 
 /// Whether this process writes the run's files: a single process, or rank 0.

@@ -35,7 +35,7 @@ pub enum EngineError {
         epoch: usize,
         step: usize,
     },
-    #[error("interrupted; resume with the same command (checkpoint {0})")]
+    #[error("interrupted; continue with --resume (checkpoint {0})")]
     Interrupted(PathBuf),
 }
 

@@ -105,8 +105,8 @@ pub fn check(plan: &Plan, dir: &Path, mode: Mode) -> Result<Opened, FolderError>
                     dir: dir.to_path_buf(),
                 });
             }
-            let saved = read_saved(&saved_path)?;
-            let diffs = differences(&saved, plan);
+            let saved = canonical(&read_saved(&saved_path)?);
+            let diffs = differences(&saved, &canonical(plan));
             if diffs.is_empty() {
                 return Ok(Opened::Resumed);
             }
@@ -143,7 +143,7 @@ pub fn open(plan: &Plan, dir: &Path, mode: Mode) -> Result<Opened, FolderError> 
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     if opened != Opened::Resumed {
-        let yaml = serde_saphyr::to_string(plan).map_err(|e| FolderError::Saved {
+        let yaml = serde_saphyr::to_string(&canonical(plan)).map_err(|e| FolderError::Saved {
             path: dir.join("plan.yaml"),
             msg: e.to_string(),
         })?;
@@ -200,6 +200,60 @@ pub(crate) fn read_saved(path: &Path) -> Result<Plan, FolderError> {
     })
 }
 
+/// `plan` in the form runs are saved and compared in, so that a resume
+/// compares meaning, not spelling: files and folders as absolute paths
+/// with links resolved (the same teacher from another working directory is
+/// the same teacher), and method configs with every default filled in (a
+/// default given explicitly is no change).
+pub fn canonical(plan: &Plan) -> Plan {
+    let mut p = plan.clone();
+    let absolute = |path: &mut PathBuf| {
+        if let Ok(c) = path.canonicalize() {
+            *path = c;
+        }
+    };
+    for model in std::iter::once(&mut p.student).chain(p.teacher.as_mut()) {
+        if let Some(w) = model.weights.as_mut() {
+            absolute(w);
+        }
+    }
+    match &mut p.data.source {
+        kd_data::DataSource::Cifar10 { path }
+        | kd_data::DataSource::Cifar100 { path }
+        | kd_data::DataSource::ImageFolder { path, .. } => absolute(path),
+        _ => {}
+    }
+    if let Ok(registry) = kd_core::Registry::global() {
+        for m in p.stages.iter_mut().flat_map(|s| s.methods.iter_mut()) {
+            if let Ok(c) = registry
+                .get(&m.method)
+                .and_then(|e| e.resolve_config(m.config.clone()))
+            {
+                m.config = c;
+            }
+        }
+    }
+    p
+}
+
+/// Settings that cannot change a run's numbers, so a resume may change
+/// them (docs/runs.md lists them): whether undecodable images are skipped
+/// (a run that met one stopped with an error, so any run that trained
+/// skipped nothing), and the reference number the report compares with.
+fn free_to_change(path: &str) -> bool {
+    path.ends_with(".skip_corrupt") || path == "paper" || path.starts_with("paper.")
+}
+
+/// Weights files compared by contents where their paths differ: the same
+/// file copied or moved is the same teacher.
+fn same_contents(diff: &Diff) -> bool {
+    diff.path.ends_with(".weights")
+        && matches!(
+            (crate::tensors::sha256_file(Path::new(&diff.old)), crate::tensors::sha256_file(Path::new(&diff.new))),
+            (Some(a), Some(b)) if a == b
+        )
+}
+
 /// One field in which two plans differ.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Diff {
@@ -215,11 +269,13 @@ impl std::fmt::Display for Diff {
     }
 }
 
-/// Every leaf in which `new` differs from `old`, in order.
+/// Every leaf in which `new` differs from `old` and the numbers can, in
+/// order.
 pub fn differences(old: &Plan, new: &Plan) -> Vec<Diff> {
     let (a, b) = (to_value(old), to_value(new));
     let mut out = Vec::new();
     diff("", &a, &b, &mut out);
+    out.retain(|d| !free_to_change(&d.path) && !same_contents(d));
     out
 }
 

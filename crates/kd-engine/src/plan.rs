@@ -171,6 +171,18 @@ pub struct DataPlan {
     pub normalize: Normalize,
     /// Fraction of the training set held out for validation (0: none).
     pub val_fraction: f64,
+    /// Processes of the data-parallel job that trains the plan, each on
+    /// `batch_size` images of every step: the effective batch is
+    /// `batch_size * world_size`, so runs differing in it are different
+    /// experiments (reports keep them apart, a resume refuses the change).
+    pub world_size: usize,
+}
+
+impl DataPlan {
+    /// Images per optimiser step over the whole job.
+    pub fn effective_batch(&self) -> usize {
+        self.batch_size * self.world_size.max(1)
+    }
 }
 
 impl Default for DataPlan {
@@ -183,6 +195,7 @@ impl Default for DataPlan {
             crop_padding: CropPadding::Zero,
             normalize: Normalize::Default,
             val_fraction: 0.0,
+            world_size: 1,
         }
     }
 }

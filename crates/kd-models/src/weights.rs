@@ -186,9 +186,10 @@ pub fn check_safetensors(path: &Path) -> Result<(), String> {
         .is_some_and(|e| ["pth", "pt", "tar", "ckpt", "bin"].iter().any(|x| e == *x));
     if pickled || pth {
         return Err(format!(
-            "looks like a PyTorch checkpoint (torch.save) that libtorch cannot read without Python; convert it once with: \
-             python -c \"import torch, safetensors.torch as st; sd = torch.load('{p}', map_location='cpu'); \
-             sd = sd.get('model', sd.get('state_dict', sd)); \
+            "looks like a PyTorch checkpoint (torch.save) that libtorch cannot read without Python; convert it once, from a folder where the model's Python classes import if it is a whole pickled model (torch.save(model); weights_only=False runs its pickle, so only for a file you trust), with: \
+             python -c \"import torch, safetensors.torch as st; m = torch.load('{p}', map_location='cpu', weights_only=False); \
+             m = m.get('model', m.get('state_dict', m)) if isinstance(m, dict) else m; \
+             sd = m.state_dict() if hasattr(m, 'state_dict') else m; \
              st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{p}.safetensors')\"",
             p = path.display()
         ));

@@ -98,3 +98,62 @@ fn a_torch_save_file_without_tensors_says_what_it_holds() {
         "{e}"
     );
 }
+
+/// `torch.save(model)` pickles the module's class, which libtorch cannot
+/// rebuild: the error's conversion command must work with the venv's torch
+/// (2.11 loads `weights_only=True` by default, which refuses modules).
+#[test]
+fn a_whole_pickled_model_gets_a_conversion_command_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let safetensors = fixture("pth_resnet8.safetensors");
+    // A module class of the user's own, holding resnet8's tensors under
+    // their state_dict names, saved whole.
+    std::fs::write(
+        dir.path().join("holder.py"),
+        "import torch\n\
+         class Holder(torch.nn.Module):\n\
+         \x20   def __init__(self, sd):\n\
+         \x20       super().__init__()\n\
+         \x20       for key, t in sd.items():\n\
+         \x20           *path, leaf = key.split('.')\n\
+         \x20           m = self\n\
+         \x20           for p in path:\n\
+         \x20               if not hasattr(m, p):\n\
+         \x20                   m.add_module(p, torch.nn.Module())\n\
+         \x20               m = getattr(m, p)\n\
+         \x20           if t.is_floating_point() and 'running' not in leaf:\n\
+         \x20               m.register_parameter(leaf, torch.nn.Parameter(t))\n\
+         \x20           else:\n\
+         \x20               m.register_buffer(leaf, t)\n",
+    )
+    .unwrap();
+    let save = format!(
+        "import torch, safetensors.torch as st, holder; torch.save(holder.Holder(st.load_file('{}')), 'whole.pth')",
+        safetensors.display()
+    );
+    let ok = std::process::Command::new("python")
+        .args(["-c", &save])
+        .current_dir(dir.path())
+        .status()
+        .expect("python (the bootstrap venv) runs");
+    assert!(ok.success(), "writing the whole-model pickle failed");
+
+    let whole = dir.path().join("whole.pth");
+    let mut vs = VarStore::new(Device::Cpu);
+    kd_models::build("resnet8", &vs.root(), 10).unwrap();
+    let msg = kd_models::load_weights(&mut vs, &whole)
+        .unwrap_err()
+        .to_string();
+    let command = msg
+        .split_once("with: ")
+        .map(|(_, c)| c.split(" (reading it as one failed").next().unwrap_or(c))
+        .unwrap_or_else(|| panic!("no conversion command in: {msg}"));
+    let ok = std::process::Command::new("bash")
+        .args(["-c", command])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "the suggested command failed: {command}");
+    let converted = loaded(&dir.path().join("whole.pth.safetensors"));
+    assert_same(&converted, &loaded(&safetensors));
+}

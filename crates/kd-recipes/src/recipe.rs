@@ -33,6 +33,8 @@ pub struct Recipe {
     ast: AST,
     overrides: BTreeMap<String, String>,
     printer: Printer,
+    /// Whether the last execution called `summary(...)`.
+    summarized: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Recipe {
@@ -100,6 +102,7 @@ impl Recipe {
             ast,
             overrides: map,
             printer: Arc::new(|s| eprintln!("{s}")),
+            summarized: Default::default(),
         })
     }
 
@@ -109,17 +112,24 @@ impl Recipe {
         self
     }
 
+    /// Whether the last [`Recipe::execute_batched`] printed its own table
+    /// through `summary(...)`, so the caller need not print another.
+    pub fn printed_summary(&self) -> bool {
+        self.summarized.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// Every plan the recipe reaches, validated, in order; nothing trains.
     /// `run(...)` returns placeholders (zero accuracies), so a recipe that
-    /// branches on results may reach other plans when executed.
+    /// branches on results may reach other plans when executed. The
+    /// script's `print`s stay silent: they would show placeholder numbers.
     pub fn plans(&self, registry: &Registry) -> Result<Vec<Plan>> {
         let log = std::thread::scope(|scope| {
             join(script_thread(scope, || {
-                self.evaluate(registry, None, false)
+                self.evaluate(registry, None, true)
             })?)
         })?;
         Ok(log.plans)
@@ -194,7 +204,10 @@ impl Recipe {
         if let Some((plan, source)) = failure {
             return Err(RecipeError::Run { plan, source });
         }
-        Ok(log?
+        let log = log?;
+        self.summarized
+            .store(log.summarized, std::sync::atomic::Ordering::Relaxed);
+        Ok(log
             .outcomes
             .into_iter()
             .map(|o| RunRecord {

@@ -140,6 +140,14 @@ fn stage_numbers(stage: &StagePlan) -> Result<(), String> {
             if milestones.windows(2).any(|w| w[0] >= w[1]) {
                 return Err(format!("lr milestones must increase, got {milestones:?}"));
             }
+            // A milestone the stage never reaches would silently train at
+            // the undecayed rate, which no one means.
+            if let Some(m) = milestones.iter().find(|&&m| m >= stage.epochs) {
+                return Err(format!(
+                    "lr milestone {m} is past the end of the {}-epoch stage (milestones are epochs below {}); drop it or lengthen the stage",
+                    stage.epochs, stage.epochs
+                ));
+            }
         }
         LrSchedule::Cosine { warmup_epochs } if *warmup_epochs >= stage.epochs => {
             return Err(format!(

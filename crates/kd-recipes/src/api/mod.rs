@@ -82,6 +82,8 @@ pub(crate) struct Log {
     /// Weight paths of dry-run results: later plans may name them before
     /// any file exists.
     pub pending: Vec<PathBuf>,
+    /// The script called `summary(...)`: it shows its own table.
+    pub summarized: bool,
 }
 
 /// From the script thread to the runner's.

@@ -199,7 +199,13 @@ fn records(results: &Array) -> Fallible<Vec<RunRecord>> {
 
 pub(super) fn register(e: &mut Engine, s: &Arc<Session>) {
     super::results::register(e);
-    let (s1, s2, s3, s4) = (Arc::clone(s), Arc::clone(s), Arc::clone(s), Arc::clone(s));
+    let (s1, s2, s3, s4, s5) = (
+        Arc::clone(s),
+        Arc::clone(s),
+        Arc::clone(s),
+        Arc::clone(s),
+        Arc::clone(s),
+    );
     def(
         e,
         "run_all",
@@ -222,7 +228,10 @@ pub(super) fn register(e: &mut Engine, s: &Arc<Session>) {
         "summary",
         &["results: Array", "String"],
         "A table of runs grouped by configuration (all but name and seed), with\nmean ± std over seeds of the best and the last top-1 of each run's last stage.",
-        |results: Array| -> Fallible<String> { Ok(summary::table(&records(&results)?)) },
+        move |results: Array| -> Fallible<String> {
+            s5.log().summarized = true;
+            Ok(summary::table(&records(&results)?))
+        },
     );
     def(
         e,

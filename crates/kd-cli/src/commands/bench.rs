@@ -55,8 +55,8 @@ pub struct BenchArgs {
     dump: Option<PathBuf>,
 }
 
-fn plan(a: &BenchArgs) -> Result<Plan> {
-    let (_, methods) = crate::method_groups(&a.methods, &[], &a.configs, a.ce)?.remove(0);
+fn plan(a: &BenchArgs, registry: &Registry) -> Result<Plan> {
+    let (_, methods) = crate::train::method_groups(registry, &a.methods, &[], &a.configs, a.ce)?.remove(0);
     let mut plan = kd_engine::bench_plan(&a.teacher, &a.student, methods, a.batch, a.classes);
     plan.device = a.device.into();
     plan.precision = a.precision;
@@ -72,7 +72,7 @@ pub fn bench(a: &BenchArgs, registry: &Registry) -> Result<()> {
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }
-    let plan = plan(a)?;
+    let plan = plan(a, registry)?;
     let mut h = StepHarness::new(&plan, registry).context("building the step")?;
     if let Some(dir) = &a.dump {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
