@@ -694,3 +694,55 @@ run(tiny("other", 0, 0.2));
     let gap = find("metric", "paper/gap_top1")["value"].as_f64().unwrap();
     assert!((gap - (runs[1].1 - 50.0)).abs() < 1e-9, "gap {gap}");
 }
+
+/// `kd plan` shows plans, not the placeholder results a dry run hands the
+/// script; `kd run` of a recipe that prints its own `summary(...)` shows
+/// that table once (the command adds none).
+#[test]
+fn a_dry_run_prints_nothing_and_summary_prints_once() {
+    kd_methods::link();
+    let registry = Registry::global().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = printed.clone();
+    let recipe = kd_recipes::Recipe::load(
+        root().join("recipes/examples/seed_sweep.rhai"),
+        &[
+            ("epochs".into(), "1".into()),
+            ("seeds".into(), "[0]".into()),
+        ],
+    )
+    .unwrap()
+    .with_printer(move |s| sink.lock().unwrap().push(s.to_string()));
+    recipe.plans(&registry).unwrap();
+    assert!(
+        printed.lock().unwrap().is_empty(),
+        "the dry run printed: {:?}",
+        printed.lock().unwrap()
+    );
+    let scripts = kd_recipes::Scripts::new();
+    recipe
+        .execute(&registry, &mut |plan| {
+            let mut opts = RunOptions {
+                run_dir: out.path().join(&plan.name),
+                resume: false,
+                observer: &mut Silent,
+                scripts: &scripts,
+                stop: None,
+                log_every: 0,
+                progress_bar: false,
+            };
+            Ok(kd_engine::run(plan, &registry, &mut opts)?)
+        })
+        .unwrap();
+    let printed = printed.lock().unwrap();
+    let tables = printed
+        .iter()
+        .filter(|s| s.contains("configuration"))
+        .count();
+    assert_eq!(tables, 1, "{printed:?}");
+    assert!(
+        recipe.printed_summary(),
+        "the CLI would print a second table"
+    );
+}

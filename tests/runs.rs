@@ -342,8 +342,20 @@ fn path_mistakes_are_one_clear_line() {
 
 #[test]
 fn run_and_plan_options_have_help() {
-    for cmd in ["run", "plan", "distill", "train-teacher", "sync"] {
-        let e = kd_cli::run(["kd", cmd, "--help"]).unwrap_err();
+    for cmd in [
+        "run",
+        "plan",
+        "distill",
+        "train-teacher",
+        "sync",
+        "mlflow up",
+        "mlflow status",
+        "mlflow down",
+    ] {
+        let mut words = vec!["kd"];
+        words.extend(cmd.split(' '));
+        words.push("--help");
+        let e = kd_cli::run(words).unwrap_err();
         let help = e
             .downcast_ref::<clap::Error>()
             .unwrap()
@@ -480,4 +492,281 @@ fn data_options_on_the_command_line() {
     .unwrap();
     let plan = std::fs::read_to_string(out.path().join("x_s0/plan.yaml")).unwrap();
     assert!(plan.contains("crop_padding: reflect"), "{plan}");
+}
+
+/// Every run name a command will create is checked before anything is
+/// written, so the corrected command is not refused by the remains of the
+/// wrong one.
+#[test]
+fn run_names_are_checked_before_anything_is_written() {
+    let out = tempfile::tempdir().unwrap();
+    let p = out.path();
+    let e = err(&distill(p, &["--epochs", "1", "--seeds", "0,0"]));
+    assert!(e.contains("seed 0 twice"), "{e}");
+    let e = err(&distill(p, &["--epochs", "1", "--compare", "st"]));
+    assert!(e.contains("both named `st`"), "{e}");
+    assert!(
+        std::fs::read_dir(p).unwrap().next().is_none(),
+        "a refused command wrote"
+    );
+    // The corrected command runs; --name names the baseline and the sweep.
+    kd_cli::run(distill(
+        p,
+        &["--epochs", "1", "--seeds", "0,1", "--baseline"],
+    ))
+    .unwrap();
+    let mut made: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(
+        made,
+        [
+            "x_baseline_s0",
+            "x_baseline_s1",
+            "x_baseline_sweep",
+            "x_s0",
+            "x_s1",
+            "x_sweep"
+        ]
+    );
+    // Without --name, a --compare sweep is named after the command, not
+    // after its first group.
+    let q = tempfile::tempdir().unwrap();
+    let mut a = distill(q.path(), &["--epochs", "1", "--compare", "at"]);
+    let i = a.iter().position(|x| x == "--name").unwrap();
+    a.drain(i..i + 2);
+    kd_cli::run(a).unwrap();
+    assert!(q.path().join("resnet8_from_resnet20_sweep").is_dir());
+    assert!(q.path().join("resnet8_from_resnet20_st_s0").is_dir());
+    assert!(q.path().join("resnet8_from_resnet20_at_s0").is_dir());
+}
+
+/// `--help` tells how run names are made.
+#[test]
+fn help_says_the_seed_suffix() {
+    let e = kd_cli::run(["kd", "distill", "--help"]).unwrap_err();
+    let help = e
+        .downcast_ref::<clap::Error>()
+        .unwrap()
+        .render()
+        .to_string();
+    assert!(help.contains("`_s<seed>`"), "{help}");
+}
+
+/// A resume compares what the plans mean: a default given explicitly, the
+/// same teacher through another path, a copy of it, and settings that
+/// cannot change the numbers are no change; `--extend` is recorded.
+#[test]
+fn resume_compares_meaning_not_text() {
+    let out = tempfile::tempdir().unwrap();
+    let p = out.path();
+    // The teacher through a linked folder, and as a copy.
+    let teachers = tempfile::tempdir().unwrap();
+    let linked = teachers.path().join("linked");
+    std::os::unix::fs::symlink(golden(""), &linked).unwrap();
+    let copy = teachers.path().join("copy.safetensors");
+    std::fs::copy(golden("model_resnet20.safetensors"), &copy).unwrap();
+    let with_teacher = |t: &Path, extra: &[&str]| {
+        let mut a = distill(p, extra);
+        let i = a.iter().position(|x| x == "--teacher-weights").unwrap();
+        a[i + 1] = t.display().to_string();
+        a
+    };
+    kd_cli::run(distill(p, &["--epochs", "1"])).unwrap();
+    let run = p.join("x_s0");
+    for a in [
+        distill(p, &["--epochs", "1", "--resume", "--config", "st.T=4"]),
+        with_teacher(
+            &linked.join("model_resnet20.safetensors"),
+            &["--epochs", "1", "--resume"],
+        ),
+        with_teacher(&copy, &["--epochs", "1", "--resume"]),
+    ] {
+        kd_cli::run(&a).unwrap_or_else(|e| panic!("{a:?}: {}", kd_cli::one_line(&e)));
+    }
+    // Other values are still refused.
+    let e = err(&distill(
+        p,
+        &["--epochs", "1", "--resume", "--config", "st.T=3"],
+    ));
+    assert!(e.contains("config.T: 4.0 -> 3.0"), "{e}");
+    let other = teachers.path().join("other.safetensors");
+    {
+        tch::manual_seed(7);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        kd_models::build("resnet20", &vs.root(), 10).unwrap();
+        kd_models::save_weights(&vs, &other).unwrap();
+    }
+    let e = err(&with_teacher(&other, &["--epochs", "1", "--resume"]));
+    assert!(e.contains("teacher.weights"), "{e}");
+    // --extend is recorded as the tag docs/runs.md promises.
+    kd_cli::run(distill(p, &["--epochs", "2", "--resume", "--extend"])).unwrap();
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    assert!(
+        journal.contains("kd.extended") && journal.contains("stages.0.epochs: 1 -> 2"),
+        "{journal}"
+    );
+}
+
+/// Contradictory flags are refused before anything trains, each naming
+/// what to drop.
+#[test]
+fn contradictions_are_refused_before_training() {
+    let out = tempfile::tempdir().unwrap();
+    let p = out.path();
+    let e = kd_cli::run(distill(p, &["--cosine", "--milestones", "1"])).unwrap_err();
+    let e = e
+        .downcast_ref::<clap::Error>()
+        .expect("a usage error")
+        .to_string();
+    assert!(e.contains("--cosine") && e.contains("--milestones"), "{e}");
+    let e = err(&distill(p, &["--epochs", "2", "--milestones", "5"]));
+    assert!(
+        e.contains("lr milestone 5 is past the end of the 2-epoch stage"),
+        "{e}"
+    );
+    let mut digits = distill(p, &["--epochs", "1", "--data", "digits"]);
+    let i = digits.iter().position(|x| x == "--train-size").unwrap();
+    assert_eq!(digits[i + 1], "64");
+    let e = err(&digits);
+    assert!(
+        e.contains("--train-size and --classes shape --data synthetic only"),
+        "{e}"
+    );
+    digits.drain(i..i + 2);
+    let e = err(&[digits.clone(), args(&["--classes", "4"])].concat());
+    assert!(e.contains("--classes"), "{e}");
+    let e = err(&distill(p, &["--epochs", "1", "--lr", "-1"]));
+    assert!(e.contains("lr must be a finite number > 0, got -1"), "{e}");
+    assert!(
+        std::fs::read_dir(p).unwrap().next().is_none(),
+        "nothing may be written"
+    );
+}
+
+/// A misspelt method gets the nearest registered name.
+#[test]
+fn an_unknown_method_suggests_the_nearest() {
+    let out = tempfile::tempdir().unwrap();
+    let mut a = distill(out.path(), &["--epochs", "1"]);
+    let i = a.iter().position(|x| x == "st").unwrap();
+    a[i] = "att".into();
+    let e = err(&a);
+    assert!(
+        e.contains("unknown method `att` (did you mean `at`?)"),
+        "{e}"
+    );
+}
+
+/// `kd mlflow status` fails when no server runs (scripts can test it).
+#[test]
+fn mlflow_status_without_a_server_fails() {
+    let out = tempfile::tempdir().unwrap();
+    let e = err(&args(&[
+        "kd",
+        "mlflow",
+        "status",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains("no MLflow server runs") && e.contains("kd mlflow up"),
+        "{e}"
+    );
+}
+
+/// `kd plan` prints plans only: the recipe's prints would show placeholder
+/// results. (The binary, to see its stderr.)
+#[test]
+fn kd_plan_prints_no_placeholder_results() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let kd = root.join("target/debug/kd");
+    let o = std::process::Command::new(&kd)
+        .args([
+            "plan",
+            root.join("recipes/quickstart.rhai").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let (out, errs) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(out.contains("name: quickstart"), "{out}");
+    assert!(
+        !errs.contains("best top-1") && !out.contains("best top-1"),
+        "{errs}"
+    );
+}
+
+/// SIGTERM (torchrun, SLURM preemption, `docker stop`) stops a run like
+/// Ctrl-C: at a safe point, KILLED, and the message gives the command that
+/// continues it, which then does.
+#[test]
+fn sigterm_stops_at_a_safe_point_and_says_how_to_resume() {
+    use std::io::{BufRead, BufReader};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let kd = root.join("target/debug/kd");
+    let out = tempfile::tempdir().unwrap();
+    let mut a = distill(out.path(), &["--epochs", "8"]);
+    a.remove(0);
+    let i = a.iter().position(|x| x == "--train-size").unwrap();
+    a[i + 1] = "512".into();
+    let mut child = std::process::Command::new(&kd)
+        .args(&a)
+        .current_dir(out.path())
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("MLFLOW_TRACKING_URI")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // After the first epoch, a checkpoint exists: stop there.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let epoch = line.contains(" epoch ");
+        seen.push(line);
+        if epoch {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("effective batch 32")),
+        "{seen:?}"
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    seen.extend(lines.map(|l| l.unwrap()));
+    let status = child.wait().unwrap();
+    let text = seen.join("\n");
+    assert_eq!(status.code(), Some(1), "{text}");
+    let command = text
+        .split_once("continue with: ")
+        .map(|(_, c)| c.lines().next().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no resume command in:\n{text}"));
+    assert!(
+        command.starts_with("kd distill ") && command.ends_with("--resume"),
+        "{command}"
+    );
+    let journal = std::fs::read_to_string(out.path().join("x_s0/journal.jsonl")).unwrap();
+    assert!(journal.contains("KILLED"), "{journal}");
+    assert!(epochs_logged(&out.path().join("x_s0")) < 8);
+    // The printed command, as a user pastes it, finishes the run.
+    let words: Vec<&str> = command.split(' ').skip(1).collect();
+    let o = std::process::Command::new(&kd)
+        .args(&words)
+        .current_dir(out.path())
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("MLFLOW_TRACKING_URI")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(epochs_logged(&out.path().join("x_s0")), 8);
 }

@@ -64,31 +64,25 @@ fn resume_command() -> String {
     RESUME_COMMAND.with(|c| c.borrow().clone())
 }
 
-/// The plans of this launch, stamped with its data-parallel world size.
+/// The plans of this launch, stamped with its data-parallel world size:
+/// the launch decides it, as it decides the effective batch, and the run
+/// folder's plan records it (a resume with another is refused, reports
+/// keep the two apart). A saved plan made for another world size says so.
 pub(crate) fn stamped(mut plans: Vec<Plan>) -> Vec<Plan> {
     let world = kd_dist::world_size();
     for p in &mut plans {
-        p.data.world_size = world;
-    }
-    plans
-}
-
-/// Saved plans run as they were: by as many processes as they say, which
-/// fixes their effective batch.
-pub(crate) fn check_world(plans: &[Plan]) -> Result<()> {
-    let world = kd_dist::world_size();
-    for p in plans {
-        if p.data.world_size != world {
-            bail!(
-                "plan `{}` is trained by {} process(es) (data.world_size; effective batch {}), this launch has {world}; start it with `torchrun --nproc-per-node {}`, or change data.world_size to train another experiment",
+        if p.data.world_size != world && kd_dist::is_main() {
+            eprintln!(
+                "{}: the plan says {} process(es) (effective batch {}); this launch has {world} (effective batch {})",
                 p.name,
                 p.data.world_size,
                 p.data.effective_batch(),
-                p.data.world_size
+                p.data.batch_size * world
             );
         }
+        p.data.world_size = world;
     }
-    Ok(())
+    plans
 }
 
 /// Everything a flag command (`train-teacher`, `distill`) will run, as
@@ -242,7 +236,6 @@ pub(crate) fn preflight(plans: &[Plan], ex: &Exec, parents: &[String]) -> Result
             );
         }
     }
-    check_world(plans)?;
     let dirs: Vec<PathBuf> = plans.iter().map(|p| ex.out.join(&p.name)).collect();
     if ex.folders.resume && !dirs.iter().any(|d| kd_engine::folder::holds_run(d)) {
         let dir = dirs

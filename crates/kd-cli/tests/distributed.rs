@@ -417,14 +417,22 @@ fn a_data_parallel_resume_continues_exactly() {
     for o in job(&two, &a, &[]).into_iter().chain(job(&one, &b, &[])) {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    // One process cannot take over the two ranks' checkpoint.
+    // One process cannot take over the two ranks' checkpoint: the world
+    // size is part of the plan, so the resume is refused before anything
+    // is written (the journal gets no `resume` and no FAILED).
+    let journal = std::fs::read(b.join("r/journal.jsonl")).unwrap();
     let alone = run_plan_with(&two, &b, None, &["--resume", "--extend"])
         .wait_with_output()
         .unwrap();
     let err = String::from_utf8_lossy(&alone.stderr);
     assert!(
-        !alone.status.success() && err.contains("job of 2 rank(s), resumed by 1"),
+        !alone.status.success() && err.contains("data.world_size: 2 -> 1"),
         "{err}"
+    );
+    assert_eq!(
+        std::fs::read(b.join("r/journal.jsonl")).unwrap(),
+        journal,
+        "a refused resume wrote to the journal"
     );
     for o in job(&two, &b, &["--resume", "--extend"]) {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -486,6 +494,16 @@ fn a_dead_rank_stops_the_other_with_an_error() {
     );
     assert!(
         err.contains("error: ") && err.contains("distributed"),
+        "{err}"
+    );
+    // The survivor names the rank that left and how to go on.
+    assert!(
+        err.contains("rank 1 left the job") && err.contains("--resume"),
+        "{err}"
+    );
+    // Its first line said how the job trains.
+    assert!(
+        err.contains("2 processes x batch") && err.contains("effective batch"),
         "{err}"
     );
 }

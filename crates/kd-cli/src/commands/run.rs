@@ -56,8 +56,9 @@ pub fn run(a: Args, registry: &Registry) -> Result<()> {
         }
         return Ok(());
     }
-    let plans = super::plan::saved_plans(&a.path, &a.sets, registry, &scripts)?;
-    exec::check_world(&plans)?;
+    let plans = exec::stamped(super::plan::saved_plans(
+        &a.path, &a.sets, registry, &scripts,
+    )?);
     exec::preflight(&plans, &ex, &[])?;
     let results = exec::run_batch(registry, &plans, &ex)
         .into_iter()
