@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 
 /// Command lines per CI run (`KD_FUZZ_SCALE` multiplies it).
-const CLI_CASES: u32 = 40;
+const CLI_CASES: u32 = 64;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -62,7 +62,10 @@ fn heads(teacher: &Path) -> Vec<Vec<String>> {
         "plan {} --set epochs=1",
         r("recipes/examples/three_losses.rhai")
     )));
-    heads.push(words(&format!("run {} --set epochs=0", r("recipes/quickstart.rhai"))));
+    heads.push(words(&format!(
+        "run {} --set epochs=0",
+        r("recipes/quickstart.rhai")
+    )));
     for method in ["st", "at", "att", "fitnet", "kd"] {
         heads.push(words(&format!(
             "distill --teacher resnet8 --teacher-weights {t} --student resnet8 --method {method}"
@@ -195,7 +198,10 @@ fn random_command_lines_exit_cleanly() {
             args.extend(FLAGS[f].split_whitespace().map(str::to_string));
         }
         if matches!(args[0].as_str(), "distill" | "train-teacher" | "run") {
-            args.extend(["--out".into(), dir.path().join("runs").display().to_string()]);
+            args.extend([
+                "--out".into(),
+                dir.path().join("runs").display().to_string(),
+            ]);
         }
         // Training at tiny sizes unless the draw set them itself.
         if matches!(args[0].as_str(), "distill" | "train-teacher") {

@@ -190,3 +190,24 @@ fn imagefolder_options_are_checked_before_training() {
     assert!(e.contains("apply to --data imagefolder:DIR only"), "{e}");
     assert!(!out.path().join("x_s0").exists(), "nothing trained");
 }
+
+/// `--skip-corrupt` cannot change a run's numbers (a run that met a
+/// corrupt file without it stopped), so a resume may add it: the error
+/// that names a corrupt file tells the user to.
+#[test]
+fn a_resume_may_add_skip_corrupt() {
+    let data = tempfile::tempdir().unwrap();
+    write_folder(data.path(), false);
+    let out = tempfile::tempdir().unwrap();
+    let small = ["--image-size", "32", "--resize-size", "36"];
+    let with = |extra: &[&'static str]| [&small[..], extra].concat();
+    kd_cli::run(distill(data.path(), out.path(), &with(&["--epochs", "1"]))).unwrap();
+    kd_cli::run(distill(
+        data.path(),
+        out.path(),
+        &with(&["--epochs", "2", "--resume", "--extend", "--skip-corrupt"]),
+    ))
+    .unwrap_or_else(|e| panic!("{}", kd_cli::one_line(&e)));
+    let epochs = std::fs::read_to_string(out.path().join("x_s0/epochs.jsonl")).unwrap();
+    assert_eq!(epochs.lines().count(), 2);
+}
