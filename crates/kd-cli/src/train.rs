@@ -157,7 +157,11 @@ pub const LABEL_LOSS: &str = "ce";
 
 /// `--data SPEC`; `--train-size` and `--classes` shape the synthetic set
 /// and are refused with a fixed one (they would be silently ignored).
-pub fn data_source(spec: &str, train_size: Option<i64>, classes: Option<i64>) -> Result<DataSource> {
+pub fn data_source(
+    spec: &str,
+    train_size: Option<i64>,
+    classes: Option<i64>,
+) -> Result<DataSource> {
     if spec != "synthetic" && (train_size.is_some() || classes.is_some()) {
         bail!(
             "--train-size and --classes shape --data synthetic only; `{spec}` has its own images and classes"

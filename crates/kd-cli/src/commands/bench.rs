@@ -56,7 +56,8 @@ pub struct BenchArgs {
 }
 
 fn plan(a: &BenchArgs, registry: &Registry) -> Result<Plan> {
-    let (_, methods) = crate::train::method_groups(registry, &a.methods, &[], &a.configs, a.ce)?.remove(0);
+    let (_, methods) =
+        crate::train::method_groups(registry, &a.methods, &[], &a.configs, a.ce)?.remove(0);
     let mut plan = kd_engine::bench_plan(&a.teacher, &a.student, methods, a.batch, a.classes);
     plan.device = a.device.into();
     plan.precision = a.precision;
