@@ -548,3 +548,30 @@ fn torchrun_launches_the_same_job() {
     let journal = std::fs::read_to_string(dir.path().join("tr_s0/journal.jsonl")).unwrap();
     assert!(journal.contains("\"kd.world_size\":\"2\""));
 }
+
+/// SIGTERM to one rank stops the whole job at one step: the ranks vote on
+/// stopping, so neither waits in a collective for a peer that left.
+#[test]
+fn a_signal_to_one_rank_stops_every_rank_at_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let r0 = rank(0, port, dir.path(), "200");
+    let r1 = rank(1, port, dir.path(), "200");
+    std::thread::sleep(Duration::from_secs(8));
+    let sent = Command::new("kill")
+        .args(["-TERM", &r0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    for (r, c) in [r0, r1].into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "rank {r} went on: {err}");
+        assert!(
+            err.contains("interrupted") && !err.contains("left the job"),
+            "rank {r}: {err}"
+        );
+    }
+    let status = kd_tracking::journaled_status(&dir.path().join("dp_s0")).unwrap();
+    assert_eq!(status, Some(kd_tracking::RunStatus::Killed));
+}

@@ -156,6 +156,8 @@ impl World {
 pub struct ProcessGroup {
     raw: *mut c_void,
     pub world: World,
+    /// NCCL (CUDA tensors) rather than Gloo (CPU tensors).
+    nccl: bool,
 }
 
 // SAFETY: c10d process groups are used from one thread at a time here (the
@@ -224,7 +226,20 @@ impl ProcessGroup {
             )),
             other => other,
         })?;
-        Ok(ProcessGroup { raw, world })
+        Ok(ProcessGroup { raw, world, nccl })
+    }
+
+    /// Whether any rank passes `true`: one allreduce of a single number on
+    /// the device the group's collectives take (a device sync under NCCL).
+    pub fn any(&self, flag: bool) -> Result<bool, DistError> {
+        let device = if self.nccl {
+            tch::Device::Cuda(self.world.local_rank)
+        } else {
+            tch::Device::Cpu
+        };
+        let t = Tensor::from_slice(&[f32::from(u8::from(flag))]).to_device(device);
+        self.all_reduce_sum(std::slice::from_ref(&t))?;
+        Ok(t.double_value(&[]) > 0.0)
     }
 
     /// Sums each tensor over the ranks, in place.

@@ -171,6 +171,24 @@ fn run_stage(
     live.sort_by_key(|(i, _)| *i);
 }
 
+/// Steps between the data-parallel ranks' votes on stopping. Every rank
+/// must stop at the same step (a rank still stepping would wait in the
+/// gradient allreduce for a peer that left), so a signal that reached some
+/// ranks stops all of them at the next vote. A vote is one allreduce of a
+/// single number, a device sync under NCCL, so it is not taken every step.
+const STOP_VOTE_EVERY: usize = 8;
+
+/// Whether the runs stop before step `b`: a signal here, or, in a
+/// data-parallel job, on any rank at a voting step.
+fn stop_now(active: &Live, b: usize) -> std::result::Result<bool, kd_dist::DistError> {
+    let here = active.iter().any(|(_, m)| m.stopped());
+    match kd_dist::group() {
+        None => Ok(here),
+        Some(g) if b % STOP_VOTE_EVERY == 0 => g.any(here),
+        Some(_) => Ok(false),
+    }
+}
+
 fn run_epoch(
     epoch: usize,
     in_stage: &mut Live,
@@ -185,11 +203,21 @@ fn run_epoch(
         .and_then(|(_, m)| m.stage.as_ref())
         .map_or(0, |s| s.steps);
     for b in 0..steps {
-        if active.iter().any(|(_, m)| m.stopped()) {
-            each(&mut active, results, |m| {
-                Err(EngineError::Interrupted(m.ckpt.clone()))
-            });
-            break;
+        match stop_now(&active, b) {
+            Ok(false) => {}
+            Ok(true) => {
+                each(&mut active, results, |m| {
+                    Err(EngineError::Interrupted(m.ckpt.clone()))
+                });
+                break;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                each(&mut active, results, |_| {
+                    Err(EngineError::Plan(msg.clone()))
+                });
+                break;
+            }
         }
         // Members share their exec (part of the lockstep key): one layout
         // conversion serves all of them.
