@@ -6,7 +6,7 @@
 //! panics and is never killed by a signal.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use proptest::prelude::*;
@@ -15,22 +15,7 @@ use proptest::test_runner::TestRunner;
 /// Command lines per CI run (`KD_FUZZ_SCALE` multiplies it).
 const CLI_CASES: u32 = 64;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn kd() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let kd = target.join("debug/kd");
-    assert!(
-        kd.exists(),
-        "{} is missing: `make test` builds it first",
-        kd.display()
-    );
-    kd
-}
+use kd_tests::{kd, root};
 
 /// What the generated command lines start with: a subcommand and the
 /// arguments it cannot do without (some of them wrong on purpose).

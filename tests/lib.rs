@@ -26,3 +26,22 @@ pub fn fuzz_config(cases: u32) -> proptest::test_runner::Config {
         ..Config::default()
     }
 }
+
+/// The workspace's root folder.
+pub fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The `kd` binary `make test` builds before the tests run.
+pub fn kd() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let kd = target.join("debug/kd");
+    assert!(
+        kd.exists(),
+        "{} is missing: `make test` builds it first",
+        kd.display()
+    );
+    kd
+}

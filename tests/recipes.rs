@@ -259,6 +259,29 @@ fn scheduled_weights_are_logged_as_applied() {
     }
 }
 
+/// Every run of `recipe`, each in `out/<name>`, with nothing printed.
+fn execute_silently(
+    recipe: &kd_recipes::Recipe,
+    registry: &Registry,
+    out: &Path,
+) -> Vec<kd_recipes::RunRecord> {
+    let scripts = kd_recipes::Scripts::new();
+    recipe
+        .execute(registry, &mut |plan| {
+            let mut opts = RunOptions {
+                run_dir: out.join(&plan.name),
+                resume: false,
+                observer: &mut Silent,
+                scripts: &scripts,
+                stop: None,
+                log_every: 0,
+                progress_bar: false,
+            };
+            Ok(kd_engine::run(plan, registry, &mut opts)?)
+        })
+        .unwrap()
+}
+
 #[test]
 fn seed_sweep_summarises_mean_and_std() {
     kd_methods::link();
@@ -269,21 +292,7 @@ fn seed_sweep_summarises_mean_and_std() {
         &[("epochs".into(), "1".into())],
     )
     .unwrap();
-    let scripts = kd_recipes::Scripts::new();
-    let runs = recipe
-        .execute(&registry, &mut |plan| {
-            let mut opts = RunOptions {
-                run_dir: out.path().join(&plan.name),
-                resume: false,
-                observer: &mut Silent,
-                scripts: &scripts,
-                stop: None,
-                log_every: 0,
-                progress_bar: false,
-            };
-            Ok(kd_engine::run(plan, &registry, &mut opts)?)
-        })
-        .unwrap();
+    let runs = execute_silently(&recipe, &registry, out.path());
     assert_eq!(
         runs.len(),
         7,
@@ -720,21 +729,7 @@ fn a_dry_run_prints_nothing_and_summary_prints_once() {
         "the dry run printed: {:?}",
         printed.lock().unwrap()
     );
-    let scripts = kd_recipes::Scripts::new();
-    recipe
-        .execute(&registry, &mut |plan| {
-            let mut opts = RunOptions {
-                run_dir: out.path().join(&plan.name),
-                resume: false,
-                observer: &mut Silent,
-                scripts: &scripts,
-                stop: None,
-                log_every: 0,
-                progress_bar: false,
-            };
-            Ok(kd_engine::run(plan, &registry, &mut opts)?)
-        })
-        .unwrap();
+    execute_silently(&recipe, &registry, out.path());
     let printed = printed.lock().unwrap();
     let tables = printed
         .iter()

@@ -681,9 +681,8 @@ fn mlflow_status_without_a_server_fails() {
 /// results. (The binary, to see its stderr.)
 #[test]
 fn kd_plan_prints_no_placeholder_results() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let kd = root.join("target/debug/kd");
-    let o = std::process::Command::new(&kd)
+    let root = kd_tests::root();
+    let o = std::process::Command::new(kd_tests::kd())
         .args([
             "plan",
             root.join("recipes/quickstart.rhai").to_str().unwrap(),
@@ -708,8 +707,7 @@ fn kd_plan_prints_no_placeholder_results() {
 #[test]
 fn sigterm_stops_at_a_safe_point_and_says_how_to_resume() {
     use std::io::{BufRead, BufReader};
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let kd = root.join("target/debug/kd");
+    let kd = kd_tests::kd();
     let out = tempfile::tempdir().unwrap();
     let mut a = distill(out.path(), &["--epochs", "8"]);
     a.remove(0);

@@ -5,25 +5,9 @@
 //! (kd's ImageFolder pipeline and torchvision's DataLoader on 16 JPEGs).
 //! They drive the `kd` binary that `make test` builds first.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn kd() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let kd = target.join("debug/kd");
-    assert!(
-        kd.exists(),
-        "{} is missing: `make test` builds it first",
-        kd.display()
-    );
-    kd
-}
+use kd_tests::{kd, root};
 
 fn script(name: &str, extra: &[&str]) -> String {
     let out = tempfile::tempdir().unwrap();

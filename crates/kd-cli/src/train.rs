@@ -283,6 +283,21 @@ impl TrainArgs {
     }
 }
 
+/// One run per seed training `model` on the labels alone (a teacher, or
+/// the baseline a distillation is compared with).
+pub fn label_runs(train: &TrainArgs, name: &str, model: &ModelPlan) -> Result<Vec<Plan>> {
+    seeds(train, name, |run_name, seed| {
+        train.plan(
+            run_name,
+            model.clone(),
+            None,
+            "train",
+            vec![MethodPlan::new(LABEL_LOSS, 1.0)],
+            seed,
+        )
+    })
+}
+
 /// `NAME[:WEIGHT]` → a method with that weight (default 1).
 pub fn parse_method(spec: &str) -> Result<MethodPlan> {
     let (name, weight) = match spec.split_once(':') {

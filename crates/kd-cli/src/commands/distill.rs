@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use kd_core::Registry;
+use kd_engine::ModelPlan;
 use kd_engine::report::{summarize, table};
-use kd_engine::{MethodPlan, ModelPlan};
 
 use crate::exec::{self, paired};
 use crate::out::out;
-use crate::train::{LABEL_LOSS, TrainArgs, method_groups, seeds};
+use crate::train::{TrainArgs, label_runs, method_groups, seeds};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -75,16 +75,7 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
         _ => format!("{name}_{label}"),
     };
     let base_runs = if a.baseline {
-        seeds(train, &base_name, |run_name, seed| {
-            train.plan(
-                run_name,
-                student.clone(),
-                None,
-                "train",
-                vec![MethodPlan::new(LABEL_LOSS, 1.0)],
-                seed,
-            )
-        })?
+        label_runs(train, &base_name, &student)?
     } else {
         Vec::new()
     };

@@ -2,12 +2,12 @@
 
 use anyhow::Result;
 use kd_core::Registry;
+use kd_engine::ModelPlan;
 use kd_engine::report::{summarize, table};
-use kd_engine::{MethodPlan, ModelPlan};
 
 use crate::exec::{self, paired};
 use crate::out::out;
-use crate::train::{LABEL_LOSS, TrainArgs, seeds};
+use crate::train::{TrainArgs, label_runs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -28,16 +28,7 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
         arch: a.arch.clone(),
         weights: None,
     };
-    let runs = seeds(&a.train, &name, |run_name, seed| {
-        a.train.plan(
-            run_name,
-            student.clone(),
-            None,
-            "train",
-            vec![MethodPlan::new(LABEL_LOSS, 1.0)],
-            seed,
-        )
-    })?;
+    let runs = label_runs(&a.train, &name, &student)?;
     let sweep = format!("{name}_sweep");
     exec::check_all(registry, &[(&runs, &sweep)], &a.train)?;
     let results = exec::run_sweep(registry, &runs, &a.train.exec(), &sweep)?;

@@ -184,7 +184,7 @@ fn stop_now(active: &Live, b: usize) -> std::result::Result<bool, kd_dist::DistE
     let here = active.iter().any(|(_, m)| m.stopped());
     match kd_dist::group() {
         None => Ok(here),
-        Some(g) if b % STOP_VOTE_EVERY == 0 => g.any(here),
+        Some(g) if b.is_multiple_of(STOP_VOTE_EVERY) => g.any(here),
         Some(_) => Ok(false),
     }
 }
