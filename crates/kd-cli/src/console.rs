@@ -22,6 +22,16 @@ impl Console<'_> {
     }
 }
 
+/// ` (top-5 x%)`, or nothing where there is no top-5 to speak of (NaN:
+/// fewer than 6 classes, see `kd_engine::accuracy`).
+fn top5_note(top5: f64) -> String {
+    if top5.is_finite() {
+        format!(" (top-5 {top5:.2}%)")
+    } else {
+        String::new()
+    }
+}
+
 impl Observer for Console<'_> {
     fn metrics(&mut self, step: i64, values: &[(String, f64)]) {
         if let Some(n) = self.next.as_deref_mut() {
@@ -38,8 +48,9 @@ impl Observer for Console<'_> {
 
     fn teacher_eval(&mut self, stage: &str, top1: f64, top5: f64) {
         self.line(format!(
-            "[{}] {stage}: teacher test {top1:.2}% (top-5 {top5:.2}%)",
-            self.run
+            "[{}] {stage}: teacher test {top1:.2}%{}",
+            self.run,
+            top5_note(top5)
         ));
         if let Some(n) = self.next.as_deref_mut() {
             n.teacher_eval(stage, top1, top5);
@@ -56,13 +67,13 @@ impl Observer for Console<'_> {
             .map(|v| format!(" peer {v:.2}%"))
             .unwrap_or_default();
         self.line(format!(
-            "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}% (top-5 {:.2}%)  best {:.2}%{peer}  {:.0} img/s",
+            "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}%{}  best {:.2}%{peer}  {:.0} img/s",
             self.run,
             r.epoch + 1,
             r.train_loss,
             r.train_top1,
             r.test_top1,
-            r.test_top5,
+            top5_note(r.test_top5),
             r.best_top1,
             r.images_per_sec
         ));
@@ -81,5 +92,58 @@ impl Observer for Console<'_> {
         if let Some(n) = self.next.as_deref_mut() {
             n.artifact(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(test_top5: f64) -> EpochRecord {
+        EpochRecord {
+            epoch: 0,
+            lr: 0.1,
+            train_loss: 1.0,
+            train_top1: 50.0,
+            test_top1: 40.0,
+            test_top5,
+            val_top1: None,
+            val_top5: None,
+            weights: Default::default(),
+            terms: Default::default(),
+            images_per_sec: 100.0,
+            best_top1: 40.0,
+            peer_top1: None,
+        }
+    }
+
+    /// The console's lines as `console.log` keeps them.
+    fn lines(show: impl FnOnce(&mut Console)) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut c = Console {
+            run: "r".into(),
+            next: None,
+            log: Some(std::fs::File::create(&path).unwrap()),
+        };
+        show(&mut c);
+        drop(c);
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn top5_is_printed_only_where_there_is_one() {
+        let ten = lines(|c| {
+            c.teacher_eval("s", 40.0, 91.5);
+            c.epoch("s", 0, &record(87.25));
+        });
+        assert!(ten.contains("teacher test 40.00% (top-5 91.50%)"), "{ten}");
+        assert!(ten.contains("test 40.00% (top-5 87.25%)"), "{ten}");
+        let five = lines(|c| {
+            c.teacher_eval("s", 40.0, f64::NAN);
+            c.epoch("s", 0, &record(f64::NAN));
+        });
+        assert!(!five.contains("top-5"), "{five}");
+        assert!(five.contains("test 40.00%  best 40.00%"), "{five}");
     }
 }

@@ -144,6 +144,7 @@ impl Tracking {
 
     /// Plots, plan, log; then the final status.
     pub fn finish(self, run_dir: &Path, status: RunStatus) -> kd_tracking::FinishReport {
+        self.tracker.flush();
         if let Ok(history) = kd_tracking::metric_history(run_dir) {
             let png = run_dir.join("curves.png");
             if kd_tracking::plot_curves(&history, &png).is_ok() {
@@ -162,17 +163,41 @@ impl Tracking {
     }
 }
 
+/// A metric's key without a repeated last part: a method's term named
+/// after the method (`ce/ce`, `st/st`) is logged as `loss/ce`, not
+/// `loss/ce/ce`.
+fn metric_key(key: &str) -> &str {
+    match key.rsplit_once('/') {
+        Some((head, last)) if head.rsplit('/').next() == Some(last) => head,
+        _ => key,
+    }
+}
+
+/// A number as the plan wrote it: an epoch's mean of a constant weight,
+/// summed step by step, ends a few ulps away from it (0.1 over 18 steps
+/// gives 0.10000000000000003). 15 significant digits, all that such a sum
+/// keeps exact, give the written number back.
+fn as_written(x: f64) -> f64 {
+    format!("{x:.14e}").parse().unwrap_or(x)
+}
+
+/// Epoch metrics are logged with the run's epoch index (from 0, counted on
+/// across stages) as their step, step metrics with the global step, as
+/// `curves.png` plots them.
 impl Observer for Tracking {
     fn metrics(&mut self, step: i64, values: &[(String, f64)]) {
         for (k, v) in values {
-            self.tracker.metric(k, *v, step);
+            self.tracker.metric(metric_key(k), *v, step);
         }
     }
 
     fn teacher_eval(&mut self, stage: &str, top1: f64, top5: f64) {
         let t = &self.tracker;
         t.metric(&format!("stage/{stage}/teacher_top1"), top1, 0);
-        t.metric(&format!("stage/{stage}/teacher_top5"), top5, 0);
+        // NaN: fewer than 6 classes, where top-5 is 100% by construction.
+        if top5.is_finite() {
+            t.metric(&format!("stage/{stage}/teacher_top5"), top5, 0);
+        }
     }
 
     fn epoch(&mut self, stage: &str, global: i64, r: &EpochRecord) {
@@ -180,22 +205,26 @@ impl Observer for Tracking {
         t.metric("epoch/train_loss", r.train_loss, global);
         t.metric("epoch/train_acc_top1", r.train_top1, global);
         t.metric("epoch/test_acc_top1", r.test_top1, global);
-        t.metric("epoch/test_acc_top5", r.test_top5, global);
+        if r.test_top5.is_finite() {
+            t.metric("epoch/test_acc_top5", r.test_top5, global);
+        }
         t.metric("epoch/best_acc_top1", r.best_top1, global);
         t.metric("epoch/lr", r.lr, global);
         t.metric("epoch/images_per_sec", r.images_per_sec, global);
-        if let (Some(a), Some(b)) = (r.val_top1, r.val_top5) {
+        if let Some(a) = r.val_top1 {
             t.metric("epoch/val_acc_top1", a, global);
+        }
+        if let Some(b) = r.val_top5.filter(|b| b.is_finite()) {
             t.metric("epoch/val_acc_top5", b, global);
         }
         if let Some(p) = r.peer_top1 {
             t.metric("epoch/peer_test_acc_top1", p, global);
         }
         for (label, w) in &r.weights {
-            t.metric(&format!("epoch/weight/{label}"), *w, global);
+            t.metric(&format!("epoch/weight/{label}"), as_written(*w), global);
         }
         for (term, v) in &r.terms {
-            t.metric(&format!("epoch/loss/{term}"), *v, global);
+            t.metric(metric_key(&format!("epoch/loss/{term}")), *v, global);
         }
         t.tag("kd.stage", stage);
     }
@@ -220,5 +249,89 @@ impl Observer for Tracking {
 
     fn artifact(&mut self, path: &Path) {
         self.tracker.artifact(path, "checkpoints");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(weight: f64, test_top5: f64) -> EpochRecord {
+        EpochRecord {
+            epoch: 1,
+            lr: 0.1,
+            train_loss: 1.0,
+            train_top1: 50.0,
+            test_top1: 40.0,
+            test_top5,
+            val_top1: None,
+            val_top5: None,
+            weights: [("ce".to_string(), weight)].into(),
+            terms: [("ce/ce".to_string(), 2.5), ("crd/nce".to_string(), 0.5)].into(),
+            images_per_sec: 100.0,
+            best_top1: 40.0,
+            peer_top1: None,
+        }
+    }
+
+    /// What `observe` makes a tracker journal: every metric point by key.
+    fn logged(observe: impl FnOnce(&mut Tracking)) -> kd_tracking::History {
+        let dir = tempfile::tempdir().unwrap();
+        let tracker = Tracker::start(dir.path(), RunSpec::new(EXPERIMENT)).unwrap();
+        let mut t = Tracking {
+            tracker,
+            paper: None,
+        };
+        observe(&mut t);
+        t.tracker.finish(RunStatus::Finished);
+        kd_tracking::metric_history(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn metric_names_do_not_repeat_a_term_named_after_its_method() {
+        let h = logged(|t| {
+            t.metrics(7, &[("loss/ce/ce".into(), 2.0), ("train/loss".into(), 2.0)]);
+            t.epoch("s", 3, &record(0.1, 80.0));
+        });
+        let keys: Vec<&str> = h.keys().map(String::as_str).collect();
+        for want in [
+            "loss/ce",
+            "epoch/loss/ce",
+            "epoch/loss/crd/nce",
+            "train/loss",
+        ] {
+            assert!(keys.contains(&want), "{want} in {keys:?}");
+        }
+        assert!(!keys.iter().any(|k| k.ends_with("ce/ce")), "{keys:?}");
+        // Step metrics at the global step, epoch metrics at the epoch index.
+        assert_eq!(h["loss/ce"], [(7, 2.0)]);
+        assert_eq!(h["epoch/test_acc_top1"], [(3, 40.0)]);
+    }
+
+    #[test]
+    fn an_epochs_mean_of_a_constant_weight_is_logged_as_written() {
+        // 0.1 summed over 18 steps and divided by 18, as an epoch's mean is.
+        let mean = (0..18).map(|_| 0.1).sum::<f64>() / 18.0;
+        assert_ne!(mean, 0.1, "the sum drifts: the case this test is about");
+        let h = logged(|t| t.epoch("s", 0, &record(mean, 80.0)));
+        assert_eq!(h["epoch/weight/ce"], [(0, 0.1)]);
+    }
+
+    #[test]
+    fn no_top5_metric_for_fewer_than_6_classes() {
+        let with = logged(|t| {
+            t.teacher_eval("s", 40.0, 90.0);
+            t.epoch("s", 0, &record(0.1, 80.0));
+        });
+        assert!(
+            with.contains_key("epoch/test_acc_top5") && with.contains_key("stage/s/teacher_top5")
+        );
+        let without = logged(|t| {
+            t.teacher_eval("s", 40.0, f64::NAN);
+            t.epoch("s", 0, &record(0.1, f64::NAN));
+        });
+        let keys: Vec<&String> = without.keys().collect();
+        assert!(!keys.iter().any(|k| k.contains("top5")), "{keys:?}");
+        assert!(without.contains_key("epoch/test_acc_top1"));
     }
 }

@@ -2,8 +2,9 @@ use kd_data::Dataset;
 use kd_models::Network;
 use tch::{Device, Kind, Tensor};
 
-/// Top-1 and top-5 accuracy in percent, in eval mode, in libtorch's
-/// inference mode (nothing of it is ever differentiated), with the hit
+/// Top-1 and top-5 accuracy in percent (top-5 NaN for fewer than 6
+/// classes, where every prediction is in the top 5), in eval mode, in
+/// libtorch's inference mode (nothing of it is ever differentiated), with the hit
 /// counts summed on the device and read once at the end. In a
 /// data-parallel job each rank evaluates its contiguous share of `data`
 /// and the counts are summed over the ranks.
@@ -49,12 +50,12 @@ pub fn accuracy(
         // A clone: inference-mode tensors refuse in-place updates outside it.
         let hits = hits.copy();
         g.all_reduce_sum(std::slice::from_ref(&hits))?;
-        return Ok(percent(&hits));
+        return Ok(percent(&hits, data.num_classes));
     }
-    Ok(percent(&hits))
+    Ok(percent(&hits, data.num_classes))
 }
 
-fn percent(hits: &Tensor) -> (f64, f64) {
+fn percent(hits: &Tensor, classes: i64) -> (f64, f64) {
     let (top1, top5, n) = (
         hits.int64_value(&[0]),
         hits.int64_value(&[1]),
@@ -63,8 +64,10 @@ fn percent(hits: &Tensor) -> (f64, f64) {
     if n == 0 {
         return (0.0, 0.0);
     }
-    (
-        100.0 * top1 as f64 / n as f64,
-        100.0 * top5 as f64 / n as f64,
-    )
+    let top5 = if classes < 6 {
+        f64::NAN
+    } else {
+        100.0 * top5 as f64 / n as f64
+    };
+    (100.0 * top1 as f64 / n as f64, top5)
 }

@@ -14,10 +14,13 @@ pub struct EpochRecord {
     pub train_loss: f64,
     pub train_top1: f64,
     pub test_top1: f64,
+    /// NaN, and absent from the files, for fewer than 6 classes, where
+    /// every prediction is in the top 5 (see [`crate::accuracy`]).
+    #[serde(default = "no_top5", skip_serializing_if = "is_nan")]
     pub test_top5: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_top1: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "not_a_top5")]
     pub val_top5: Option<f64>,
     /// Mean weight applied to each method's loss over the epoch.
     pub weights: BTreeMap<String, f64>,
@@ -30,6 +33,20 @@ pub struct EpochRecord {
     pub peer_top1: Option<f64>,
 }
 
+// JSON has no NaN (serde_json writes null, which does not read back as a
+// number): a top-5 that does not exist is left out and read back as NaN.
+fn no_top5() -> f64 {
+    f64::NAN
+}
+
+fn is_nan(x: &f64) -> bool {
+    x.is_nan()
+}
+
+fn not_a_top5(x: &Option<f64>) -> bool {
+    x.is_none_or(f64::is_nan)
+}
+
 /// Result of one stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageResult {
@@ -38,6 +55,7 @@ pub struct StageResult {
     pub best_top1: f64,
     pub best_epoch: usize,
     pub last_top1: f64,
+    #[serde(default = "no_top5", skip_serializing_if = "is_nan")]
     pub last_top5: f64,
     /// Weights of the stage's network after its last epoch, and at its best
     /// test top-1 (selected on validation accuracy when a split exists).

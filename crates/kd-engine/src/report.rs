@@ -3,6 +3,8 @@
 //! the best and the last test top-1 of each run's last stage, and where the
 //! plan carries its source's number, that number and the gap to it.
 
+use std::path::PathBuf;
+
 use crate::{Paper, PaperEpoch, Plan, RunResult};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -12,6 +14,11 @@ pub struct Summary {
     pub best: (f64, f64),
     pub last: (f64, f64),
     pub paper: Option<Paper>,
+    /// Seeds held by more than one distinct run of the row, with those
+    /// runs' folders: each still counts in the mean and std as a run of
+    /// its own, which a reader must be told (a rerun of one seed is not a
+    /// new sample of the seed-to-seed spread).
+    pub repeated: Vec<(u64, Vec<PathBuf>)>,
 }
 
 impl Summary {
@@ -53,17 +60,58 @@ pub fn summarize(config: &str, runs: &[(&Plan, &RunResult)]) -> Summary {
     let pick = |f: fn(&RunResult) -> Option<f64>| -> Vec<f64> {
         runs.iter().filter_map(|(_, r)| f(r)).collect()
     };
+    let mut by_seed: Vec<(u64, Vec<PathBuf>)> = Vec::new();
+    for (p, r) in runs {
+        match by_seed.iter_mut().find(|(s, _)| *s == p.seed) {
+            Some((_, dirs)) => dirs.push(r.run_dir.clone()),
+            None => by_seed.push((p.seed, vec![r.run_dir.clone()])),
+        }
+    }
+    by_seed.retain(|(_, dirs)| dirs.len() > 1);
     Summary {
         config: config.to_string(),
         seeds: runs.iter().map(|(p, _)| p.seed).collect(),
         best: mean_std(&pick(|r| r.last().map(|s| s.best_top1))),
         last: mean_std(&pick(|r| r.last().map(|s| s.last_top1))),
         paper: runs.first().and_then(|(p, _)| p.paper.clone()),
+        repeated: by_seed,
     }
 }
 
+/// A copy of a run's folder that [`one_per_run`] left out, and the folder
+/// of the same run it kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Copied {
+    pub left_out: PathBuf,
+    pub kept: PathBuf,
+}
+
+/// Each run once: of runs with the same identity (the same run, its folder
+/// copied to another `--out`), the first is kept. A run without an identity
+/// (`None`) is taken as distinct from every other.
+pub fn one_per_run<'a>(
+    runs: &[(Option<&str>, &'a Plan, &'a RunResult)],
+) -> (Vec<(&'a Plan, &'a RunResult)>, Vec<Copied>) {
+    let mut kept: Vec<(Option<&str>, &'a Plan, &'a RunResult)> = Vec::new();
+    let mut copies = Vec::new();
+    for &(id, plan, result) in runs {
+        match kept.iter().find(|(k, _, _)| id.is_some() && *k == id) {
+            Some((_, _, first)) => copies.push(Copied {
+                left_out: result.run_dir.clone(),
+                kept: first.run_dir.clone(),
+            }),
+            None => kept.push((id, plan, result)),
+        }
+    }
+    let kept = kept.into_iter().map(|(_, p, r)| (p, r)).collect();
+    (kept, copies)
+}
+
 /// Rows for runs that may differ: runs whose plans differ only in name and
-/// seed form one configuration, labelled by their names' common prefix.
+/// seed form one configuration (world size and batch size are part of the
+/// plan, so a 2-rank run and a 1-process run of one plan are two rows),
+/// labelled by their names without the seed. Each entry counts as a run of
+/// its own; [`one_per_run`] first takes out copies of one run.
 pub fn group(runs: &[(&Plan, &RunResult)]) -> Vec<Summary> {
     let mut groups: Vec<(serde_json::Value, Vec<(&Plan, &RunResult)>)> = Vec::new();
     for &(plan, result) in runs {
@@ -73,9 +121,11 @@ pub fn group(runs: &[(&Plan, &RunResult)]) -> Vec<Summary> {
             None => groups.push((key, vec![(plan, result)])),
         }
     }
+    let labels = unique_labels(&groups);
     groups
         .iter()
-        .map(|(_, members)| summarize(&label(members), members))
+        .zip(labels)
+        .map(|((_, members), label)| summarize(&label, members))
         .collect()
 }
 
@@ -86,39 +136,160 @@ fn configuration(plan: &Plan) -> serde_json::Value {
     serde_json::to_value(&p).unwrap_or_default()
 }
 
-/// The names' common prefix without a trailing seed marker (`-s`, `_seed`),
-/// or the one name of a single run.
-fn label(members: &[(&Plan, &RunResult)]) -> String {
-    let first = &members[0].0.name;
-    if members.len() == 1 {
-        return first.clone();
+/// A run's name without the seed marker sweeps and recipes give it: a
+/// separator (`_`, `-`, `.`), `s` or `seed`, and the run's own seed.
+fn unseeded(plan: &Plan) -> &str {
+    for marker in ["s", "seed"] {
+        for sep in ['_', '-', '.'] {
+            let suffix = format!("{sep}{marker}{}", plan.seed);
+            if let Some(base) = plan.name.strip_suffix(&suffix)
+                && !base.is_empty()
+            {
+                return base;
+            }
+        }
     }
-    let mut prefix = first.as_str();
+    &plan.name
+}
+
+/// The common prefix of the members' names without their seeds (a single
+/// run's name without its seed).
+fn label(members: &[(&Plan, &RunResult)]) -> String {
+    let first = unseeded(members[0].0);
+    let mut prefix = first;
     for (p, _) in &members[1..] {
         let common = prefix
             .chars()
-            .zip(p.name.chars())
+            .zip(unseeded(p).chars())
             .take_while(|(a, b)| a == b)
             .map(|(a, _)| a.len_utf8())
             .sum();
         prefix = &prefix[..common];
     }
-    let mut prefix = prefix.trim_end_matches(|c: char| c.is_ascii_digit());
-    for marker in ["seed", "s"] {
-        if let Some(p) = prefix
-            .strip_suffix(marker)
-            .filter(|p| p.ends_with(['-', '_', '.']))
-        {
-            prefix = p;
-            break;
-        }
-    }
     let prefix = prefix.trim_end_matches(['-', '_', '.', ' ']);
     if prefix.is_empty() {
-        first.clone()
+        first.to_string()
     } else {
         prefix.to_string()
     }
+}
+
+/// A label per group, no two alike: groups whose names give the same label
+/// get what tells them apart, the effective batch first (the same plan run
+/// by one process and by two ranks), then the plan fields they differ in.
+fn unique_labels(groups: &[(serde_json::Value, Vec<(&Plan, &RunResult)>)]) -> Vec<String> {
+    let base: Vec<String> = groups.iter().map(|(_, m)| label(m)).collect();
+    let mut labels = base.clone();
+    for (i, (key, members)) in groups.iter().enumerate() {
+        let alike: Vec<usize> = (0..groups.len())
+            .filter(|&j| j != i && base[j] == base[i])
+            .collect();
+        if alike.is_empty() {
+            continue;
+        }
+        let data = &members[0].0.data;
+        let other_data = |j: usize| &groups[j].1[0].0.data;
+        let mut parts = Vec::new();
+        if alike
+            .iter()
+            .any(|&j| other_data(j).effective_batch() != data.effective_batch())
+        {
+            parts.push(format!("batch {}", data.effective_batch()));
+        }
+        let batch_shown = !parts.is_empty();
+        let mut fields = Vec::new();
+        leaves("", key, &mut fields);
+        let differs = |path: &str, value: &serde_json::Value| {
+            alike
+                .iter()
+                .any(|&j| lookup(&groups[j].0, path) != Some(value))
+        };
+        parts.extend(
+            fields
+                .iter()
+                .filter(|(path, v)| differs(path, v))
+                // The batch's two factors are in `batch N` already when it differs.
+                .filter(|(path, _)| {
+                    !batch_shown || !matches!(path.as_str(), "data.batch_size" | "data.world_size")
+                })
+                .take(2)
+                .map(|(path, v)| format!("{path} {}", show(v))),
+        );
+        if !parts.is_empty() {
+            labels[i] = format!("{} ({})", base[i], parts.join(", "));
+        }
+    }
+    // Groups still alike (differing beyond the two fields shown, or only
+    // in fields the others have) are numbered rather than shown as one.
+    for i in 0..labels.len() {
+        let before = labels[..i].iter().filter(|l| **l == labels[i]).count();
+        if before > 0 {
+            labels[i] = format!("{} #{}", labels[i], before + 1);
+        }
+    }
+    labels
+}
+
+/// `(dotted path, value)` for every leaf of a JSON value.
+fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    match v {
+        serde_json::Value::Object(m) => m.iter().for_each(|(k, x)| leaves(&join(k), x, out)),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| leaves(&join(&i.to_string()), x, out)),
+        leaf => out.push((prefix.to_string(), leaf.clone())),
+    }
+}
+
+fn lookup<'v>(v: &'v serde_json::Value, path: &str) -> Option<&'v serde_json::Value> {
+    path.split('.').try_fold(v, |v, k| match v {
+        serde_json::Value::Array(a) => a.get(k.parse::<usize>().ok()?),
+        v => v.get(k),
+    })
+}
+
+fn show(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "none".into(),
+        v => v.to_string(),
+    }
+}
+
+/// What a row's seeds cell adds when a seed has several distinct runs:
+/// visible in the row itself, not only in a note below the table.
+fn repeated(r: &Summary) -> String {
+    if r.repeated.is_empty() {
+        return String::new();
+    }
+    let seeds: Vec<String> = r.repeated.iter().map(|(s, _)| s.to_string()).collect();
+    format!(", repeated seed {} (see note)", seeds.join(", "))
+}
+
+/// One line per seed that several distinct runs of a row hold, naming
+/// their folders.
+pub fn notes(rows: &[Summary]) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in rows {
+        for (seed, dirs) in &r.repeated {
+            let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            out.push(format!(
+                "`{}` holds {} different runs of seed {seed} ({}): each counts in the mean and std as a run of its own; report one of the folders to keep one.",
+                r.config,
+                dirs.len(),
+                dirs.join(", ")
+            ));
+        }
+    }
+    out
 }
 
 /// `mean ± std` to two decimals; the std is left out for a single run.
@@ -143,7 +314,7 @@ pub fn table(rows: &[Summary]) -> String {
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
         cells.push([
             r.config.clone(),
-            seeds.join(","),
+            format!("{}{}", seeds.join(","), repeated(r)),
             cell(r.best, r.seeds.len()),
             cell(r.last, r.seeds.len()),
         ]);
@@ -167,6 +338,9 @@ pub fn table(rows: &[Summary]) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    for n in notes(rows) {
+        out.push_str(&format!("note: {n}\n"));
+    }
     out
 }
 
@@ -187,10 +361,11 @@ pub fn markdown(rows: &[Summary]) -> String {
         let n = r.seeds.len();
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
         out.push_str(&format!(
-            "| {} | {} ({}) | {} | {} |",
+            "| {} | {} ({}){} | {} | {} |",
             r.config.replace('|', "\\|"),
             n,
             seeds.join(", "),
+            repeated(r),
             cell(r.best, n),
             cell(r.last, n)
         ));
@@ -213,6 +388,13 @@ pub fn markdown(rows: &[Summary]) -> String {
             }
         }
         out.push('\n');
+    }
+    let notes = notes(rows);
+    if !notes.is_empty() {
+        out.push('\n');
+        for n in notes {
+            out.push_str(&format!("Note: {n}\n"));
+        }
     }
     out
 }
@@ -272,10 +454,123 @@ mod tests {
         };
         let result = RunResult {
             name: name.into(),
-            run_dir: "d".into(),
+            run_dir: format!("out/{name}").into(),
             stages: vec![st],
         };
         (plan, result)
+    }
+
+    fn refs(runs: &[(Plan, RunResult)]) -> Vec<(&Plan, &RunResult)> {
+        runs.iter().map(|(p, r)| (p, r)).collect()
+    }
+
+    fn labels(rows: &[Summary]) -> Vec<&str> {
+        rows.iter().map(|r| r.config.as_str()).collect()
+    }
+
+    #[test]
+    fn labels_leave_out_the_seed_even_for_a_single_run() {
+        let runs = [
+            record("teacher_resnet20_s0", 0, 0.05, 90.0, 89.0),
+            // Digits that are not the seed marker stay.
+            record("resnet20", 0, 0.1, 80.0, 79.0),
+            record("wrn_40_2-seed3", 3, 0.2, 70.0, 69.0),
+            record("lr_s1", 0, 0.3, 60.0, 59.0),
+        ];
+        assert_eq!(
+            labels(&group(&refs(&runs))),
+            ["teacher_resnet20", "resnet20", "wrn_40_2", "lr_s1"]
+        );
+    }
+
+    #[test]
+    fn world_sizes_are_rows_of_their_own_told_apart_by_the_effective_batch() {
+        let mut runs = [
+            record("st_s0", 0, 0.05, 70.0, 69.0),
+            record("st_s1", 1, 0.05, 72.0, 71.0),
+            record("st_s0", 0, 0.05, 60.0, 59.0),
+        ];
+        runs[2].0.data.world_size = 2;
+        let rows = group(&refs(&runs));
+        assert_eq!(labels(&rows), ["st (batch 64)", "st (batch 128)"]);
+        assert_eq!(rows[0].seeds, [0, 1]);
+        assert_eq!(rows[1].seeds, [0]);
+        assert_eq!(rows[1].best, (60.0, 0.0));
+    }
+
+    #[test]
+    fn rows_alike_in_name_show_the_fields_they_differ_in() {
+        let runs = [
+            record("st_s0", 0, 0.05, 70.0, 69.0),
+            record("st_s0", 0, 0.1, 60.0, 59.0),
+        ];
+        assert_eq!(
+            labels(&group(&refs(&runs))),
+            [
+                "st (stages.0.optimizer.lr 0.05)",
+                "st (stages.0.optimizer.lr 0.1)"
+            ]
+        );
+    }
+
+    #[test]
+    fn copies_of_one_run_count_once() {
+        let runs = [
+            record("st_s0", 0, 0.05, 70.0, 69.0),
+            record("st_s0", 0, 0.05, 70.0, 69.0),
+            record("st_s0", 0, 0.05, 70.0, 69.0),
+            record("st_s1", 1, 0.05, 72.0, 71.0),
+        ];
+        let ids = [Some("run a"), Some("run a"), Some("run a"), None];
+        let with_ids: Vec<_> = ids
+            .iter()
+            .zip(&runs)
+            .map(|(i, (p, r))| (*i, p, r))
+            .collect();
+        let (kept, copies) = one_per_run(&with_ids);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(copies.len(), 2);
+        let rows = group(&kept);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].seeds, [0, 1]);
+        assert!(rows[0].repeated.is_empty());
+        assert_eq!(rows[0].best, (71.0, 2f64.sqrt()));
+    }
+
+    #[test]
+    fn runs_without_an_identity_are_never_taken_for_copies() {
+        let runs = [
+            record("st_s0", 0, 0.05, 70.0, 69.0),
+            record("st_s0", 0, 0.05, 71.0, 69.0),
+        ];
+        let with_ids: Vec<_> = runs.iter().map(|(p, r)| (None, p, r)).collect();
+        let (kept, copies) = one_per_run(&with_ids);
+        assert_eq!((kept.len(), copies.len()), (2, 0));
+    }
+
+    #[test]
+    fn two_runs_of_one_seed_in_a_row_are_flagged() {
+        let mut runs = [
+            record("st_s0", 0, 0.05, 70.0, 69.0),
+            record("st_s0", 0, 0.05, 72.0, 69.0),
+            record("st_s1", 1, 0.05, 74.0, 69.0),
+        ];
+        runs[1].1.run_dir = "other/st_s0".into();
+        let rows = group(&refs(&runs));
+        let md = markdown(&rows);
+        assert!(
+            md.contains("| st | 3 (0, 0, 1), repeated seed 0 (see note) | 72.00 ± 2.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Note: `st` holds 2 different runs of seed 0 (out/st_s0, other/st_s0)"),
+            "{md}"
+        );
+        let t = table(&rows);
+        assert!(
+            t.contains("0,0,1, repeated seed 0") && t.contains("note: `st`"),
+            "{t}"
+        );
     }
 
     #[test]

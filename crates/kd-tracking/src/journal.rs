@@ -505,6 +505,29 @@ pub fn journaled_status(run_dir: &Path) -> Result<Option<RunStatus>> {
     Ok(Summary::scan(run_dir)?.terminal)
 }
 
+/// What tells a run from every other, read from its folder: the journal's
+/// first entry (`start`: experiment, run name, process id, time in ms),
+/// which resumes and syncs never rewrite, so every copy of the folder has
+/// the same identity and no other run has it. `None` when the folder holds
+/// no journal or its first line is not a start.
+pub fn run_identity(run_dir: &Path) -> Result<Option<String>> {
+    let mut first = None;
+    JournalReader::new(run_dir).read(1, |e| first = Some(e))?;
+    Ok(first.and_then(|e| match e.event {
+        Event::Start {
+            experiment,
+            run_name,
+            pid,
+            ..
+        } => Some(format!(
+            "{experiment}/{} pid {pid} at {} ms",
+            run_name.unwrap_or_default(),
+            e.time
+        )),
+        _ => None,
+    }))
+}
+
 /// Every metric point of a run, by key, in logging order, read from its
 /// journal (no server needed): the first point of each key and step, as
 /// MLflow gets them.
@@ -565,6 +588,41 @@ mod tests {
         assert_eq!(&got[2..], &values[2..]);
         let s = Summary::scan(dir.path()).unwrap();
         assert_eq!((s.last_seq, s.terminal), (6, Some(RunStatus::Finished)));
+    }
+
+    #[test]
+    fn a_run_keeps_its_identity_in_copies_and_resumes_and_shares_it_with_no_other() {
+        let start = |dir: &Path, time: i64| {
+            let mut w = JournalWriter::open(dir, 1).unwrap();
+            let ev = Event::Start {
+                experiment: "kd".into(),
+                run_name: Some("st_s0".into()),
+                tags: BTreeMap::new(),
+                parent: None,
+                pid: 7,
+            };
+            w.append(time, ev).unwrap();
+            w.flush().unwrap();
+            w
+        };
+        let (a, b, copy) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        assert_eq!(run_identity(a.path()).unwrap(), None, "no journal yet");
+        let mut w = start(a.path(), 1000);
+        // Another run of the same name by the same process, a moment later.
+        start(b.path(), 1001);
+        let id = run_identity(a.path())
+            .unwrap()
+            .expect("a journal with a start");
+        assert_ne!(Some(&id), run_identity(b.path()).unwrap().as_ref());
+        w.append(5000, Event::Resume { pid: 8 }).unwrap();
+        w.flush().unwrap();
+        std::fs::copy(a.path().join(JOURNAL_FILE), copy.path().join(JOURNAL_FILE)).unwrap();
+        assert_eq!(run_identity(a.path()).unwrap().as_ref(), Some(&id));
+        assert_eq!(run_identity(copy.path()).unwrap(), Some(id));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub use client::{
     RunInfo, RunStatus,
 };
 pub use error::{Error, Result};
-pub use journal::{journaled_status, metric_history};
+pub use journal::{journaled_status, metric_history, run_identity};
 pub use plot::{Bar, History, plot_bars, plot_curves};
 pub use server::ServerInfo;
 pub use sync::{SyncReport, sync, sync_all};

@@ -18,7 +18,6 @@ pub type History = BTreeMap<String, Vec<(i64, f64)>>;
 
 const FONT: &str = "sans-serif";
 const FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
-const SIZE: (u32, u32) = (1200, 450);
 
 fn register_font() -> Result<()> {
     static DONE: OnceLock<bool> = OnceLock::new();
@@ -32,51 +31,83 @@ fn register_font() -> Result<()> {
     }
 }
 
-/// Renders two panels to `png`: every metric whose key contains `loss`
-/// (left) and every one containing `acc` (right), against the step.
-/// Non-finite points are left out; a panel without data says so.
-pub fn plot_curves(history: &History, png: &Path) -> Result<()> {
-    register_font()?;
-    let pick = |word: &str| -> Vec<(&str, &[(i64, f64)])> {
+/// Width of one panel of the curves; the height of all.
+const PANEL: (u32, u32) = (600, 450);
+
+/// Series logged with the epoch as their step carry this prefix (`kd`'s
+/// `epoch/*`); every other series is logged against the global step.
+const EPOCH_PREFIX: &str = "epoch/";
+
+type Series<'a> = (&'a str, &'a [(i64, f64)]);
+
+/// One panel of the curves: what it plots, against which axis.
+struct Panel<'a> {
+    title: &'static str,
+    x: &'static str,
+    series: Vec<Series<'a>>,
+    /// Losses fall and accuracies rise: the legend goes where the
+    /// curves are not, upper right for losses, lower right for accuracies.
+    legend_up: bool,
+}
+
+/// The panels of `history`: losses (every key containing `loss`) and
+/// accuracies (`acc`), each against the step for step series and against
+/// the epoch for `epoch/` series, so neither is drawn on the other's
+/// scale. Panels without data are left out, unless none has data.
+fn panels(history: &History) -> Vec<Panel<'_>> {
+    let pick = |word: &str, epochs: bool| -> Vec<Series<'_>> {
         history
             .iter()
             .filter(|(k, _)| k.to_ascii_lowercase().contains(word))
+            .filter(|(k, _)| k.starts_with(EPOCH_PREFIX) == epochs)
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect()
     };
-    let root = BitMapBackend::new(png, SIZE).into_drawing_area();
+    let all = [
+        ("loss per step", "step", pick("loss", false), true),
+        ("loss per epoch", "epoch", pick("loss", true), true),
+        ("accuracy per epoch", "epoch", pick("acc", true), false),
+        ("accuracy per step", "step", pick("acc", false), false),
+    ];
+    let empty = all.iter().all(|p| p.2.is_empty());
+    all.into_iter()
+        .enumerate()
+        .filter(|(i, p)| !p.2.is_empty() || (empty && (*i == 0 || *i == 2)))
+        .map(|(_, (title, x, series, legend_up))| Panel {
+            title,
+            x,
+            series,
+            legend_up,
+        })
+        .collect()
+}
+
+/// Renders the curves to `png`, a panel beside the other (see [`panels`]).
+/// Non-finite points are left out; a panel without data says so.
+pub fn plot_curves(history: &History, png: &Path) -> Result<()> {
+    register_font()?;
+    let panels = panels(history);
+    let size = (PANEL.0 * panels.len() as u32, PANEL.1);
+    let root = BitMapBackend::new(png, size).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let (left, right) = root.split_horizontally(SIZE.0 / 2);
-    // Losses fall and accuracies rise: keep each legend out of the way.
-    panel(
-        &left,
-        "loss",
-        &pick("loss"),
-        SeriesLabelPosition::UpperRight,
-    )?;
-    panel(
-        &right,
-        "accuracy",
-        &pick("acc"),
-        SeriesLabelPosition::LowerRight,
-    )?;
+    for (area, p) in root.split_evenly((1, panels.len())).iter().zip(&panels) {
+        panel(area, p)?;
+    }
     root.present().map_err(plot_err)
 }
 
-fn panel(
-    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
-    title: &str,
-    series: &[(&str, &[(i64, f64)])],
-    legend: SeriesLabelPosition,
-) -> Result<()> {
-    let finite = |p: &&(i64, f64)| p.1.is_finite();
-    let points = || series.iter().flat_map(|s| s.1.iter().filter(finite));
-    let (x0, x1) = bounds(points().map(|p| p.0 as f64), 0.0);
-    let (y0, y1) = bounds(points().map(|p| p.1), 0.05);
-    let caption = if series.is_empty() {
-        format!("{title} (no data)")
+fn panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, p: &Panel) -> Result<()> {
+    let finite = |pt: &&(i64, f64)| pt.1.is_finite();
+    let points = || p.series.iter().flat_map(|s| s.1.iter().filter(finite));
+    // Steps and epochs are whole numbers: an integer axis has whole ticks
+    // only (a float axis over two epochs labels 0, 0.2, ... as `0 0 0 0 1 1`).
+    let x0 = points().map(|pt| pt.0).min().unwrap_or(0);
+    let x1 = points().map(|pt| pt.0).max().unwrap_or(1).max(x0 + 1);
+    let (y0, y1) = bounds(points().map(|pt| pt.1), 0.05);
+    let caption = if p.series.is_empty() {
+        format!("{} (no data)", p.title)
     } else {
-        title.to_string()
+        p.title.to_string()
     };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 22))
@@ -87,25 +118,28 @@ fn panel(
         .map_err(plot_err)?;
     chart
         .configure_mesh()
-        .x_desc("step")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc(p.x)
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
         .draw()
         .map_err(plot_err)?;
-    for (i, (name, pts)) in series.iter().enumerate() {
+    for (i, (name, pts)) in p.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let line = pts.iter().filter(finite).map(|&(s, v)| (s as f64, v));
+        let line = pts.iter().filter(finite).copied();
         chart
             .draw_series(LineSeries::new(line, color.stroke_width(2)))
             .map_err(plot_err)?
             .label(*name)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    if !series.is_empty() {
+    if !p.series.is_empty() {
         chart
             .configure_series_labels()
-            .position(legend)
+            .position(if p.legend_up {
+                SeriesLabelPosition::UpperRight
+            } else {
+                SeriesLabelPosition::LowerRight
+            })
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font((FONT, 14))
@@ -115,46 +149,65 @@ fn panel(
     Ok(())
 }
 
-/// One configuration of a report: its mean top-1 with the standard
-/// deviation over seeds, and the number its source publishes, if any.
+/// One configuration of a report: the mean best and last top-1 with their
+/// standard deviations over seeds (NaN for a single run), and the number
+/// its source publishes, if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bar {
     pub label: String,
-    pub mean: f64,
-    pub std: f64,
+    pub best: (f64, f64),
+    pub last: (f64, f64),
     pub paper: Option<f64>,
 }
 
-/// A horizontal bar per configuration (mean, with a ±std error bar) and
-/// the published number as a red tick, rendered to `png`. Labels are
-/// ASCII (the bundled font is); other characters show as boxes.
+const BEST: RGBColor = RGBColor(45, 85, 160);
+const LAST: RGBColor = RGBColor(150, 185, 230);
+
+/// Two horizontal bars per configuration, best top-1 (dark) above last
+/// (light), each with a ±std error bar, and the published number as a red
+/// tick, rendered to `png`. The value axis starts at 0, so bar lengths
+/// compare as the numbers do. Labels are ASCII (the bundled font is);
+/// other characters show as boxes.
 pub fn plot_bars(bars: &[Bar], title: &str, png: &Path) -> Result<()> {
     register_font()?;
-    let height = 90 + 34 * bars.len().max(1) as u32;
-    let root = BitMapBackend::new(png, (1000, height)).into_drawing_area();
+    let root = BitMapBackend::new(png, bars_size(bars)).into_drawing_area();
+    draw_bars(&root, bars, title)?;
+    root.present().map_err(plot_err)
+}
+
+fn bars_size(bars: &[Bar]) -> (u32, u32) {
+    (1000, 90 + 44 * bars.len().max(1) as u32)
+}
+
+fn draw_bars<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    bars: &[Bar],
+    title: &str,
+) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
-    let ends = bars.iter().flat_map(|b| {
-        let spread = if b.std.is_finite() { b.std } else { 0.0 };
-        [b.mean - spread, b.mean + spread]
-            .into_iter()
-            .chain(b.paper)
-            .filter(|v| v.is_finite())
-    });
-    let (lo, hi) = bounds(ends, 0.15);
+    let top = bars
+        .iter()
+        .flat_map(|b| {
+            let end = |(m, s): (f64, f64)| m + if s.is_finite() { s } else { 0.0 };
+            [end(b.best), end(b.last)].into_iter().chain(b.paper)
+        })
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max);
+    let hi = if top > 0.0 { top * 1.05 } else { 1.0 };
     let n = bars.len().max(1) as f64;
     let longest = bars.iter().map(|b| b.label.len()).max().unwrap_or(0);
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, 20))
         .margin(14)
         .x_label_area_size(36)
         .y_label_area_size((longest as u32 * 8 + 12).clamp(60, 420))
-        .build_cartesian_2d(lo..hi, 0.0..n)
+        .build_cartesian_2d(0.0..hi, 0.0..n)
         .map_err(plot_err)?;
     let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .x_desc("test top-1 (%)")
+        .x_desc("test top-1 (%): best (dark), last (light)")
         .y_labels(bars.len().max(1) * 2 + 1)
         .y_label_formatter(&|y| {
             // Labels sit at bar centres only; the first row at the top.
@@ -169,28 +222,29 @@ pub fn plot_bars(bars: &[Bar], title: &str, png: &Path) -> Result<()> {
         .axis_desc_style((FONT, 15))
         .draw()
         .map_err(plot_err)?;
-    let blue = RGBColor(70, 110, 180);
     for (i, b) in bars.iter().enumerate() {
         let y = n - i as f64 - 0.5;
-        if b.mean.is_finite() {
-            let bar = Rectangle::new([(lo, y - 0.3), (b.mean, y + 0.3)], blue.mix(0.75).filled());
-            chart.draw_series([bar]).map_err(plot_err)?;
-        }
-        if b.std.is_finite() && b.std > 0.0 {
-            let (a, z) = (b.mean - b.std, b.mean + b.std);
-            let whisker = [
-                PathElement::new([(a, y), (z, y)], BLACK.stroke_width(2)),
-                PathElement::new([(a, y - 0.15), (a, y + 0.15)], BLACK.stroke_width(2)),
-                PathElement::new([(z, y - 0.15), (z, y + 0.15)], BLACK.stroke_width(2)),
-            ];
-            chart.draw_series(whisker).map_err(plot_err)?;
+        for ((mean, std), color, at) in [(b.best, BEST, y + 0.16), (b.last, LAST, y - 0.16)] {
+            if mean.is_finite() {
+                let bar = Rectangle::new([(0.0, at - 0.15), (mean, at + 0.15)], color.filled());
+                chart.draw_series([bar]).map_err(plot_err)?;
+            }
+            if std.is_finite() && std > 0.0 {
+                let (a, z) = (mean - std, mean + std);
+                let whisker = [
+                    PathElement::new([(a, at), (z, at)], BLACK.stroke_width(2)),
+                    PathElement::new([(a, at - 0.08), (a, at + 0.08)], BLACK.stroke_width(2)),
+                    PathElement::new([(z, at - 0.08), (z, at + 0.08)], BLACK.stroke_width(2)),
+                ];
+                chart.draw_series(whisker).map_err(plot_err)?;
+            }
         }
         if let Some(p) = b.paper.filter(|p| p.is_finite()) {
             let tick = PathElement::new([(p, y - 0.42), (p, y + 0.42)], RED.stroke_width(3));
             chart.draw_series([tick]).map_err(plot_err)?;
         }
     }
-    root.present().map_err(plot_err)
+    Ok(())
 }
 
 /// A non-empty range around the values, widened by `margin` of its span.
@@ -237,7 +291,36 @@ mod tests {
         // Width and height sit in the IHDR chunk.
         let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
         let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
-        assert_eq!((w, h), SIZE);
+        assert_eq!((w, h), (1200, 450), "a loss and an accuracy panel");
+    }
+
+    #[test]
+    fn epoch_series_are_drawn_against_epochs_and_step_series_against_steps() {
+        let mut h = History::new();
+        let epochs: Vec<(i64, f64)> = (0..12).map(|e| (e, e as f64)).collect();
+        let steps: Vec<(i64, f64)> = (0..300).map(|s| (s, s as f64)).collect();
+        for k in ["epoch/train_loss", "epoch/loss/ce", "epoch/test_acc_top1"] {
+            h.insert(k.into(), epochs.clone());
+        }
+        for k in ["train/loss", "loss/ce", "train/lr"] {
+            h.insert(k.into(), steps.clone());
+        }
+        let got: Vec<(&str, &str, Vec<&str>)> = panels(&h)
+            .iter()
+            .map(|p| (p.title, p.x, p.series.iter().map(|s| s.0).collect()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("loss per step", "step", vec!["loss/ce", "train/loss"]),
+                (
+                    "loss per epoch",
+                    "epoch",
+                    vec!["epoch/loss/ce", "epoch/train_loss"]
+                ),
+                ("accuracy per epoch", "epoch", vec!["epoch/test_acc_top1"]),
+            ]
+        );
     }
 
     #[test]
@@ -255,14 +338,14 @@ mod tests {
         let bars = [
             Bar {
                 label: "st".into(),
-                mean: 70.1,
-                std: 0.4,
+                best: (70.1, 0.4),
+                last: (69.8, 0.5),
                 paper: Some(70.06),
             },
             Bar {
                 label: "baseline".into(),
-                mean: 68.5,
-                std: f64::NAN,
+                best: (68.5, f64::NAN),
+                last: (68.0, f64::NAN),
                 paper: None,
             },
         ];
@@ -270,7 +353,63 @@ mod tests {
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
-        assert_eq!(h, 90 + 34 * 2, "the height grows with the rows");
+        assert_eq!(h, 90 + 44 * 2, "the height grows with the rows");
+    }
+
+    /// Bar lengths in pixels of one colour, one per band of rows it fills,
+    /// top to bottom.
+    fn bar_lengths(rgb: &[u8], width: usize, color: RGBColor) -> Vec<usize> {
+        let rows = rgb.chunks(width * 3).map(|row| {
+            row.chunks(3)
+                .filter(|p| *p == [color.0, color.1, color.2])
+                .count()
+        });
+        let mut bands: Vec<usize> = Vec::new();
+        let mut inside = false;
+        for n in rows {
+            match (n > 0, inside) {
+                (true, false) => bands.push(n),
+                (true, true) => *bands.last_mut().unwrap() = n.max(*bands.last().unwrap()),
+                _ => {}
+            }
+            inside = n > 0;
+        }
+        bands
+    }
+
+    #[test]
+    fn bars_show_best_and_last_on_an_axis_from_zero() {
+        register_font().unwrap();
+        let bars = [
+            Bar {
+                label: "a".into(),
+                best: (90.0, 1.0),
+                last: (80.0, 1.0),
+                paper: None,
+            },
+            Bar {
+                label: "b".into(),
+                best: (45.0, f64::NAN),
+                last: (40.0, f64::NAN),
+                paper: None,
+            },
+        ];
+        let (w, h) = bars_size(&bars);
+        let mut rgb = vec![0u8; (w * h * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+            draw_bars(&root, &bars, "top-1").unwrap();
+            root.present().unwrap();
+        }
+        // From zero, lengths are proportional to the values: 90 is twice
+        // 45 and 80 twice 40 (a range fitted around the values would make
+        // 45 a sliver).
+        for (color, what) in [(BEST, "best"), (LAST, "last")] {
+            let len = bar_lengths(&rgb, w as usize, color);
+            assert_eq!(len.len(), 2, "one {what} bar per row: {len:?}");
+            let ratio = len[0] as f64 / len[1] as f64;
+            assert!((ratio - 2.0).abs() < 0.03, "{what} bars {len:?}");
+        }
     }
 
     #[test]

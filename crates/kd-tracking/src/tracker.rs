@@ -127,6 +127,8 @@ enum Msg {
     Durable(i64, Event, Sender<()>),
     /// Sync, hand the deadline to the shipper, then answer.
     Close(Instant, Sender<()>),
+    /// Answer once everything queued before is in the journal file.
+    Flush(Sender<()>),
 }
 
 /// The journal thread's inbox. Metrics, params, tags and artifacts only join
@@ -263,6 +265,18 @@ impl Tracker {
         self.run.get().map(|r| r.run_id.clone())
     }
 
+    /// Waits (at most a few seconds) until everything logged so far is in
+    /// `journal.jsonl`, for readers of the file while the run is open: the
+    /// curves plotted when a run ends must hold its last epoch.
+    pub fn flush(&self) {
+        if let Some(tx) = &self.tx {
+            let (done_tx, done_rx) = mpsc::channel();
+            if tx.post(Msg::Flush(done_tx), true).is_ok() {
+                let _ = done_rx.recv_timeout(JOURNAL_GRACE);
+            }
+        }
+    }
+
     /// Records the final status (unless the run had finished before it was
     /// reopened: then it stays FINISHED) and gives the server at most
     /// [`Options::finish_timeout`] to take the rest (one last attempt when it
@@ -362,7 +376,8 @@ fn open(
     // the server already acknowledged.
     let mut writer = JournalWriter::open(&dir, summary.last_seq.max(acked) + 1)?;
     let pid = std::process::id();
-    let first = if summary.start.is_none() {
+    let resumed = summary.start.is_some();
+    let first = if !resumed {
         Event::Start {
             experiment: spec.experiment.clone(),
             run_name: spec.run_name.clone(),
@@ -422,7 +437,7 @@ fn open(
     let journal = spawn("kd-journal", move || {
         journal_loop(writer, first, lock, (queue, rx), notify, sh, logged)
     })?;
-    Ok(Tracker {
+    let tracker = Tracker {
         dir,
         tx: Some(tx),
         journal: Some(journal),
@@ -431,7 +446,16 @@ fn open(
         shared,
         uri: spec.tracking_uri,
         opts,
-    })
+    };
+    // A resuming process's tags (`kd.extended`, provenance of this
+    // process) are news to the run: the start event that carried them the
+    // first time is not written again.
+    if resumed {
+        for (k, v) in &spec.tags {
+            tracker.tag(k, v);
+        }
+    }
+    Ok(tracker)
 }
 
 fn spawn<T: Send + 'static>(
@@ -513,6 +537,12 @@ fn journal_loop(
                     Err(e) => fail(e),
                 }
                 dirty_since.get_or_insert_with(Instant::now);
+            }
+            Msg::Flush(done) => {
+                if let Err(e) = w.flush() {
+                    fail(e);
+                }
+                let _ = done.send(());
             }
             Msg::Close(deadline, done) => {
                 if let Err(e) = w.sync() {
@@ -626,6 +656,18 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn flush_puts_what_was_logged_in_the_journal_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::start(dir.path(), RunSpec::new("e")).unwrap();
+        t.metric("epoch/test_acc_top1", 50.0, 11);
+        t.flush();
+        // Without the flush the point waits in the queue for the next tick.
+        let h = crate::metric_history(dir.path()).unwrap();
+        assert_eq!(h["epoch/test_acc_top1"], [(11, 50.0)]);
+        t.finish(RunStatus::Finished);
     }
 
     #[test]
