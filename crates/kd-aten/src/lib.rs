@@ -4,9 +4,11 @@
 //! mode, autocast's lower precision on CUDA, and CUDA graphs.
 
 mod graph;
+mod jit;
 mod pickle;
 
 pub use graph::CudaGraph;
+pub use jit::JitModule;
 
 use std::ffi::{CStr, c_char, c_void};
 
@@ -234,9 +236,22 @@ pub fn pickle_tensors(path: &std::path::Path) -> Result<Vec<(String, Tensor)>, A
             &mut n,
         )
     })?;
+    // SAFETY: the shim succeeded, so it filled the three outputs.
+    Ok(unsafe { take_named(names, tensors, n) })
+}
+
+/// Named tensors a shim function handed out: `n` malloc'd names and `n`
+/// new'd tensors, in two malloc'd arrays; all freed or owned here.
+///
+/// # Safety
+/// The pointers must come from a shim function that returned success.
+unsafe fn take_named(
+    names: *mut *mut c_char,
+    tensors: *mut *mut c_void,
+    n: i64,
+) -> Vec<(String, Tensor)> {
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n as usize {
-        // SAFETY: the shim filled `n` malloc'd names and `n` new'd tensors.
         unsafe {
             let name = CStr::from_ptr(*names.add(i)).to_string_lossy().into_owned();
             libc_free((*names.add(i)).cast());
@@ -248,7 +263,7 @@ pub fn pickle_tensors(path: &std::path::Path) -> Result<Vec<(String, Tensor)>, A
         libc_free(names.cast());
         libc_free(tensors.cast());
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

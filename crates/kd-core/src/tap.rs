@@ -84,7 +84,8 @@ impl Taps {
         }
     }
 
-    /// Every tap name with its tensor, in a stable order.
+    /// Every tap name with its tensor, in a stable order; taps a network
+    /// does not give (left undefined) are not listed.
     pub fn named(&self) -> Vec<(Tap, &Tensor)> {
         let mut out: Vec<(Tap, &Tensor)> = Vec::new();
         out.extend(self.feat.iter().enumerate().map(|(k, t)| (Tap::Feat(k), t)));
@@ -96,6 +97,7 @@ impl Taps {
         );
         out.push((Tap::Embed, &self.embed));
         out.push((Tap::Logits, &self.logits));
+        out.retain(|(_, t)| t.defined());
         out
     }
 
@@ -104,8 +106,9 @@ impl Taps {
         self.map(Tensor::detach)
     }
 
-    /// Every tap passed through `f`.
+    /// Every tap passed through `f` (an undefined one stays undefined).
     pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Taps {
+        let f = |t: &Tensor| if t.defined() { f(t) } else { Tensor::new() };
         Taps {
             feat: self.feat.iter().map(&f).collect(),
             preact: self.preact.iter().map(&f).collect(),

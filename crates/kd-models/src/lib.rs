@@ -34,6 +34,7 @@ pub mod resnet;
 pub mod resnetv2;
 pub mod shufflenetv1;
 pub mod shufflenetv2;
+pub mod torchscript;
 pub mod tvresnet;
 pub mod vgg;
 mod weights;
@@ -67,6 +68,12 @@ pub trait Network: Send {
     /// the folded kernels are computed here, once); `false` returns to the
     /// parameters. Families without such pairs ignore it.
     fn fold_batchnorm(&mut self, _on: bool) {}
+
+    /// Whether the network can be trained (run once on `probe` before a
+    /// stage trains it): networks of foreign origin can say why not.
+    fn check_trainable(&self, _probe: &Tensor) -> Result<(), ModelError> {
+        Ok(())
+    }
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -281,12 +288,20 @@ pub fn names() -> Vec<&'static str> {
     names
 }
 
-/// Builds zoo model `name` under `p` with freshly initialised weights.
+/// Builds zoo model `name` under `p` with freshly initialised weights, or
+/// loads `torchscript:FILE` (a saved TorchScript module, with the weights
+/// it was saved with; `num_classes` is the module's own business).
 pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Network>, ModelError> {
+    if let Some(file) = name.strip_prefix(torchscript::PREFIX) {
+        return Ok(Box::new(torchscript::TorchScriptNet::load(
+            std::path::Path::new(file),
+            p,
+        )?));
+    }
     let Some((_, arch)) = ZOO.iter().find(|(n, _)| *n == name) else {
         return Err(ModelError::UnknownModel {
             name: name.to_string(),
-            valid: names().join(", "),
+            valid: format!("{}, or torchscript:FILE", names().join(", ")),
         });
     };
     Ok(match *arch {

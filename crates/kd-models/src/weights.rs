@@ -18,7 +18,8 @@ const LISTED: usize = 10;
 const DATA_PARALLEL: &str = "module.";
 
 /// PyTorch's BatchNorm step counter: only used when `momentum=None`, which no
-/// zoo model sets, so there is nothing to load it into.
+/// zoo model sets, so zoo models have nothing to load it into (a foreign
+/// module that keeps it loads it, and may lack it in older files).
 fn is_ignored(key: &str) -> bool {
     key == "num_batches_tracked" || key.ends_with(".num_batches_tracked")
 }
@@ -64,7 +65,7 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
             Some(stripped) => stripped.to_string(),
             None => key,
         };
-        if is_ignored(&key) {
+        if is_ignored(&key) && !vars.contains_key(&key) {
             continue;
         }
         if loaded.insert(key.clone(), tensor).is_some() {
@@ -74,7 +75,7 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
 
     let mut missing: Vec<String> = vars
         .keys()
-        .filter(|k| !loaded.contains_key(*k))
+        .filter(|k| !loaded.contains_key(*k) && !is_ignored(k))
         .cloned()
         .collect();
     missing.sort();

@@ -86,6 +86,11 @@ fn networks(
             )));
         }
         let (net, other) = roles(stage.subject, &student, teacher.as_ref());
+        if stage.train.contains(&crate::plan::Part::Network) {
+            net.model
+                .check_trainable(&probe)
+                .map_err(|e| EngineError::Plan(format!("stage `{}`: {e}", stage.name)))?;
+        }
         let s_shapes = shapes_of(net, &probe);
         let t_shapes = other.map(|t| shapes_of(t, &probe));
         build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), &Carry::new())

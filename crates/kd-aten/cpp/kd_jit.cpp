@@ -1,0 +1,87 @@
+// TorchScript modules (torch.jit.script / trace files) as networks kd
+// trains: tch binds loading and forward, but not buffers, the module's
+// own parameter names, or dict outputs read by name. Same error convention
+// as kd_aten.cpp (cpp/kd_ffi.h).
+#include <torch/script.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kd_ffi.h"
+
+using kd_ffi::error_message;
+
+namespace {
+
+using Named = std::vector<std::pair<std::string, at::Tensor>>;
+
+void hand_out(const Named &found, char ***names, at::Tensor ***tensors, int64_t *n) {
+  *n = static_cast<int64_t>(found.size());
+  *names = static_cast<char **>(std::malloc(sizeof(char *) * (found.size() + 1)));
+  *tensors = static_cast<at::Tensor **>(std::malloc(sizeof(at::Tensor *) * (found.size() + 1)));
+  for (size_t i = 0; i < found.size(); ++i) {
+    (*names)[i] = error_message(found[i].first.c_str());
+    (*tensors)[i] = new at::Tensor(found[i].second);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+char *kd_jit_load(const char *path, int cuda_index, void **out) {
+  KD_PROTECT({
+    c10::Device device = cuda_index < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, cuda_index);
+    auto *m = new torch::jit::Module(torch::jit::load(path, device));
+    *out = m;
+  })
+}
+
+void kd_jit_free(void *m) { delete static_cast<torch::jit::Module *>(m); }
+
+// The module's parameters (buffers = 0) or buffers (buffers = 1), under
+// their state_dict names; the tensors are the module's own, not copies.
+char *kd_jit_tensors(void *m, int buffers, char ***names, at::Tensor ***tensors, int64_t *n) {
+  KD_PROTECT({
+    auto *module = static_cast<torch::jit::Module *>(m);
+    Named found;
+    if (buffers) {
+      for (const auto &b : module->named_buffers(true)) found.emplace_back(b.name, b.value);
+    } else {
+      for (const auto &p : module->named_parameters(true)) found.emplace_back(p.name, p.value);
+    }
+    hand_out(found, names, tensors, n);
+  })
+}
+
+char *kd_jit_train(void *m, int on) {
+  KD_PROTECT({ static_cast<torch::jit::Module *>(m)->train(on != 0); })
+}
+
+// forward(x): a Tensor is handed out as `logits`; a Dict[str, Tensor] entry
+// by entry. Anything else is an error naming what forward returned.
+char *kd_jit_forward(void *m, at::Tensor *x, char ***names, at::Tensor ***tensors, int64_t *n) {
+  KD_PROTECT({
+    auto *module = static_cast<torch::jit::Module *>(m);
+    c10::IValue out = module->forward({*x});
+    Named found;
+    if (out.isTensor()) {
+      found.emplace_back("logits", out.toTensor());
+    } else if (out.isGenericDict()) {
+      for (const auto &e : out.toGenericDict()) {
+        if (!e.key().isString() || !e.value().isTensor()) {
+          throw std::runtime_error("forward returned a dict with a " + std::string(e.key().tagKind()) + " key or a " +
+                                   e.value().tagKind() + " value; kd reads Dict[str, Tensor]");
+        }
+        found.emplace_back(e.key().toStringRef(), e.value().toTensor());
+      }
+    } else {
+      throw std::runtime_error("forward returned a " + std::string(out.tagKind()) +
+                               "; kd reads the logits (a Tensor) or a Dict[str, Tensor] holding \"logits\"");
+    }
+    hand_out(found, names, tensors, n);
+  })
+}
+
+}  // extern "C"

@@ -1,0 +1,103 @@
+//! TorchScript modules (`torch.jit.script` or `trace` files) loaded into
+//! the process's libtorch: their parameters and buffers under their
+//! `state_dict` names (the module's own tensors, so an optimiser updating
+//! them updates the module), the train/eval switch, and a forward that
+//! returns named outputs.
+
+use std::ffi::{CString, c_char, c_void};
+use std::path::Path;
+
+use tch::{Device, Tensor};
+
+use crate::{AtenError, check, raw, take_named};
+
+type Named = Vec<(String, Tensor)>;
+
+unsafe extern "C" {
+    fn kd_jit_load(path: *const c_char, cuda_index: i32, out: *mut *mut c_void) -> *mut c_char;
+    fn kd_jit_free(m: *mut c_void);
+    fn kd_jit_tensors(
+        m: *mut c_void,
+        buffers: i32,
+        names: *mut *mut *mut c_char,
+        tensors: *mut *mut *mut c_void,
+        n: *mut i64,
+    ) -> *mut c_char;
+    fn kd_jit_train(m: *mut c_void, on: i32) -> *mut c_char;
+    fn kd_jit_forward(
+        m: *mut c_void,
+        x: *mut c_void,
+        names: *mut *mut *mut c_char,
+        tensors: *mut *mut *mut c_void,
+        n: *mut i64,
+    ) -> *mut c_char;
+}
+
+/// A loaded TorchScript module.
+pub struct JitModule {
+    raw: *mut c_void,
+}
+
+// SAFETY: a torch::jit::Module is a handle to its object; kd uses each from
+// one thread at a time, and libtorch allows moving it between threads.
+unsafe impl Send for JitModule {}
+
+impl Drop for JitModule {
+    fn drop(&mut self) {
+        unsafe { kd_jit_free(self.raw) }
+    }
+}
+
+impl JitModule {
+    /// Loads the module at `path` with its tensors on `device`.
+    pub fn load(path: &Path, device: Device) -> Result<JitModule, AtenError> {
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| AtenError("the path holds a NUL byte".into()))?;
+        let cuda = match device {
+            Device::Cuda(i) => i as i32,
+            _ => -1,
+        };
+        let mut raw = std::ptr::null_mut();
+        check(unsafe { kd_jit_load(c_path.as_ptr(), cuda, &mut raw) })?;
+        Ok(JitModule { raw })
+    }
+
+    /// Parameters by `state_dict` name.
+    pub fn parameters(&self) -> Result<Named, AtenError> {
+        self.tensors(false)
+    }
+
+    /// Buffers (BatchNorm's running statistics, ...) by `state_dict` name.
+    pub fn buffers(&self) -> Result<Named, AtenError> {
+        self.tensors(true)
+    }
+
+    fn tensors(&self, buffers: bool) -> Result<Named, AtenError> {
+        let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
+        check(unsafe {
+            kd_jit_tensors(
+                self.raw,
+                i32::from(buffers),
+                &mut names,
+                &mut tensors,
+                &mut n,
+            )
+        })?;
+        // SAFETY: the shim succeeded.
+        Ok(unsafe { take_named(names, tensors, n) })
+    }
+
+    /// `module.train(on)`: every submodule's `training` flag.
+    pub fn set_train(&self, on: bool) -> Result<(), AtenError> {
+        check(unsafe { kd_jit_train(self.raw, i32::from(on)) })
+    }
+
+    /// `forward(x)`: a Tensor output as `logits`, a `Dict[str, Tensor]`
+    /// entry by entry.
+    pub fn forward(&self, x: &Tensor) -> Result<Named, AtenError> {
+        let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
+        check(unsafe { kd_jit_forward(self.raw, raw(x), &mut names, &mut tensors, &mut n) })?;
+        // SAFETY: the shim succeeded.
+        Ok(unsafe { take_named(names, tensors, n) })
+    }
+}

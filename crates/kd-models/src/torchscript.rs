@@ -1,0 +1,161 @@
+//! A TorchScript module (`torch.jit.script` or `torch.jit.trace`, saved
+//! with `.save`) as a network of kd: `torchscript:FILE` wherever a zoo
+//! name goes. Its parameters and buffers join the VarStore under their
+//! `state_dict` names, as the module's own tensors, so the optimiser,
+//! checkpoints and weight files see exactly what the module computes with.
+//!
+//! `forward(x)` returns the logits, or a `Dict[str, Tensor]` holding
+//! `"logits"` and any of the zoo's taps by name (`feat/0`..`feat/n`,
+//! `preact/k`, `embed`), which feature methods then read.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+
+use kd_core::Taps;
+use tch::{Tensor, nn};
+
+use crate::{ModelError, Network};
+
+/// The prefix that names a TorchScript file instead of a zoo model.
+pub const PREFIX: &str = "torchscript:";
+
+pub struct TorchScriptNet {
+    module: kd_aten::JitModule,
+    file: PathBuf,
+    /// The mode last set, so a forward switches only when it changes.
+    training: Cell<Option<bool>>,
+    /// Every buffer, to tell (and undo) what a training forward updates.
+    buffers: Vec<Tensor>,
+    /// Whether it has BatchNorm running statistics.
+    batch_norm: bool,
+}
+
+fn bad(file: &Path, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::InvalidConfig {
+        family: "torchscript",
+        reason: format!("{}: {reason}", file.display()),
+    }
+}
+
+impl TorchScriptNet {
+    /// Loads `file` on `p`'s device and adds its tensors under `p`.
+    pub fn load(file: &Path, p: &nn::Path) -> Result<TorchScriptNet, ModelError> {
+        if !file.is_file() {
+            return Err(bad(file, "no such file"));
+        }
+        let module = kd_aten::JitModule::load(file, p.device()).map_err(|e| bad(file, e))?;
+        let params = module.parameters().map_err(|e| bad(file, e))?;
+        let buffers = module.buffers().map_err(|e| bad(file, e))?;
+        let batch_norm = buffers.iter().any(|(n, _)| n.ends_with("running_mean"));
+        let kept: Vec<Tensor> = buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
+        for (trainable, (name, t)) in params
+            .into_iter()
+            .map(|x| (true, x))
+            .chain(buffers.into_iter().map(|x| (false, x)))
+        {
+            // A VarStore name's dots are its path: `layer1.0.conv1.weight`
+            // is variable `weight` under `layer1` / `0` / `conv1`.
+            let mut parts: Vec<&str> = name.split('.').collect();
+            let leaf = parts.pop().unwrap_or_default();
+            let sub = parts.iter().fold(p.clone(), |q, s| &q / *s);
+            let _ = sub.add(leaf, t, trainable);
+        }
+        Ok(TorchScriptNet {
+            module,
+            file: file.to_path_buf(),
+            training: Cell::new(None),
+            buffers: kept,
+            batch_norm,
+        })
+    }
+
+    fn mode(&self, train: bool) -> Result<(), ModelError> {
+        if self.training.get() != Some(train) {
+            self.module
+                .set_train(train)
+                .map_err(|e| bad(&self.file, e))?;
+            self.training.set(Some(train));
+        }
+        Ok(())
+    }
+
+    /// The module's outputs as taps; an error names what it returned.
+    pub fn try_taps(&self, xs: &Tensor, train: bool) -> Result<Taps, ModelError> {
+        self.mode(train)?;
+        let out = self.module.forward(xs).map_err(|e| bad(&self.file, e))?;
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        let find = |k: &str| {
+            out.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, t)| t.shallow_clone())
+        };
+        let logits = find("logits").ok_or_else(|| {
+            bad(
+                &self.file,
+                format!(
+                    "forward returned a dict without \"logits\" (keys: {})",
+                    names.join(", ")
+                ),
+            )
+        })?;
+        let depth = names
+            .iter()
+            .filter_map(|n| {
+                n.strip_prefix("feat/")
+                    .and_then(|k| k.parse::<usize>().ok())
+            })
+            .map(|k| k + 1)
+            .max()
+            .unwrap_or(0);
+        // Absent taps stay undefined: methods are built against the taps
+        // the probe forward showed, so none can ask for them.
+        let tap = |k: String| find(&k).unwrap_or_else(Tensor::new);
+        let known = |n: &str| {
+            n == "logits"
+                || n == "embed"
+                || ["feat/", "preact/"].iter().any(|p| {
+                    n.strip_prefix(p)
+                        .is_some_and(|k| k.parse::<usize>().is_ok_and(|k| k < depth))
+                })
+        };
+        if let Some(other) = names.iter().find(|n| !known(n)) {
+            return Err(bad(
+                &self.file,
+                format!(
+                    "forward returned `{other}`, which is not a tap; taps: logits, embed, feat/0..feat/N, preact/0..preact/N (preact/k only beside feat/k)"
+                ),
+            ));
+        }
+        Ok(Taps {
+            feat: (0..depth).map(|k| tap(format!("feat/{k}"))).collect(),
+            preact: (0..depth).map(|k| tap(format!("preact/{k}"))).collect(),
+            embed: tap("embed".into()),
+            logits,
+        })
+    }
+}
+
+impl Network for TorchScriptNet {
+    fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps {
+        // The trait's forward cannot fail; the plan's check ran the same
+        // forward first (`check_trainable`, the probe of the taps), so a
+        // failure here is the module's own, reported as libtorch's are.
+        self.try_taps(xs, train).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn check_trainable(&self, probe: &Tensor) -> Result<(), ModelError> {
+        let before: Vec<Tensor> = self.buffers.iter().map(Tensor::copy).collect();
+        tch::no_grad(|| self.try_taps(probe, true))?;
+        let moved = self.buffers.iter().zip(&before).any(|(a, b)| !a.equal(b));
+        for (t, b) in self.buffers.iter().zip(&before) {
+            tch::no_grad(|| t.shallow_clone().copy_(b));
+        }
+        if self.batch_norm && !moved {
+            return Err(bad(
+                &self.file,
+                "its BatchNorm layers do not update their running statistics in training mode: the module was traced in eval mode, which bakes BatchNorm into inference, so it cannot train (as a teacher it is fine); trace it after `model.train()`, or use `torch.jit.script`",
+            ));
+        }
+        Ok(())
+    }
+}

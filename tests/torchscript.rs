@@ -1,0 +1,162 @@
+//! `torchscript:FILE` networks, end to end: a module that is no zoo shape
+//! (tests/torchscript/net.py: grouped convolution, GELU, LayerNorm head),
+//! written by the bootstrap venv's PyTorch at test time, gives PyTorch's
+//! outputs in `kd probe model`, trains as a teacher and as a student (with
+//! a logit method and a feature method on its taps), and its trained
+//! weights load back into the PyTorch module (`strict=True`) with kd's
+//! outputs. A module traced in eval mode is refused as a student.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kd_engine::tensors;
+use kd_tests::root;
+
+/// The modules and PyTorch's outputs, in a fresh folder.
+fn written() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = Command::new("python")
+        .arg(root().join("tests/torchscript/net.py"))
+        .arg(dir.path())
+        .status()
+        .expect("python (the bootstrap venv: source scripts/env.sh)");
+    assert!(ok.success());
+    dir
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn run(args: &[String]) {
+    let mut all = vec!["kd".to_string()];
+    all.extend_from_slice(args);
+    kd_cli::run(&all).unwrap_or_else(|e| panic!("{all:?}: {}", kd_cli::one_line(&e)));
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+/// `kd probe model` on the module with `weights`; its outputs.
+fn probe(dir: &Path, module: &Path, weights: &Path) -> PathBuf {
+    let out = dir.join(format!(
+        "probe_{}.safetensors",
+        weights.file_stem().unwrap().to_string_lossy()
+    ));
+    let mut a = words("probe model");
+    a.push(format!("torchscript:{}", s(module)));
+    a.extend(["--weights".into(), s(weights)]);
+    a.extend(["--input".into(), s(&dir.join("input.safetensors"))]);
+    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
+    run(&a);
+    out
+}
+
+fn assert_close(got: &Path, want: &Path, keys: &[&str]) {
+    let (g, w) = (tensors::read(got).unwrap(), tensors::read(want).unwrap());
+    for k in keys {
+        let (a, b) = (g.get(k).unwrap(), w.get(k).unwrap());
+        assert_eq!(a.size(), b.size(), "{k}");
+        let err = (a - b).abs().max().double_value(&[]);
+        let scale = b.abs().max().double_value(&[]).max(1e-6);
+        assert!(err <= 1e-5 * scale, "{k}: off by {err:e} (scale {scale:e})");
+    }
+}
+
+#[test]
+fn a_scripted_module_gives_pytorchs_outputs() {
+    let dir = written();
+    let p = dir.path();
+    let out = probe(p, &p.join("scripted.pt"), &p.join("weights.safetensors"));
+    assert_close(
+        &out,
+        &p.join("expect.safetensors"),
+        &["logits", "feat/0", "feat/1", "feat/2", "embed"],
+    );
+}
+
+#[test]
+fn a_scripted_module_trains_as_teacher_and_student() {
+    let dir = written();
+    let p = dir.path();
+    let runs = p.join("runs");
+    let net = format!("torchscript:{}", s(&p.join("scripted.pt")));
+    let common = format!(
+        "--data digits --epochs 1 --batch-size 32 --device cpu --out {}",
+        s(&runs)
+    );
+    run(&[
+        words(&format!("train-teacher --arch {net} --name t")),
+        words(&common),
+    ]
+    .concat());
+    let trained = runs.join("t_s0/train.last.safetensors");
+    // PyTorch loads the trained weights strictly and computes kd's outputs.
+    let kd_out = probe(p, &p.join("scripted.pt"), &trained);
+    let script = format!(
+        "import torch; from safetensors.torch import load_file, save_file\n\
+         m = torch.jit.load('{m}'); m.load_state_dict(load_file('{w}'), strict=True); m.eval()\n\
+         with torch.no_grad(): y = m(load_file('{x}')['input'])\n\
+         save_file({{k: v.contiguous() for k, v in y.items()}}, '{o}')",
+        m = s(&p.join("scripted.pt")),
+        w = s(&trained),
+        x = s(&p.join("input.safetensors")),
+        o = s(&p.join("reloaded.safetensors")),
+    );
+    let ok = Command::new("python")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "PyTorch could not load kd's weights strictly");
+    assert_close(
+        &kd_out,
+        &p.join("reloaded.safetensors"),
+        &["logits", "embed"],
+    );
+    // Distilled into: from itself, with soft targets and attention transfer
+    // on its taps; and as a teacher of a zoo student.
+    run(&[
+        words(&format!(
+            "distill --teacher {net} --student {net} --method st --compare at --name s"
+        )),
+        words(&format!("--teacher-weights {}", s(&trained))),
+        words(&common),
+        words("--config at.taps=[\"feat/1\",\"feat/2\"]"),
+    ]
+    .concat());
+    run(&[
+        words(&format!(
+            "distill --teacher {net} --student resnet8 --method st --name z"
+        )),
+        words(&format!("--teacher-weights {}", s(&trained))),
+        words(&common),
+    ]
+    .concat());
+    for r in ["s_st_s0", "s_at_s0", "z_s0"] {
+        let log = std::fs::read_to_string(runs.join(r).join("epochs.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 1, "{r}");
+    }
+}
+
+#[test]
+fn a_module_traced_in_eval_mode_cannot_be_a_student() {
+    let dir = written();
+    let p = dir.path();
+    let mut a = vec!["kd".to_string()];
+    a.extend(words(&format!(
+        "train-teacher --arch torchscript:{} --data digits --epochs 1 --out {}",
+        s(&p.join("traced_eval.pt")),
+        s(&p.join("runs"))
+    )));
+    let e = kd_cli::one_line(&kd_cli::run(&a).unwrap_err());
+    assert!(
+        e.contains("traced in eval mode") && e.contains("torch.jit.script"),
+        "{e}"
+    );
+    assert!(!p.join("runs").exists(), "nothing may be written");
+    let mut missing = a.clone();
+    missing[3] = "torchscript:nowhere.pt".into();
+    let e = kd_cli::one_line(&kd_cli::run(&missing).unwrap_err());
+    assert!(e.contains("nowhere.pt: no such file"), "{e}");
+}
