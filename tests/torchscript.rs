@@ -18,6 +18,7 @@ fn written() -> tempfile::TempDir {
     let ok = Command::new("python")
         .arg(root().join("tests/torchscript/net.py"))
         .arg(dir.path())
+        .arg(root().join("tests/golden/fixtures/at.safetensors"))
         .status()
         .expect("python (the bootstrap venv: source scripts/env.sh)");
     assert!(ok.success());
@@ -159,4 +160,30 @@ fn a_module_traced_in_eval_mode_cannot_be_a_student() {
     missing[3] = "torchscript:nowhere.pt".into();
     let e = kd_cli::one_line(&kd_cli::run(&missing).unwrap_err());
     assert!(e.contains("nowhere.pt: no such file"), "{e}");
+}
+
+/// KD-Zoo's AT loss, scripted in PyTorch and run as the `torchscript`
+/// method, gives the loss and gradients of the `at` golden fixture (which
+/// the independent reference wrote) on the same taps.
+#[test]
+fn a_scripted_loss_gives_the_reference_at_loss() {
+    let dir = written();
+    let p = dir.path();
+    let fixture = p.join("at_torchscript.safetensors");
+    let out = p.join("at_out.safetensors");
+    let mut a = words("probe loss --fixture");
+    a.extend([s(&fixture), "--out".into(), s(&out)]);
+    run(&a);
+    let (g, w) = (tensors::read(&out).unwrap(), tensors::read(&fixture).unwrap());
+    for (got, want) in [
+        ("loss", "expect/loss"),
+        ("grad/student/feat/1", "expect/grad/student/feat/1"),
+        ("grad/student/feat/2", "expect/grad/student/feat/2"),
+        ("grad/student/feat/3", "expect/grad/student/feat/3"),
+    ] {
+        let (a, b) = (g.get(got).unwrap(), w.get(want).unwrap());
+        let err = (a - b).abs().max().double_value(&[]);
+        let scale = b.abs().max().double_value(&[]);
+        assert!(err <= 1e-5 * scale, "{got}: off by {err:e} (scale {scale:e})");
+    }
 }

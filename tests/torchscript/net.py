@@ -1,9 +1,11 @@
 """A network that is no zoo shape (grouped convolution, GELU, a LayerNorm
 head), saved as TorchScript for tests/torchscript.rs: scripted, and traced
 in eval mode (which bakes BatchNorm into inference). Also writes an input
-batch and the module's eval-mode outputs on it, computed by PyTorch.
+batch and the module's eval-mode outputs on it, computed by PyTorch; given
+the `at` golden fixture, KD-Zoo's AT loss as a scripted loss module and the
+fixture pointed at it.
 
-    python net.py OUT_DIR
+    python net.py OUT_DIR [AT_FIXTURE]
 """
 import sys
 from pathlib import Path
@@ -58,5 +60,44 @@ def main(out: Path):
     save_file({k: v.contiguous() for k, v in y.items()}, str(out / "expect.safetensors"))
 
 
+
+
+class KdZooAt(nn.Module):
+    """KD-Zoo's AT loss (its `at.py` and train_kd.py's mean over the three
+    stages), as a kd loss module: forward(student, teacher, target)."""
+
+    def __init__(self, p: float = 2.0):
+        super().__init__()
+        self.p = p
+
+    def attention_map(self, fm: torch.Tensor) -> torch.Tensor:
+        am = torch.pow(torch.abs(fm), self.p).sum(dim=1, keepdim=True)
+        norm = torch.norm(am, dim=(2, 3), keepdim=True)
+        return am / (norm + 1e-6)
+
+    def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                target: torch.Tensor) -> torch.Tensor:
+        loss = torch.zeros(())
+        for k in ["feat/1", "feat/2", "feat/3"]:
+            loss = loss + nn.functional.mse_loss(self.attention_map(student[k]),
+                                                 self.attention_map(teacher[k].detach()))
+        return loss / 3.0
+
+
+def at_fixture(out: Path, golden: Path):
+    """The `at` golden fixture, handed to the scripted AT module instead."""
+    import json
+    from safetensors import safe_open
+
+    torch.jit.script(KdZooAt()).save(str(out / "at_loss.pt"))
+    with safe_open(str(golden), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = {"file": str(out / "at_loss.pt"), "taps": ["feat/1", "feat/2", "feat/3"]}
+    save_file(tensors, str(out / "at_torchscript.safetensors"),
+              metadata={"method": "torchscript", "params": json.dumps(params)})
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        at_fixture(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -26,6 +26,27 @@ void hand_out(const Named &found, char ***names, at::Tensor ***tensors, int64_t 
   }
 }
 
+// A module's output: a Tensor under `single`, or a Dict[str, Tensor]
+// entry by entry; anything else is an error saying what kd reads.
+Named named_outputs(const c10::IValue &out, const char *single, const char *what) {
+  Named found;
+  if (out.isTensor()) {
+    found.emplace_back(single, out.toTensor());
+  } else if (out.isGenericDict()) {
+    for (const auto &e : out.toGenericDict()) {
+      if (!e.key().isString() || !e.value().isTensor()) {
+        throw std::runtime_error("forward returned a dict with a " + std::string(e.key().tagKind()) + " key or a " +
+                                 e.value().tagKind() + " value; kd reads Dict[str, Tensor]");
+      }
+      found.emplace_back(e.key().toStringRef(), e.value().toTensor());
+    }
+  } else {
+    throw std::runtime_error("forward returned a " + std::string(out.tagKind()) + "; kd reads " + what +
+                             " or a Dict[str, Tensor]");
+  }
+  return found;
+}
+
 }  // namespace
 
 extern "C" {
@@ -64,23 +85,24 @@ char *kd_jit_train(void *m, int on) {
 char *kd_jit_forward(void *m, at::Tensor *x, char ***names, at::Tensor ***tensors, int64_t *n) {
   KD_PROTECT({
     auto *module = static_cast<torch::jit::Module *>(m);
-    c10::IValue out = module->forward({*x});
-    Named found;
-    if (out.isTensor()) {
-      found.emplace_back("logits", out.toTensor());
-    } else if (out.isGenericDict()) {
-      for (const auto &e : out.toGenericDict()) {
-        if (!e.key().isString() || !e.value().isTensor()) {
-          throw std::runtime_error("forward returned a dict with a " + std::string(e.key().tagKind()) + " key or a " +
-                                   e.value().tagKind() + " value; kd reads Dict[str, Tensor]");
-        }
-        found.emplace_back(e.key().toStringRef(), e.value().toTensor());
-      }
-    } else {
-      throw std::runtime_error("forward returned a " + std::string(out.tagKind()) +
-                               "; kd reads the logits (a Tensor) or a Dict[str, Tensor] holding \"logits\"");
-    }
-    hand_out(found, names, tensors, n);
+    hand_out(named_outputs(module->forward({*x}), "logits", "the logits"), names, tensors, n);
+  })
+}
+
+// A loss module's forward(student: Dict[str, Tensor], teacher: Dict[str,
+// Tensor], target: Tensor): a Tensor is handed out as `loss`, a
+// Dict[str, Tensor] of named terms entry by entry.
+char *kd_jit_loss(void *m, char **s_names, at::Tensor **s, int64_t ns, char **t_names, at::Tensor **t,
+                  int64_t nt, at::Tensor *target, char ***names, at::Tensor ***tensors, int64_t *n) {
+  KD_PROTECT({
+    auto *module = static_cast<torch::jit::Module *>(m);
+    auto dict = [](char **keys, at::Tensor **ts, int64_t k) {
+      c10::Dict<std::string, at::Tensor> d;
+      for (int64_t i = 0; i < k; ++i) d.insert(keys[i], *ts[i]);
+      return d;
+    };
+    c10::IValue out = module->forward({dict(s_names, s, ns), dict(t_names, t, nt), *target});
+    hand_out(named_outputs(out, "loss", "the loss (a Tensor)"), names, tensors, n);
   })
 }
 

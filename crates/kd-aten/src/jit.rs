@@ -7,7 +7,7 @@
 use std::ffi::{CString, c_char, c_void};
 use std::path::Path;
 
-use tch::{Device, Tensor};
+use tch::{Device, Tensor, nn};
 
 use crate::{AtenError, check, raw, take_named};
 
@@ -27,6 +27,20 @@ unsafe extern "C" {
     fn kd_jit_forward(
         m: *mut c_void,
         x: *mut c_void,
+        names: *mut *mut *mut c_char,
+        tensors: *mut *mut *mut c_void,
+        n: *mut i64,
+    ) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    fn kd_jit_loss(
+        m: *mut c_void,
+        s_names: *const *const c_char,
+        s: *const *mut c_void,
+        ns: i64,
+        t_names: *const *const c_char,
+        t: *const *mut c_void,
+        nt: i64,
+        target: *mut c_void,
         names: *mut *mut *mut c_char,
         tensors: *mut *mut *mut c_void,
         n: *mut i64,
@@ -87,6 +101,23 @@ impl JitModule {
         Ok(unsafe { take_named(names, tensors, n) })
     }
 
+    /// Adds the parameters (trainable) and buffers under `p` by their
+    /// `state_dict` names, as the module's own tensors: what an optimiser
+    /// or a weights file does to them, the module computes with.
+    pub fn add_to(&self, p: &nn::Path) -> Result<(), AtenError> {
+        let params = self.parameters()?.into_iter().map(|x| (true, x));
+        let buffers = self.buffers()?.into_iter().map(|x| (false, x));
+        for (trainable, (name, t)) in params.chain(buffers) {
+            // A VarStore name's dots are its path: `layer1.0.conv1.weight`
+            // is variable `weight` under `layer1` / `0` / `conv1`.
+            let mut parts: Vec<&str> = name.split('.').collect();
+            let leaf = parts.pop().unwrap_or_default();
+            let sub = parts.iter().fold(p.clone(), |q, s| &q / *s);
+            let _ = sub.add(leaf, t, trainable);
+        }
+        Ok(())
+    }
+
     /// `module.train(on)`: every submodule's `training` flag.
     pub fn set_train(&self, on: bool) -> Result<(), AtenError> {
         check(unsafe { kd_jit_train(self.raw, i32::from(on)) })
@@ -97,6 +128,46 @@ impl JitModule {
     pub fn forward(&self, x: &Tensor) -> Result<Named, AtenError> {
         let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
         check(unsafe { kd_jit_forward(self.raw, raw(x), &mut names, &mut tensors, &mut n) })?;
+        // SAFETY: the shim succeeded.
+        Ok(unsafe { take_named(names, tensors, n) })
+    }
+
+    /// A loss module's `forward(student, teacher, target)` on taps by name:
+    /// a Tensor output as `loss`, a `Dict[str, Tensor]` of terms by name.
+    pub fn loss(
+        &self,
+        student: &[(String, Tensor)],
+        teacher: &[(String, Tensor)],
+        target: &Tensor,
+    ) -> Result<Named, AtenError> {
+        let c_names = |side: &[(String, Tensor)]| -> Result<Vec<CString>, AtenError> {
+            side.iter()
+                .map(|(n, _)| {
+                    CString::new(n.as_str())
+                        .map_err(|_| AtenError("a tap name holds a NUL byte".into()))
+                })
+                .collect()
+        };
+        let (sn, tn) = (c_names(student)?, c_names(teacher)?);
+        let ptrs = |v: &[CString]| v.iter().map(|c| c.as_ptr()).collect::<Vec<_>>();
+        let raws = |side: &[(String, Tensor)]| side.iter().map(|(_, t)| raw(t)).collect::<Vec<_>>();
+        let (snp, tnp, sr, tr) = (ptrs(&sn), ptrs(&tn), raws(student), raws(teacher));
+        let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
+        check(unsafe {
+            kd_jit_loss(
+                self.raw,
+                snp.as_ptr(),
+                sr.as_ptr(),
+                sr.len() as i64,
+                tnp.as_ptr(),
+                tr.as_ptr(),
+                tr.len() as i64,
+                raw(target),
+                &mut names,
+                &mut tensors,
+                &mut n,
+            )
+        })?;
         // SAFETY: the shim succeeded.
         Ok(unsafe { take_named(names, tensors, n) })
     }

@@ -30,6 +30,7 @@ pub use kd_plugin_rkd;
 pub use kd_plugin_sobolev;
 pub use kd_plugin_sp;
 pub use kd_plugin_st;
+pub use kd_plugin_torchscript;
 pub use kd_plugin_ttm;
 pub use kd_plugin_vid;
 pub use kd_plugin_wttm;

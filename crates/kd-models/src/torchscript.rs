@@ -44,22 +44,10 @@ impl TorchScriptNet {
             return Err(bad(file, "no such file"));
         }
         let module = kd_aten::JitModule::load(file, p.device()).map_err(|e| bad(file, e))?;
-        let params = module.parameters().map_err(|e| bad(file, e))?;
+        module.add_to(p).map_err(|e| bad(file, e))?;
         let buffers = module.buffers().map_err(|e| bad(file, e))?;
         let batch_norm = buffers.iter().any(|(n, _)| n.ends_with("running_mean"));
-        let kept: Vec<Tensor> = buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
-        for (trainable, (name, t)) in params
-            .into_iter()
-            .map(|x| (true, x))
-            .chain(buffers.into_iter().map(|x| (false, x)))
-        {
-            // A VarStore name's dots are its path: `layer1.0.conv1.weight`
-            // is variable `weight` under `layer1` / `0` / `conv1`.
-            let mut parts: Vec<&str> = name.split('.').collect();
-            let leaf = parts.pop().unwrap_or_default();
-            let sub = parts.iter().fold(p.clone(), |q, s| &q / *s);
-            let _ = sub.add(leaf, t, trainable);
-        }
+        let kept: Vec<Tensor> = buffers.into_iter().map(|(_, t)| t).collect();
         Ok(TorchScriptNet {
             module,
             file: file.to_path_buf(),
