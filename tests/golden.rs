@@ -4,6 +4,7 @@
 //! step on networks, for methods that need them); the loss must match to
 //! 1e-5 relative, gradients, buffers and method state to 1e-4.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kd_engine::tensors;
@@ -133,5 +134,41 @@ fn golden_fixtures_match_pytorch() {
         "{} of {ran} fixtures differ from PyTorch:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// Convolution kernels (4-d weights) that a step fixture gives `side`.
+fn convolutions(file: &tensors::TensorFile, side: &str) -> usize {
+    file.with_prefix(&format!("{side}.weights/"))
+        .filter(|(_, t)| t.dim() == 4)
+        .count()
+}
+
+/// Every method checked on networks has a step fixture whose teacher is
+/// deeper than its student: one as deep has no block before the last of a
+/// stage, so such fixtures never send a teacher's gradient tap or attack
+/// through those blocks, nor take as many ReLU decisions as a deep teacher
+/// does (the reason step fixtures are checked for their conditioning).
+#[test]
+fn step_methods_have_a_fixture_with_a_deeper_teacher() {
+    let mut deeper: BTreeMap<String, bool> = BTreeMap::new();
+    for f in fixtures() {
+        let file = tensors::read(&f).unwrap();
+        if !matches!(file.metadata.get("probe"), Some(p) if p == "step") {
+            continue;
+        }
+        let deep = convolutions(&file, "teacher") > convolutions(&file, "student");
+        *deeper.entry(file.metadata["method"].clone()).or_default() |= deep;
+    }
+    assert!(!deeper.is_empty(), "no step fixtures found");
+    let missing: Vec<&str> = deeper
+        .iter()
+        .filter(|(_, deep)| !**deep)
+        .map(|(m, _)| m.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "no step fixture with a teacher deeper than the student for {}",
+        missing.join(", ")
     );
 }

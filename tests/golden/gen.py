@@ -24,7 +24,9 @@ Step fixtures (`step_fixture()`, metadata probe = step) are for methods that
 need the networks themselves (input or feature gradients, adversarial views);
 `kd probe step` runs one training step of the engine on them, without the
 update: student in train mode (BatchNorm batch statistics, running statistics
-updated), teacher in eval mode.
+updated), teacher in eval mode. A step whose expectations move with the
+float32 evaluation order (a ReLU input within rounding of zero) is refused:
+see check_conditioning.
   metadata  method, params as above; student, teacher = zoo names (models.py);
             optionally epoch, epochs (zero-based epoch of the stage, default 0 of 1)
   inputs    student.weights/<state_dict key>, teacher.weights/<state_dict key>
@@ -39,6 +41,7 @@ updated), teacher in eval mode.
             expect/buffers/student/<buffer> (BatchNorm running statistics after the step),
             expect/method/<state_dict key>
 """
+import copy
 import importlib
 import json
 import pathlib
@@ -146,7 +149,9 @@ def step_fixture(name, method, params, student, teacher, img, target, *, loss_fn
     """Saves the networks and the batch, then runs `loss_fn(student, teacher,
     img, target)` with the student in train mode and the teacher in eval mode
     and saves the loss, the gradient of every student parameter and the
-    student's buffers after it."""
+    student's buffers after it. Refuses a step whose expectations depend on
+    the float32 evaluation order (`check_conditioning`)."""
+    pristine = copy.deepcopy(student), copy.deepcopy(teacher)
     tensors = {}
     for side, net in (("student", student), ("teacher", teacher)):
         for k, v in net.state_dict().items():
@@ -159,18 +164,9 @@ def step_fixture(name, method, params, student, teacher, img, target, *, loss_fn
     tensors["batch/target"] = target.long().clone()
     if attack_u is not None:
         tensors["batch/attack_u"] = attack_u.float().clone()
-    student.train()
-    teacher.eval()
-    student.zero_grad()
-    loss = loss_fn(student, teacher, img, target)
-    loss.backward()
-    tensors["expect/loss"] = loss.detach().float().reshape(())
-    for k, p in student.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        tensors[f"expect/grad/student/{k}"] = g.detach().clone()
-    for k, b in student.named_buffers():
-        if not k.endswith("num_batches_tracked"):
-            tensors[f"expect/buffers/student/{k}"] = b.detach().clone()
+    expected = step_expectations(student, teacher, img, target, loss_fn)
+    check_conditioning(name, expected, *pristine, img, target, loss_fn)
+    tensors.update({k: v.float().clone() for k, v in expected.items()})
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     meta = {"probe": "step", "method": method, "params": json.dumps(params),
             "student": student.arch, "teacher": teacher.arch}
@@ -178,7 +174,110 @@ def step_fixture(name, method, params, student, teacher, img, target, *, loss_fn
         meta["epoch"], meta["epochs"] = str(epoch), str(epochs)
     OUT.mkdir(exist_ok=True)
     save_file(tensors, str(OUT / f"{name}.safetensors"), metadata=meta)
-    print(f"{name}: {method} step loss={loss.item():.6g}")
+    print(f"{name}: {method} step loss={expected['expect/loss'].item():.6g}")
+
+
+def step_expectations(student, teacher, img, target, loss_fn):
+    """`expect/*` of one step: `loss_fn` with the student in train mode and
+    the teacher in eval mode, on networks that are used up by it."""
+    student.train()
+    teacher.eval()
+    student.zero_grad()
+    loss = loss_fn(student, teacher, img, target)
+    loss.backward()
+    out = {"expect/loss": loss.detach().reshape(())}
+    for k, p in student.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        out[f"expect/grad/student/{k}"] = g.detach()
+    for k, b in student.named_buffers():
+        if not k.endswith("num_batches_tracked"):
+            out[f"expect/buffers/student/{k}"] = b.detach()
+    return out
+
+
+def fold_batchnorm(net, fuse=None):
+    """`net` with each BatchNorm folded into the convolution registered just
+    before it (the conv -> BN pairs of models.py's ResNets); eval mode only.
+    `fuse(conv, bn)` makes the folded convolution; by default with the
+    engine's formula (kd-models' ConvBn::fold), so that the same kernels
+    round the same way."""
+    def engine_fuse(conv, bn):
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        shift = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+        fused = copy.deepcopy(conv)
+        fused.weight = torch.nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias = torch.nn.Parameter(bn.bias + shift * scale)
+        return fused
+    with torch.no_grad():
+        for m in list(net.modules()):
+            kids = list(m.named_children())
+            for (conv_name, conv), (bn_name, bn) in zip(kids, kids[1:]):
+                if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                    setattr(m, conv_name, (fuse or engine_fuse)(conv, bn))
+                    setattr(m, bn_name, torch.nn.Identity())
+    return net
+
+
+# tests/golden.rs's tolerances, (rtol, atol): the loss's, every other tensor's.
+LOSS_TOL, TENSOR_TOL = (1e-5, 1e-7), (1e-4, 1e-6)
+# The share of a tolerance that another float32 evaluation order may use.
+CONDITIONING_MARGIN = 0.5
+
+
+def tolerance_ratio(got, want, rtol, atol):
+    """tests/golden.rs's measure, at most 1 to pass: max |got - want| /
+    (atol + rtol |want|), the absolute floor at most a tenth of rtol at
+    want's largest entry."""
+    got, want = got.detach().double(), want.detach().double()
+    diff = (got - want).abs()
+    if diff.numel() == 0 or diff.max() == 0:
+        return 0.0
+    atol = min(atol, 0.1 * rtol * want.abs().max().item())
+    return (diff / (want.abs() * rtol + atol)).max().item()
+
+
+def check_conditioning(name, expected, student, teacher, img, target, loss_fn):
+    """Recomputes the step in float64 and in other float32 evaluation orders
+    (the engine's: teacher BatchNorm folded, networks and batch
+    channels-last; PyTorch's BatchNorm fusion; channels-last alone; one
+    thread): every expectation must stay within CONDITIONING_MARGIN of its
+    tolerance. Each order is a correct float32 computation, but where a ReLU
+    input (or an argmax margin) lies within rounding of zero they decide
+    differently, and a mask that turns moves a gradient tap, and with it the
+    loss and the gradients, by far more than rounding: such a fixture would
+    compare rounding orders, not implementations. `student` and `teacher`
+    are the networks as they were before the step; the global generator is
+    left as it was."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    cl = torch.channels_last
+    x_cl = img.contiguous(memory_format=cl)
+    # (order, its networks and batch from copies of the given ones, threads)
+    orders = [
+        ("float64", lambda s, t: (s.double(), t.double(), img.double()), None),
+        ("folded teacher, channels-last", lambda s, t: (
+            s.to(memory_format=cl), fold_batchnorm(t.eval()).to(memory_format=cl), x_cl), None),
+        ("teacher fused by torch", lambda s, t: (
+            s, fold_batchnorm(t.eval(), fuse_conv_bn_eval), img), None),
+        ("channels-last", lambda s, t: (s.to(memory_format=cl), t.to(memory_format=cl), x_cl), None),
+        ("one thread", lambda s, t: (s, t, img), 1),
+    ]
+    threads = torch.get_num_threads()
+    worst = []
+    for order, convert, n in orders:
+        with torch.random.fork_rng():
+            torch.set_num_threads(n or threads)
+            try:
+                s, t, x = convert(copy.deepcopy(student), copy.deepcopy(teacher))
+                got = step_expectations(s, t, x, target, loss_fn)
+            finally:
+                torch.set_num_threads(threads)
+        for k, want in expected.items():
+            rtol, atol = LOSS_TOL if k == "expect/loss" else TENSOR_TOL
+            worst.append((tolerance_ratio(got[k], want, rtol, atol), k, order))
+    ratio, k, order = max(worst)
+    assert ratio <= CONDITIONING_MARGIN, (
+        f"{name}: {k} in {order} uses {ratio:.3g} of its tolerance (at most "
+        f"{CONDITIONING_MARGIN}): the step depends on float32 rounding order; pick other seeds")
 
 
 def step_batch(seed, batch=8, num_classes=10):

@@ -27,9 +27,16 @@ def lwm_loss(student, teacher, img, target, tap="feat/2", cam="grad"):
     return (cam_s - cam_t).abs().mean()
 
 
-def make():
-    student, teacher = zoo_net("resnet8", 21), zoo_net("resnet8", 22)
-    img, target = step_batch(23)
+def step(name, teacher_arch, seeds):
+    student, teacher = zoo_net("resnet8", seeds[0]), zoo_net(teacher_arch, seeds[1])
+    img, target = step_batch(seeds[2])
     params = {"tap": "feat/2", "cam": "grad"}
-    step_fixture("step_lwm", "lwm", params, student, teacher, img, target,
+    step_fixture(name, "lwm", params, student, teacher, img, target,
                  loss_fn=lambda s, t, x, y: lwm_loss(s, t, x, y, **params))
+
+
+def make():
+    step("step_lwm", "resnet8", (21, 22, 23))
+    # A teacher deeper than the student: its stages have blocks before the
+    # last, and the gradient reaching feat/2 crosses more ReLUs.
+    step("step_lwm_resnet14", "resnet14", (24, 25, 26))

@@ -25,8 +25,16 @@ def sobolev_loss(student, teacher, img, target):
     return ((n_s - n_t) ** 2).mean()
 
 
-def make():
-    student, teacher = zoo_net("resnet8", 11), zoo_net("resnet8", 12)
-    img, target = step_batch(13)
-    step_fixture("step_sobolev", "sobolev", {}, student, teacher, img, target,
+def step(name, teacher_arch, seeds):
+    student, teacher = zoo_net("resnet8", seeds[0]), zoo_net(teacher_arch, seeds[1])
+    img, target = step_batch(seeds[2])
+    step_fixture(name, "sobolev", {}, student, teacher, img, target,
                  loss_fn=sobolev_loss)
+
+
+def make():
+    step("step_sobolev", "resnet8", (11, 12, 13))
+    # A teacher deeper than the student, whose input gradient crosses every
+    # ReLU of it (seeds 14, 15, 16 are refused: a ReLU of that step turns
+    # with the evaluation order).
+    step("step_sobolev_resnet14", "resnet14", (17, 18, 19))
