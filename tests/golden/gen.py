@@ -239,8 +239,8 @@ def tolerance_ratio(got, want, rtol, atol):
 def check_conditioning(name, expected, student, teacher, img, target, loss_fn):
     """Recomputes the step in float64 and in other float32 evaluation orders
     (the engine's: teacher BatchNorm folded, networks and batch
-    channels-last; PyTorch's BatchNorm fusion; channels-last alone; one
-    thread): every expectation must stay within CONDITIONING_MARGIN of its
+    channels-last, with the threads given and with one; PyTorch's BatchNorm
+    fusion; channels-last alone; one thread): every expectation must stay within CONDITIONING_MARGIN of its
     tolerance. Each order is a correct float32 computation, but where a ReLU
     input (or an argmax margin) lies within rounding of zero they decide
     differently, and a mask that turns moves a gradient tap, and with it the
@@ -260,6 +260,9 @@ def check_conditioning(name, expected, student, teacher, img, target, loss_fn):
             s, fold_batchnorm(t.eval(), fuse_conv_bn_eval), img), None),
         ("channels-last", lambda s, t: (s.to(memory_format=cl), t.to(memory_format=cl), x_cl), None),
         ("one thread", lambda s, t: (s, t, img), 1),
+        # The engine's order as `make test` runs it (OMP_NUM_THREADS=1).
+        ("folded teacher, channels-last, one thread", lambda s, t: (
+            s.to(memory_format=cl), fold_batchnorm(t.eval()).to(memory_format=cl), x_cl), 1),
     ]
     threads = torch.get_num_threads()
     worst = []

@@ -110,11 +110,10 @@ def step(name, teacher_arch, seeds):
     eligible = int(right_s.sum())
     assert 3 <= eligible < len(target), f"{eligible} rows right on both sides; pick other seeds"
     # attack_size below the eligible rows exercises the ranking; step_alpha
-    # 5 makes rows leave the teacher's target class mid-attack (one of three
-    # in step_bss, two of three in step_bss_resnet14), so the "still right"
-    # mask matters, while every argmax the attack decides on keeps a margin
-    # (above 5e-4 in step_bss; step_fixture checks that no decision turns
-    # with the evaluation order).
+    # 5 lets rows leave the teacher's target class mid-attack, so the "still
+    # right" mask can matter, while step_fixture checks that no decision the
+    # attack takes turns with the evaluation order (the `u` seeds 35 and 45
+    # were refused by that check for the engine's order on one thread).
     params = {"T": 2.0, "attack_size": eligible - 1, "step_alpha": 5.0, "num_steps": 10,
               "eps": 1e-4, "clamp": [-2.5, 2.5], "warmup_epochs": 10, "active_fraction": 0.8,
               "decay": True, "t_squared": False}
@@ -127,7 +126,7 @@ def step(name, teacher_arch, seeds):
 
 
 def make():
-    step("step_bss", "resnet8", (30, 31, 31, 35))
+    step("step_bss", "resnet8", (30, 31, 31, 41))
     # A teacher deeper than the student, which the attack differentiates
     # through and both networks then run on.
-    step("step_bss_resnet14", "resnet14", (40, 41, 41, 45))
+    step("step_bss_resnet14", "resnet14", (40, 41, 41, 47))
