@@ -174,7 +174,10 @@ fn a_scripted_loss_gives_the_reference_at_loss() {
     let mut a = words("probe loss --fixture");
     a.extend([s(&fixture), "--out".into(), s(&out)]);
     run(&a);
-    let (g, w) = (tensors::read(&out).unwrap(), tensors::read(&fixture).unwrap());
+    let (g, w) = (
+        tensors::read(&out).unwrap(),
+        tensors::read(&fixture).unwrap(),
+    );
     for (got, want) in [
         ("loss", "expect/loss"),
         ("grad/student/feat/1", "expect/grad/student/feat/1"),
@@ -184,6 +187,59 @@ fn a_scripted_loss_gives_the_reference_at_loss() {
         let (a, b) = (g.get(got).unwrap(), w.get(want).unwrap());
         let err = (a - b).abs().max().double_value(&[]);
         let scale = b.abs().max().double_value(&[]);
-        assert!(err <= 1e-5 * scale, "{got}: off by {err:e} (scale {scale:e})");
+        assert!(
+            err <= 1e-5 * scale,
+            "{got}: off by {err:e} (scale {scale:e})"
+        );
     }
+}
+
+/// A TorchScript run resumes exactly (its tensors are the module's, and a
+/// checkpoint restores them in place), and a resume refuses a module file
+/// that changed under the run.
+#[test]
+fn a_torchscript_run_resumes_exactly_and_pins_its_module() {
+    let dir = written();
+    let p = dir.path();
+    let module = p.join("m.pt");
+    std::fs::copy(p.join("scripted.pt"), &module).unwrap();
+    let cmd = |out: &str, extra: &str| {
+        let mut a = words(&format!(
+            "train-teacher --arch torchscript:{} --data digits --batch-size 64 --device cpu --name r --out {}",
+            s(&module),
+            s(&p.join(out))
+        ));
+        a.extend(words(extra));
+        a
+    };
+    run(&cmd("a", "--epochs 2"));
+    run(&cmd("b", "--epochs 1"));
+    run(&cmd("b", "--epochs 2 --resume --extend"));
+    let w = |d: &str| tensors::read(&p.join(d).join("r_s0/train.last.safetensors")).unwrap();
+    let (wa, wb) = (w("a"), w("b"));
+    assert_eq!(wa.tensors.len(), wb.tensors.len());
+    for ((n, x), (_, y)) in wa.tensors.iter().zip(&wb.tensors) {
+        assert!(
+            x.equal(y),
+            "{n} differs between the resumed and the straight run"
+        );
+    }
+    let plan = std::fs::read_to_string(p.join("b/r_s0/plan.yaml")).unwrap();
+    assert!(plan.contains("source_sha256:"), "{plan}");
+    // Another module under the same name: other initial weights.
+    let edit = format!(
+        "import torch\nm = torch.jit.load('{m}')\nwith torch.no_grad():\n    next(m.parameters()).add_(1.0)\nm.save('{m}')",
+        m = s(&module)
+    );
+    assert!(
+        Command::new("python")
+            .args(["-c", &edit])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut a = vec!["kd".to_string()];
+    a.extend(cmd("b", "--epochs 3 --resume --extend"));
+    let e = kd_cli::one_line(&kd_cli::run(&a).unwrap_err());
+    assert!(e.contains("student.source_sha256"), "{e}");
 }

@@ -35,10 +35,12 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
         student: ModelPlan {
             arch: "resnet8".into(),
             weights: None,
+            source_sha256: None,
         },
         teacher: Some(ModelPlan {
             arch: "resnet14".into(),
             weights: None,
+            source_sha256: None,
         }),
         stages: vec![StagePlan {
             name: "distill".into(),

@@ -44,10 +44,12 @@ fn plan() -> Plan {
         student: ModelPlan {
             arch: "resnet8".into(),
             weights: None,
+            source_sha256: None,
         },
         teacher: Some(ModelPlan {
             arch: "resnet20".into(),
             weights: None,
+            source_sha256: None,
         }),
         stages: vec![StagePlan {
             name: "distill".into(),

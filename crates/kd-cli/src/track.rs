@@ -99,6 +99,17 @@ pub fn run_tags(plan: &Plan, device: &str, recipe: Option<&Path>) -> Vec<(String
             sha256_file(w).unwrap_or_else(|| "missing".into()),
         ));
     }
+    for (role, m) in [
+        ("student", Some(&plan.student)),
+        ("teacher", plan.teacher.as_ref()),
+    ] {
+        if let Some(file) = m.and_then(|m| m.source_file()) {
+            tags.push((
+                format!("kd.{role}_source_sha256"),
+                sha256_file(file).unwrap_or_else(|| "missing".into()),
+            ));
+        }
+    }
     if let Some(r) = recipe {
         tags.push(("kd.recipe".into(), r.display().to_string()));
         tags.push((

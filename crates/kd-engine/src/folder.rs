@@ -203,8 +203,9 @@ pub(crate) fn read_saved(path: &Path) -> Result<Plan, FolderError> {
 /// `plan` in the form runs are saved and compared in, so that a resume
 /// compares meaning, not spelling: files and folders as absolute paths
 /// with links resolved (the same teacher from another working directory is
-/// the same teacher), and method configs with every default filled in (a
-/// default given explicitly is no change).
+/// the same teacher), a TorchScript architecture with its file's SHA-256
+/// (a changed module is a change), and method configs with every default
+/// filled in (a default given explicitly is no change).
 pub fn canonical(plan: &Plan) -> Plan {
     let mut p = plan.clone();
     let absolute = |path: &mut PathBuf| {
@@ -215,6 +216,16 @@ pub fn canonical(plan: &Plan) -> Plan {
     for model in std::iter::once(&mut p.student).chain(p.teacher.as_mut()) {
         if let Some(w) = model.weights.as_mut() {
             absolute(w);
+        }
+        if let Some(file) = model.source_file().map(std::path::Path::to_path_buf) {
+            let mut file = file;
+            absolute(&mut file);
+            model.arch = format!("{}{}", kd_models::torchscript::PREFIX, file.display());
+            // A saved plan keeps the SHA-256 it was saved with; a new one
+            // gets the file's, so a changed file is a difference.
+            if model.source_sha256.is_none() {
+                model.source_sha256 = crate::tensors::sha256_file(&file);
+            }
         }
     }
     match &mut p.data.source {

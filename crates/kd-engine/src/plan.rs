@@ -203,11 +203,26 @@ impl Default for DataPlan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelPlan {
-    /// Zoo name (`kd models`).
+    /// Zoo name (`kd models`), or `torchscript:FILE`.
     pub arch: String,
     /// safetensors weights to start from (a PyTorch `state_dict` loads as-is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
+    /// SHA-256 of the file `arch` names (`torchscript:FILE`): the saved
+    /// plan pins the module's code and initial weights, so a resume
+    /// refuses a file that changed. Filled in by the canonical form
+    /// (`folder::canonical`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sha256: Option<String>,
+}
+
+impl ModelPlan {
+    /// The file a foreign architecture is loaded from, if it is one.
+    pub fn source_file(&self) -> Option<&std::path::Path> {
+        self.arch
+            .strip_prefix(kd_models::torchscript::PREFIX)
+            .map(std::path::Path::new)
+    }
 }
 
 /// Which network a stage trains as its subject.

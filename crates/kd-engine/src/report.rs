@@ -438,6 +438,7 @@ mod tests {
             student: ModelPlan {
                 arch: "resnet8".into(),
                 weights: None,
+                source_sha256: None,
             },
             teacher: None,
             stages: vec![stage],

@@ -47,6 +47,7 @@ fn plan(name: &str, stages: Vec<StagePlan>, teacher: bool) -> Plan {
     let model = |arch: &str| ModelPlan {
         arch: arch.into(),
         weights: None,
+        source_sha256: None,
     };
     Plan {
         name: name.into(),

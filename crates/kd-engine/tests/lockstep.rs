@@ -53,10 +53,12 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
         student: ModelPlan {
             arch: "resnet8".into(),
             weights: None,
+            source_sha256: None,
         },
         teacher: Some(ModelPlan {
             arch: "resnet8".into(),
             weights: Some(teacher.to_path_buf()),
+            source_sha256: None,
         }),
         stages: vec![StagePlan {
             name: "distill".into(),

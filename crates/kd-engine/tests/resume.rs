@@ -36,10 +36,12 @@ fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Pla
         student: ModelPlan {
             arch: "resnet8".into(),
             weights: None,
+            source_sha256: None,
         },
         teacher: Some(ModelPlan {
             arch: "resnet8".into(),
             weights: None,
+            source_sha256: None,
         }),
         stages: vec![StagePlan {
             name: "distill".into(),

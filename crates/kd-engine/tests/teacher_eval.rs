@@ -56,10 +56,12 @@ fn distillation_stage_reports_the_teacher_it_received() {
         student: ModelPlan {
             arch: "resnet8".into(),
             weights: None,
+            source_sha256: None,
         },
         teacher: Some(ModelPlan {
             arch: "resnet8".into(),
             weights: None,
+            source_sha256: None,
         }),
         stages: vec![
             StagePlan {

@@ -55,10 +55,12 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     let teacher = ModelPlan {
         arch: a.teacher.clone(),
         weights: Some(a.teacher_weights.clone()),
+        source_sha256: None,
     };
     let student = ModelPlan {
         arch: a.student.clone(),
         weights: None,
+        source_sha256: None,
     };
     // `--name` names the command's runs: the distilled ones, their sweep,
     // and the baseline beside them.

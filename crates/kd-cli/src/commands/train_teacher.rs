@@ -27,6 +27,7 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     let student = ModelPlan {
         arch: a.arch.clone(),
         weights: None,
+        source_sha256: None,
     };
     let runs = label_runs(&a.train, &name, &student)?;
     let sweep = format!("{name}_sweep");

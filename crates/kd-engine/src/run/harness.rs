@@ -36,6 +36,7 @@ pub fn bench_plan(
     let model = |arch: &str| ModelPlan {
         arch: arch.to_string(),
         weights: None,
+        source_sha256: None,
     };
     Plan {
         name: "bench".into(),

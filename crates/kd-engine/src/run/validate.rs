@@ -46,6 +46,16 @@ fn networks(
     let n_data = n_train - (n_train as f64 * plan.data.val_fraction).round() as i64;
     let device = Device::Cpu;
     let net_of = |m: &ModelPlan| -> Result<Net> {
+        if let (Some(file), Some(want)) = (m.source_file(), &m.source_sha256) {
+            let got = crate::tensors::sha256_file(file);
+            if got.as_ref() != Some(want) {
+                return Err(EngineError::Plan(format!(
+                    "{}: the module file is not the one the plan was saved with (SHA-256 {want}, now {}); restore it, or drop source_sha256 from the plan to train the new one",
+                    file.display(),
+                    got.as_deref().unwrap_or("unreadable")
+                )));
+            }
+        }
         let vs = nn::VarStore::new(device);
         let model = kd_models::build(&m.arch, &vs.root(), classes)?;
         let mut net = Net { vs, model };

@@ -18,6 +18,7 @@ pub(crate) fn model(arch: &str, weights: Option<&str>) -> Fallible<ModelPlan> {
     Ok(ModelPlan {
         arch: arch.to_string(),
         weights: weights.map(Into::into),
+        source_sha256: None,
     })
 }
 
