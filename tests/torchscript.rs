@@ -243,3 +243,90 @@ fn a_torchscript_run_resumes_exactly_and_pins_its_module() {
     let e = kd_cli::one_line(&kd_cli::run(&a).unwrap_err());
     assert!(e.contains("student.source_sha256"), "{e}");
 }
+
+/// `python:` specs: the same network given as its Python class (built and
+/// scripted by the venv's Python) trains like its TorchScript file, and a
+/// torchvision model by name gives PyTorch's outputs for the same weights.
+#[test]
+fn python_specs_build_the_users_module() {
+    let dir = written();
+    let p = dir.path();
+    let net = format!(
+        "python:{}:Net(num_classes=10)",
+        s(&root().join("tests/torchscript/net.py"))
+    );
+    let out = p.join("py_probe.safetensors");
+    let mut a = words("probe model");
+    a.push(net.clone());
+    a.extend(["--weights".into(), s(&p.join("weights.safetensors"))]);
+    a.extend(["--input".into(), s(&p.join("input.safetensors"))]);
+    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
+    run(&a);
+    assert_close(
+        &out,
+        &p.join("expect.safetensors"),
+        &["logits", "feat/2", "embed"],
+    );
+    run(&words(&format!(
+        "train-teacher --arch {net} --data digits --epochs 1 --batch-size 64 --device cpu --name py --out {}",
+        s(&p.join("runs"))
+    )));
+    let plan = std::fs::read_to_string(p.join("runs/py_s0/plan.yaml")).unwrap();
+    assert!(plan.contains("source_sha256:"), "{plan}");
+
+    // torchvision by name: weights and outputs from PyTorch.
+    let script = format!(
+        "import torch, torchvision; from safetensors.torch import save_file\n\
+         torch.manual_seed(3); m = torchvision.models.mobilenet_v3_small(num_classes=10).eval()\n\
+         x = torch.randn(2, 3, 64, 64)\n\
+         with torch.no_grad(): y = m(x)\n\
+         save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, '{w}')\n\
+         save_file({{'input': x}}, '{x}'); save_file({{'logits': y}}, '{y}')",
+        w = s(&p.join("mnv3.safetensors")),
+        x = s(&p.join("mnv3_in.safetensors")),
+        y = s(&p.join("mnv3_expect.safetensors")),
+    );
+    assert!(
+        Command::new("python")
+            .args(["-c", &script])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = p.join("mnv3_out.safetensors");
+    let mut a = words("probe model python:torchvision.models:mobilenet_v3_small(num_classes=10)");
+    a.extend(["--weights".into(), s(&p.join("mnv3.safetensors"))]);
+    a.extend(["--input".into(), s(&p.join("mnv3_in.safetensors"))]);
+    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
+    run(&a);
+    assert_close(&out, &p.join("mnv3_expect.safetensors"), &["logits"]);
+
+    // Mistakes are one line naming what was wrong.
+    for (spec, want) in [
+        (
+            format!(
+                "python:{}:Nope",
+                s(&root().join("tests/torchscript/net.py"))
+            ),
+            "has no `Nope`",
+        ),
+        (
+            "python:nowhere.py:Net".to_string(),
+            "nowhere.py: no such file",
+        ),
+        (
+            "python:torch.nn:ReLU(".to_string(),
+            "is not NAME or NAME(literal arguments)",
+        ),
+    ] {
+        let mut a = vec!["kd".to_string()];
+        a.extend(words("train-teacher --arch"));
+        a.push(spec.clone());
+        a.extend(words(&format!(
+            "--data digits --epochs 1 --out {}",
+            s(&p.join("bad"))
+        )));
+        let e = kd_cli::one_line(&kd_cli::run(&a).unwrap_err());
+        assert!(e.contains(want), "{spec}: {e}");
+    }
+}

@@ -217,10 +217,13 @@ pub fn canonical(plan: &Plan) -> Plan {
         if let Some(w) = model.weights.as_mut() {
             absolute(w);
         }
-        if let Some(file) = model.source_file().map(std::path::Path::to_path_buf) {
-            let mut file = file;
+        if let Some(given) = model.source_file().map(std::path::Path::to_path_buf) {
+            let mut file = given.clone();
             absolute(&mut file);
-            model.arch = format!("{}{}", kd_models::torchscript::PREFIX, file.display());
+            model.arch =
+                model
+                    .arch
+                    .replacen(&given.display().to_string(), &file.display().to_string(), 1);
             // A saved plan keeps the SHA-256 it was saved with; a new one
             // gets the file's, so a changed file is a difference.
             if model.source_sha256.is_none() {

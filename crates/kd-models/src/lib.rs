@@ -30,6 +30,7 @@
 mod layers;
 pub mod mobilenetv1;
 pub mod mobilenetv2;
+pub mod python;
 pub mod resnet;
 pub mod resnetv2;
 pub mod shufflenetv1;
@@ -290,8 +291,13 @@ pub fn names() -> Vec<&'static str> {
 
 /// Builds zoo model `name` under `p` with freshly initialised weights, or
 /// loads `torchscript:FILE` (a saved TorchScript module, with the weights
-/// it was saved with; `num_classes` is the module's own business).
+/// it was saved with) or `python:SPEC` (a PyTorch module built by Python
+/// and scripted); for those two `num_classes` is the module's business.
 pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Network>, ModelError> {
+    if let Some(spec) = name.strip_prefix(python::PREFIX) {
+        let file = python::scripted(spec)?;
+        return Ok(Box::new(torchscript::TorchScriptNet::load(&file, p)?));
+    }
     if let Some(file) = name.strip_prefix(torchscript::PREFIX) {
         return Ok(Box::new(torchscript::TorchScriptNet::load(
             std::path::Path::new(file),
@@ -301,7 +307,10 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
     let Some((_, arch)) = ZOO.iter().find(|(n, _)| *n == name) else {
         return Err(ModelError::UnknownModel {
             name: name.to_string(),
-            valid: format!("{}, or torchscript:FILE", names().join(", ")),
+            valid: format!(
+                "{}, or torchscript:FILE, or python:FILE.py:NAME(args)",
+                names().join(", ")
+            ),
         });
     };
     Ok(match *arch {

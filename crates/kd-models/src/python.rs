@@ -1,0 +1,72 @@
+//! `python:FILE.py:NAME(args)` and `python:package.module:NAME(args)`: a
+//! PyTorch module of the user's, built by the bootstrap venv's Python and
+//! compiled there with `torch.jit.script` (`python/script_spec.py`), then
+//! run as a [`TorchScriptNet`](crate::torchscript::TorchScriptNet). Python
+//! runs once per spec and process, in a child process; training itself
+//! runs no Python. Modules TorchScript cannot compile are refused with the
+//! compiler's message.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::ModelError;
+
+/// The prefix that names a Python module spec instead of a zoo model.
+pub const PREFIX: &str = "python:";
+
+const SCRIPT: &str = include_str!("../python/script_spec.py");
+
+fn bad(spec: &str, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::InvalidConfig {
+        family: "python",
+        reason: format!("{PREFIX}{spec}: {reason}"),
+    }
+}
+
+/// The Python with the PyTorch kd links: the venv's, else `python3`.
+fn python() -> PathBuf {
+    std::env::var_os("VIRTUAL_ENV")
+        .map(|v| Path::new(&v).join("bin/python"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// The `.py` file a spec names, if it names one.
+pub fn source_file(spec: &str) -> Option<&Path> {
+    let (target, _) = spec.split_once(':')?;
+    target.ends_with(".py").then(|| Path::new(target))
+}
+
+/// The TorchScript file for `spec` (without the prefix), scripted once per
+/// process.
+pub fn scripted(spec: &str) -> Result<PathBuf, ModelError> {
+    static DONE: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    let done = done.get_or_insert_with(HashMap::new);
+    if let Some(p) = done.get(spec).filter(|p| p.exists()) {
+        return Ok(p.clone());
+    }
+    let out = std::env::temp_dir().join(format!(
+        "kd-scripted-{}-{}.pt",
+        std::process::id(),
+        done.len()
+    ));
+    let run = Command::new(python())
+        .args(["-c", SCRIPT, spec])
+        .arg(&out)
+        .output()
+        .map_err(|e| bad(spec, format!("cannot run {}: {e}", python().display())))?;
+    if !run.status.success() {
+        let err = String::from_utf8_lossy(&run.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("failed");
+        return Err(bad(spec, last.trim()));
+    }
+    done.insert(spec.to_string(), out.clone());
+    Ok(out)
+}
