@@ -169,15 +169,40 @@ fn a_module_traced_in_eval_mode_cannot_be_a_student() {
 fn a_scripted_loss_gives_the_reference_at_loss() {
     let dir = written();
     let p = dir.path();
-    let fixture = p.join("at_torchscript.safetensors");
-    let out = p.join("at_out.safetensors");
-    let mut a = words("probe loss --fixture");
-    a.extend([s(&fixture), "--out".into(), s(&out)]);
-    run(&a);
-    let (g, w) = (
-        tensors::read(&out).unwrap(),
-        tensors::read(&fixture).unwrap(),
+    // As a saved TorchScript file, and as a Python spec scripted by kd.
+    for source in ["file", "entry"] {
+        let fixture = p.join(format!("at_torchscript_{source}.safetensors"));
+        let out = p.join(format!("at_out_{source}.safetensors"));
+        let mut a = words("probe loss --fixture");
+        a.extend([s(&fixture), "--out".into(), s(&out)]);
+        run(&a);
+        same_loss_and_grads(&out, &fixture);
+    }
+    // On the command line, in a distillation.
+    let at = format!(
+        "python:{}:KdZooAt:1000",
+        s(&root().join("tests/torchscript/net.py"))
     );
+    let mut a = words(&format!(
+        "distill --teacher resnet20 --teacher-weights {} --student resnet8 --method",
+        s(&root().join("tests/golden/fixtures/model_resnet20.safetensors"))
+    ));
+    a.push(at);
+    a.extend(words(&format!(
+        "--train-size 64 --batch-size 32 --epochs 1 --device cpu --name py --out {}",
+        s(&p.join("runs"))
+    )));
+    a.push(r#"--config=torchscript.taps=["feat/1","feat/2","feat/3"]"#.into());
+    run(&a);
+    let plan = std::fs::read_to_string(p.join("runs/py_s0/plan.yaml")).unwrap();
+    assert!(
+        plan.contains("method: torchscript") && plan.contains("weight: 1000"),
+        "{plan}"
+    );
+}
+
+fn same_loss_and_grads(out: &Path, fixture: &Path) {
+    let (g, w) = (tensors::read(out).unwrap(), tensors::read(fixture).unwrap());
     for (got, want) in [
         ("loss", "expect/loss"),
         ("grad/student/feat/1", "expect/grad/student/feat/1"),
@@ -189,7 +214,7 @@ fn a_scripted_loss_gives_the_reference_at_loss() {
         let scale = b.abs().max().double_value(&[]);
         assert!(
             err <= 1e-5 * scale,
-            "{got}: off by {err:e} (scale {scale:e})"
+            "{out:?} {got}: off by {err:e} (scale {scale:e})"
         );
     }
 }

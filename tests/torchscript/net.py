@@ -7,6 +7,7 @@ fixture pointed at it.
 
     python net.py OUT_DIR [AT_FIXTURE]
 """
+import pathlib
 import sys
 from pathlib import Path
 
@@ -92,9 +93,11 @@ def at_fixture(out: Path, golden: Path):
     torch.jit.script(KdZooAt()).save(str(out / "at_loss.pt"))
     with safe_open(str(golden), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    params = {"file": str(out / "at_loss.pt"), "taps": ["feat/1", "feat/2", "feat/3"]}
-    save_file(tensors, str(out / "at_torchscript.safetensors"),
-              metadata={"method": "torchscript", "params": json.dumps(params)})
+    taps = ["feat/1", "feat/2", "feat/3"]
+    for name, source in [("file", {"file": str(out / "at_loss.pt")}),
+                         ("entry", {"entry": f"{pathlib.Path(__file__).resolve()}:KdZooAt(p=2.0)"})]:
+        save_file(tensors, str(out / f"at_torchscript_{name}.safetensors"),
+                  metadata={"method": "torchscript", "params": json.dumps(dict(source, taps=taps))})
 
 
 if __name__ == "__main__":

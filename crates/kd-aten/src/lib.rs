@@ -6,9 +6,11 @@
 mod graph;
 mod jit;
 mod pickle;
+mod python;
 
 pub use graph::CudaGraph;
 pub use jit::JitModule;
+pub use python::{SpecError, load_spec as load_python_spec, source_file as python_source_file};
 
 use std::ffi::{CStr, c_char, c_void};
 

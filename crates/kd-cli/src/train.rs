@@ -298,8 +298,23 @@ pub fn label_runs(train: &TrainArgs, name: &str, model: &ModelPlan) -> Result<Ve
     })
 }
 
-/// `NAME[:WEIGHT]` → a method with that weight (default 1).
+/// `NAME[:WEIGHT]` → a method with that weight (default 1). A loss written
+/// in PyTorch is `python:FILE.py:NAME(args)[:WEIGHT]` or
+/// `torchscript:FILE[:WEIGHT]` (the `torchscript` method; its taps with
+/// `--config torchscript.taps=[...]`).
 pub fn parse_method(spec: &str) -> Result<MethodPlan> {
+    for (prefix, field) in [("python:", "entry"), ("torchscript:", "file")] {
+        if let Some(rest) = spec.strip_prefix(prefix) {
+            let (source, weight) = match rest.rsplit_once(':') {
+                Some((s, w)) if w.parse::<f64>().is_ok() => (s, w.parse::<f64>()?),
+                _ => (rest, 1.0),
+            };
+            return Ok(MethodPlan {
+                config: serde_json::json!({ field: source }),
+                ..MethodPlan::new("torchscript", weight)
+            });
+        }
+    }
     let (name, weight) = match spec.split_once(':') {
         Some((n, w)) => (
             n,

@@ -220,8 +220,11 @@ impl ModelPlan {
     /// The file a foreign architecture is loaded from, if it is one: a
     /// TorchScript file, or the `.py` file of a Python spec.
     pub fn source_file(&self) -> Option<&std::path::Path> {
-        if let Some(spec) = self.arch.strip_prefix(kd_models::python::PREFIX) {
-            return kd_models::python::source_file(spec);
+        if let Some(spec) = self
+            .arch
+            .strip_prefix(kd_models::torchscript::PYTHON_PREFIX)
+        {
+            return kd_aten::python_source_file(spec);
         }
         self.arch
             .strip_prefix(kd_models::torchscript::PREFIX)

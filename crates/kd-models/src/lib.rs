@@ -30,7 +30,6 @@
 mod layers;
 pub mod mobilenetv1;
 pub mod mobilenetv2;
-pub mod python;
 pub mod resnet;
 pub mod resnetv2;
 pub mod shufflenetv1;
@@ -294,9 +293,8 @@ pub fn names() -> Vec<&'static str> {
 /// it was saved with) or `python:SPEC` (a PyTorch module built by Python
 /// and scripted); for those two `num_classes` is the module's business.
 pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Network>, ModelError> {
-    if let Some(spec) = name.strip_prefix(python::PREFIX) {
-        let file = python::scripted(spec)?;
-        return Ok(Box::new(torchscript::TorchScriptNet::load(&file, p)?));
+    if let Some(spec) = name.strip_prefix(torchscript::PYTHON_PREFIX) {
+        return Ok(Box::new(torchscript::TorchScriptNet::from_python(spec, p)?));
     }
     if let Some(file) = name.strip_prefix(torchscript::PREFIX) {
         return Ok(Box::new(torchscript::TorchScriptNet::load(

@@ -19,6 +19,10 @@ use crate::{ModelError, Network};
 /// The prefix that names a TorchScript file instead of a zoo model.
 pub const PREFIX: &str = "torchscript:";
 
+/// The prefix that names a Python module spec (`FILE.py:NAME(args)`,
+/// `package.module:NAME(args)`), built and scripted by the venv's Python.
+pub const PYTHON_PREFIX: &str = "python:";
+
 pub struct TorchScriptNet {
     module: kd_aten::JitModule,
     file: PathBuf,
@@ -44,6 +48,25 @@ impl TorchScriptNet {
             return Err(bad(file, "no such file"));
         }
         let module = kd_aten::JitModule::load(file, p.device()).map_err(|e| bad(file, e))?;
+        Self::with_module(module, file, p)
+    }
+
+    /// Builds the module a Python spec names (scripted by the venv's
+    /// Python) on `p`'s device and adds its tensors under `p`.
+    pub fn from_python(spec: &str, p: &nn::Path) -> Result<TorchScriptNet, ModelError> {
+        let module =
+            kd_aten::load_python_spec(spec, p.device()).map_err(|e| ModelError::InvalidConfig {
+                family: "python",
+                reason: format!("{PYTHON_PREFIX}{e}"),
+            })?;
+        Self::with_module(module, Path::new(&format!("{PYTHON_PREFIX}{spec}")), p)
+    }
+
+    fn with_module(
+        module: kd_aten::JitModule,
+        file: &Path,
+        p: &nn::Path,
+    ) -> Result<TorchScriptNet, ModelError> {
         module.add_to(p).map_err(|e| bad(file, e))?;
         let buffers = module.buffers().map_err(|e| bad(file, e))?;
         let batch_norm = buffers.iter().any(|(n, _)| n.ends_with("running_mean"));

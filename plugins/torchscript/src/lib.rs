@@ -1,5 +1,6 @@
 //! A loss written in PyTorch, run by kd: a TorchScript module (saved with
-//! `torch.jit.script(loss).save(FILE)`) whose
+//! `torch.jit.script(loss).save(FILE)`, or a Python spec
+//! `losses.py:MyLoss(T=4)` that the venv's Python builds and scripts) whose
 //! `forward(student: Dict[str, Tensor], teacher: Dict[str, Tensor],
 //! target: Tensor)` returns the loss, or a `Dict[str, Tensor]` of named
 //! terms. The taps named in the config are handed over under their names
@@ -16,6 +17,9 @@ use tch::Tensor;
 pub struct Config {
     /// The TorchScript file.
     pub file: String,
+    /// Or the Python spec of the loss module: `FILE.py:NAME(args)` or
+    /// `package.module:NAME(args)`.
+    pub entry: String,
     /// Taps handed to `forward`, the same on both sides.
     pub taps: Vec<String>,
 }
@@ -24,6 +28,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             file: String::new(),
+            entry: String::new(),
             taps: vec!["logits".into()],
         }
     }
@@ -43,21 +48,31 @@ impl Method for TorchScriptLoss {
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
-        if cfg.file.is_empty() {
-            return Err(cx.error(
-                "needs `file`, the TorchScript module (torch.jit.script(loss).save(FILE))",
-            ));
-        }
-        let path = std::path::Path::new(&cfg.file);
-        if !path.is_file() {
-            return Err(cx.error(format!("`{}`: no such file", cfg.file)));
-        }
         let device = cx.params().device();
-        let module = kd_aten::JitModule::load(path, device)
-            .map_err(|e| cx.error(format!("`{}`: {e}", cfg.file)))?;
+        let (module, source) = match (cfg.file.is_empty(), cfg.entry.is_empty()) {
+            (false, true) => {
+                let path = std::path::Path::new(&cfg.file);
+                if !path.is_file() {
+                    return Err(cx.error(format!("`{}`: no such file", cfg.file)));
+                }
+                let m = kd_aten::JitModule::load(path, device)
+                    .map_err(|e| cx.error(format!("`{}`: {e}", cfg.file)))?;
+                (m, cfg.file)
+            }
+            (true, false) => {
+                let m = kd_aten::load_python_spec(&cfg.entry, device)
+                    .map_err(|e| cx.error(e.to_string()))?;
+                (m, cfg.entry)
+            }
+            _ => {
+                return Err(cx.error(
+                    "needs one of `file` (torch.jit.script(loss).save(FILE)) or `entry` (FILE.py:NAME(args))",
+                ));
+            }
+        };
         module
             .add_to(cx.params())
-            .map_err(|e| cx.error(format!("`{}`: {e}", cfg.file)))?;
+            .map_err(|e| cx.error(format!("`{source}`: {e}")))?;
         let mut taps = Vec::new();
         for name in &cfg.taps {
             let (s, t) = cx.tap_pair(name)?;
@@ -65,7 +80,7 @@ impl Method for TorchScriptLoss {
         }
         Ok(TorchScriptLoss {
             module,
-            file: cfg.file,
+            file: source,
             taps,
             training: None,
         })

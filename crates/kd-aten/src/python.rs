@@ -1,28 +1,28 @@
-//! `python:FILE.py:NAME(args)` and `python:package.module:NAME(args)`: a
-//! PyTorch module of the user's, built by the bootstrap venv's Python and
-//! compiled there with `torch.jit.script` (`python/script_spec.py`), then
-//! run as a [`TorchScriptNet`](crate::torchscript::TorchScriptNet). Python
-//! runs once per spec and process, in a child process; training itself
-//! runs no Python. Modules TorchScript cannot compile are refused with the
-//! compiler's message.
+//! Python specs, `FILE.py:NAME(args)` or `package.module:NAME(args)`: a
+//! PyTorch module of the user's (a network, or a loss), built by the
+//! bootstrap venv's Python and compiled there with `torch.jit.script`
+//! (`python/script_spec.py`), then loaded as a [`JitModule`]. Python runs
+//! once per spec and process, in a child process; training runs no Python.
+//! Modules TorchScript cannot compile are refused with the compiler's
+//! message.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use crate::ModelError;
+use crate::JitModule;
 
-/// The prefix that names a Python module spec instead of a zoo model.
-pub const PREFIX: &str = "python:";
+/// A spec that could not be built: the message names the spec and what
+/// Python, or TorchScript's compiler, said.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(String);
 
 const SCRIPT: &str = include_str!("../python/script_spec.py");
 
-fn bad(spec: &str, reason: impl std::fmt::Display) -> ModelError {
-    ModelError::InvalidConfig {
-        family: "python",
-        reason: format!("{PREFIX}{spec}: {reason}"),
-    }
+fn bad(spec: &str, reason: impl std::fmt::Display) -> SpecError {
+    SpecError(format!("{spec}: {reason}"))
 }
 
 /// The Python with the PyTorch kd links: the venv's, else `python3`.
@@ -39,9 +39,13 @@ pub fn source_file(spec: &str) -> Option<&Path> {
     target.ends_with(".py").then(|| Path::new(target))
 }
 
-/// The TorchScript file for `spec` (without the prefix), scripted once per
-/// process.
-pub fn scripted(spec: &str) -> Result<PathBuf, ModelError> {
+/// The module `spec` names, scripted, on `device`.
+pub fn load_spec(spec: &str, device: tch::Device) -> Result<JitModule, SpecError> {
+    JitModule::load(&scripted(spec)?, device).map_err(|e| bad(spec, e))
+}
+
+/// The TorchScript file for `spec`, scripted once per process.
+fn scripted(spec: &str) -> Result<PathBuf, SpecError> {
     static DONE: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
     let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
     let done = done.get_or_insert_with(HashMap::new);
