@@ -126,15 +126,30 @@ fn a_scripted_module_trains_as_teacher_and_student() {
         words("--config at.taps=[\"feat/1\",\"feat/2\"]"),
     ]
     .concat());
-    run(&[
-        words(&format!(
-            "distill --teacher {net} --student resnet8 --method st --name z"
-        )),
-        words(&format!("--teacher-weights {}", s(&trained))),
-        words(&common),
-    ]
-    .concat());
-    for r in ["s_st_s0", "s_at_s0", "z_s0"] {
+    // As the teacher of a zoo student, its forward shared by two method
+    // groups in lockstep: each run equals its solo run bit for bit.
+    let zoo = |out: &str, extra: &str| {
+        run(&[
+            words(&format!(
+                "distill --teacher {net} --student resnet8 --method st --compare dkd --name z {extra}"
+            )),
+            words(&format!("--teacher-weights {}", s(&trained))),
+            words(&common.replace(&s(&runs), &s(&p.join(out)))),
+        ]
+        .concat())
+    };
+    zoo("lockstep", "");
+    zoo("solo", "--solo");
+    for r in ["z_st_s0", "z_dkd_s0"] {
+        let w =
+            |d: &str| tensors::read(&p.join(d).join(r).join("distill.last.safetensors")).unwrap();
+        let (a, b) = (w("lockstep"), w("solo"));
+        assert_eq!(a.tensors.len(), b.tensors.len());
+        for ((n, x), (_, y)) in a.tensors.iter().zip(&b.tensors) {
+            assert!(x.equal(y), "{r}: {n} differs between lockstep and solo");
+        }
+    }
+    for r in ["s_st_s0", "s_at_s0"] {
         let log = std::fs::read_to_string(runs.join(r).join("epochs.jsonl")).unwrap();
         assert_eq!(log.lines().count(), 1, "{r}");
     }
