@@ -768,3 +768,48 @@ fn sigterm_stops_at_a_safe_point_and_says_how_to_resume() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(epochs_logged(&out.path().join("x_s0")), 8);
 }
+
+/// The same teacher file named from another working directory is the same
+/// teacher: the saved plan holds its absolute path.
+#[test]
+fn a_resume_from_another_working_directory_finds_the_same_teacher() {
+    let top = tempfile::tempdir().unwrap();
+    let trial = top.path().join("trial");
+    std::fs::create_dir_all(trial.join("t")).unwrap();
+    std::fs::copy(
+        golden("model_resnet20.safetensors"),
+        trial.join("t/teacher.safetensors"),
+    )
+    .unwrap();
+    let out = top.path().join("runs");
+    let run = |cwd: &Path, teacher: &str, extra: &[&str]| {
+        let mut a = distill(&out, extra);
+        let i = a.iter().position(|x| x == "--teacher-weights").unwrap();
+        a[i + 1] = teacher.to_string();
+        a.remove(0);
+        std::process::Command::new(kd_tests::kd())
+            .args(&a)
+            .current_dir(cwd)
+            .env("OMP_NUM_THREADS", "1")
+            .env_remove("MLFLOW_TRACKING_URI")
+            .output()
+            .unwrap()
+    };
+    let first = run(&trial, "t/teacher.safetensors", &["--epochs", "1"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let again = run(
+        top.path(),
+        "trial/t/teacher.safetensors",
+        &["--epochs", "2", "--resume", "--extend"],
+    );
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(epochs_logged(&out.join("x_s0")), 2);
+}
