@@ -341,6 +341,44 @@ fn python_specs_build_the_users_module() {
     run(&a);
     assert_close(&out, &p.join("mnv3_expect.safetensors"), &["logits"]);
 
+    // Taps named by submodule path: PyTorch's forward hooks on the same
+    // modules give the expected maps.
+    let script = format!(
+        "import torch, torchvision; from safetensors.torch import save_file\n\
+         torch.manual_seed(4); m = torchvision.models.resnet18(num_classes=10).eval()\n\
+         seen = {{}}\n\
+         for name in ['layer2', 'layer3']:\n    getattr(m, name).register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o))\n\
+         x = torch.randn(2, 3, 64, 64)\n\
+         with torch.no_grad(): y = m(x)\n\
+         save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, '{w}')\n\
+         save_file({{'input': x}}, '{x}')\n\
+         save_file({{'logits': y, 'feat/1': seen['layer2'], 'feat/2': seen['layer3']}}, '{y}')",
+        w = s(&p.join("r18.safetensors")),
+        x = s(&p.join("r18_in.safetensors")),
+        y = s(&p.join("r18_expect.safetensors")),
+    );
+    assert!(
+        Command::new("python")
+            .args(["-c", &script])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = p.join("r18_out.safetensors");
+    let mut a = words("probe model");
+    a.push(
+        "python:torchvision.models:resnet18(num_classes=10)[feat/1=layer2,feat/2=layer3]".into(),
+    );
+    a.extend(["--weights".into(), s(&p.join("r18.safetensors"))]);
+    a.extend(["--input".into(), s(&p.join("r18_in.safetensors"))]);
+    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
+    run(&a);
+    assert_close(
+        &out,
+        &p.join("r18_expect.safetensors"),
+        &["logits", "feat/1", "feat/2"],
+    );
+
     // Mistakes are one line naming what was wrong.
     for (spec, want) in [
         (

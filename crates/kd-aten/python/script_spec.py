@@ -4,9 +4,13 @@
 
 SPEC is `FILE.py:CALL` or `package.module:CALL`, CALL a class or function
 name, optionally with literal arguments: `models.py:Net(width=2)`,
-`torchvision.models:mobilenet_v3_small(num_classes=10)`. The module is built
-here, compiled with `torch.jit.script` and saved to OUT. A mistake prints
-one line on stderr and exits 2.
+`torchvision.models:mobilenet_v3_small(num_classes=10)`. A suffix
+`[TAP=NODE,...]` names taps by submodule path, as torchdistill does:
+`torchvision.models:resnet18(num_classes=10)[feat/1=layer2,embed=flatten]`;
+the module is then wrapped by torchvision's feature extractor (torch.fx),
+which returns those nodes' outputs by tap name, and the model's output as
+`logits`. The module is built here, compiled with `torch.jit.script` and
+saved to OUT. A mistake prints one line on stderr and exits 2.
 """
 import ast
 import importlib
@@ -60,9 +64,38 @@ def resolve(spec):
     return getattr(module, tree.id), args, kwargs
 
 
+def split_taps(spec):
+    """`SPEC[TAP=NODE,...]` -> (SPEC, {NODE: TAP}); no suffix -> (SPEC, None)."""
+    if not spec.endswith("]") or "[" not in spec:
+        return spec, None
+    at = spec.rindex("[")
+    nodes = {}
+    for pair in filter(None, (p.strip() for p in spec[at + 1:-1].split(","))):
+        tap, sep, node = pair.partition("=")
+        if not sep or not tap or not node:
+            fail(f"`{pair}` in `{spec[at:]}` is not TAP=MODULE.PATH (e.g. feat/1=layer2)")
+        nodes[node.strip()] = tap.strip()
+    return spec[:at], nodes
+
+
+def tapped(net, nodes, spec):
+    """`net` returning a dict: the named nodes' outputs, and its own as `logits`."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    _, eval_nodes = get_graph_node_names(net)
+    if "logits" not in nodes.values():
+        nodes = dict(nodes, **{eval_nodes[-1]: "logits"})
+    try:
+        return create_feature_extractor(net, return_nodes=nodes)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{spec}: cannot tap it: {first}")
+
+
 def main(spec, out):
     import torch
 
+    spec, nodes = split_taps(spec)
     make, args, kwargs = resolve(spec)
     try:
         net = make(*args, **kwargs)
@@ -70,6 +103,8 @@ def main(spec, out):
         fail(f"{spec}: {type(e).__name__}: {e}")
     if not isinstance(net, torch.nn.Module):
         fail(f"{spec} made a {type(net).__name__}, not a torch.nn.Module")
+    if nodes is not None:
+        net = tapped(net, nodes, spec)
     try:
         scripted = torch.jit.script(net)
     except Exception as e:
