@@ -575,3 +575,43 @@ fn a_signal_to_one_rank_stops_every_rank_at_one_step() {
     let status = kd_tracking::journaled_status(&dir.path().join("dp_s0")).unwrap();
     assert_eq!(status, Some(kd_tracking::RunStatus::Killed));
 }
+
+/// A TorchScript student (tests/torchscript/net.py, written by PyTorch here)
+/// trains data-parallel like a zoo one: two ranks of batch 16 end where
+/// one process of batch 32 does.
+#[test]
+fn two_ranks_train_a_torchscript_student_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/torchscript/net.py");
+    let ok = Command::new("python")
+        .arg(&net)
+        .arg(dir.path())
+        .status()
+        .expect("python (the bootstrap venv: source scripts/env.sh)");
+    assert!(ok.success());
+    let module = dir.path().join("scripted.pt");
+    let foreign = |batch| {
+        plan_yaml("ts", batch, "", None).replace(
+            "student:\n  arch: resnet8\n",
+            &format!("student:\n  arch: torchscript:{}\n", module.display()),
+        )
+    };
+    let (one, two) = (dir.path().join("one.yaml"), dir.path().join("two.yaml"));
+    std::fs::write(&one, foreign(32)).unwrap();
+    std::fs::write(&two, foreign(16)).unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let single = run_plan(&one, &a, None).wait_with_output().unwrap();
+    assert!(
+        single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+    for o in job(&two, &b, &[]) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let rel = rel_l2(
+        &weights(&a.join("ts/train.last.safetensors")),
+        &weights(&b.join("ts/train.last.safetensors")),
+    );
+    assert!(rel <= 1e-5, "weights differ by {rel:e} (relative L2)");
+}
