@@ -101,12 +101,17 @@ def at_fixture(out: Path, golden: Path):
 
 
 
-def step_fixture(out: Path):
-    """One `st` training step of a TorchScript student (Net) from a
-    TorchScript teacher (Net, other weights), computed by PyTorch on the
-    scripted modules themselves: the loss, every student gradient and its
-    BatchNorm buffers after the step, for `kd probe step`."""
+def step_fixtures(out: Path):
+    """Training steps of a TorchScript student (Net) from a TorchScript
+    teacher (Net, other weights), computed by PyTorch on the scripted
+    modules themselves: the loss, every student gradient and its BatchNorm
+    buffers after the step, for `kd probe step`. `st` on the logits, and
+    LwM, whose Grad-CAMs differentiate through both modules (the student's
+    twice), with KD-Zoo's formula from tests/golden/methods/lwm.py."""
     import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "golden"))
+    from methods.lwm import lwm_loss
 
     nets = []
     for seed in (5, 6):
@@ -121,41 +126,51 @@ def step_fixture(out: Path):
                 if t.is_floating_point():
                     t.copy_(t.half().float())
         nets.append(net)
-    student, teacher = nets
     paths = {}
-    for side, net in (("student", student), ("teacher", teacher)):
+    for side, net in zip(("student", "teacher"), nets):
         paths[side] = str(out / f"step_{side}.pt")
         torch.jit.script(net).save(paths[side])
-    tensors = {}
-    for side, net in (("student", student), ("teacher", teacher)):
-        for k, v in net.state_dict().items():
-            tensors[f"{side}.weights/{k}"] = v.detach().clone()
     g = torch.Generator().manual_seed(7)
     img = torch.randn(8, 3, 32, 32, generator=g).half().float()
     target = torch.randint(0, 10, (8,), generator=g)
-    tensors["batch/input"], tensors["batch/target"] = img, target
-    s_mod, t_mod = torch.jit.load(paths["student"]), torch.jit.load(paths["teacher"])
-    s_mod.train()
-    t_mod.eval()
     T = 4.0
-    with torch.no_grad():
-        t_logits = t_mod(img)["logits"]
-    loss = nn.functional.kl_div(nn.functional.log_softmax(s_mod(img)["logits"] / T, 1),
-                                nn.functional.softmax(t_logits / T, 1), reduction="batchmean") * T * T
-    loss.backward()
-    tensors["expect/loss"] = loss.detach().reshape(())
-    for k, p in s_mod.named_parameters():
-        tensors[f"expect/grad/student/{k}"] = p.grad.detach().clone()
-    for k, b in s_mod.named_buffers():
-        if not k.endswith("num_batches_tracked"):
-            tensors[f"expect/buffers/student/{k}"] = b.detach().clone()
-    meta = {"probe": "step", "method": "st", "params": json.dumps({"T": T}), "num_classes": "10",
-            "student": f"torchscript:{paths['student']}", "teacher": f"torchscript:{paths['teacher']}"}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "step_st.safetensors"), metadata=meta)
 
+    def st(s, t, x, y):
+        with torch.no_grad():
+            t_logits = t(x)["logits"]
+        return nn.functional.kl_div(nn.functional.log_softmax(s(x)["logits"] / T, 1),
+                                    nn.functional.softmax(t_logits / T, 1), reduction="batchmean") * T * T
+
+    # feat/1: Net pools feat/2 globally right away, so the gradient there is
+    # the same at every position and both CAMs are uniform (a loss of pure
+    # rounding); feat/1's reaches it through block2.
+    lwm_params = {"tap": "feat/1", "cam": "grad"}
+    for method, params, loss_fn in [("st", {"T": T}, st),
+                                    ("lwm", lwm_params, lambda s, t, x, y: lwm_loss(s, t, x, y, **lwm_params))]:
+        tensors = {}
+        for side, net in zip(("student", "teacher"), nets):
+            for k, v in net.state_dict().items():
+                tensors[f"{side}.weights/{k}"] = v.detach().clone()
+        tensors["batch/input"], tensors["batch/target"] = img, target
+        s_mod, t_mod = torch.jit.load(paths["student"]), torch.jit.load(paths["teacher"])
+        s_mod.train()
+        t_mod.eval()
+        loss = loss_fn(s_mod, t_mod, img, target)
+        loss.backward()
+        tensors["expect/loss"] = loss.detach().reshape(())
+        for k, p in s_mod.named_parameters():
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            tensors[f"expect/grad/student/{k}"] = grad.detach().clone()
+        for k, b in s_mod.named_buffers():
+            if not k.endswith("num_batches_tracked"):
+                tensors[f"expect/buffers/student/{k}"] = b.detach().clone()
+        meta = {"probe": "step", "method": method, "params": json.dumps(params), "num_classes": "10",
+                "student": f"torchscript:{paths['student']}", "teacher": f"torchscript:{paths['teacher']}"}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"step_{method}.safetensors"),
+                  metadata=meta)
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    step_fixture(Path(sys.argv[1]))
+    step_fixtures(Path(sys.argv[1]))
     if len(sys.argv) > 2:
         at_fixture(Path(sys.argv[1]), Path(sys.argv[2]))
