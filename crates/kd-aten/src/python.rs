@@ -52,14 +52,18 @@ fn scripted(spec: &str) -> Result<PathBuf, SpecError> {
     if let Some(p) = done.get(spec).filter(|p| p.exists()) {
         return Ok(p.clone());
     }
-    let out = std::env::temp_dir().join(format!(
-        "kd-scripted-{}-{}.pt",
-        std::process::id(),
-        done.len()
-    ));
+    // One file per spec, rewritten by each process that scripts it (a
+    // package's module may have changed since): written under a name of
+    // this process's, then renamed, so ranks scripting the same spec at
+    // once each read a whole file.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(spec, &mut h);
+    let name = format!("kd-scripted-{:016x}.pt", std::hash::Hasher::finish(&h));
+    let out = std::env::temp_dir().join(name);
+    let part = out.with_extension(format!("{}.part", std::process::id()));
     let run = Command::new(python())
         .args(["-c", SCRIPT, spec])
-        .arg(&out)
+        .arg(&part)
         .output()
         .map_err(|e| bad(spec, format!("cannot run {}: {e}", python().display())))?;
     if !run.status.success() {
@@ -69,8 +73,15 @@ fn scripted(spec: &str) -> Result<PathBuf, SpecError> {
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("failed");
+        let _ = std::fs::remove_file(&part);
         return Err(bad(spec, last.trim()));
     }
+    std::fs::rename(&part, &out).map_err(|e| {
+        bad(
+            spec,
+            format!("cannot move {} into place: {e}", part.display()),
+        )
+    })?;
     done.insert(spec.to_string(), out.clone());
     Ok(out)
 }
