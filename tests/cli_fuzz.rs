@@ -36,6 +36,8 @@ fn heads(teacher: &Path) -> Vec<Vec<String>> {
         "distill --help",
         "train-teacher --arch resnet8",
         "train-teacher --arch resnet9000",
+        "train-teacher --arch python:nowhere.py:Net(width=2)",
+        "train-teacher --arch torchscript:missing.pt",
         "probe model resnet8 --weights missing.safetensors --input missing --out o",
         "probe loss --fixture missing --out o",
     ]
