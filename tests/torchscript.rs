@@ -341,6 +341,48 @@ fn python_specs_build_the_users_module() {
     run(&a);
     assert_close(&out, &p.join("mnv3_expect.safetensors"), &["logits"]);
 
+    // Distilled into on digits, then reloaded strictly by torchvision's own
+    // class, which computes kd's outputs.
+    let mnv3 = "python:torchvision.models:mobilenet_v3_small(num_classes=10)";
+    let mut a = words(&format!(
+        "distill --teacher resnet20 --teacher-weights {} --method st --data digits --epochs 1 --batch-size 64 --device cpu --name tv --out {} --student",
+        s(&root().join("tests/golden/fixtures/model_resnet20.safetensors")),
+        s(&p.join("runs"))
+    ));
+    a.push(mnv3.into());
+    run(&a);
+    let trained = p.join("runs/tv_s0/distill.last.safetensors");
+    let kd_out = p.join("tv_kd.safetensors");
+    let mut a = words("probe model");
+    a.push(mnv3.into());
+    a.extend(["--weights".into(), s(&trained)]);
+    a.extend(["--input".into(), s(&p.join("mnv3_in.safetensors"))]);
+    a.extend([
+        "--out".into(),
+        s(&kd_out),
+        "--num-classes".into(),
+        "10".into(),
+    ]);
+    run(&a);
+    let reload = format!(
+        "import torch, torchvision; from safetensors.torch import load_file, save_file\n\
+         m = torchvision.models.mobilenet_v3_small(num_classes=10)\n\
+         m.load_state_dict(load_file('{w}'), strict=True); m.eval()\n\
+         with torch.no_grad(): y = m(load_file('{x}')['input'])\n\
+         save_file({{'logits': y}}, '{o}')",
+        w = s(&trained),
+        x = s(&p.join("mnv3_in.safetensors")),
+        o = s(&p.join("tv_torch.safetensors")),
+    );
+    assert!(
+        Command::new("python")
+            .args(["-c", &reload])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_close(&kd_out, &p.join("tv_torch.safetensors"), &["logits"]);
+
     // Taps named by submodule path: PyTorch's forward hooks on the same
     // modules give the expected maps.
     let script = format!(
