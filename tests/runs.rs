@@ -813,3 +813,18 @@ fn a_resume_from_another_working_directory_finds_the_same_teacher() {
     );
     assert_eq!(epochs_logged(&out.join("x_s0")), 2);
 }
+
+/// An epoch's mean of a constant loss weight is the weight exactly (0.1
+/// summed over 18 steps and divided by 18 is 0.10000000000000003), in
+/// epochs.jsonl and so in MLflow.
+#[test]
+fn a_constant_weight_is_recorded_as_written() {
+    let out = tempfile::tempdir().unwrap();
+    let mut a = distill(out.path(), &["--epochs", "1", "--ce", "0.1"]);
+    let i = a.iter().position(|x| x == "--train-size").unwrap();
+    a[i + 1] = "576".into(); // 18 steps of 32
+    kd_cli::run(a).unwrap();
+    let line = std::fs::read_to_string(out.path().join("x_s0/epochs.jsonl")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(v["record"]["weights"]["ce"].as_f64(), Some(0.1), "{line}");
+}

@@ -39,18 +39,25 @@ fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
 
-/// `kd probe model` on the module with `weights`; its outputs.
+/// `kd probe model ARCH --weights W --input X --out O` (10 classes).
+fn probe_model(arch: &str, weights: &Path, input: &Path, out: &Path) {
+    let mut a = words("probe model");
+    a.push(arch.to_string());
+    a.extend(["--weights".into(), s(weights)]);
+    a.extend(["--input".into(), s(input)]);
+    a.extend(["--out".into(), s(out), "--num-classes".into(), "10".into()]);
+    run(&a);
+}
+
+/// `kd probe model` on the TorchScript module with `weights`, on the
+/// batch `net.py` wrote; its outputs.
 fn probe(dir: &Path, module: &Path, weights: &Path) -> PathBuf {
     let out = dir.join(format!(
         "probe_{}.safetensors",
         weights.file_stem().unwrap().to_string_lossy()
     ));
-    let mut a = words("probe model");
-    a.push(format!("torchscript:{}", s(module)));
-    a.extend(["--weights".into(), s(weights)]);
-    a.extend(["--input".into(), s(&dir.join("input.safetensors"))]);
-    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
-    run(&a);
+    let arch = format!("torchscript:{}", s(module));
+    probe_model(&arch, weights, &dir.join("input.safetensors"), &out);
     out
 }
 
@@ -296,12 +303,12 @@ fn python_specs_build_the_users_module() {
         s(&root().join("tests/torchscript/net.py"))
     );
     let out = p.join("py_probe.safetensors");
-    let mut a = words("probe model");
-    a.push(net.clone());
-    a.extend(["--weights".into(), s(&p.join("weights.safetensors"))]);
-    a.extend(["--input".into(), s(&p.join("input.safetensors"))]);
-    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
-    run(&a);
+    probe_model(
+        &net,
+        &p.join("weights.safetensors"),
+        &p.join("input.safetensors"),
+        &out,
+    );
     assert_close(
         &out,
         &p.join("expect.safetensors"),
@@ -333,17 +340,16 @@ fn python_specs_build_the_users_module() {
             .unwrap()
             .success()
     );
-    let out = p.join("mnv3_out.safetensors");
-    let mut a = words("probe model python:torchvision.models:mobilenet_v3_small(num_classes=10)");
-    a.extend(["--weights".into(), s(&p.join("mnv3.safetensors"))]);
-    a.extend(["--input".into(), s(&p.join("mnv3_in.safetensors"))]);
-    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
-    run(&a);
+    let mnv3 = "python:torchvision.models:mobilenet_v3_small(num_classes=10)";
+    let (mnv3_in, out) = (
+        p.join("mnv3_in.safetensors"),
+        p.join("mnv3_out.safetensors"),
+    );
+    probe_model(mnv3, &p.join("mnv3.safetensors"), &mnv3_in, &out);
     assert_close(&out, &p.join("mnv3_expect.safetensors"), &["logits"]);
 
     // Distilled into on digits, then reloaded strictly by torchvision's own
     // class, which computes kd's outputs.
-    let mnv3 = "python:torchvision.models:mobilenet_v3_small(num_classes=10)";
     let mut a = words(&format!(
         "distill --teacher resnet20 --teacher-weights {} --method st --data digits --epochs 1 --batch-size 64 --device cpu --name tv --out {} --student",
         s(&root().join("tests/golden/fixtures/model_resnet20.safetensors")),
@@ -353,17 +359,7 @@ fn python_specs_build_the_users_module() {
     run(&a);
     let trained = p.join("runs/tv_s0/distill.last.safetensors");
     let kd_out = p.join("tv_kd.safetensors");
-    let mut a = words("probe model");
-    a.push(mnv3.into());
-    a.extend(["--weights".into(), s(&trained)]);
-    a.extend(["--input".into(), s(&p.join("mnv3_in.safetensors"))]);
-    a.extend([
-        "--out".into(),
-        s(&kd_out),
-        "--num-classes".into(),
-        "10".into(),
-    ]);
-    run(&a);
+    probe_model(mnv3, &trained, &mnv3_in, &kd_out);
     let reload = format!(
         "import torch, torchvision; from safetensors.torch import load_file, save_file\n\
          m = torchvision.models.mobilenet_v3_small(num_classes=10)\n\
@@ -407,14 +403,12 @@ fn python_specs_build_the_users_module() {
             .success()
     );
     let out = p.join("r18_out.safetensors");
-    let mut a = words("probe model");
-    a.push(
-        "python:torchvision.models:resnet18(num_classes=10)[feat/1=layer2,feat/2=layer3]".into(),
+    probe_model(
+        "python:torchvision.models:resnet18(num_classes=10)[feat/1=layer2,feat/2=layer3]",
+        &p.join("r18.safetensors"),
+        &p.join("r18_in.safetensors"),
+        &out,
     );
-    a.extend(["--weights".into(), s(&p.join("r18.safetensors"))]);
-    a.extend(["--input".into(), s(&p.join("r18_in.safetensors"))]);
-    a.extend(["--out".into(), s(&out), "--num-classes".into(), "10".into()]);
-    run(&a);
     assert_close(
         &out,
         &p.join("r18_expect.safetensors"),

@@ -95,27 +95,30 @@ impl Observer for Console<'_> {
     }
 }
 
+/// An epoch record for the tests of what is shown and logged: method `a`
+/// at weight 0.1, with a term named after it (`a/a`) and one not (`b/x`).
+#[cfg(test)]
+pub(crate) fn epoch_record(test_top5: f64) -> EpochRecord {
+    EpochRecord {
+        epoch: 1,
+        lr: 0.1,
+        train_loss: 1.0,
+        train_top1: 50.0,
+        test_top1: 40.0,
+        test_top5,
+        val_top1: None,
+        val_top5: None,
+        weights: [("a".to_string(), 0.1)].into(),
+        terms: [("a/a".to_string(), 2.5), ("b/x".to_string(), 0.5)].into(),
+        images_per_sec: 100.0,
+        best_top1: 40.0,
+        peer_top1: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(test_top5: f64) -> EpochRecord {
-        EpochRecord {
-            epoch: 0,
-            lr: 0.1,
-            train_loss: 1.0,
-            train_top1: 50.0,
-            test_top1: 40.0,
-            test_top5,
-            val_top1: None,
-            val_top5: None,
-            weights: Default::default(),
-            terms: Default::default(),
-            images_per_sec: 100.0,
-            best_top1: 40.0,
-            peer_top1: None,
-        }
-    }
 
     /// The console's lines as `console.log` keeps them.
     fn lines(show: impl FnOnce(&mut Console)) -> String {
@@ -135,13 +138,13 @@ mod tests {
     fn top5_is_printed_only_where_there_is_one() {
         let ten = lines(|c| {
             c.teacher_eval("s", 40.0, 91.5);
-            c.epoch("s", 0, &record(87.25));
+            c.epoch("s", 0, &epoch_record(87.25));
         });
         assert!(ten.contains("teacher test 40.00% (top-5 91.50%)"), "{ten}");
         assert!(ten.contains("test 40.00% (top-5 87.25%)"), "{ten}");
         let five = lines(|c| {
             c.teacher_eval("s", 40.0, f64::NAN);
-            c.epoch("s", 0, &record(f64::NAN));
+            c.epoch("s", 0, &epoch_record(f64::NAN));
         });
         assert!(!five.contains("top-5"), "{five}");
         assert!(five.contains("test 40.00%  best 40.00%"), "{five}");

@@ -512,3 +512,20 @@ fn execute_quietly(
         .map(|r| r.map_err(with_resume_command))
         .collect())
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sync_hint_names_the_server_the_user_gave() {
+        let dir = Path::new("runs/x_s0");
+        let hint = sync_hint(dir, false, true, Some("http://h:5000")).unwrap();
+        assert!(
+            hint.contains("`kd sync runs/x_s0 --tracking-uri http://h:5000`"),
+            "{hint}"
+        );
+        let hint = sync_hint(dir, false, true, None).unwrap();
+        assert!(hint.contains("`kd sync runs/x_s0`"), "{hint}");
+        assert_eq!(sync_hint(dir, false, false, Some("http://h:5000")), None);
+    }
+}

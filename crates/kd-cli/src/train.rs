@@ -298,22 +298,19 @@ pub fn label_runs(train: &TrainArgs, name: &str, model: &ModelPlan) -> Result<Ve
     })
 }
 
-/// `NAME[:WEIGHT]` → a method with that weight (default 1). A loss written
-/// in PyTorch is `python:FILE.py:NAME(args)[:WEIGHT]` or
-/// `torchscript:FILE[:WEIGHT]` (the `torchscript` method; its taps with
-/// `--config torchscript.taps=[...]`).
-pub fn parse_method(spec: &str) -> Result<MethodPlan> {
-    for (prefix, field) in [("python:", "entry"), ("torchscript:", "file")] {
-        if let Some(rest) = spec.strip_prefix(prefix) {
-            let (source, weight) = match rest.rsplit_once(':') {
-                Some((s, w)) if w.parse::<f64>().is_ok() => (s, w.parse::<f64>()?),
-                _ => (rest, 1.0),
-            };
-            return Ok(MethodPlan {
-                config: serde_json::json!({ field: source }),
-                ..MethodPlan::new("torchscript", weight)
-            });
-        }
+/// `NAME[:WEIGHT]` → a method with that weight (default 1). A method that
+/// takes prefixed specs (`python:losses.py:MyLoss[:WEIGHT]`, see
+/// `kd_core::Method::SPEC_PREFIXES`) gets the rest as its config field.
+pub fn parse_method(registry: &kd_core::Registry, spec: &str) -> Result<MethodPlan> {
+    if let Some((method, field, rest)) = registry.for_spec(spec) {
+        let (source, weight) = match rest.rsplit_once(':').map(|(s, w)| (s, w.parse::<f64>())) {
+            Some((s, Ok(w))) => (s, w),
+            _ => (rest, 1.0),
+        };
+        return Ok(MethodPlan {
+            config: serde_json::json!({ field: source }),
+            ..MethodPlan::new(method, weight)
+        });
     }
     let (name, weight) = match spec.split_once(':') {
         Some((n, w)) => (
@@ -395,7 +392,7 @@ pub(crate) fn method_groups(
             .join("+");
         let group = spec
             .iter()
-            .map(|m| parse_method(m))
+            .map(|m| parse_method(registry, m))
             .collect::<Result<Vec<_>>>()?;
         groups.push((label, group));
     }

@@ -13,6 +13,11 @@ pub trait Method: Send + Sized + 'static {
     /// Numeric config fields a recipe may schedule over training; the engine
     /// sets them through [`Method::set_scheduled`] before each step.
     const SCHEDULABLE: &'static [&'static str] = &[];
+    /// Prefixes of a method spec on the command line that name this method
+    /// with one config field set to the rest: `("python:", "entry")` reads
+    /// `--method python:losses.py:MyLoss` as this method with
+    /// `entry = "losses.py:MyLoss"`.
+    const SPEC_PREFIXES: &'static [(&'static str, &'static str)] = &[];
 
     /// `#[serde(default, deny_unknown_fields)]`, defaults from the reference.
     type Config: DeserializeOwned + Serialize + Default;

@@ -9,6 +9,8 @@ pub struct MethodEntry {
     pub name: &'static str,
     pub summary: &'static str,
     pub schedulable: &'static [&'static str],
+    /// See [`Method::SPEC_PREFIXES`].
+    pub spec_prefixes: &'static [(&'static str, &'static str)],
     default_config: fn() -> Value,
     build: fn(Value, &mut BuildCx) -> Result<Box<dyn DynMethod>>,
     check: fn(Value) -> Result<Value>,
@@ -22,6 +24,7 @@ impl MethodEntry {
             name: M::NAME,
             summary: M::SUMMARY,
             schedulable: M::SCHEDULABLE,
+            spec_prefixes: M::SPEC_PREFIXES,
             default_config: default_config::<M>,
             build: build_dyn::<M>,
             check: check_config::<M>,
@@ -142,6 +145,16 @@ impl Registry {
             .filter(|(d, n)| *d <= limit && *d < n.len())
             .min()
             .map(|(_, n)| n.to_string())
+    }
+
+    /// The method a prefixed spec names (`python:losses.py:MyLoss`), with
+    /// the config field the rest of the spec fills and that rest.
+    pub fn for_spec<'s>(&self, spec: &'s str) -> Option<(&'static str, &'static str, &'s str)> {
+        self.iter().find_map(|e| {
+            e.spec_prefixes.iter().find_map(|(prefix, field)| {
+                spec.strip_prefix(prefix).map(|rest| (e.name, *field, rest))
+            })
+        })
     }
 
     pub fn names(&self) -> Vec<&'static str> {

@@ -286,10 +286,15 @@ impl std::fmt::Display for Diff {
 /// Every leaf in which `new` differs from `old` and the numbers can, in
 /// order.
 pub fn differences(old: &Plan, new: &Plan) -> Vec<Diff> {
-    let (a, b) = (to_value(old), to_value(new));
-    let mut out = Vec::new();
-    diff("", &a, &b, &mut out);
+    let mut out = value_differences(&to_value(old), &to_value(new));
     out.retain(|d| !free_to_change(&d.path) && !same_contents(d));
+    out
+}
+
+/// Every leaf in which JSON value `new` differs from `old`, by dotted path.
+pub(crate) fn value_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Diff> {
+    let mut out = Vec::new();
+    diff("", old, new, &mut out);
     out
 }
 

@@ -197,23 +197,27 @@ fn unique_labels(groups: &[(serde_json::Value, Vec<(&Plan, &RunResult)>)]) -> Ve
             parts.push(format!("batch {}", data.effective_batch()));
         }
         let batch_shown = !parts.is_empty();
-        let mut fields = Vec::new();
-        leaves("", key, &mut fields);
-        let differs = |path: &str, value: &serde_json::Value| {
-            alike
-                .iter()
-                .any(|&j| lookup(&groups[j].0, path) != Some(value))
-        };
+        // The fields in which this group differs from any of the alike
+        // ones, with this group's values, in plan order.
+        let mut fields: Vec<crate::folder::Diff> = Vec::new();
+        for &j in &alike {
+            for d in crate::folder::value_differences(&groups[j].0, key) {
+                if !fields.iter().any(|f| f.path == d.path) {
+                    fields.push(d);
+                }
+            }
+        }
+        fields.sort_by(|a, b| a.path.cmp(&b.path));
         parts.extend(
             fields
                 .iter()
-                .filter(|(path, v)| differs(path, v))
                 // The batch's two factors are in `batch N` already when it differs.
-                .filter(|(path, _)| {
-                    !batch_shown || !matches!(path.as_str(), "data.batch_size" | "data.world_size")
+                .filter(|d| {
+                    !batch_shown
+                        || !matches!(d.path.as_str(), "data.batch_size" | "data.world_size")
                 })
                 .take(2)
-                .map(|(path, v)| format!("{path} {}", show(v))),
+                .map(|d| format!("{} {}", d.path, d.new)),
         );
         if !parts.is_empty() {
             labels[i] = format!("{} ({})", base[i], parts.join(", "));
@@ -228,40 +232,6 @@ fn unique_labels(groups: &[(serde_json::Value, Vec<(&Plan, &RunResult)>)]) -> Ve
         }
     }
     labels
-}
-
-/// `(dotted path, value)` for every leaf of a JSON value.
-fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
-    let join = |k: &str| {
-        if prefix.is_empty() {
-            k.to_string()
-        } else {
-            format!("{prefix}.{k}")
-        }
-    };
-    match v {
-        serde_json::Value::Object(m) => m.iter().for_each(|(k, x)| leaves(&join(k), x, out)),
-        serde_json::Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .for_each(|(i, x)| leaves(&join(&i.to_string()), x, out)),
-        leaf => out.push((prefix.to_string(), leaf.clone())),
-    }
-}
-
-fn lookup<'v>(v: &'v serde_json::Value, path: &str) -> Option<&'v serde_json::Value> {
-    path.split('.').try_fold(v, |v, k| match v {
-        serde_json::Value::Array(a) => a.get(k.parse::<usize>().ok()?),
-        v => v.get(k),
-    })
-}
-
-fn show(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "none".into(),
-        v => v.to_string(),
-    }
 }
 
 /// What a row's seeds cell adds when a seed has several distinct runs:

@@ -45,6 +45,8 @@ impl Method for TorchScriptLoss {
     const NAME: &'static str = "torchscript";
     const SUMMARY: &'static str =
         "A loss written in PyTorch, as a TorchScript module (config: file, taps)";
+    const SPEC_PREFIXES: &'static [(&'static str, &'static str)] =
+        &[("python:", "entry"), ("torchscript:", "file")];
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {

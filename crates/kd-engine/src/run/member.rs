@@ -312,8 +312,8 @@ impl Member<'_, '_> {
             e.loss_sum += v.total * v.n as f64;
             e.correct += v.correct;
             e.seen += v.n;
-            for (s, w) in e.weight_sum.iter_mut().zip(&v.weights) {
-                *s += w;
+            for (m, w) in e.weight_mean.iter_mut().zip(&v.weights) {
+                *m += (w - *m) / (v.step + 1) as f64;
             }
             for (t, x) in &v.terms {
                 *e.term_sum.entry(t.clone()).or_default() += x;
@@ -424,10 +424,7 @@ impl Member<'_, '_> {
             test_top5: acc.test.1,
             val_top1: acc.val.map(|v| v.0),
             val_top5: acc.val.map(|v| v.1),
-            weights: labels
-                .zip(&e.weight_sum)
-                .map(|(l, s)| (l, s / steps))
-                .collect(),
+            weights: labels.zip(e.weight_mean.iter().copied()).collect(),
             terms: e
                 .term_sum
                 .into_iter()
