@@ -9,7 +9,7 @@ bootstrap:
 	@bash scripts/bootstrap
 
 build: bootstrap
-	@$(ENV) cargo build -p kd-cli
+	@$(ENV) cargo build -p kd-cli -p kd-python
 
 ## Train a teacher and distill a student on the embedded data set, 3 seeds,
 ## against the same student trained alone; prints the result table.
@@ -18,7 +18,7 @@ demo: build
 
 ## The whole test suite.
 test: bootstrap
-	@$(ENV) cargo build -p kd-cli && OMP_NUM_THREADS=1 cargo nextest run --workspace --no-fail-fast
+	@$(ENV) cargo build -p kd-cli -p kd-python && OMP_NUM_THREADS=1 cargo nextest run --workspace --no-fail-fast
 
 ## Regenerate the golden fixtures from the PyTorch reference script.
 golden: bootstrap

@@ -107,3 +107,20 @@ char *kd_jit_loss(void *m, char **s_names, at::Tensor **s, int64_t ns, char **t_
 }
 
 }  // extern "C"
+
+// Tensors crossing to kd's embedded Python (crates/kd-python) as the
+// address of their TensorImpl, which Python wraps with
+// torch._C._wrap_tensor_impl: the same tensor, autograd state included.
+extern "C" {
+
+void *kd_tensor_impl(at::Tensor *t) { return t->unsafeGetTensorImpl(); }
+
+// A new reference to the TensorImpl at `impl` (from Python's
+// torch._C._tensor_impl_raw_handle, while Python still holds the tensor).
+at::Tensor *kd_tensor_from_impl(void *impl) {
+  auto p = c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(
+      static_cast<c10::TensorImpl *>(impl));
+  return new at::Tensor(std::move(p));
+}
+
+}  // extern "C"

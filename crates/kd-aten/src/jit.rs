@@ -7,11 +7,10 @@
 use std::ffi::{CString, c_char, c_void};
 use std::path::Path;
 
-use tch::{Device, Tensor, nn};
+use tch::{Device, Tensor};
 
+use crate::foreign::{ForeignError, ForeignModule, Named};
 use crate::{AtenError, check, raw, take_named};
-
-type Named = Vec<(String, Tensor)>;
 
 unsafe extern "C" {
     fn kd_jit_load(path: *const c_char, cuda_index: i32, out: *mut *mut c_void) -> *mut c_char;
@@ -76,16 +75,6 @@ impl JitModule {
         Ok(JitModule { raw })
     }
 
-    /// Parameters by `state_dict` name.
-    pub fn parameters(&self) -> Result<Named, AtenError> {
-        self.tensors(false)
-    }
-
-    /// Buffers (BatchNorm's running statistics, ...) by `state_dict` name.
-    pub fn buffers(&self) -> Result<Named, AtenError> {
-        self.tensors(true)
-    }
-
     fn tensors(&self, buffers: bool) -> Result<Named, AtenError> {
         let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
         check(unsafe {
@@ -100,32 +89,25 @@ impl JitModule {
         // SAFETY: the shim succeeded.
         Ok(unsafe { take_named(names, tensors, n) })
     }
+}
 
-    /// Adds the parameters (trainable) and buffers under `p` by their
-    /// `state_dict` names, as the module's own tensors: what an optimiser
-    /// or a weights file does to them, the module computes with.
-    pub fn add_to(&self, p: &nn::Path) -> Result<(), AtenError> {
-        let params = self.parameters()?.into_iter().map(|x| (true, x));
-        let buffers = self.buffers()?.into_iter().map(|x| (false, x));
-        for (trainable, (name, t)) in params.chain(buffers) {
-            // A VarStore name's dots are its path: `layer1.0.conv1.weight`
-            // is variable `weight` under `layer1` / `0` / `conv1`.
-            let mut parts: Vec<&str> = name.split('.').collect();
-            let leaf = parts.pop().unwrap_or_default();
-            let sub = parts.iter().fold(p.clone(), |q, s| &q / *s);
-            let _ = sub.add(leaf, t, trainable);
-        }
-        Ok(())
+impl ForeignModule for JitModule {
+    fn parameters(&self) -> Result<Named, ForeignError> {
+        Ok(self.tensors(false)?)
+    }
+
+    fn buffers(&self) -> Result<Named, ForeignError> {
+        Ok(self.tensors(true)?)
     }
 
     /// `module.train(on)`: every submodule's `training` flag.
-    pub fn set_train(&self, on: bool) -> Result<(), AtenError> {
-        check(unsafe { kd_jit_train(self.raw, i32::from(on)) })
+    fn set_train(&self, on: bool) -> Result<(), ForeignError> {
+        Ok(check(unsafe { kd_jit_train(self.raw, i32::from(on)) })?)
     }
 
     /// `forward(x)`: a Tensor output as `logits`, a `Dict[str, Tensor]`
     /// entry by entry.
-    pub fn forward(&self, x: &Tensor) -> Result<Named, AtenError> {
+    fn forward(&self, x: &Tensor) -> Result<Named, ForeignError> {
         let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
         check(unsafe { kd_jit_forward(self.raw, raw(x), &mut names, &mut tensors, &mut n) })?;
         // SAFETY: the shim succeeded.
@@ -134,17 +116,17 @@ impl JitModule {
 
     /// A loss module's `forward(student, teacher, target)` on taps by name:
     /// a Tensor output as `loss`, a `Dict[str, Tensor]` of terms by name.
-    pub fn loss(
+    fn loss(
         &self,
-        student: &[(String, Tensor)],
-        teacher: &[(String, Tensor)],
+        student: &Named,
+        teacher: &Named,
         target: &Tensor,
-    ) -> Result<Named, AtenError> {
-        let c_names = |side: &[(String, Tensor)]| -> Result<Vec<CString>, AtenError> {
+    ) -> Result<Named, ForeignError> {
+        let c_names = |side: &[(String, Tensor)]| -> Result<Vec<CString>, ForeignError> {
             side.iter()
                 .map(|(n, _)| {
                     CString::new(n.as_str())
-                        .map_err(|_| AtenError("a tap name holds a NUL byte".into()))
+                        .map_err(|_| ForeignError("a tap name holds a NUL byte".into()))
                 })
                 .collect()
         };

@@ -1,16 +1,20 @@
 //! The few libtorch calls kd needs that `tch` does not bind, through a small
 //! C++ shim (`cpp/kd_aten.cpp`) compiled against the same libtorch:
 //! PyTorch's multi-tensor SGD update, channels-last memory order, inference
-//! mode, autocast's lower precision on CUDA, and CUDA graphs.
+//! mode, autocast's lower precision on CUDA, and CUDA graphs; and modules
+//! kd did not build: TorchScript files and PyTorch modules in an embedded
+//! Python.
 
+mod foreign;
 mod graph;
 mod jit;
 mod pickle;
 mod python;
 
+pub use foreign::{ForeignError, ForeignModule, Named};
 pub use graph::CudaGraph;
 pub use jit::JitModule;
-pub use python::{SpecError, load_spec as load_python_spec, source_file as python_source_file};
+pub use python::{PythonModule, source_file as python_source_file};
 
 use std::ffi::{CStr, c_char, c_void};
 

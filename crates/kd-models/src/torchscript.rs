@@ -11,6 +11,7 @@
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
+use kd_aten::ForeignModule;
 use kd_core::Taps;
 use tch::{Tensor, nn};
 
@@ -20,11 +21,13 @@ use crate::{ModelError, Network};
 pub const PREFIX: &str = "torchscript:";
 
 /// The prefix that names a Python module spec (`FILE.py:NAME(args)`,
-/// `package.module:NAME(args)`), built and scripted by the venv's Python.
+/// `package.module:NAME(args)`), built and run by kd's embedded Python.
 pub const PYTHON_PREFIX: &str = "python:";
 
+/// A network kd did not build: a TorchScript file, or a PyTorch module in
+/// kd's embedded Python.
 pub struct TorchScriptNet {
-    module: kd_aten::JitModule,
+    module: Box<dyn ForeignModule>,
     file: PathBuf,
     /// The mode last set, so a forward switches only when it changes.
     training: Cell<Option<bool>>,
@@ -32,6 +35,8 @@ pub struct TorchScriptNet {
     buffers: Vec<Tensor>,
     /// Whether it has BatchNorm running statistics.
     batch_norm: bool,
+    /// Each output's shape beyond the batch, from the first forward.
+    shapes: std::cell::RefCell<Vec<(String, Vec<i64>)>>,
 }
 
 fn bad(file: &Path, reason: impl std::fmt::Display) -> ModelError {
@@ -48,22 +53,19 @@ impl TorchScriptNet {
             return Err(bad(file, "no such file"));
         }
         let module = kd_aten::JitModule::load(file, p.device()).map_err(|e| bad(file, e))?;
-        Self::with_module(module, file, p)
+        Self::with_module(Box::new(module), file, p)
     }
 
-    /// Builds the module a Python spec names (scripted by the venv's
-    /// Python) on `p`'s device and adds its tensors under `p`.
+    /// Builds the module a Python spec names, in kd's embedded Python, on
+    /// `p`'s device and adds its tensors under `p`.
     pub fn from_python(spec: &str, p: &nn::Path) -> Result<TorchScriptNet, ModelError> {
-        let module =
-            kd_aten::load_python_spec(spec, p.device()).map_err(|e| ModelError::InvalidConfig {
-                family: "python",
-                reason: format!("{PYTHON_PREFIX}{e}"),
-            })?;
-        Self::with_module(module, Path::new(&format!("{PYTHON_PREFIX}{spec}")), p)
+        let name = Path::new(&format!("{PYTHON_PREFIX}{spec}")).to_path_buf();
+        let module = kd_aten::PythonModule::load(spec, p.device()).map_err(|e| bad(&name, e))?;
+        Self::with_module(Box::new(module), &name, p)
     }
 
     fn with_module(
-        module: kd_aten::JitModule,
+        module: Box<dyn ForeignModule>,
         file: &Path,
         p: &nn::Path,
     ) -> Result<TorchScriptNet, ModelError> {
@@ -77,6 +79,7 @@ impl TorchScriptNet {
             training: Cell::new(None),
             buffers: kept,
             batch_norm,
+            shapes: Default::default(),
         })
     }
 
@@ -94,6 +97,7 @@ impl TorchScriptNet {
     pub fn try_taps(&self, xs: &Tensor, train: bool) -> Result<Taps, ModelError> {
         self.mode(train)?;
         let out = self.module.forward(xs).map_err(|e| bad(&self.file, e))?;
+        self.same_shapes(&out)?;
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         let find = |k: &str| {
             out.iter()
@@ -144,6 +148,44 @@ impl TorchScriptNet {
             logits,
         })
     }
+}
+
+impl TorchScriptNet {
+    /// Methods size their connectors from the first forward's taps: an
+    /// output whose shape beyond the batch changes later is an error.
+    fn same_shapes(&self, out: &[(String, Tensor)]) -> Result<(), ModelError> {
+        let now: Vec<(String, Vec<i64>)> = out
+            .iter()
+            .map(|(n, t)| (n.clone(), t.size().get(1..).unwrap_or_default().to_vec()))
+            .collect();
+        let mut seen = self.shapes.borrow_mut();
+        if seen.is_empty() {
+            *seen = now;
+            return Ok(());
+        }
+        for (name, shape) in &now {
+            if let Some((_, was)) = seen.iter().find(|(n, _)| n == name)
+                && was != shape
+            {
+                return Err(bad(
+                    &self.file,
+                    format!(
+                        "`{name}` changed shape from [B, {}] to [B, {}] between forwards; kd sizes methods from the first forward, so taps must keep their shape beyond the batch",
+                        join(was),
+                        join(shape)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn join(dims: &[i64]) -> String {
+    dims.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Network for TorchScriptNet {

@@ -8,6 +8,7 @@
 //! with the student and are saved in checkpoints under their `state_dict`
 //! names.
 
+use kd_aten::ForeignModule;
 use kd_core::{BuildCx, Losses, Method, Result, StepIo, TapRef, register_method};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -35,7 +36,7 @@ impl Default for Config {
 }
 
 pub struct TorchScriptLoss {
-    module: kd_aten::JitModule,
+    module: Box<dyn ForeignModule>,
     file: String,
     taps: Vec<(String, TapRef, TapRef)>,
     training: Option<bool>,
@@ -59,12 +60,12 @@ impl Method for TorchScriptLoss {
                 }
                 let m = kd_aten::JitModule::load(path, device)
                     .map_err(|e| cx.error(format!("`{}`: {e}", cfg.file)))?;
-                (m, cfg.file)
+                (Box::new(m) as Box<dyn ForeignModule>, cfg.file)
             }
             (true, false) => {
-                let m = kd_aten::load_python_spec(&cfg.entry, device)
-                    .map_err(|e| cx.error(e.to_string()))?;
-                (m, cfg.entry)
+                let m = kd_aten::PythonModule::load(&cfg.entry, device)
+                    .map_err(|e| cx.error(format!("`{}`: {e}", cfg.entry)))?;
+                (Box::new(m) as Box<dyn ForeignModule>, cfg.entry)
             }
             _ => {
                 return Err(cx.error(
