@@ -214,11 +214,11 @@ fn a_scripted_loss_gives_the_reference_at_loss() {
         "--train-size 64 --batch-size 32 --epochs 1 --device cpu --name py --out {}",
         s(&p.join("runs"))
     )));
-    a.push(r#"--config=torchscript.taps=["feat/1","feat/2","feat/3"]"#.into());
+    a.push(r#"--config=python.taps=["feat/1","feat/2","feat/3"]"#.into());
     run(&a);
     let plan = std::fs::read_to_string(p.join("runs/py_s0/plan.yaml")).unwrap();
     assert!(
-        plan.contains("method: torchscript") && plan.contains("weight: 1000"),
+        plan.contains("method: python") && plan.contains("weight: 1000"),
         "{plan}"
     );
 }
@@ -291,8 +291,8 @@ fn a_torchscript_run_resumes_exactly_and_pins_its_module() {
     assert!(e.contains("student.source_sha256"), "{e}");
 }
 
-/// `python:` specs: the same network given as its Python class (built and
-/// scripted by the venv's Python) trains like its TorchScript file, and a
+/// `python:` specs: the same network given as its Python class (run in
+/// kd's embedded Python) trains like its TorchScript file, and a
 /// torchvision model by name gives PyTorch's outputs for the same weights.
 #[test]
 fn python_specs_build_the_users_module() {
@@ -445,17 +445,18 @@ fn python_specs_build_the_users_module() {
     }
 }
 
-/// One `kd probe step` with a TorchScript student and a TorchScript
-/// teacher equals PyTorch's own step on the same scripted modules and
-/// batch: the loss, every student gradient, the BatchNorm buffers after it
-/// (tolerances of tests/golden.rs). `st` on the logits, and LwM, whose
-/// Grad-CAMs take gradient taps through both modules and differentiate the
-/// student's twice.
+/// One `kd probe step` with a foreign student and teacher equals
+/// PyTorch's own step on the same modules and batch: the loss, every
+/// student gradient, the BatchNorm buffers after it (tolerances of
+/// tests/golden.rs). As TorchScript files, and as Python modules that
+/// TorchScript cannot compile, run by kd's embedded Python. `st` on the
+/// logits, and LwM, whose Grad-CAMs take gradient taps through both
+/// modules and differentiate the student's twice.
 #[test]
 fn a_step_on_foreign_networks_equals_pytorchs() {
     let dir = written();
     let p = dir.path();
-    for method in ["st", "lwm"] {
+    for method in ["st", "lwm", "st_python", "lwm_python"] {
         let fixture = p.join(format!("step_{method}.safetensors"));
         let out = p.join(format!("step_{method}_out.safetensors"));
         let mut a = words("probe step --fixture");
@@ -491,4 +492,92 @@ fn a_step_on_foreign_networks_equals_pytorchs() {
         // The loss, 13 parameter gradients, 6 running statistics.
         assert_eq!(checked, 20, "{method}: expectations checked");
     }
+}
+
+/// A Python module TorchScript cannot compile trains in kd's process and
+/// resumes exactly (its tensors are the module's own, restored in place by
+/// the checkpoint); a resume refuses a source file that changed.
+#[test]
+fn a_python_run_resumes_exactly_and_pins_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let source = p.join("net.py");
+    std::fs::copy(root().join("tests/torchscript/net.py"), &source).unwrap();
+    let cmd = |out: &str, extra: &str| {
+        let mut a = words("train-teacher --arch");
+        a.push(format!("python:{}:EagerNet()", s(&source)));
+        a.extend(words(&format!(
+            "--data digits --batch-size 64 --device cpu --name r --out {} {extra}",
+            s(&p.join(out))
+        )));
+        a
+    };
+    run(&cmd("a", "--epochs 2"));
+    run(&cmd("b", "--epochs 1"));
+    run(&cmd("b", "--epochs 2 --resume --extend"));
+    let w = |d: &str| tensors::read(&p.join(d).join("r_s0/train.last.safetensors")).unwrap();
+    let (wa, wb) = (w("a"), w("b"));
+    assert_eq!(wa.tensors.len(), wb.tensors.len());
+    for ((n, x), (_, y)) in wa.tensors.iter().zip(&wb.tensors) {
+        assert!(x.equal(y), "{n} differs between the resumed and the straight run");
+    }
+    let mut text = std::fs::read_to_string(&source).unwrap();
+    text.push_str("\n# edited\n");
+    std::fs::write(&source, text).unwrap();
+    let mut a = vec!["kd".to_string()];
+    a.extend(cmd("b", "--epochs 3 --resume --extend"));
+    let e = kd_cli::one_line(&kd_cli::run(&a).unwrap_err());
+    assert!(e.contains("student.source_sha256"), "{e}");
+}
+
+/// A user's module that goes wrong is one line naming what was wrong, and
+/// the network mistakes are caught before the first step.
+#[test]
+fn python_module_mistakes_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let bad = s(&root().join("tests/torchscript/bad.py"));
+    let fail = |args: Vec<String>| {
+        let mut a = vec!["kd".to_string()];
+        a.extend(args);
+        let e = kd_cli::run(&a).unwrap_err();
+        let line = kd_cli::one_line(&e);
+        assert!(!line.contains('\n'), "{line}");
+        line
+    };
+    let net = |class: &str| {
+        let mut a = words("train-teacher --arch");
+        a.push(format!("python:{bad}:{class}"));
+        a.extend(words(&format!(
+            "--data digits --epochs 1 --device cpu --name {class} --out {}",
+            s(&p.join("runs"))
+        )));
+        a
+    };
+    for (class, want) in [
+        (
+            "Raises",
+            "ValueError: this net wants 1 channel, got 3 (at bad.py:",
+        ),
+        ("Tuple", "forward returned a tuple"),
+        ("NoLogits", "without \"logits\" (keys: out)"),
+        ("Elsewhere", "on meta, but kd runs this module on cpu"),
+        ("Nope", "has no `Nope`"),
+    ] {
+        let e = fail(net(class));
+        assert!(e.contains(want), "{class}: {e}");
+        // Nothing trained: no epoch was written.
+        assert!(
+            !p.join(format!("runs/{class}_s0/epochs.jsonl")).exists(),
+            "{class}: an epoch ran"
+        );
+    }
+    let mut a = words(&format!(
+        "distill --teacher resnet20 --teacher-weights {} --student resnet8 --train-size 64 --batch-size 32 --epochs 1 --device cpu --name loss --out {} --method",
+        s(&root().join("tests/golden/fixtures/model_resnet20.safetensors")),
+        s(&p.join("runs"))
+    ));
+    a.push(format!("python:{bad}:PerSample"));
+    let e = fail(a);
+    assert!(e.contains("each term must be a scalar"), "{e}");
 }

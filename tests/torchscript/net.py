@@ -7,6 +7,7 @@ fixture pointed at it.
 
     python net.py OUT_DIR [AT_FIXTURE]
 """
+import itertools
 import pathlib
 import sys
 from pathlib import Path
@@ -63,6 +64,19 @@ def main(out: Path):
 
 
 
+class EagerNet(Net):
+    """Net's computation written as TorchScript cannot compile it (varargs,
+    f-strings, a tuple of modules): kd runs it in its embedded Python."""
+
+    def forward(self, x, *unused):
+        feats = [torch.relu(self.bn0(self.stem(x)))]
+        for block in (self.block1, self.block2):
+            feats.append(block(feats[-1]))
+        embed = self.norm(feats[-1].mean(dim=(2, 3)))
+        out = {f"feat/{i}": f for i, f in enumerate(feats)}
+        return dict(out, embed=embed, logits=self.head(embed))
+
+
 class KdZooAt(nn.Module):
     """KD-Zoo's AT loss (its `at.py` and train_kd.py's mean over the three
     stages), as a kd loss module: forward(student, teacher, target)."""
@@ -94,20 +108,24 @@ def at_fixture(out: Path, golden: Path):
     with safe_open(str(golden), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     taps = ["feat/1", "feat/2", "feat/3"]
-    for name, source in [("file", {"file": str(out / "at_loss.pt")}),
-                         ("entry", {"entry": f"{pathlib.Path(__file__).resolve()}:KdZooAt(p=2.0)"})]:
+    for name, method, source in [
+            ("file", "torchscript", {"file": str(out / "at_loss.pt")}),
+            ("entry", "python", {"entry": f"{pathlib.Path(__file__).resolve()}:KdZooAt(p=2.0)"})]:
         save_file(tensors, str(out / f"at_torchscript_{name}.safetensors"),
-                  metadata={"method": "torchscript", "params": json.dumps(dict(source, taps=taps))})
+                  metadata={"method": method, "params": json.dumps(dict(source, taps=taps))})
 
 
 
 def step_fixtures(out: Path):
-    """Training steps of a TorchScript student (Net) from a TorchScript
-    teacher (Net, other weights), computed by PyTorch on the scripted
-    modules themselves: the loss, every student gradient and its BatchNorm
-    buffers after the step, for `kd probe step`. `st` on the logits, and
-    LwM, whose Grad-CAMs differentiate through both modules (the student's
-    twice), with KD-Zoo's formula from tests/golden/methods/lwm.py."""
+    """Training steps of a foreign student (Net) from a foreign teacher
+    (Net, other weights), computed by PyTorch on the modules themselves:
+    the loss, every student gradient and its BatchNorm buffers after the
+    step, for `kd probe step`. Both as TorchScript files
+    (`step_{method}.safetensors`), and as Python modules that TorchScript
+    cannot compile, run eagerly (`step_{method}_python.safetensors`). `st`
+    on the logits, and LwM, whose Grad-CAMs differentiate through both
+    modules (the student's twice), with KD-Zoo's formula from
+    tests/golden/methods/lwm.py."""
     import json
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "golden"))
@@ -145,14 +163,27 @@ def step_fixtures(out: Path):
     # the same at every position and both CAMs are uniform (a loss of pure
     # rounding); feat/1's reaches it through block2.
     lwm_params = {"tap": "feat/1", "cam": "grad"}
-    for method, params, loss_fn in [("st", {"T": T}, st),
-                                    ("lwm", lwm_params, lambda s, t, x, y: lwm_loss(s, t, x, y, **lwm_params))]:
+    try:
+        torch.jit.script(EagerNet())
+    except Exception:
+        pass
+    else:
+        raise SystemExit("EagerNet was meant to be beyond torch.jit.script")
+    eager = f"python:{Path(__file__).resolve()}:EagerNet()"
+    cases = [("st", {"T": T}, st),
+             ("lwm", lwm_params, lambda s, t, x, y: lwm_loss(s, t, x, y, **lwm_params))]
+    for (method, params, loss_fn), python in itertools.product(cases, (False, True)):
         tensors = {}
         for side, net in zip(("student", "teacher"), nets):
             for k, v in net.state_dict().items():
                 tensors[f"{side}.weights/{k}"] = v.detach().clone()
         tensors["batch/input"], tensors["batch/target"] = img, target
-        s_mod, t_mod = torch.jit.load(paths["student"]), torch.jit.load(paths["teacher"])
+        if python:
+            s_mod, t_mod = EagerNet(), EagerNet()
+            s_mod.load_state_dict(nets[0].state_dict())
+            t_mod.load_state_dict(nets[1].state_dict())
+        else:
+            s_mod, t_mod = torch.jit.load(paths["student"]), torch.jit.load(paths["teacher"])
         s_mod.train()
         t_mod.eval()
         loss = loss_fn(s_mod, t_mod, img, target)
@@ -164,9 +195,12 @@ def step_fixtures(out: Path):
         for k, b in s_mod.named_buffers():
             if not k.endswith("num_batches_tracked"):
                 tensors[f"expect/buffers/student/{k}"] = b.detach().clone()
+        student, teacher = (eager, eager) if python else (
+            f"torchscript:{paths['student']}", f"torchscript:{paths['teacher']}")
         meta = {"probe": "step", "method": method, "params": json.dumps(params), "num_classes": "10",
-                "student": f"torchscript:{paths['student']}", "teacher": f"torchscript:{paths['teacher']}"}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"step_{method}.safetensors"),
+                "student": student, "teacher": teacher}
+        name = f"step_{method}_python" if python else f"step_{method}"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"),
                   metadata=meta)
 
 if __name__ == "__main__":

@@ -1,89 +1,84 @@
-//! A loss written in PyTorch, run by kd: a TorchScript module (saved with
-//! `torch.jit.script(loss).save(FILE)`, or a Python spec
-//! `losses.py:MyLoss(T=4)` that the venv's Python builds and scripts) whose
+//! A loss written in PyTorch, run by kd: `python` (a module of the user's,
+//! `losses.py:MyLoss(T=4)`, run in kd's embedded Python) or `torchscript`
+//! (a file saved with `torch.jit.script(loss).save(FILE)`). Its
 //! `forward(student: Dict[str, Tensor], teacher: Dict[str, Tensor],
 //! target: Tensor)` returns the loss, or a `Dict[str, Tensor]` of named
-//! terms. The taps named in the config are handed over under their names
-//! (`feat/2`, `logits`, ...); the module's own parameters (connectors) train
-//! with the student and are saved in checkpoints under their `state_dict`
-//! names.
+//! terms, each logged, weighted and scheduled like a plugin's. The taps
+//! named in the config are handed over under their names (`feat/2`,
+//! `logits`, ...); the module's own parameters (connectors) train with the
+//! student and are saved in checkpoints under their `state_dict` names.
 
 use kd_aten::ForeignModule;
-use kd_core::{BuildCx, Losses, Method, Result, StepIo, TapRef, register_method};
+use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register_method};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// The TorchScript file.
-    pub file: String,
-    /// Or the Python spec of the loss module: `FILE.py:NAME(args)` or
-    /// `package.module:NAME(args)`.
+pub struct PythonConfig {
+    /// The loss module: `FILE.py:NAME(args)` or `package.module:NAME(args)`.
     pub entry: String,
     /// Taps handed to `forward`, the same on both sides.
     pub taps: Vec<String>,
 }
 
-impl Default for Config {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TorchScriptConfig {
+    /// The TorchScript file.
+    pub file: String,
+    /// Taps handed to `forward`, the same on both sides.
+    pub taps: Vec<String>,
+}
+
+impl Default for PythonConfig {
     fn default() -> Self {
-        Config {
-            file: String::new(),
+        PythonConfig {
             entry: String::new(),
             taps: vec!["logits".into()],
         }
     }
 }
 
-pub struct TorchScriptLoss {
+impl Default for TorchScriptConfig {
+    fn default() -> Self {
+        TorchScriptConfig {
+            file: String::new(),
+            taps: vec!["logits".into()],
+        }
+    }
+}
+
+/// A foreign loss module and the taps it reads.
+pub struct ForeignLoss {
     module: Box<dyn ForeignModule>,
-    file: String,
+    method: &'static str,
+    source: String,
     taps: Vec<(String, TapRef, TapRef)>,
     training: Option<bool>,
 }
 
-impl Method for TorchScriptLoss {
-    const NAME: &'static str = "torchscript";
-    const SUMMARY: &'static str =
-        "A loss written in PyTorch, as a TorchScript module (config: file, taps)";
-    const SPEC_PREFIXES: &'static [(&'static str, &'static str)] =
-        &[("python:", "entry"), ("torchscript:", "file")];
-    type Config = Config;
-
-    fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
-        let device = cx.params().device();
-        let (module, source) = match (cfg.file.is_empty(), cfg.entry.is_empty()) {
-            (false, true) => {
-                let path = std::path::Path::new(&cfg.file);
-                if !path.is_file() {
-                    return Err(cx.error(format!("`{}`: no such file", cfg.file)));
-                }
-                let m = kd_aten::JitModule::load(path, device)
-                    .map_err(|e| cx.error(format!("`{}`: {e}", cfg.file)))?;
-                (Box::new(m) as Box<dyn ForeignModule>, cfg.file)
-            }
-            (true, false) => {
-                let m = kd_aten::PythonModule::load(&cfg.entry, device)
-                    .map_err(|e| cx.error(format!("`{}`: {e}", cfg.entry)))?;
-                (Box::new(m) as Box<dyn ForeignModule>, cfg.entry)
-            }
-            _ => {
-                return Err(cx.error(
-                    "needs one of `file` (torch.jit.script(loss).save(FILE)) or `entry` (FILE.py:NAME(args))",
-                ));
-            }
-        };
+impl ForeignLoss {
+    fn new(
+        method: &'static str,
+        module: Box<dyn ForeignModule>,
+        source: String,
+        names: &[String],
+        cx: &mut BuildCx,
+    ) -> Result<Self> {
         module
             .add_to(cx.params())
             .map_err(|e| cx.error(format!("`{source}`: {e}")))?;
         let mut taps = Vec::new();
-        for name in &cfg.taps {
+        for name in names {
             let (s, t) = cx.tap_pair(name)?;
             taps.push((name.clone(), s, t));
         }
-        Ok(TorchScriptLoss {
+        Ok(ForeignLoss {
             module,
-            file: source,
+            method,
+            source,
             taps,
             training: None,
         })
@@ -91,7 +86,7 @@ impl Method for TorchScriptLoss {
 
     fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
         let fail = |e: &dyn std::fmt::Display| {
-            kd_core::KdError::Invalid(format!("method `torchscript`, `{}`: {e}", self.file))
+            KdError::Invalid(format!("method `{}`, `{}`: {e}", self.method, self.source))
         };
         if self.training != Some(io.train) {
             self.module.set_train(io.train).map_err(|e| fail(&e))?;
@@ -104,11 +99,11 @@ impl Method for TorchScriptLoss {
                 .collect()
         };
         let (s, t) = (side(&|x| x.1), side(&|x| x.2));
-        for (name, term) in self
+        let terms = self
             .module
             .loss(&s, &t, io.target())
-            .map_err(|e| fail(&e))?
-        {
+            .map_err(|e| fail(&e))?;
+        for (name, term) in terms {
             if term.numel() != 1 {
                 return Err(fail(&format!(
                     "loss term `{name}` has shape {:?}; each term must be a scalar",
@@ -121,4 +116,55 @@ impl Method for TorchScriptLoss {
     }
 }
 
+pub struct PythonLoss(ForeignLoss);
+
+impl Method for PythonLoss {
+    const NAME: &'static str = "python";
+    const SUMMARY: &'static str =
+        "A loss written in PyTorch, run in kd's embedded Python (config: entry, taps)";
+    const SPEC_PREFIXES: &'static [(&'static str, &'static str)] = &[("python:", "entry")];
+    type Config = PythonConfig;
+
+    fn build(cfg: PythonConfig, cx: &mut BuildCx) -> Result<Self> {
+        if cfg.entry.is_empty() {
+            return Err(cx.error("needs `entry`: the loss module, FILE.py:NAME(args)"));
+        }
+        let m = kd_aten::PythonModule::load(&cfg.entry, cx.params().device())
+            .map_err(|e| cx.error(format!("`{}`: {e}", cfg.entry)))?;
+        ForeignLoss::new(Self::NAME, Box::new(m), cfg.entry, &cfg.taps, cx).map(PythonLoss)
+    }
+
+    fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
+        self.0.losses(io, out)
+    }
+}
+
+pub struct TorchScriptLoss(ForeignLoss);
+
+impl Method for TorchScriptLoss {
+    const NAME: &'static str = "torchscript";
+    const SUMMARY: &'static str =
+        "A loss written in PyTorch, saved as a TorchScript file (config: file, taps)";
+    const SPEC_PREFIXES: &'static [(&'static str, &'static str)] = &[("torchscript:", "file")];
+    type Config = TorchScriptConfig;
+
+    fn build(cfg: TorchScriptConfig, cx: &mut BuildCx) -> Result<Self> {
+        if cfg.file.is_empty() {
+            return Err(cx.error("needs `file`: torch.jit.script(loss).save(FILE)"));
+        }
+        let path = std::path::Path::new(&cfg.file);
+        if !path.is_file() {
+            return Err(cx.error(format!("`{}`: no such file", cfg.file)));
+        }
+        let m = kd_aten::JitModule::load(path, cx.params().device())
+            .map_err(|e| cx.error(format!("`{}`: {e}", cfg.file)))?;
+        ForeignLoss::new(Self::NAME, Box::new(m), cfg.file, &cfg.taps, cx).map(TorchScriptLoss)
+    }
+
+    fn losses(&mut self, io: &StepIo, out: &mut Losses) -> Result<()> {
+        self.0.losses(io, out)
+    }
+}
+
+register_method!(PythonLoss);
 register_method!(TorchScriptLoss);
