@@ -572,6 +572,10 @@ fn python_module_mistakes_are_one_line_errors() {
             "{class}: an epoch ran"
         );
     }
+    let mut a = net("Fine");
+    a.push("--cuda-graph".into());
+    let e = fail(a);
+    assert!(e.contains("cuda_graph cannot capture"), "{e}");
     let mut a = words(&format!(
         "distill --teacher resnet20 --teacher-weights {} --student resnet8 --train-size 64 --batch-size 32 --epochs 1 --device cpu --name loss --out {} --method",
         s(&root().join("tests/golden/fixtures/model_resnet20.safetensors")),

@@ -39,3 +39,8 @@ class PerSample(nn.Module):
 
     def forward(self, student, teacher, target):
         return nn.functional.cross_entropy(student["logits"], target, reduction="none")
+
+
+class Fine(Small):
+    def forward(self, x):
+        return self.logits(x)

@@ -23,7 +23,12 @@ import pathlib
 import sys
 import traceback
 
-import torch
+try:
+    import torch
+except ImportError as e:
+    raise ImportError(
+        f"kd's embedded Python ({sys.executable}) cannot import torch: {e}; set VIRTUAL_ENV to the venv kd was built with (source scripts/env.sh)"
+    ) from None
 
 _wrap = torch._C._wrap_tensor_impl
 _handle = torch._C._tensor_impl_raw_handle

@@ -24,6 +24,22 @@ pub const PREFIX: &str = "torchscript:";
 /// `package.module:NAME(args)`), built and run by kd's embedded Python.
 pub const PYTHON_PREFIX: &str = "python:";
 
+/// A model name fit for a run's folder: a zoo name as it is, a Python
+/// spec's class or function (`python:nets/a.py:Net(width=2)` is `Net`), a
+/// TorchScript file's stem.
+pub fn short_name(arch: &str) -> String {
+    if let Some(spec) = arch.strip_prefix(PYTHON_PREFIX) {
+        let call = spec.split_once(':').map_or(spec, |(_, c)| c);
+        let end = call.find(['(', '[']).unwrap_or(call.len());
+        return call[..end].to_string();
+    }
+    if let Some(file) = arch.strip_prefix(PREFIX) {
+        let stem = Path::new(file).file_stem().unwrap_or_default();
+        return stem.to_string_lossy().into_owned();
+    }
+    arch.to_string()
+}
+
 /// A network kd did not build: a TorchScript file, or a PyTorch module in
 /// kd's embedded Python.
 pub struct TorchScriptNet {
@@ -40,8 +56,9 @@ pub struct TorchScriptNet {
 }
 
 fn bad(file: &Path, reason: impl std::fmt::Display) -> ModelError {
+    let python = file.to_string_lossy().starts_with(PYTHON_PREFIX);
     ModelError::InvalidConfig {
-        family: "torchscript",
+        family: if python { "python" } else { "torchscript" },
         reason: format!("{}: {reason}", file.display()),
     }
 }
@@ -210,5 +227,24 @@ impl Network for TorchScriptNet {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_names_fit_a_folder() {
+        for (arch, want) in [
+            ("resnet8x4", "resnet8x4"),
+            ("python:nets/a.py:Net(width=2)", "Net"),
+            (
+                "python:torchvision.models:resnet18(num_classes=10)[feat/1=layer2]",
+                "resnet18",
+            ),
+            ("python:m.py:Net", "Net"),
+            ("torchscript:/tmp/x/student.pt", "student"),
+        ] {
+            assert_eq!(super::short_name(arch), want, "{arch}");
+        }
     }
 }

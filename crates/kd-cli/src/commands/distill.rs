@@ -67,10 +67,10 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     let name = train
         .name
         .clone()
-        .unwrap_or_else(|| format!("{}_from_{}", a.student, a.teacher));
+        .unwrap_or_else(|| format!("{}_from_{}", short(&a.student), short(&a.teacher)));
     let base_name = match &train.name {
         Some(n) => format!("{n}_baseline"),
-        None => format!("{}_baseline", a.student),
+        None => format!("{}_baseline", short(&a.student)),
     };
     let group_name = |label: &str| match (&train.name, groups.len()) {
         (Some(n), 1) => n.clone(),
@@ -123,4 +123,9 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
         out!("{}", table(&rows))?;
     }
     Ok(())
+}
+
+/// A model's name in run folders.
+fn short(arch: &str) -> String {
+    kd_models::torchscript::short_name(arch)
 }

@@ -23,7 +23,7 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
         .train
         .name
         .clone()
-        .unwrap_or_else(|| format!("teacher_{}", a.arch));
+        .unwrap_or_else(|| format!("teacher_{}", kd_models::torchscript::short_name(&a.arch)));
     let student = ModelPlan {
         arch: a.arch.clone(),
         weights: None,

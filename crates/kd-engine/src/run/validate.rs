@@ -124,6 +124,18 @@ fn numbers(plan: &Plan) -> Result<(), String> {
     for stage in &plan.stages {
         stage_numbers(stage).map_err(|e| format!("stage `{}`: {e}", stage.name))?;
     }
+    let foreign = std::iter::once(&plan.student)
+        .chain(&plan.teacher)
+        .find(|m| {
+            use kd_models::torchscript::{PREFIX, PYTHON_PREFIX};
+            m.arch.starts_with(PREFIX) || m.arch.starts_with(PYTHON_PREFIX)
+        });
+    if let (true, Some(m)) = (plan.cuda_graph, foreign) {
+        return Err(format!(
+            "cuda_graph cannot capture `{}`: a foreign network's forward runs code kd does not see (Python hooks, TorchScript), which a replayed graph would skip; drop cuda_graph",
+            m.arch
+        ));
+    }
     if plan.cuda_graph && plan.precision == crate::plan::Precision::Fp16 {
         return Err("cuda_graph cannot capture fp16 steps: the loss scale's overflow check reads the device every step; use bf16 (no loss scale) or drop cuda_graph".into());
     }
