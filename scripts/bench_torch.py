@@ -108,7 +108,17 @@ def load_strict(module, state, what):
 
 
 def build_net(arch_name, classes, state):
-    net = models.build(models.arch_of(arch_name), classes)
+    if arch_name.startswith("python:"):
+        # A user's module, built as kd's embedded Python builds it.
+        import importlib.util
+        path = pathlib.Path(__file__).resolve().parents[1] / "crates/kd-aten/python/embed.py"
+        loader = importlib.util.spec_from_file_location("kd_embed", path)
+        embed = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(embed)
+        make, a, kw = embed.resolve(arch_name[len("python:"):])
+        net = make(*a, **kw)
+    else:
+        net = models.build(models.arch_of(arch_name), classes)
     load_strict(net, state, f"{arch_name} ({classes} classes)")
     return net
 

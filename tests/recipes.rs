@@ -231,6 +231,30 @@ fn quickstart_runs_end_to_end() {
     );
 }
 
+/// The own-PyTorch example: a Python network as teacher and student, and a
+/// Python loss module weighted beside the zoo's methods.
+#[test]
+fn own_pytorch_example_runs() {
+    let file = format!("file={}", root().join("tests/torchscript/net.py").display());
+    let out = run_recipe(
+        "recipes/examples/own_pytorch.rhai",
+        &["epochs=1", "device=cpu", &file],
+    );
+    let recs = epochs_jsonl(&out.path().join("own_pytorch"));
+    assert_eq!(
+        recs.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["teacher", "distill"]
+    );
+    let distill = &recs[1].1;
+    assert_eq!(
+        distill["weights"]["python"].as_f64(),
+        Some(100.0),
+        "{distill}"
+    );
+    let term = distill["losses"]["python"].as_f64().unwrap_or(f64::NAN);
+    assert!(term.is_finite() && term > 0.0, "{distill}");
+}
+
 #[test]
 fn scheduled_weights_are_logged_as_applied() {
     let out = run_recipe("recipes/examples/three_losses.rhai", &["epochs=2"]);

@@ -360,12 +360,17 @@ fn python_specs_build_the_users_module() {
     let trained = p.join("runs/tv_s0/distill.last.safetensors");
     let kd_out = p.join("tv_kd.safetensors");
     probe_model(mnv3, &trained, &mnv3_in, &kd_out);
+    // The same weights as torch.save writes them, for torch.load.
     let reload = format!(
         "import torch, torchvision; from safetensors.torch import load_file, save_file\n\
          m = torchvision.models.mobilenet_v3_small(num_classes=10)\n\
          m.load_state_dict(load_file('{w}'), strict=True); m.eval()\n\
+         sd = torch.load('{pt}'); st = load_file('{w}')\n\
+         assert sorted(sd) == sorted(st) and all(torch.equal(sd[k], st[k]) for k in st)\n\
+         torchvision.models.mobilenet_v3_small(num_classes=10).load_state_dict(sd, strict=True)\n\
          with torch.no_grad(): y = m(load_file('{x}')['input'])\n\
          save_file({{'logits': y}}, '{o}')",
+        pt = s(&trained.with_extension("pt")),
         w = s(&trained),
         x = s(&p.join("mnv3_in.safetensors")),
         o = s(&p.join("tv_torch.safetensors")),
@@ -519,7 +524,10 @@ fn a_python_run_resumes_exactly_and_pins_its_source() {
     let (wa, wb) = (w("a"), w("b"));
     assert_eq!(wa.tensors.len(), wb.tensors.len());
     for ((n, x), (_, y)) in wa.tensors.iter().zip(&wb.tensors) {
-        assert!(x.equal(y), "{n} differs between the resumed and the straight run");
+        assert!(
+            x.equal(y),
+            "{n} differs between the resumed and the straight run"
+        );
     }
     let mut text = std::fs::read_to_string(&source).unwrap();
     text.push_str("\n# edited\n");
@@ -584,4 +592,35 @@ fn python_module_mistakes_are_one_line_errors() {
     a.push(format!("python:{bad}:PerSample"));
     let e = fail(a);
     assert!(e.contains("each term must be a scalar"), "{e}");
+}
+
+/// A run without foreign modules starts no Python: neither kd's embedded
+/// interpreter nor libpython is mapped into the process after it; a
+/// `python:` network maps both.
+#[test]
+fn a_zoo_run_starts_no_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let mapped = || std::fs::read_to_string("/proc/self/maps").unwrap();
+    run(&words(&format!(
+        "train-teacher --arch resnet8 --train-size 64 --batch-size 32 --epochs 1 --device cpu --name zoo --out {}",
+        s(p)
+    )));
+    let maps = mapped();
+    assert!(
+        !maps.contains("libkd_python") && !maps.contains("libpython"),
+        "a zoo run loaded Python"
+    );
+    let mut a = words("train-teacher --arch");
+    a.push(format!(
+        "python:{}:Fine",
+        s(&root().join("tests/torchscript/bad.py"))
+    ));
+    a.extend(words(&format!(
+        "--train-size 64 --classes 10 --batch-size 32 --epochs 1 --device cpu --name py --out {}",
+        s(p)
+    )));
+    run(&a);
+    let maps = mapped();
+    assert!(maps.contains("libkd_python") && maps.contains("libpython"));
 }

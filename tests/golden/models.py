@@ -817,3 +817,9 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def zoo(name, num_classes=100):
+    """The zoo network `name` (kd's names), for a `python:` spec:
+    `python:tests/golden/models.py:zoo("resnet8", num_classes=10)`."""
+    return build(arch_of(name), num_classes)

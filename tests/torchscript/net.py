@@ -78,7 +78,7 @@ class EagerNet(Net):
 
 
 class KdZooAt(nn.Module):
-    """KD-Zoo's AT loss (its `at.py` and train_kd.py's mean over the three
+    """KD-Zoo's AT loss (its `at.py` and train_kd.py's mean over the
     stages), as a kd loss module: forward(student, teacher, target)."""
 
     def __init__(self, p: float = 2.0):
@@ -92,11 +92,15 @@ class KdZooAt(nn.Module):
 
     def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                 target: torch.Tensor) -> torch.Tensor:
+        # The mean over the feature taps it is given (KD-Zoo: feat/1..3).
         loss = torch.zeros(())
-        for k in ["feat/1", "feat/2", "feat/3"]:
-            loss = loss + nn.functional.mse_loss(self.attention_map(student[k]),
-                                                 self.attention_map(teacher[k].detach()))
-        return loss / 3.0
+        n = 0
+        for k in student.keys():
+            if k.startswith("feat/"):
+                loss = loss + nn.functional.mse_loss(self.attention_map(student[k]),
+                                                     self.attention_map(teacher[k].detach()))
+                n += 1
+        return loss / n
 
 
 def at_fixture(out: Path, golden: Path):

@@ -3,6 +3,10 @@
 // own parameter names, or dict outputs read by name. Same error convention
 // as kd_aten.cpp (cpp/kd_ffi.h).
 #include <torch/script.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
+
+#include <fstream>
 
 #include <string>
 #include <utility>
@@ -124,3 +128,24 @@ at::Tensor *kd_tensor_from_impl(void *impl) {
 }
 
 }  // extern "C"
+
+// A state_dict as torch.save writes it (torch.load reads it back as a dict
+// of str -> Tensor, weights_only included): libtorch's pickler and archive
+// writer, as torch::jit::pickle_save uses them, but with untagged
+// aggregates: a tagged dict pickles a call to torch.jit's type restorer,
+// which torch.load(weights_only=True) refuses.
+extern "C" char *kd_save_state_dict(char **names, at::Tensor **tensors, int64_t n, const char *path) {
+  KD_PROTECT({
+    c10::Dict<std::string, at::Tensor> dict;
+    for (int64_t i = 0; i < n; ++i) dict.insert(names[i], *tensors[i]);
+    std::vector<char> bytes;
+    torch::jit::Pickler pickler([&](const char *b, size_t k) { bytes.insert(bytes.end(), b, b + k); }, nullptr,
+                                nullptr, nullptr, nullptr, /*tag_aggregates=*/false);
+    pickler.protocol();
+    pickler.pushIValue(dict);
+    pickler.stop();
+    caffe2::serialize::PyTorchStreamWriter writer{std::string(path)};
+    torch::jit::writeArchiveAndTensors("data", bytes.data(), bytes.size(), pickler.tensorData(), writer);
+    writer.writeEndOfFile();
+  })
+}

@@ -13,6 +13,12 @@ use crate::foreign::{ForeignError, ForeignModule, Named};
 use crate::{AtenError, check, raw, take_named};
 
 unsafe extern "C" {
+    fn kd_save_state_dict(
+        names: *const *const c_char,
+        tensors: *const *mut c_void,
+        n: i64,
+        path: *const c_char,
+    ) -> *mut c_char;
     fn kd_jit_load(path: *const c_char, cuda_index: i32, out: *mut *mut c_void) -> *mut c_char;
     fn kd_jit_free(m: *mut c_void);
     fn kd_jit_tensors(
@@ -44,6 +50,28 @@ unsafe extern "C" {
         tensors: *mut *mut *mut c_void,
         n: *mut i64,
     ) -> *mut c_char;
+}
+
+/// Writes `named` as `torch.save(state_dict)` does: `torch.load(path)` in
+/// PyTorch gives a dict of str to Tensor, ready for `load_state_dict`.
+pub fn save_state_dict(named: &[(String, Tensor)], path: &Path) -> Result<(), AtenError> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| AtenError("the path holds a NUL byte".into()))?;
+    let names = named
+        .iter()
+        .map(|(n, _)| CString::new(n.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| AtenError("a tensor name holds a NUL byte".into()))?;
+    let name_ptrs: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
+    let tensors: Vec<*mut c_void> = named.iter().map(|(_, t)| raw(t)).collect();
+    check(unsafe {
+        kd_save_state_dict(
+            name_ptrs.as_ptr(),
+            tensors.as_ptr(),
+            tensors.len() as i64,
+            c_path.as_ptr(),
+        )
+    })
 }
 
 /// A loaded TorchScript module.

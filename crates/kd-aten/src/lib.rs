@@ -13,7 +13,7 @@ mod python;
 
 pub use foreign::{ForeignError, ForeignModule, Named};
 pub use graph::CudaGraph;
-pub use jit::JitModule;
+pub use jit::{JitModule, save_state_dict};
 pub use python::{PythonModule, source_file as python_source_file};
 
 use std::ffi::{CStr, c_char, c_void};

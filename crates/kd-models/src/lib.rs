@@ -54,7 +54,9 @@ pub use shufflenetv1::{ShuffleNetV1, ShuffleV1Config};
 pub use shufflenetv2::{ShuffleNetV2, ShuffleV2Config};
 pub use tvresnet::{TvBlock, TvResNet, TvResNetConfig};
 pub use vgg::{Vgg, VggConfig};
-pub use weights::{check_safetensors, load_weights, plain as plain_tch_error, save_weights};
+pub use weights::{
+    check_safetensors, load_weights, plain as plain_tch_error, save_pt, save_weights,
+};
 pub use wrn::{WideResNet, WrnConfig};
 
 /// A network of the zoo.
@@ -68,6 +70,12 @@ pub trait Network: Send {
     /// the folded kernels are computed here, once); `false` returns to the
     /// parameters. Families without such pairs ignore it.
     fn fold_batchnorm(&mut self, _on: bool) {}
+
+    /// Whether it came from PyTorch (a Python module, a TorchScript file):
+    /// its trained weights are also written as `torch.save` files.
+    fn from_pytorch(&self) -> bool {
+        false
+    }
 
     /// Whether the network can be trained (run once on `probe` before a
     /// stage trains it): networks of foreign origin can say why not.

@@ -213,6 +213,10 @@ impl Network for TorchScriptNet {
         self.try_taps(xs, train).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    fn from_pytorch(&self) -> bool {
+        true
+    }
+
     fn check_trainable(&self, probe: &Tensor) -> Result<(), ModelError> {
         let before: Vec<Tensor> = self.buffers.iter().map(Tensor::copy).collect();
         tch::no_grad(|| self.try_taps(probe, true))?;

@@ -241,14 +241,29 @@ fn summarise(label: &str, items: &[String]) -> Option<String> {
 /// Writes every variable of `vs` to `path` as safetensors, keys sorted, in
 /// the layout [`load_weights`] and PyTorch read.
 pub fn save_weights(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
+    let named = cpu_named(vs);
+    Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Write {
+        path: path.to_path_buf(),
+        reason: plain(&e),
+    })
+}
+
+/// The same weights as `torch.save(model.state_dict(), path)` writes them,
+/// for PyTorch users who `torch.load` rather than read safetensors.
+pub fn save_pt(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
+    kd_aten::save_state_dict(&cpu_named(vs), path).map_err(|e| ModelError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The variables by name, on the CPU, contiguous, sorted by name.
+fn cpu_named(vs: &VarStore) -> Vec<(String, Tensor)> {
     let mut named: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
         .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).contiguous()))
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&named, path).map_err(|e| ModelError::Write {
-        path: path.to_path_buf(),
-        reason: plain(&e),
-    })
+    named
 }

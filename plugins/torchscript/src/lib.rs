@@ -13,7 +13,6 @@ use kd_core::{BuildCx, KdError, Losses, Method, Result, StepIo, TapRef, register
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PythonConfig {

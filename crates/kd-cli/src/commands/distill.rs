@@ -106,7 +106,7 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     if a.baseline {
         let results = exec::run_sweep(registry, &base_runs, &ex, &base_sweep)?;
         rows.push(summarize(
-            &format!("{} alone (ce)", a.student),
+            &format!("{} alone (ce)", short(&a.student)),
             &paired(&base_runs, &results),
         ));
     }
@@ -115,7 +115,7 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     for (g, (label, _)) in groups.iter().enumerate() {
         let range = g * per_group..(g + 1) * per_group;
         rows.push(summarize(
-            &format!("{} from {} ({label})", a.student, a.teacher),
+            &format!("{} from {} ({label})", short(&a.student), short(&a.teacher)),
             &paired(&kd_runs[range.clone()], &results[range]),
         ));
     }

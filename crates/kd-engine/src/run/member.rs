@@ -410,7 +410,7 @@ impl Member<'_, '_> {
             let (net, _) = roles(stage.subject, &self.student, self.teacher.as_ref());
             let best = format!("{}.best.safetensors", stage.name);
             if kd_dist::is_main() {
-                kd_models::save_weights(&net.vs, &self.ckpt.with_file_name(best))?;
+                net.save(&self.ckpt.with_file_name(best))?;
             }
         }
         let (seen, steps) = (e.seen.max(1) as f64, run.steps as f64);
@@ -510,7 +510,7 @@ impl Member<'_, '_> {
             .ckpt
             .with_file_name(format!("{}.best.safetensors", stage.name));
         if kd_dist::is_main() {
-            kd_models::save_weights(&net.vs, &last_path)?;
+            net.save(&last_path)?;
         }
         if let Some(g) = &run.prep.graph {
             // How many steps the CUDA graph replayed, for the run's record.

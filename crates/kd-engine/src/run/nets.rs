@@ -119,6 +119,16 @@ pub(crate) struct Net {
 }
 
 impl Net {
+    /// Its weights at `path` (safetensors), and beside it as
+    /// `torch.save(state_dict)` (`.pt`) for a network from PyTorch.
+    pub(crate) fn save(&self, path: &std::path::Path) -> Result<()> {
+        kd_models::save_weights(&self.vs, path)?;
+        if self.model.from_pytorch() {
+            kd_models::save_pt(&self.vs, &path.with_extension("pt"))?;
+        }
+        Ok(())
+    }
+
     /// A zoo network with fresh weights.
     pub(crate) fn zoo(arch: &str, classes: i64, device: Device) -> Result<Net> {
         let vs = nn::VarStore::new(device);
