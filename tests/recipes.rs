@@ -107,6 +107,10 @@ fn every_recipe_passes_kd_plan() {
             r#"param("data", "data/imagenet")"#.to_string(),
             format!("data={}", imagenet.display()),
         ),
+        (
+            r#"param("file", "tests/torchscript/net.py")"#.to_string(),
+            format!("file={}", root().join("tests/torchscript/net.py").display()),
+        ),
     ];
     for p in &all {
         let text = std::fs::read_to_string(p).unwrap();
@@ -251,7 +255,7 @@ fn own_pytorch_example_runs() {
         Some(100.0),
         "{distill}"
     );
-    let term = distill["losses"]["python"].as_f64().unwrap_or(f64::NAN);
+    let term = distill["terms"]["python/loss"].as_f64().unwrap_or(f64::NAN);
     assert!(term.is_finite() && term > 0.0, "{distill}");
 }
 

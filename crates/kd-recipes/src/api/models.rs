@@ -6,12 +6,16 @@ use rhai::Engine;
 use super::{Fallible, def};
 use crate::error::user;
 
-/// A zoo model; an unknown name fails at the call that names it.
+/// A zoo model, or a PyTorch one (`python:SPEC`, `torchscript:FILE`,
+/// built when the plan runs); an unknown zoo name fails at the call that
+/// names it.
 pub(crate) fn model(arch: &str, weights: Option<&str>) -> Fallible<ModelPlan> {
+    use kd_models::torchscript::{PREFIX, PYTHON_PREFIX};
     let names = kd_models::names();
-    if !names.contains(&arch) {
+    let foreign = arch.starts_with(PREFIX) || arch.starts_with(PYTHON_PREFIX);
+    if !foreign && !names.contains(&arch) {
         return Err(user(format!(
-            "unknown model `{arch}`; zoo models: {}",
+            "unknown model `{arch}`; zoo models: {}, or python:FILE.py:NAME(args), torchscript:FILE",
             names.join(", ")
         )));
     }
@@ -28,7 +32,7 @@ pub(super) fn register(e: &mut Engine) {
         e,
         "model",
         &["arch: String", "Model"],
-        "A zoo model (`kd models`) with fresh weights.",
+        "A zoo model (`kd models`), or `python:FILE.py:NAME(args)` / `torchscript:FILE`, with fresh weights.",
         |arch: &str| model(arch, None),
     );
     def(
