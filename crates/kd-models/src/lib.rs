@@ -73,7 +73,7 @@ pub trait Network: Send {
 
     /// Whether it came from PyTorch (a Python module, a TorchScript file):
     /// its trained weights are also written as `torch.save` files.
-    fn from_pytorch(&self) -> bool {
+    fn is_from_pytorch(&self) -> bool {
         false
     }
 

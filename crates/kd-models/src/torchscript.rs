@@ -213,7 +213,7 @@ impl Network for TorchScriptNet {
         self.try_taps(xs, train).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn from_pytorch(&self) -> bool {
+    fn is_from_pytorch(&self) -> bool {
         true
     }
 

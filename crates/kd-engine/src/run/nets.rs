@@ -123,7 +123,7 @@ impl Net {
     /// `torch.save(state_dict)` (`.pt`) for a network from PyTorch.
     pub(crate) fn save(&self, path: &std::path::Path) -> Result<()> {
         kd_models::save_weights(&self.vs, path)?;
-        if self.model.from_pytorch() {
+        if self.model.is_from_pytorch() {
             kd_models::save_pt(&self.vs, &path.with_extension("pt"))?;
         }
         Ok(())
