@@ -223,6 +223,23 @@ fn a_scripted_loss_gives_the_reference_at_loss() {
     );
 }
 
+/// Run `r` straight for two epochs (in `a`), and for one then resumed and
+/// extended to two (in `b`): the last weights are equal bit for bit.
+fn resumes_exactly(p: &Path, cmd: &dyn Fn(&str, &str) -> Vec<String>) {
+    run(&cmd("a", "--epochs 2"));
+    run(&cmd("b", "--epochs 1"));
+    run(&cmd("b", "--epochs 2 --resume --extend"));
+    let w = |d: &str| tensors::read(&p.join(d).join("r_s0/train.last.safetensors")).unwrap();
+    let (wa, wb) = (w("a"), w("b"));
+    assert_eq!(wa.tensors.len(), wb.tensors.len());
+    for ((n, x), (_, y)) in wa.tensors.iter().zip(&wb.tensors) {
+        assert!(
+            x.equal(y),
+            "{n} differs between the resumed and the straight run"
+        );
+    }
+}
+
 fn same_loss_and_grads(out: &Path, fixture: &Path) {
     let (g, w) = (tensors::read(out).unwrap(), tensors::read(fixture).unwrap());
     for (got, want) in [
@@ -259,18 +276,7 @@ fn a_torchscript_run_resumes_exactly_and_pins_its_module() {
         a.extend(words(extra));
         a
     };
-    run(&cmd("a", "--epochs 2"));
-    run(&cmd("b", "--epochs 1"));
-    run(&cmd("b", "--epochs 2 --resume --extend"));
-    let w = |d: &str| tensors::read(&p.join(d).join("r_s0/train.last.safetensors")).unwrap();
-    let (wa, wb) = (w("a"), w("b"));
-    assert_eq!(wa.tensors.len(), wb.tensors.len());
-    for ((n, x), (_, y)) in wa.tensors.iter().zip(&wb.tensors) {
-        assert!(
-            x.equal(y),
-            "{n} differs between the resumed and the straight run"
-        );
-    }
+    resumes_exactly(p, &cmd);
     let plan = std::fs::read_to_string(p.join("b/r_s0/plan.yaml")).unwrap();
     assert!(plan.contains("source_sha256:"), "{plan}");
     // Another module under the same name: other initial weights.
@@ -517,18 +523,7 @@ fn a_python_run_resumes_exactly_and_pins_its_source() {
         )));
         a
     };
-    run(&cmd("a", "--epochs 2"));
-    run(&cmd("b", "--epochs 1"));
-    run(&cmd("b", "--epochs 2 --resume --extend"));
-    let w = |d: &str| tensors::read(&p.join(d).join("r_s0/train.last.safetensors")).unwrap();
-    let (wa, wb) = (w("a"), w("b"));
-    assert_eq!(wa.tensors.len(), wb.tensors.len());
-    for ((n, x), (_, y)) in wa.tensors.iter().zip(&wb.tensors) {
-        assert!(
-            x.equal(y),
-            "{n} differs between the resumed and the straight run"
-        );
-    }
+    resumes_exactly(p, &cmd);
     let mut text = std::fs::read_to_string(&source).unwrap();
     text.push_str("\n# edited\n");
     std::fs::write(&source, text).unwrap();
