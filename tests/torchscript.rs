@@ -25,6 +25,15 @@ fn written() -> tempfile::TempDir {
     dir
 }
 
+/// Runs `script` in the venv's Python; it must succeed.
+fn python(script: &str) {
+    let ok = Command::new("python")
+        .args(["-c", script])
+        .status()
+        .expect("python (the bootstrap venv: source scripts/env.sh)");
+    assert!(ok.success(), "python failed on:\n{script}");
+}
+
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -112,11 +121,7 @@ fn a_scripted_module_trains_as_teacher_and_student() {
         x = s(&p.join("input.safetensors")),
         o = s(&p.join("reloaded.safetensors")),
     );
-    let ok = Command::new("python")
-        .args(["-c", &script])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "PyTorch could not load kd's weights strictly");
+    python(&script);
     assert_close(
         &kd_out,
         &p.join("reloaded.safetensors"),
@@ -284,13 +289,7 @@ fn a_torchscript_run_resumes_exactly_and_pins_its_module() {
         "import torch\nm = torch.jit.load('{m}')\nwith torch.no_grad():\n    next(m.parameters()).add_(1.0)\nm.save('{m}')",
         m = s(&module)
     );
-    assert!(
-        Command::new("python")
-            .args(["-c", &edit])
-            .status()
-            .unwrap()
-            .success()
-    );
+    python(&edit);
     let mut a = vec!["kd".to_string()];
     a.extend(cmd("b", "--epochs 3 --resume --extend"));
     let e = kd_cli::one_line(&kd_cli::run(&a).unwrap_err());
@@ -339,13 +338,7 @@ fn python_specs_build_the_users_module() {
         x = s(&p.join("mnv3_in.safetensors")),
         y = s(&p.join("mnv3_expect.safetensors")),
     );
-    assert!(
-        Command::new("python")
-            .args(["-c", &script])
-            .status()
-            .unwrap()
-            .success()
-    );
+    python(&script);
     let mnv3 = "python:torchvision.models:mobilenet_v3_small(num_classes=10)";
     let (mnv3_in, out) = (
         p.join("mnv3_in.safetensors"),
@@ -381,13 +374,7 @@ fn python_specs_build_the_users_module() {
         x = s(&p.join("mnv3_in.safetensors")),
         o = s(&p.join("tv_torch.safetensors")),
     );
-    assert!(
-        Command::new("python")
-            .args(["-c", &reload])
-            .status()
-            .unwrap()
-            .success()
-    );
+    python(&reload);
     assert_close(&kd_out, &p.join("tv_torch.safetensors"), &["logits"]);
 
     // Taps named by submodule path: PyTorch's forward hooks on the same
@@ -406,13 +393,7 @@ fn python_specs_build_the_users_module() {
         x = s(&p.join("r18_in.safetensors")),
         y = s(&p.join("r18_expect.safetensors")),
     );
-    assert!(
-        Command::new("python")
-            .args(["-c", &script])
-            .status()
-            .unwrap()
-            .success()
-    );
+    python(&script);
     let out = p.join("r18_out.safetensors");
     probe_model(
         "python:torchvision.models:resnet18(num_classes=10)[feat/1=layer2,feat/2=layer3]",

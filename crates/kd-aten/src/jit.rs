@@ -55,15 +55,10 @@ unsafe extern "C" {
 /// Writes `named` as `torch.save(state_dict)` does: `torch.load(path)` in
 /// PyTorch gives a dict of str to Tensor, ready for `load_state_dict`.
 pub fn save_state_dict(named: &[(String, Tensor)], path: &Path) -> Result<(), AtenError> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| AtenError("the path holds a NUL byte".into()))?;
-    let names = named
-        .iter()
-        .map(|(n, _)| CString::new(n.as_str()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| AtenError("a tensor name holds a NUL byte".into()))?;
-    let name_ptrs: Vec<*const c_char> = names.iter().map(|c| c.as_ptr()).collect();
-    let tensors: Vec<*mut c_void> = named.iter().map(|(_, t)| raw(t)).collect();
+    let c_path = c_path(path)?;
+    let names = c_names(named)?;
+    let name_ptrs = ptrs(&names);
+    let tensors = raws(named);
     check(unsafe {
         kd_save_state_dict(
             name_ptrs.as_ptr(),
@@ -72,6 +67,28 @@ pub fn save_state_dict(named: &[(String, Tensor)], path: &Path) -> Result<(), At
             c_path.as_ptr(),
         )
     })
+}
+
+fn c_path(path: &Path) -> Result<CString, AtenError> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| AtenError("the path holds a NUL byte".into()))
+}
+
+/// The names of `named` as C strings; a NUL byte in one is an error.
+fn c_names(named: &[(String, Tensor)]) -> Result<Vec<CString>, AtenError> {
+    named
+        .iter()
+        .map(|(n, _)| CString::new(n.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| AtenError("a tensor name holds a NUL byte".into()))
+}
+
+fn ptrs(names: &[CString]) -> Vec<*const c_char> {
+    names.iter().map(|c| c.as_ptr()).collect()
+}
+
+fn raws(named: &[(String, Tensor)]) -> Vec<*mut c_void> {
+    named.iter().map(|(_, t)| raw(t)).collect()
 }
 
 /// A loaded TorchScript module.
@@ -92,8 +109,7 @@ impl Drop for JitModule {
 impl JitModule {
     /// Loads the module at `path` with its tensors on `device`.
     pub fn load(path: &Path, device: Device) -> Result<JitModule, AtenError> {
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| AtenError("the path holds a NUL byte".into()))?;
+        let c_path = c_path(path)?;
         let cuda = match device {
             Device::Cuda(i) => i as i32,
             _ => -1,
@@ -150,17 +166,7 @@ impl ForeignModule for JitModule {
         teacher: &Named,
         target: &Tensor,
     ) -> Result<Named, ForeignError> {
-        let c_names = |side: &[(String, Tensor)]| -> Result<Vec<CString>, ForeignError> {
-            side.iter()
-                .map(|(n, _)| {
-                    CString::new(n.as_str())
-                        .map_err(|_| ForeignError("a tap name holds a NUL byte".into()))
-                })
-                .collect()
-        };
         let (sn, tn) = (c_names(student)?, c_names(teacher)?);
-        let ptrs = |v: &[CString]| v.iter().map(|c| c.as_ptr()).collect::<Vec<_>>();
-        let raws = |side: &[(String, Tensor)]| side.iter().map(|(_, t)| raw(t)).collect::<Vec<_>>();
         let (snp, tnp, sr, tr) = (ptrs(&sn), ptrs(&tn), raws(student), raws(teacher));
         let (mut names, mut tensors, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0i64);
         check(unsafe {

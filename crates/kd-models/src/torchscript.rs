@@ -24,6 +24,12 @@ pub const PREFIX: &str = "torchscript:";
 /// `package.module:NAME(args)`), built and run by kd's embedded Python.
 pub const PYTHON_PREFIX: &str = "python:";
 
+/// Whether `arch` names a network from PyTorch (`python:`, `torchscript:`)
+/// rather than a zoo one.
+pub fn is_foreign(arch: &str) -> bool {
+    arch.starts_with(PREFIX) || arch.starts_with(PYTHON_PREFIX)
+}
+
 /// A model name fit for a run's folder: a zoo name as it is, a Python
 /// spec's class or function (`python:nets/a.py:Net(width=2)` is `Net`), a
 /// TorchScript file's stem.
@@ -171,16 +177,17 @@ impl TorchScriptNet {
     /// Methods size their connectors from the first forward's taps: an
     /// output whose shape beyond the batch changes later is an error.
     fn same_shapes(&self, out: &[(String, Tensor)]) -> Result<(), ModelError> {
-        let now: Vec<(String, Vec<i64>)> = out
-            .iter()
-            .map(|(n, t)| (n.clone(), t.size().get(1..).unwrap_or_default().to_vec()))
-            .collect();
+        let beyond_batch = |t: &Tensor| t.size().get(1..).unwrap_or_default().to_vec();
         let mut seen = self.shapes.borrow_mut();
         if seen.is_empty() {
-            *seen = now;
+            *seen = out
+                .iter()
+                .map(|(n, t)| (n.clone(), beyond_batch(t)))
+                .collect();
             return Ok(());
         }
-        for (name, shape) in &now {
+        for (name, t) in out {
+            let shape = &beyond_batch(t);
             if let Some((_, was)) = seen.iter().find(|(n, _)| n == name)
                 && was != shape
             {

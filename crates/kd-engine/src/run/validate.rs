@@ -126,10 +126,7 @@ fn numbers(plan: &Plan) -> Result<(), String> {
     }
     let foreign = std::iter::once(&plan.student)
         .chain(&plan.teacher)
-        .find(|m| {
-            use kd_models::torchscript::{PREFIX, PYTHON_PREFIX};
-            m.arch.starts_with(PREFIX) || m.arch.starts_with(PYTHON_PREFIX)
-        });
+        .find(|m| kd_models::torchscript::is_foreign(&m.arch));
     if let (true, Some(m)) = (plan.cuda_graph, foreign) {
         return Err(format!(
             "cuda_graph cannot capture `{}`: a foreign network's forward runs code kd does not see (Python hooks, TorchScript), which a replayed graph would skip; drop cuda_graph",

@@ -10,10 +10,8 @@ use crate::error::user;
 /// built when the plan runs); an unknown zoo name fails at the call that
 /// names it.
 pub(crate) fn model(arch: &str, weights: Option<&str>) -> Fallible<ModelPlan> {
-    use kd_models::torchscript::{PREFIX, PYTHON_PREFIX};
     let names = kd_models::names();
-    let foreign = arch.starts_with(PREFIX) || arch.starts_with(PYTHON_PREFIX);
-    if !foreign && !names.contains(&arch) {
+    if !kd_models::torchscript::is_foreign(arch) && !names.contains(&arch) {
         return Err(user(format!(
             "unknown model `{arch}`; zoo models: {}, or python:FILE.py:NAME(args), torchscript:FILE",
             names.join(", ")
