@@ -25,12 +25,19 @@ impl fmt::Display for Side {
 /// `feat/0` is the stem, `feat/k` the output of stage `k` after its
 /// activation, `preact/k` the same point before the last ReLU, `embed` the
 /// pooled vector the classifier reads, `logits` the classifier's output.
+/// Transformers add `tokens/i` (all tokens after block `i`, `[B, N, C]`),
+/// `cls` and `dist` (the class and distillation tokens after the final
+/// norm) and `logits_dist` (the distillation head's output).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tap {
     Feat(usize),
     Preact(usize),
     Embed,
     Logits,
+    Tokens(usize),
+    Cls,
+    Dist,
+    LogitsDist,
 }
 
 impl Tap {
@@ -38,12 +45,16 @@ impl Tap {
         match name {
             "embed" => Some(Tap::Embed),
             "logits" => Some(Tap::Logits),
+            "cls" => Some(Tap::Cls),
+            "dist" => Some(Tap::Dist),
+            "logits_dist" => Some(Tap::LogitsDist),
             _ => {
                 let (kind, k) = name.split_once('/')?;
                 let k: usize = k.parse().ok()?;
                 match kind {
                     "feat" => Some(Tap::Feat(k)),
                     "preact" => Some(Tap::Preact(k)),
+                    "tokens" => Some(Tap::Tokens(k)),
                     _ => None,
                 }
             }
@@ -58,6 +69,10 @@ impl fmt::Display for Tap {
             Tap::Preact(k) => write!(f, "preact/{k}"),
             Tap::Embed => f.write_str("embed"),
             Tap::Logits => f.write_str("logits"),
+            Tap::Tokens(k) => write!(f, "tokens/{k}"),
+            Tap::Cls => f.write_str("cls"),
+            Tap::Dist => f.write_str("dist"),
+            Tap::LogitsDist => f.write_str("logits_dist"),
         }
     }
 }
@@ -72,6 +87,9 @@ pub struct Taps {
     pub preact: Vec<Tensor>,
     pub embed: Tensor,
     pub logits: Tensor,
+    /// Taps only some families give (a transformer's tokens and heads),
+    /// in a stable order; empty for the CNNs.
+    pub extra: Vec<(Tap, Tensor)>,
 }
 
 impl Taps {
@@ -81,6 +99,7 @@ impl Taps {
             Tap::Preact(k) => self.preact.get(k),
             Tap::Embed => Some(&self.embed),
             Tap::Logits => Some(&self.logits),
+            _ => self.extra.iter().find(|(t, _)| *t == tap).map(|(_, x)| x),
         }
     }
 
@@ -97,6 +116,7 @@ impl Taps {
         );
         out.push((Tap::Embed, &self.embed));
         out.push((Tap::Logits, &self.logits));
+        out.extend(self.extra.iter().map(|(t, x)| (*t, x)));
         out.retain(|(_, t)| t.defined());
         out
     }
@@ -114,6 +134,7 @@ impl Taps {
             preact: self.preact.iter().map(&f).collect(),
             embed: f(&self.embed),
             logits: f(&self.logits),
+            extra: self.extra.iter().map(|(t, x)| (*t, f(x))).collect(),
         }
     }
 }
@@ -170,10 +191,20 @@ mod tests {
 
     #[test]
     fn tap_names_round_trip() {
-        for name in ["feat/0", "feat/3", "preact/2", "embed", "logits"] {
+        for name in [
+            "feat/0",
+            "feat/3",
+            "preact/2",
+            "embed",
+            "logits",
+            "tokens/11",
+            "cls",
+            "dist",
+            "logits_dist",
+        ] {
             assert_eq!(Tap::parse(name).unwrap().to_string(), name);
         }
-        for bad in ["feat", "feat/x", "pre/1", "", "logit"] {
+        for bad in ["feat", "feat/x", "pre/1", "", "logit", "tokens", "token/1"] {
             assert!(Tap::parse(bad).is_none(), "{bad}");
         }
     }

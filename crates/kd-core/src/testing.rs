@@ -33,6 +33,7 @@ pub fn taps(maps: Vec<Tensor>, logits: Tensor) -> Taps {
         feat: maps,
         embed,
         logits,
+        extra: Vec::new(),
     }
 }
 

@@ -27,6 +27,7 @@ fn taps(shapes: &TapShapes) -> Taps {
         preact: (0..depth).map(|k| t(Tap::Preact(k))).collect(),
         embed: t(Tap::Embed),
         logits: t(Tap::Logits),
+        extra: Vec::new(),
     }
 }
 
@@ -113,6 +114,7 @@ fn losses(c: &mut Criterion) {
                 .collect(),
             embed: leaves[leaves.len() - 2].shallow_clone(),
             logits: leaves[leaves.len() - 1].shallow_clone(),
+            extra: Vec::new(),
         };
         let progress = Progress {
             epoch: 20,

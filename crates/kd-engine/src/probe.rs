@@ -52,17 +52,22 @@ fn taps_from(file: &TensorFile, prefix: &str, requires_grad: bool) -> Result<Opt
         preact: (0..depth).map(|_| Tensor::new()).collect(),
         embed: Tensor::new(),
         logits: Tensor::new(),
+        extra: Vec::new(),
     };
     let mut shapes = TapShapes::default();
     for (tap, t) in &given {
+        shapes.taps.push((*tap, t.size()[1..].to_vec()));
         let slot = match *tap {
             Tap::Feat(k) => &mut taps.feat[k],
             Tap::Preact(k) => &mut taps.preact[k],
             Tap::Embed => &mut taps.embed,
             Tap::Logits => &mut taps.logits,
+            other => {
+                taps.extra.push((other, t.shallow_clone()));
+                continue;
+            }
         };
         *slot = t.shallow_clone();
-        shapes.taps.push((*tap, t.size()[1..].to_vec()));
     }
     Ok(Some((taps, shapes, given)))
 }

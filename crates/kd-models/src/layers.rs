@@ -390,5 +390,6 @@ pub(crate) fn staged_taps<B: PreactBlock>(
         preact,
         embed,
         logits,
+        extra: Vec::new(),
     }
 }

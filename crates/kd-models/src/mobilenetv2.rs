@@ -218,6 +218,7 @@ impl Network for MobileNetV2 {
             preact,
             embed,
             logits,
+            extra: Vec::new(),
         }
     }
 }

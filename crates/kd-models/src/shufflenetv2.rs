@@ -274,6 +274,7 @@ impl Network for ShuffleNetV2 {
             preact,
             embed,
             logits,
+            extra: Vec::new(),
         }
     }
 }

@@ -169,6 +169,7 @@ impl TorchScriptNet {
             preact: (0..depth).map(|k| tap(format!("preact/{k}"))).collect(),
             embed: tap("embed".into()),
             logits,
+            extra: Vec::new(),
         })
     }
 }

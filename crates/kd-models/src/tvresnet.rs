@@ -251,6 +251,7 @@ impl Network for TvResNet {
             preact,
             embed,
             logits,
+            extra: Vec::new(),
         }
     }
 

@@ -159,6 +159,7 @@ impl Network for Vgg {
             preact,
             embed,
             logits,
+            extra: Vec::new(),
         }
     }
 

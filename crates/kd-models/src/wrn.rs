@@ -195,6 +195,7 @@ impl Network for WideResNet {
             preact: vec![p0, p1, p2, p3],
             embed,
             logits,
+            extra: Vec::new(),
         }
     }
 

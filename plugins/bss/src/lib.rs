@@ -224,6 +224,7 @@ mod tests {
             preact: vec![],
             embed: Tensor::new(),
             logits: Tensor::from_slice(&flat).view([-1, 4]),
+            extra: Vec::new(),
         }
     }
 

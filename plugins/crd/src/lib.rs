@@ -343,6 +343,7 @@ mod tests {
             preact: vec![],
             embed: Tensor::randn([2, dim], tch::kind::FLOAT_CPU),
             logits: Tensor::new(),
+            extra: Vec::new(),
         };
         let (s, t) = (taps(8), taps(16));
         let (y, idx) = (

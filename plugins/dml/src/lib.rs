@@ -61,6 +61,7 @@ mod tests {
             preact: vec![],
             embed: Tensor::new(),
             logits,
+            extra: Vec::new(),
         }
     }
 

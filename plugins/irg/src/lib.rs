@@ -183,6 +183,7 @@ mod tests {
             preact,
             embed: Tensor::from_slice(embed).view([3, 1]),
             logits: Tensor::full([3, 2], logits, F),
+            extra: Vec::new(),
         }
     }
 

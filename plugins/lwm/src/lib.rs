@@ -195,6 +195,7 @@ mod tests {
             preact: vec![],
             embed: Tensor::new(),
             logits: Tensor::new(),
+            extra: Vec::new(),
         };
         let target = Tensor::from_slice(&[0i64]);
         let grads = [g_s, g_t];

@@ -98,6 +98,7 @@ mod tests {
             preact: vec![],
             embed: Tensor::new(),
             logits: Tensor::zeros([2, 10], tch::kind::FLOAT_CPU),
+            extra: Vec::new(),
         };
         let target = Tensor::from_slice(&[0i64, 1]);
         let grads = [g_s, g_t];
