@@ -412,6 +412,11 @@ pub struct StepIo<'a> {
     /// Both networks on the augmented view, for methods that asked for it.
     pub augmented: Option<&'a ViewTaps>,
     pub target: &'a Tensor,
+    /// The labels as class distributions (`[B, classes]`, rows summing to
+    /// 1) when the loader mixed the batch's images (Mixup/CutMix: row `i`
+    /// is `λ·onehot(y_i) + (1-λ)·onehot(y_j)`); `None` for unmixed batches.
+    /// `target` keeps each row's own label.
+    pub soft_target: Option<&'a Tensor>,
     pub index: Option<&'a Tensor>,
     pub contrast_index: Option<&'a Tensor>,
     pub progress: Progress,
@@ -449,6 +454,22 @@ impl StepIo<'_> {
 
     pub fn target(&self) -> &Tensor {
         self.target
+    }
+
+    /// The label distribution a supervised term trains toward: the mixed
+    /// labels of a mixed batch, else one-hot labels, with label smoothing
+    /// `smoothing` spread uniformly over the `classes` (timm's
+    /// `mixup_target`: `(1-ε)·y + ε/classes`). `[B, classes]`, float32.
+    pub fn label_distribution(&self, classes: i64, smoothing: f64) -> Tensor {
+        let y = match self.soft_target {
+            Some(t) => t.to_kind(Kind::Float),
+            None => self.target.one_hot(classes).to_kind(Kind::Float),
+        };
+        if smoothing > 0.0 {
+            y * (1.0 - smoothing) + smoothing / classes as f64
+        } else {
+            y
+        }
     }
 
     pub fn index(&self) -> &Tensor {

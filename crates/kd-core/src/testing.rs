@@ -76,6 +76,7 @@ pub fn io<'a>(s: &'a Taps, t: Option<&'a Taps>, target: &'a Tensor) -> StepIo<'a
         contrast_index: None,
         progress: Progress::default(),
         train: true,
+        soft_target: None,
     }
 }
 

@@ -136,6 +136,7 @@ fn losses(c: &mut Criterion) {
                     contrast_index: contrast.as_ref(),
                     progress,
                     train: true,
+                    soft_target: None,
                 };
                 let mut out = Losses::default();
                 method.losses(&io, &mut out).unwrap();

@@ -198,6 +198,7 @@ fn loss_of_fixture(path: &Path, registry: &Registry, repeat: usize) -> Result<Te
             global_step: 0,
         },
         train: true,
+        soft_target: None,
     };
     let mut losses = Losses::default();
     m.losses(&io, &mut losses)?;

@@ -279,6 +279,7 @@ mod tests {
             contrast_index: None,
             progress: at_epoch(epoch),
             train: true,
+            soft_target: None,
         }
     }
 

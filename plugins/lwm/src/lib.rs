@@ -210,6 +210,7 @@ mod tests {
             contrast_index: None,
             progress: Progress::default(),
             train: true,
+            soft_target: None,
         };
         let side = |side| Side1 {
             fm: TapRef {

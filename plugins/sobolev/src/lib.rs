@@ -113,6 +113,7 @@ mod tests {
             contrast_index: None,
             progress: Progress::default(),
             train: true,
+            soft_target: None,
         };
         let mut out = Losses::default();
         Sobolev {

@@ -301,6 +301,7 @@ fn step_io<'a>(
         contrast_index: batch.contrast_index.as_ref(),
         progress,
         train: true,
+        soft_target: None,
     }
 }
 
