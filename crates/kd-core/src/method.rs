@@ -413,9 +413,11 @@ pub struct StepIo<'a> {
     pub augmented: Option<&'a ViewTaps>,
     pub target: &'a Tensor,
     /// The labels as class distributions (`[B, classes]`, rows summing to
-    /// 1) when the loader mixed the batch's images (Mixup/CutMix: row `i`
-    /// is `λ·onehot(y_i) + (1-λ)·onehot(y_j)`); `None` for unmixed batches.
-    /// `target` keeps each row's own label.
+    /// one, unsmoothed) when the run mixes its training batches
+    /// (Mixup/CutMix): row `i` is `λ·onehot(y_i) + (1-λ)·onehot(y_j)`, `j`
+    /// the row mixed into it; a batch the draw left unmixed has one-hot
+    /// rows (timm's targets). `None` when the run does not mix, and in
+    /// evaluation. `target` keeps each row's own label.
     pub soft_target: Option<&'a Tensor>,
     pub index: Option<&'a Tensor>,
     pub contrast_index: Option<&'a Tensor>,

@@ -9,8 +9,11 @@
 
 mod cifar;
 mod digits;
+mod draw;
+mod erasing;
 mod folder;
 mod loader;
+mod mixup;
 mod normalize;
 mod prefetch;
 mod randaugment;
@@ -25,10 +28,13 @@ use thiserror::Error;
 
 pub use cifar::{read_cifar10, read_cifar100, write_folder as write_cifar_folder};
 pub use digits::folder as digits_folder;
+pub use draw::{DrawSource, Keyed};
+pub use erasing::{EraseBox, EraseMode, RandomErasing, erase};
 pub use folder::{
     Decoded, FileImages, FolderConfig, IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, Transform,
 };
 pub use loader::{Batch, CROP_PAD, Crop, CropPadding, Loader, LoaderConfig, crop_and_flip};
+pub use mixup::{MixDraw, MixMode, Mixup, mix_batch};
 pub use normalize::Normalize;
 pub use prefetch::EvalBatches;
 pub use randaugment::{

@@ -6,7 +6,10 @@
 //! are decoded and augmented on CPU worker threads instead, each sample's
 //! crop and flip keyed by (seed, epoch, sample index), the next batch
 //! decoded while the current one trains; normalisation and contrast
-//! indices are then the same as for images in memory.
+//! indices are then the same as for images in memory. RandomErasing
+//! (keyed by (seed, epoch, sample index)) and Mixup/CutMix (keyed by
+//! (seed, epoch, batch)) follow, on the normalised batch, as timm applies
+//! them.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -14,7 +17,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::draw::Keyed;
+use crate::erasing::{RandomErasing, erase};
 use crate::folder::{FileImages, Transform};
+use crate::mixup::{Mixup, mix_batch};
 use crate::prefetch::{Prefetcher, to_device};
 use crate::randaugment::{RandAugmentDraw, randaugment};
 use crate::transform::Normalization;
@@ -75,7 +81,13 @@ pub struct LoaderConfig {
 #[derive(Debug)]
 pub struct Batch {
     pub images: Tensor,
+    /// Each row's own label (a mixed image's first component).
     pub labels: Tensor,
+    /// With Mixup/CutMix: the mixed label distributions `[B, classes]`
+    /// (float32, unsmoothed), `λ·onehot(y) + (1-λ)·onehot(y.flip(0))`, for
+    /// every batch of the loader, one-hot rows when a batch's draw left it
+    /// unmixed (timm's targets); `None` without Mixup.
+    pub soft_target: Option<Tensor>,
     pub index: Tensor,
     pub contrast_index: Option<Tensor>,
     pub strong: Option<Tensor>,
@@ -102,7 +114,17 @@ pub struct Loader {
     shard: (usize, usize),
     /// Also draw a strongly augmented view of every batch (RandAugment).
     strong: bool,
+    classes: i64,
+    /// timm's RandomErasing of each training image, then its Mixup/CutMix
+    /// of the batch.
+    erasing: Option<RandomErasing>,
+    mixup: Option<Mixup>,
 }
+
+/// Salts of the erasing and mixing streams, so that neither moves the
+/// crops' draws nor each other's.
+const ERASING: u64 = 0x4552_4153_494e_4731;
+const MIXUP: u64 = 0x4d49_5855_505f_7631;
 
 pub(crate) fn mix(seed: u64, a: u64, b: u64) -> u64 {
     // splitmix64 over the combined key: nearby keys give unrelated streams.
@@ -175,7 +197,36 @@ impl Loader {
             class_span,
             shard: (0, 1),
             strong: false,
+            classes: data.num_classes,
+            erasing: None,
+            mixup: None,
         })
+    }
+
+    /// `[H, W]` of the batches' images.
+    fn side(&self) -> (i64, i64) {
+        let s = self.images.size();
+        (s[2], s[3])
+    }
+
+    /// Mixes every batch with itself reversed, as timm's `Mixup` (mode
+    /// `batch`) does, after any erasing; batches then carry
+    /// `soft_target`. The draws come from a stream keyed by (seed, epoch,
+    /// batch). The strongly augmented view is not mixed.
+    pub fn mixup(mut self, cfg: Mixup) -> Result<Loader, DataError> {
+        let (h, w) = self.side();
+        cfg.check(h, w).map_err(DataError::Invalid)?;
+        self.mixup = Some(cfg);
+        Ok(self)
+    }
+
+    /// Erases boxes of each training image after normalisation, as timm's
+    /// `RandomErasing` does, each image's draws keyed by (seed, epoch,
+    /// sample index).
+    pub fn random_erasing(mut self, cfg: RandomErasing) -> Result<Loader, DataError> {
+        cfg.check().map_err(DataError::Invalid)?;
+        self.erasing = Some(cfg);
+        Ok(self)
     }
 
     /// Adds to every batch a second view of the same samples: their own
@@ -292,13 +343,53 @@ impl Loader {
             .contrast
             .map(|(k, other)| self.contrast(&idx, k, other, &mut rng).to_device(device));
         let strong = self.strong.then(|| self.strong_images(&index, epoch, key));
+        let labels = self.labels.index_select(0, &index);
+        let images = match &self.erasing {
+            Some(re) => self.erased(images, re, &idx, epoch),
+            None => images,
+        };
+        let (images, soft_target) = match &self.mixup {
+            Some(m) => {
+                let (h, w) = self.side();
+                let mut src = Keyed::new(mix(self.seed ^ MIXUP, epoch as u64, key));
+                let (x, y) = mix_batch(&images, &labels, self.classes, &m.draw(&mut src, h, w));
+                (x, Some(y))
+            }
+            None => (images, None),
+        };
         Ok(Batch {
             images,
-            labels: self.labels.index_select(0, &index),
+            labels,
+            soft_target,
             index,
             contrast_index,
             strong,
         })
+    }
+
+    /// `images` (samples `idx`) with each one's boxes erased; the draws are
+    /// made on the CPU threads, one keyed stream per sample.
+    fn erased(&self, images: Tensor, re: &RandomErasing, idx: &[i64], epoch: usize) -> Tensor {
+        use rayon::prelude::*;
+        let s = images.size();
+        let (c, h, w) = (s[1], s[2], s[3]);
+        let seed = self.seed ^ ERASING;
+        let boxes: Vec<_> = idx
+            .par_iter()
+            .map(|&i| {
+                let mut src = Keyed::new(mix(seed, epoch as u64, i as u64));
+                re.draw(&mut src, c, h, w)
+            })
+            .collect();
+        if boxes.iter().all(Vec::is_empty) {
+            return images;
+        }
+        // The batch may share its memory with what it was made from.
+        let out = images.copy();
+        for (i, b) in boxes.iter().enumerate() {
+            erase(&out.get(i as i64), b);
+        }
+        out
     }
 
     /// The normalised images of samples `idx`, cropped and flipped as

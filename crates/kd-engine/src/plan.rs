@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use kd_data::{CropPadding, DataSource, Normalize};
+use kd_data::{CropPadding, DataSource, Mixup, Normalize, RandomErasing};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::Weight;
@@ -176,6 +176,15 @@ pub struct DataPlan {
     /// `batch_size * world_size`, so runs differing in it are different
     /// experiments (reports keep them apart, a resume refuses the change).
     pub world_size: usize,
+    /// timm's Mixup/CutMix of every training batch (the teacher sees the
+    /// mixed images too); the labels become mixed distributions
+    /// (`StepIo::soft_target`). Off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixup: Option<Mixup>,
+    /// timm's RandomErasing of every training image, after normalisation
+    /// and before Mixup. Off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_erasing: Option<RandomErasing>,
 }
 
 impl DataPlan {
@@ -196,6 +205,8 @@ impl Default for DataPlan {
             normalize: Normalize::Default,
             val_fraction: 0.0,
             world_size: 1,
+            mixup: None,
+            random_erasing: None,
         }
     }
 }

@@ -532,6 +532,7 @@ fn step_of_fixture(path: &Path, registry: &Registry) -> Result<TensorFile> {
     let batch = kd_data::Batch {
         images: input.to_kind(Kind::Float),
         labels: target.shallow_clone(),
+        soft_target: None,
         index: Tensor::arange(rows, (Kind::Int64, device)),
         contrast_index: None,
         strong: None,

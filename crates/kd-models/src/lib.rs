@@ -27,6 +27,7 @@
 //! torchvision's ImageNet ResNet-50 (7x7 stem, max pool, `fc`), `ResNet50`
 //! RepDistiller's CIFAR Bottleneck net (3x3 stem, no pool, `linear`).
 
+pub mod droppath;
 mod layers;
 pub mod mobilenetv1;
 pub mod mobilenetv2;

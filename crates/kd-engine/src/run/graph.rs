@@ -215,6 +215,7 @@ fn clone_batch(b: &Batch) -> Batch {
     Batch {
         images: b.images.copy(),
         labels: b.labels.copy(),
+        soft_target: b.soft_target.as_ref().map(Tensor::copy),
         index: b.index.copy(),
         contrast_index: b.contrast_index.as_ref().map(Tensor::copy),
         strong: b.strong.as_ref().map(Tensor::copy),
@@ -227,6 +228,7 @@ fn copy_batch(to: &mut Batch, from: &Batch) -> Result<()> {
     to.labels.f_copy_(&from.labels)?;
     to.index.f_copy_(&from.index)?;
     for (t, f) in [
+        (&mut to.soft_target, &from.soft_target),
         (&mut to.contrast_index, &from.contrast_index),
         (&mut to.strong, &from.strong),
     ] {

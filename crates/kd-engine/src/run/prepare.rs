@@ -252,6 +252,16 @@ pub(crate) fn prepare(
         cx.plan.seed.wrapping_add(cx.si as u64 * 7919),
         device,
     )?;
+    // Training batches only: evaluation and the probe batch above are
+    // never erased or mixed.
+    let loader = match &cx.plan.data.random_erasing {
+        Some(re) => loader.random_erasing(re.clone())?,
+        None => loader,
+    };
+    let loader = match &cx.plan.data.mixup {
+        Some(m) => loader.mixup(m.clone())?,
+        None => loader,
+    };
     let loader = match prep.needs.augmented {
         Some(AugmentSpec {
             policy: AugmentPolicy::RandAugment { n: 2 },

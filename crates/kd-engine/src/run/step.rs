@@ -301,7 +301,8 @@ fn step_io<'a>(
         contrast_index: batch.contrast_index.as_ref(),
         progress,
         train: true,
-        soft_target: None,
+        // Mixup/CutMix: the loader mixed the images both networks saw.
+        soft_target: batch.soft_target.as_ref(),
     }
 }
 

@@ -121,6 +121,13 @@ fn numbers(plan: &Plan) -> Result<(), String> {
             d.val_fraction
         ));
     }
+    if let Some(m) = &d.mixup {
+        let side = d.source.image_size();
+        m.check(side, side)?;
+    }
+    if let Some(re) = &d.random_erasing {
+        re.check()?;
+    }
     for stage in &plan.stages {
         stage_numbers(stage).map_err(|e| format!("stage `{}`: {e}", stage.name))?;
     }
