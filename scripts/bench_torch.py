@@ -117,10 +117,25 @@ def build_net(arch_name, classes, state):
         loader.loader.exec_module(embed)
         make, a, kw = embed.resolve(arch_name[len("python:"):])
         net = make(*a, **kw)
+    elif arch_name.startswith(("vit_", "deit_")):
+        net = timm_vit(arch_name, classes)
     else:
         net = models.build(models.arch_of(arch_name), classes)
     load_strict(net, state, f"{arch_name} ({classes} classes)")
     return net
+
+
+def timm_vit(name, classes):
+    """kd's transformer names are timm's, keyword arguments included:
+    `vit_tiny_patch16_224(img_size=32,patch_size=4)`."""
+    import re
+    import timm
+    m = re.fullmatch(r"(\w+)(?:\((.*)\))?", name)
+    kwargs = {}
+    for kv in filter(None, (m.group(2) or "").split(",")):
+        k, v = kv.split("=")
+        kwargs[k.strip()] = float(v) if "." in v else int(v)
+    return timm.create_model(m.group(1), pretrained=False, num_classes=classes, **kwargs)
 
 
 def load(args):

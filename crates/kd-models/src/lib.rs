@@ -38,6 +38,7 @@ pub mod shufflenetv2;
 pub mod torchscript;
 pub mod tvresnet;
 pub mod vgg;
+pub mod vit;
 mod weights;
 pub mod wrn;
 
@@ -55,6 +56,7 @@ pub use shufflenetv1::{ShuffleNetV1, ShuffleV1Config};
 pub use shufflenetv2::{ShuffleNetV2, ShuffleV2Config};
 pub use tvresnet::{TvBlock, TvResNet, TvResNetConfig};
 pub use vgg::{Vgg, VggConfig};
+pub use vit::{VisionTransformer, VitConfig};
 pub use weights::{
     check_safetensors, load_weights, plain as plain_tch_error, save_pt, save_weights,
 };
@@ -125,6 +127,14 @@ enum Arch {
     ShuffleV2,
     TvResNet { block: TvBlock, blocks: [i64; 4] },
     MobileNetV1,
+    Vit { size: VitSize, distilled: bool },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum VitSize {
+    Tiny,
+    Small,
+    Base,
 }
 
 /// RepDistiller's `model_dict`, then mdistiller's ImageNet nets.
@@ -269,16 +279,34 @@ const ZOO: &[(&str, Arch)] = &[
         },
     ),
     ("MobileNetV1", Arch::MobileNetV1),
+    ("vit_tiny_patch16_224", vit(VitSize::Tiny, false)),
+    ("vit_small_patch16_224", vit(VitSize::Small, false)),
+    ("vit_base_patch16_224", vit(VitSize::Base, false)),
+    ("deit_tiny_patch16_224", vit(VitSize::Tiny, false)),
+    ("deit_small_patch16_224", vit(VitSize::Small, false)),
+    ("deit_base_patch16_224", vit(VitSize::Base, false)),
+    ("deit_tiny_distilled_patch16_224", vit(VitSize::Tiny, true)),
+    (
+        "deit_small_distilled_patch16_224",
+        vit(VitSize::Small, true),
+    ),
+    ("deit_base_distilled_patch16_224", vit(VitSize::Base, true)),
 ];
+
+const fn vit(size: VitSize, distilled: bool) -> Arch {
+    Arch::Vit { size, distilled }
+}
 
 /// Classifier biases of the zoo's state_dicts (`fc`, also of the ImageNet
 /// nets, VGG's `classifier`, MobileNetV2's `classifier.0`, `linear` of
 /// ResNet50 and the ShuffleNets), whose length is the number of classes.
-const CLASSIFIER_BIASES: [&str; 4] = [
+const CLASSIFIER_BIASES: [&str; 6] = [
     "fc.bias",
     "classifier.bias",
     "classifier.0.bias",
     "linear.bias",
+    "head.bias",
+    "head_dist.bias",
 ];
 
 /// Whether state_dict key `key` is a zoo classifier's bias, also under a
@@ -311,7 +339,8 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
             p,
         )?));
     }
-    let Some((_, arch)) = ZOO.iter().find(|(n, _)| *n == name) else {
+    let (base, mut args) = ModelArgs::parse(name)?;
+    let Some((_, arch)) = ZOO.iter().find(|(n, _)| *n == base) else {
         return Err(ModelError::UnknownModel {
             name: name.to_string(),
             valid: format!(
@@ -320,6 +349,17 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
             ),
         });
     };
+    let num_classes = args.num_classes(num_classes)?;
+    if let Arch::Vit { size, distilled } = *arch {
+        let cfg = match size {
+            VitSize::Tiny => VitConfig::tiny(),
+            VitSize::Small => VitConfig::small(),
+            VitSize::Base => VitConfig::base(),
+        };
+        let cfg = args.vit(cfg.with_num_classes(num_classes).with_distilled(distilled))?;
+        return Ok(Box::new(cfg.init(p)?));
+    }
+    args.none_left(base)?;
     Ok(match *arch {
         Arch::ResNet { depth, filters } => Box::new(
             ResNetConfig::new(depth)
@@ -370,7 +410,105 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
                 .with_num_classes(num_classes)
                 .init(p)?,
         ),
+        Arch::Vit { .. } => unreachable!("built above"),
     })
+}
+
+/// Keyword arguments after a zoo name, as timm's `create_model` takes them:
+/// `vit_tiny_patch16_224(img_size=32,patch_size=4,drop_path_rate=0.1)`.
+#[derive(Debug, Default)]
+struct ModelArgs {
+    args: Vec<(String, String)>,
+}
+
+/// The arguments a ViT takes.
+const VIT_ARGS: &str =
+    "img_size, patch_size, num_classes, drop_path_rate, depth, embed_dim, num_heads, mlp_ratio";
+
+impl ModelArgs {
+    fn parse(name: &str) -> Result<(&str, ModelArgs), ModelError> {
+        let Some((base, rest)) = name.split_once('(') else {
+            return Ok((name, ModelArgs::default()));
+        };
+        let bad = |reason: String| ModelError::InvalidConfig {
+            family: "model arguments",
+            reason,
+        };
+        let Some(inner) = rest.strip_suffix(')') else {
+            return Err(bad(format!(
+                "`{name}` does not end with `)`; write NAME(key=value,...)"
+            )));
+        };
+        let mut args = Vec::new();
+        for kv in inner.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(bad(format!("`{kv}` in `{name}` is not key=value")));
+            };
+            args.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        Ok((base, ModelArgs { args }))
+    }
+
+    fn take<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>, ModelError> {
+        let Some(i) = self.args.iter().position(|(k, _)| k == key) else {
+            return Ok(None);
+        };
+        let (_, v) = self.args.remove(i);
+        v.parse().map(Some).map_err(|_| ModelError::InvalidConfig {
+            family: "model arguments",
+            reason: format!("`{key}={v}` is not a valid number"),
+        })
+    }
+
+    /// The data's class count, which a `num_classes` argument may repeat
+    /// but not contradict.
+    fn num_classes(&mut self, data: i64) -> Result<i64, ModelError> {
+        match self.take::<i64>("num_classes")? {
+            Some(n) if n != data => Err(ModelError::InvalidConfig {
+                family: "model arguments",
+                reason: format!("num_classes={n}, but the data has {data} classes"),
+            }),
+            _ => Ok(data),
+        }
+    }
+
+    fn vit(mut self, mut cfg: VitConfig) -> Result<VitConfig, ModelError> {
+        if let Some(v) = self.take("img_size")? {
+            cfg.img_size = v;
+        }
+        if let Some(v) = self.take("patch_size")? {
+            cfg.patch_size = v;
+        }
+        if let Some(v) = self.take("drop_path_rate")? {
+            cfg.drop_path_rate = v;
+        }
+        if let Some(v) = self.take("depth")? {
+            cfg.depth = v;
+        }
+        if let Some(v) = self.take("embed_dim")? {
+            cfg.embed_dim = v;
+        }
+        if let Some(v) = self.take("num_heads")? {
+            cfg.num_heads = v;
+        }
+        if let Some(v) = self.take("mlp_ratio")? {
+            cfg.mlp_ratio = v;
+        }
+        self.none_left("a ViT")?;
+        Ok(cfg)
+    }
+
+    fn none_left(&self, what: &str) -> Result<(), ModelError> {
+        match self.args.first() {
+            None => Ok(()),
+            Some((k, _)) => Err(ModelError::InvalidConfig {
+                family: "model arguments",
+                reason: format!(
+                    "{what} takes no argument `{k}`; ViTs take {VIT_ARGS}, the CNNs only num_classes"
+                ),
+            }),
+        }
+    }
 }
 
 fn check_classes(family: &'static str, num_classes: i64) -> Result<(), ModelError> {

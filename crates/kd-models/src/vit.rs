@@ -1,0 +1,489 @@
+//! Vision Transformers under timm's names and `state_dict` keys
+//! (`timm/models/vision_transformer.py`, `timm/models/deit.py`), so timm's
+//! weight files load as they are: `vit_{tiny,small,base}_patch16_224`,
+//! `deit_{tiny,small,base}_patch16_224` (the same networks; DeiT's weights)
+//! and `deit_{tiny,small,base}_distilled_patch16_224` (a class and a
+//! distillation token, two heads).
+//!
+//! Keys: `cls_token`, `dist_token`, `pos_embed` (`[1, prefix + N, D]`: the
+//! position embedding covers the prefix tokens, as in the original ViT and
+//! DeiT), `patch_embed.proj`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
+//! mlp.fc1,mlp.fc2}`, `norm`, `head`, `head_dist`. Initialisation as timm's
+//! default: linear weights normal(0.02) (timm truncates at ±2, i.e. ±100σ),
+//! biases zero, `pos_embed` and `dist_token` normal(0.02), `cls_token`
+//! normal(1e-6), LayerNorm weight 1 bias 0, the patch projection as
+//! `nn.Conv2d` makes it.
+//!
+//! Taps: `tokens/i` all tokens after block `i` (`[B, prefix + N, D]`);
+//! `feat/0` the patch tokens entering the first block and `feat/k`
+//! (k = 1..=stages) after the last block of stage `k`, reshaped to
+//! `[B, D, H/p, W/p]` maps (up to four stages of `depth / stages` blocks),
+//! so feature methods and projectors read ViTs and CNNs alike; `preact/k`
+//! equals `feat/k` (no activation closes a block); `cls` and `dist` the
+//! tokens after the final norm; `embed` what the head reads (the mean of
+//! both tokens when distilled, timm's `pre_logits`); `logits_dist` the
+//! distillation head. `logits` is the class head's output, except for a
+//! distilled network in evaluation, where it is the mean of both heads
+//! (timm's `forward_head`; in training the class head alone, as DeiT's own
+//! `DistilledVisionTransformer` trains it).
+
+use kd_core::{Tap, Taps};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::{ModelError, Network, check_classes};
+
+/// timm's `VisionTransformer` arguments that kd's zoo varies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VitConfig {
+    pub img_size: i64,
+    pub patch_size: i64,
+    pub in_chans: i64,
+    pub num_classes: i64,
+    pub embed_dim: i64,
+    pub depth: i64,
+    pub num_heads: i64,
+    pub mlp_ratio: f64,
+    /// A distillation token and head beside the class token's (DeiT).
+    pub distilled: bool,
+    /// Stochastic depth, rising linearly from 0 at the first block to this
+    /// at the last (timm's `drop_path_rate`).
+    pub drop_path_rate: f64,
+}
+
+impl VitConfig {
+    /// ViT-Ti/16 (DeiT-Ti) at 224 pixels: 192 wide, 12 blocks, 3 heads.
+    pub fn tiny() -> Self {
+        Self::sized(192, 12, 3)
+    }
+
+    /// ViT-S/16 (DeiT-S): 384 wide, 12 blocks, 6 heads.
+    pub fn small() -> Self {
+        Self::sized(384, 12, 6)
+    }
+
+    /// ViT-B/16 (DeiT-B): 768 wide, 12 blocks, 12 heads.
+    pub fn base() -> Self {
+        Self::sized(768, 12, 12)
+    }
+
+    fn sized(embed_dim: i64, depth: i64, num_heads: i64) -> Self {
+        VitConfig {
+            img_size: 224,
+            patch_size: 16,
+            in_chans: 3,
+            num_classes: 1000,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            distilled: false,
+            drop_path_rate: 0.0,
+        }
+    }
+
+    pub fn with_num_classes(mut self, n: i64) -> Self {
+        self.num_classes = n;
+        self
+    }
+
+    pub fn with_distilled(mut self, on: bool) -> Self {
+        self.distilled = on;
+        self
+    }
+
+    fn check(&self) -> Result<(), ModelError> {
+        check_classes("ViT", self.num_classes)?;
+        let bad = |reason: String| {
+            Err(ModelError::InvalidConfig {
+                family: "ViT",
+                reason,
+            })
+        };
+        if self.patch_size < 1 || self.img_size < self.patch_size {
+            return bad(format!(
+                "patch_size {} must be between 1 and img_size {}",
+                self.patch_size, self.img_size
+            ));
+        }
+        if self.img_size % self.patch_size != 0 {
+            return bad(format!(
+                "img_size {} is not divisible by patch_size {}",
+                self.img_size, self.patch_size
+            ));
+        }
+        if self.depth < 1 || self.num_heads < 1 || self.embed_dim % self.num_heads != 0 {
+            return bad(format!(
+                "embed_dim {} must split evenly into num_heads {} (depth {} at least 1)",
+                self.embed_dim, self.num_heads, self.depth
+            ));
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return bad(format!(
+                "drop_path_rate must be in [0, 1), got {}",
+                self.drop_path_rate
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn init(self, p: &nn::Path) -> Result<VisionTransformer, ModelError> {
+        self.check()?;
+        let d = self.embed_dim;
+        let grid = self.img_size / self.patch_size;
+        let prefix = 1 + i64::from(self.distilled);
+        let normal = |std| nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
+        let cls_token = p.var("cls_token", &[1, 1, d], normal(1e-6));
+        let dist_token = self
+            .distilled
+            .then(|| p.var("dist_token", &[1, 1, d], normal(0.02)));
+        let pos_embed = p.var("pos_embed", &[1, prefix + grid * grid, d], normal(0.02));
+        let proj = nn::conv2d(
+            p / "patch_embed" / "proj",
+            self.in_chans,
+            d,
+            self.patch_size,
+            nn::ConvConfig {
+                stride: self.patch_size,
+                ..Default::default()
+            },
+        );
+        let blocks = (0..self.depth)
+            .map(|i| {
+                // timm: `dpr = linspace(0, drop_path_rate, depth)`.
+                let rate = if self.depth > 1 {
+                    self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+                } else {
+                    0.0
+                };
+                Block::new(&(p / "blocks" / i), &self, rate)
+            })
+            .collect();
+        let head = linear(p / "head", d, self.num_classes);
+        let head_dist = self
+            .distilled
+            .then(|| linear(p / "head_dist", d, self.num_classes));
+        Ok(VisionTransformer {
+            cls_token,
+            dist_token,
+            pos_embed,
+            proj,
+            blocks,
+            norm: layer_norm(p / "norm", d),
+            head,
+            head_dist,
+            grid,
+            patch_size: self.patch_size,
+            img_size: self.img_size,
+        })
+    }
+}
+
+/// `nn.Linear` as timm initialises it: weight normal(0.02), bias 0.
+fn linear(p: nn::Path, c_in: i64, c_out: i64) -> nn::Linear {
+    nn::linear(
+        p,
+        c_in,
+        c_out,
+        nn::LinearConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        },
+    )
+}
+
+fn layer_norm(p: nn::Path, d: i64) -> nn::LayerNorm {
+    nn::layer_norm(
+        p,
+        vec![d],
+        nn::LayerNormConfig {
+            eps: 1e-6,
+            ..Default::default()
+        },
+    )
+}
+
+/// Pre-norm block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`, each
+/// branch dropped per sample with probability `drop_path` in training.
+#[derive(Debug)]
+struct Block {
+    norm1: nn::LayerNorm,
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    norm2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+    drop_path: f64,
+}
+
+impl Block {
+    fn new(p: &nn::Path, cfg: &VitConfig, drop_path: f64) -> Block {
+        let d = cfg.embed_dim;
+        let hidden = (d as f64 * cfg.mlp_ratio) as i64;
+        Block {
+            norm1: layer_norm(p / "norm1", d),
+            qkv: linear(p / "attn" / "qkv", d, 3 * d),
+            proj: linear(p / "attn" / "proj", d, d),
+            norm2: layer_norm(p / "norm2", d),
+            fc1: linear(p / "mlp" / "fc1", d, hidden),
+            fc2: linear(p / "mlp" / "fc2", hidden, d),
+            heads: cfg.num_heads,
+            drop_path,
+        }
+    }
+
+    fn attention(&self, x: &Tensor) -> Tensor {
+        let (b, n, d) = x.size3().expect("tokens are [B, N, D]");
+        // [B, N, 3, heads, D/heads] -> three [B, heads, N, D/heads].
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, self.heads, d / self.heads])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // ATen's fused attention: flash / memory-efficient kernels on CUDA.
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        self.proj.forward(&y.transpose(1, 2).reshape([b, n, d]))
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let a = self.attention(&self.norm1.forward(x));
+        let x = x + drop_path(&a, self.drop_path, train);
+        let m = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm2.forward(&x)).gelu("none"));
+        &x + drop_path(&m, self.drop_path, train)
+    }
+}
+
+/// Stochastic depth (timm's `drop_path` with `scale_by_keep`): each
+/// sample's branch is kept with probability `1 - rate` and scaled by its
+/// inverse, drawn from torch's generator (seeded by the run).
+fn drop_path(x: &Tensor, rate: f64, train: bool) -> Tensor {
+    if !train || rate == 0.0 {
+        return x.shallow_clone();
+    }
+    let keep = 1.0 - rate;
+    let mut shape = vec![1; x.dim()];
+    shape[0] = x.size()[0];
+    let mask = Tensor::empty(shape.as_slice(), (x.kind(), x.device())).bernoulli_float_(keep);
+    x * mask / keep
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct VisionTransformer {
+    cls_token: Tensor,
+    dist_token: Option<Tensor>,
+    pos_embed: Tensor,
+    proj: nn::Conv2D,
+    blocks: Vec<Block>,
+    norm: nn::LayerNorm,
+    head: nn::Linear,
+    head_dist: Option<nn::Linear>,
+    grid: i64,
+    patch_size: i64,
+    img_size: i64,
+}
+
+impl VisionTransformer {
+    fn prefix(&self) -> i64 {
+        1 + i64::from(self.dist_token.is_some())
+    }
+
+    /// Blocks after which each stage's `feat/k` is taken.
+    fn stage_ends(&self) -> Vec<usize> {
+        let depth = self.blocks.len();
+        let stages = depth.min(4);
+        (1..=stages).map(|k| depth * k / stages - 1).collect()
+    }
+
+    /// The patch tokens of `x` (`[B, prefix + N, D]`) as `[B, D, H, W]`
+    /// maps: a view, no copy.
+    fn as_map(&self, x: &Tensor) -> Tensor {
+        let n = self.grid * self.grid;
+        x.narrow(1, self.prefix(), n)
+            .transpose(1, 2)
+            .unflatten(2, [self.grid, self.grid])
+    }
+}
+
+impl Network for VisionTransformer {
+    fn forward_taps(&self, xs: &Tensor, train: bool) -> Taps {
+        let b = xs.size()[0];
+        let patches = self.proj.forward(xs).flatten(2, 3).transpose(1, 2);
+        let mut prefix = vec![self.cls_token.expand([b, -1, -1], false)];
+        if let Some(t) = &self.dist_token {
+            prefix.push(t.expand([b, -1, -1], false));
+        }
+        prefix.push(patches);
+        let mut x = Tensor::cat(&prefix, 1) + &self.pos_embed;
+        let mut feat = vec![self.as_map(&x)];
+        let ends = self.stage_ends();
+        let mut tokens = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, train);
+            if ends.contains(&i) {
+                feat.push(self.as_map(&x));
+            }
+            tokens.push(x.shallow_clone());
+        }
+        let x = self.norm.forward(&x);
+        let cls = x.select(1, 0);
+        let logits_cls = self.head.forward(&cls);
+        let mut extra: Vec<(Tap, Tensor)> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (Tap::Tokens(i), t))
+            .collect();
+        let (embed, logits) = match &self.head_dist {
+            Some(head_dist) => {
+                let dist = x.select(1, 1);
+                let logits_dist = head_dist.forward(&dist);
+                let logits = if train {
+                    logits_cls
+                } else {
+                    (&logits_cls + &logits_dist) / 2.0
+                };
+                let embed = (&cls + &dist) / 2.0;
+                extra.push((Tap::Dist, dist));
+                extra.push((Tap::LogitsDist, logits_dist));
+                (embed, logits)
+            }
+            None => (cls.shallow_clone(), logits_cls),
+        };
+        extra.insert(self.blocks.len(), (Tap::Cls, cls));
+        Taps {
+            preact: feat.iter().map(Tensor::shallow_clone).collect(),
+            feat,
+            embed,
+            logits,
+            extra,
+        }
+    }
+
+    fn check_trainable(&self, probe: &Tensor) -> Result<(), ModelError> {
+        check_input(probe, self.img_size, self.patch_size)
+    }
+}
+
+/// A ViT's position embedding fixes its input size: say which argument
+/// fits the data instead of failing inside the forward.
+pub(crate) fn check_input(probe: &Tensor, img_size: i64, patch: i64) -> Result<(), ModelError> {
+    let size = probe.size();
+    let (h, w) = (size[size.len() - 2], size[size.len() - 1]);
+    if h != img_size || w != img_size {
+        return Err(ModelError::InvalidConfig {
+            family: "ViT",
+            reason: format!(
+                "built for {img_size}x{img_size} images (patch {patch}) but the data is {h}x{w}; \
+                 give the model img_size={h}, e.g. vit_tiny_patch16_224(img_size={h},patch_size=4)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Resamples a `pos_embed` made for another grid to `want`'s
+/// (`[1, prefix + N, D]`), as timm's `resample_abs_pos_embed` does on
+/// loading: the prefix tokens' rows kept, the grid resized bicubically with
+/// antialiasing. `None` when the two do not describe square grids with
+/// `prefix` leading tokens.
+pub(crate) fn resample_pos_embed(file: &Tensor, want: &[i64], prefix: i64) -> Option<Tensor> {
+    let have = file.size();
+    if have.len() != 3 || want.len() != 3 || have[0] != 1 || have[2] != want[2] {
+        return None;
+    }
+    let side = |n: i64| {
+        let s = ((n - prefix).max(0) as f64).sqrt().round() as i64;
+        (s > 0 && s * s == n - prefix).then_some(s)
+    };
+    let (old, new) = (side(have[1])?, side(want[1])?);
+    let d = have[2];
+    let kind = file.kind();
+    let grid = file
+        .narrow(1, prefix, old * old)
+        .to_kind(Kind::Float)
+        .reshape([1, old, old, d])
+        .permute([0, 3, 1, 2]);
+    let grid = grid
+        .internal_upsample_bicubic2d_aa([new, new], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([1, new * new, d])
+        .to_kind(kind);
+    Some(Tensor::cat(&[file.narrow(1, 0, prefix), grid], 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, nn::VarStore};
+
+    use super::*;
+
+    fn small(distilled: bool) -> VitConfig {
+        VitConfig {
+            img_size: 32,
+            patch_size: 4,
+            depth: 6,
+            ..VitConfig::tiny()
+        }
+        .with_num_classes(10)
+        .with_distilled(distilled)
+    }
+
+    #[test]
+    fn taps_have_the_documented_shapes() {
+        let vs = VarStore::new(Device::Cpu);
+        let net = small(true).init(&vs.root()).unwrap();
+        let taps = net.forward_taps(&Tensor::randn([2, 3, 32, 32], tch::kind::FLOAT_CPU), false);
+        assert_eq!(taps.feat.len(), 5);
+        assert_eq!(taps.feat[4].size(), [2, 192, 8, 8]);
+        assert_eq!(taps.get(Tap::Tokens(5)).unwrap().size(), [2, 66, 192]);
+        assert_eq!(taps.get(Tap::LogitsDist).unwrap().size(), [2, 10]);
+        // Stage k of 4 ends after block floor(6·k/4) (1-based): 1, 3, 4, 6.
+        assert_eq!(net.stage_ends(), [0, 2, 3, 5]);
+        let last = taps.get(Tap::Tokens(5)).unwrap();
+        let patch = last
+            .narrow(1, 2, 64)
+            .transpose(1, 2)
+            .reshape([2, 192, 8, 8]);
+        assert!(patch.equal(&taps.feat[4]));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_fix() {
+        let vs = VarStore::new(Device::Cpu);
+        let cfg = VitConfig {
+            img_size: 30,
+            ..small(false)
+        };
+        let err = cfg.init(&vs.root()).unwrap_err().to_string();
+        assert!(
+            err.contains("img_size 30 is not divisible by patch_size 4"),
+            "{err}"
+        );
+        let net = small(false).init(&vs.root()).unwrap();
+        let err = net
+            .check_trainable(&Tensor::zeros([1, 3, 64, 64], tch::kind::FLOAT_CPU))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("img_size=64"), "{err}");
+    }
+}

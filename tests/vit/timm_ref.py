@@ -1,0 +1,101 @@
+"""timm's outputs for the ViTs of kd's zoo, for tests/vit.rs.
+
+For every case, a model built by `timm.create_model` with the same keyword
+arguments as kd's model name, moved off its initialisation (every parameter
+shifted by noise, so LayerNorm weights are not 1 and the class token is not
+~0), evaluated in eval mode on a random batch. Writes, per case `i`:
+  i.weights.safetensors  the state_dict kd loads
+  i.input.safetensors    `input`
+  i.expect.safetensors   `logits`, `cls`, `tokens/<last>` (and `dist`,
+                         `logits_dist` for distilled DeiTs)
+and cases.txt, a line `i<TAB>kd model name` per case.
+
+Resample cases load weights made for 224 px into a model for another size
+through timm's own `checkpoint_filter_fn` (which resamples `pos_embed`).
+"""
+import pathlib
+import re
+import sys
+
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+OUT = pathlib.Path(sys.argv[1])
+CLASSES = 10
+
+CASES = [
+    # (kd name, image size of the batch, name whose weights are loaded or None)
+    ("vit_tiny_patch16_224", 224, None),
+    ("deit_tiny_distilled_patch16_224", 224, None),
+    ("vit_small_patch16_224(depth=2)", 224, None),
+    ("vit_base_patch16_224(depth=2,img_size=64)", 64, None),
+    ("deit_tiny_patch16_224(img_size=32,patch_size=4,depth=3)", 32, None),
+    ("deit_small_patch16_224(depth=2,img_size=48)", 48, None),
+    ("deit_base_patch16_224(depth=1,img_size=32)", 32, None),
+    ("deit_small_distilled_patch16_224(depth=2,img_size=32,patch_size=4)", 32, None),
+    ("deit_base_distilled_patch16_224(depth=1,img_size=64)", 64, None),
+    ("vit_tiny_patch16_224(depth=2,img_size=64)", 64, "vit_tiny_patch16_224(depth=2)"),
+    ("deit_tiny_distilled_patch16_224(depth=2,img_size=96)", 96,
+     "deit_tiny_distilled_patch16_224(depth=2)"),
+]
+
+
+def parse(name):
+    m = re.fullmatch(r"([\w]+)(?:\((.*)\))?", name)
+    kwargs = {}
+    for kv in filter(None, (m.group(2) or "").split(",")):
+        k, v = kv.split("=")
+        kwargs[k] = float(v) if "." in v else int(v)
+    return m.group(1), kwargs
+
+
+def create(name):
+    base, kwargs = parse(name)
+    return timm.create_model(base, pretrained=False, num_classes=CLASSES, **kwargs)
+
+
+def off_init(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (name, size, source) in enumerate(CASES):
+        torch.manual_seed(100 + i)
+        model = create(name).eval()
+        if source is None:
+            off_init(model, i)
+            state = model.state_dict()
+        else:
+            state = off_init(create(source), i).state_dict()
+            model.load_state_dict(checkpoint_filter_fn(dict(state), model))
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            tokens = model.forward_features(x)
+            logits = model(x)
+            expect = {"logits": logits, "cls": tokens[:, 0]}
+            last = len(model.blocks) - 1
+            # Tokens before the final norm: run the blocks by hand.
+            t = model._pos_embed(model.patch_embed(x))
+            for blk in model.blocks:
+                t = blk(t)
+            expect[f"tokens/{last}"] = t
+            if hasattr(model, "head_dist"):
+                expect["dist"] = tokens[:, 1]
+                expect["logits_dist"] = model.head_dist(tokens[:, 1])
+        save_file({k: v.contiguous() for k, v in state.items()}, OUT / f"{i}.weights.safetensors")
+        save_file({"input": x}, OUT / f"{i}.input.safetensors")
+        save_file({k: v.contiguous() for k, v in expect.items()}, OUT / f"{i}.expect.safetensors")
+        lines.append(f"{i}\t{name}")
+    (OUT / "cases.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
