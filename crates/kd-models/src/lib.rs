@@ -80,6 +80,12 @@ pub trait Network: Send {
         false
     }
 
+    /// Whether the network takes inputs shaped like `probe` (`[B, 3, H, W]`):
+    /// a transformer's position embedding fixes its image size.
+    fn check_input(&self, _probe: &Tensor) -> Result<(), ModelError> {
+        Ok(())
+    }
+
     /// Whether the network can be trained (run once on `probe` before a
     /// stage trains it): networks of foreign origin can say why not.
     fn check_trainable(&self, _probe: &Tensor) -> Result<(), ModelError> {
@@ -108,6 +114,9 @@ pub enum ModelError {
         key: String,
         reason: String,
     },
+    /// A model name's keyword arguments (`NAME(key=value,...)`) are wrong.
+    #[error("model arguments: {0}")]
+    Args(String),
     /// The [`TrainBatchNorm`] hook of a training forward failed.
     #[error("training BatchNorm: {0}")]
     TrainBatchNorm(Box<dyn std::error::Error + Send + Sync>),
@@ -430,10 +439,7 @@ impl ModelArgs {
         let Some((base, rest)) = name.split_once('(') else {
             return Ok((name, ModelArgs::default()));
         };
-        let bad = |reason: String| ModelError::InvalidConfig {
-            family: "model arguments",
-            reason,
-        };
+        let bad = ModelError::Args;
         let Some(inner) = rest.strip_suffix(')') else {
             return Err(bad(format!(
                 "`{name}` does not end with `)`; write NAME(key=value,...)"
@@ -454,20 +460,18 @@ impl ModelArgs {
             return Ok(None);
         };
         let (_, v) = self.args.remove(i);
-        v.parse().map(Some).map_err(|_| ModelError::InvalidConfig {
-            family: "model arguments",
-            reason: format!("`{key}={v}` is not a valid number"),
-        })
+        v.parse()
+            .map(Some)
+            .map_err(|_| ModelError::Args(format!("`{key}={v}` is not a valid number")))
     }
 
     /// The data's class count, which a `num_classes` argument may repeat
     /// but not contradict.
     fn num_classes(&mut self, data: i64) -> Result<i64, ModelError> {
         match self.take::<i64>("num_classes")? {
-            Some(n) if n != data => Err(ModelError::InvalidConfig {
-                family: "model arguments",
-                reason: format!("num_classes={n}, but the data has {data} classes"),
-            }),
+            Some(n) if n != data => Err(ModelError::Args(format!(
+                "num_classes={n}, but the data has {data} classes"
+            ))),
             _ => Ok(data),
         }
     }
@@ -501,12 +505,9 @@ impl ModelArgs {
     fn none_left(&self, what: &str) -> Result<(), ModelError> {
         match self.args.first() {
             None => Ok(()),
-            Some((k, _)) => Err(ModelError::InvalidConfig {
-                family: "model arguments",
-                reason: format!(
-                    "{what} takes no argument `{k}`; ViTs take {VIT_ARGS}, the CNNs only num_classes"
-                ),
-            }),
+            Some((k, _)) => Err(ModelError::Args(format!(
+                "{what} takes no argument `{k}`; ViTs take {VIT_ARGS}, the CNNs only num_classes"
+            ))),
         }
     }
 }
@@ -519,4 +520,47 @@ fn check_classes(family: &'static str, num_classes: i64) -> Result<(), ModelErro
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, nn::VarStore};
+
+    use super::*;
+
+    fn error(name: &str, classes: i64) -> String {
+        let vs = VarStore::new(Device::Cpu);
+        match build(name, &vs.root(), classes) {
+            Ok(_) => panic!("{name} built"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn keyword_arguments_reach_the_vit_and_mistakes_are_named() {
+        let vs = VarStore::new(Device::Cpu);
+        let net = build(
+            "vit_tiny_patch16_224(img_size=32, patch_size=8,depth=2,num_classes=7)",
+            &vs.root(),
+            7,
+        )
+        .unwrap();
+        let taps = net.forward_taps(&Tensor::zeros([1, 3, 32, 32], tch::kind::FLOAT_CPU), false);
+        assert_eq!(taps.feat[0].size(), [1, 192, 4, 4]);
+        assert_eq!(taps.logits.size(), [1, 7]);
+        assert!(vs.variables().contains_key("blocks.1.mlp.fc2.weight"));
+        assert!(!vs.variables().contains_key("blocks.2.mlp.fc2.weight"));
+        for (name, want) in [
+            ("resnet8(depth=3)", "resnet8 takes no argument `depth`"),
+            ("vit_tiny_patch16_224(num_classes=5)", "num_classes=5, but the data has 10"),
+            ("vit_tiny_patch16_224(img_size=32", "does not end with `)`"),
+            ("vit_tiny_patch16_224(img_size)", "`img_size` in"),
+            ("vit_tiny_patch16_224(img_size=x)", "`img_size=x` is not a valid number"),
+            ("vit_tiny_patch16_224(img_size=40,patch_size=16)", "not divisible"),
+            ("vit_huge_patch14_224", "valid models:"),
+        ] {
+            let got = error(name, 10);
+            assert!(got.contains(want), "{name}: {got}");
+        }
+    }
 }

@@ -30,9 +30,12 @@ pub fn is_foreign(arch: &str) -> bool {
     arch.starts_with(PREFIX) || arch.starts_with(PYTHON_PREFIX)
 }
 
-/// A model name fit for a run's folder: a zoo name as it is, a Python
-/// spec's class or function (`python:nets/a.py:Net(width=2)` is `Net`), a
-/// TorchScript file's stem.
+/// A model name fit for a run's folder (and a shell): a zoo name as it is,
+/// its keyword arguments joined by `-`
+/// (`vit_tiny_patch16_224(img_size=32,patch_size=4)` is
+/// `vit_tiny_patch16_224-img_size=32-patch_size=4`), a Python spec's class
+/// or function (`python:nets/a.py:Net(width=2)` is `Net`), a TorchScript
+/// file's stem.
 pub fn short_name(arch: &str) -> String {
     if let Some(spec) = arch.strip_prefix(PYTHON_PREFIX) {
         let call = spec.split_once(':').map_or(spec, |(_, c)| c);
@@ -43,7 +46,14 @@ pub fn short_name(arch: &str) -> String {
         let stem = Path::new(file).file_stem().unwrap_or_default();
         return stem.to_string_lossy().into_owned();
     }
-    arch.to_string()
+    match arch.split_once('(') {
+        Some((name, args)) => std::iter::once(name)
+            .chain(args.trim_end_matches(')').split(',').map(str::trim))
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("-"),
+        None => arch.to_string(),
+    }
 }
 
 /// A network kd did not build: a TorchScript file, or a PyTorch module in
@@ -248,6 +258,10 @@ mod tests {
     fn short_names_fit_a_folder() {
         for (arch, want) in [
             ("resnet8x4", "resnet8x4"),
+            (
+                "vit_tiny_patch16_224(img_size=32, patch_size=4)",
+                "vit_tiny_patch16_224-img_size=32-patch_size=4",
+            ),
             ("python:nets/a.py:Net(width=2)", "Net"),
             (
                 "python:torchvision.models:resnet18(num_classes=10)[feat/1=layer2]",

@@ -379,26 +379,23 @@ impl Network for VisionTransformer {
         }
     }
 
-    fn check_trainable(&self, probe: &Tensor) -> Result<(), ModelError> {
-        check_input(probe, self.img_size, self.patch_size)
-    }
-}
-
-/// A ViT's position embedding fixes its input size: say which argument
-/// fits the data instead of failing inside the forward.
-pub(crate) fn check_input(probe: &Tensor, img_size: i64, patch: i64) -> Result<(), ModelError> {
-    let size = probe.size();
-    let (h, w) = (size[size.len() - 2], size[size.len() - 1]);
-    if h != img_size || w != img_size {
-        return Err(ModelError::InvalidConfig {
-            family: "ViT",
-            reason: format!(
-                "built for {img_size}x{img_size} images (patch {patch}) but the data is {h}x{w}; \
+    /// The position embedding fixes the input size: say which argument
+    /// fits the data instead of failing inside the forward.
+    fn check_input(&self, probe: &Tensor) -> Result<(), ModelError> {
+        let (img_size, patch) = (self.img_size, self.patch_size);
+        let size = probe.size();
+        let (h, w) = (size[size.len() - 2], size[size.len() - 1]);
+        if h != img_size || w != img_size {
+            return Err(ModelError::InvalidConfig {
+                family: "ViT",
+                reason: format!(
+                    "built for {img_size}x{img_size} images (patch {patch}) but the data is {h}x{w}; \
                  give the model img_size={h}, e.g. vit_tiny_patch16_224(img_size={h},patch_size=4)"
-            ),
-        });
+                ),
+            });
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Resamples a `pos_embed` made for another grid to `want`'s
@@ -481,7 +478,7 @@ mod tests {
         );
         let net = small(false).init(&vs.root()).unwrap();
         let err = net
-            .check_trainable(&Tensor::zeros([1, 3, 64, 64], tch::kind::FLOAT_CPU))
+            .check_input(&Tensor::zeros([1, 3, 64, 64], tch::kind::FLOAT_CPU))
             .unwrap_err()
             .to_string();
         assert!(err.contains("img_size=64"), "{err}");
