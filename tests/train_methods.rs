@@ -54,6 +54,8 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
             },
             lr_schedule: Default::default(),
             keep_optimizer: false,
+            clip_grad: None,
+            ema: None,
         }],
     };
     kd_engine::validate(&plan, &registry, &NoScripts, &[]).unwrap();

@@ -8,12 +8,14 @@
 mod foreign;
 mod graph;
 mod jit;
+mod optim;
 mod pickle;
 mod python;
 
 pub use foreign::{ForeignError, ForeignModule, Named};
 pub use graph::CudaGraph;
 pub use jit::{JitModule, save_state_dict};
+pub use optim::{AdamwStep, LambStep, adamw_foreach, clip_grad_norm, foreach_lerp_, lamb};
 pub use python::{PythonModule, source_file as python_source_file};
 
 use std::ffi::{CStr, c_char, c_void};

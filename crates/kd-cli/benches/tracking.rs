@@ -60,6 +60,8 @@ fn plan() -> Plan {
             optimizer: Default::default(),
             lr_schedule: Default::default(),
             keep_optimizer: false,
+            clip_grad: None,
+            ema: None,
         }],
     }
 }

@@ -66,8 +66,12 @@ impl Observer for Console<'_> {
             .peer_top1
             .map(|v| format!(" peer {v:.2}%"))
             .unwrap_or_default();
+        let ema = r
+            .ema_top1
+            .map(|v| format!(" ema {v:.2}%"))
+            .unwrap_or_default();
         self.line(format!(
-            "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}%{}  best {:.2}%{peer}  {:.0} img/s",
+            "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}%{}  best {:.2}%{peer}{ema}  {:.0} img/s",
             self.run,
             r.epoch + 1,
             r.train_loss,
@@ -113,6 +117,8 @@ pub(crate) fn epoch_record(test_top5: f64) -> EpochRecord {
         images_per_sec: 100.0,
         best_top1: 40.0,
         peer_top1: None,
+        ema_top1: None,
+        ema_top5: None,
     }
 }
 

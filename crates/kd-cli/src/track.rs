@@ -222,6 +222,12 @@ impl Observer for Tracking {
         if let Some(p) = r.peer_top1 {
             t.metric("epoch/peer_test_acc_top1", p, global);
         }
+        if let Some(e) = r.ema_top1 {
+            t.metric("epoch/ema_test_acc_top1", e, global);
+        }
+        if let Some(e) = r.ema_top5.filter(|e| e.is_finite()) {
+            t.metric("epoch/ema_test_acc_top5", e, global);
+        }
         for (label, w) in &r.weights {
             t.metric(&format!("epoch/weight/{label}"), *w, global);
         }

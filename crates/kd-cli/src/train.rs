@@ -55,24 +55,60 @@ pub struct TrainArgs {
     /// Training batch size.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// SGD learning rate (> 0).
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
-    pub lr: f64,
+    /// Optimiser: `sgd`, `adamw` (torch.optim.AdamW) or `lamb` (timm's Lamb).
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: kd_engine::OptimizerKind,
+    /// Learning rate (> 0) [default: 0.05 for sgd, 1e-3 for adamw and lamb].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
     /// Epochs at which the learning rate is multiplied by 0.1 (comma-separated).
     #[arg(long, value_delimiter = ',', conflicts_with = "cosine")]
     pub milestones: Vec<usize>,
     /// Cosine learning-rate decay instead of milestones.
     #[arg(long)]
     pub cosine: bool,
-    /// SGD weight decay (>= 0).
-    #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
-    pub weight_decay: f64,
-    /// SGD momentum, in [0, 1).
-    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
-    pub momentum: f64,
-    /// Nesterov momentum.
+    /// Weight decay (>= 0) [default: 5e-4 for sgd, 0.01 for adamw and lamb].
+    #[arg(long, allow_negative_numbers = true)]
+    pub weight_decay: Option<f64>,
+    /// SGD momentum, in [0, 1) [default: 0.9].
+    #[arg(long, allow_negative_numbers = true)]
+    pub momentum: Option<f64>,
+    /// Nesterov momentum (sgd).
     #[arg(long)]
     pub nesterov: bool,
+    /// AdamW and LAMB: the moments' decay rates, `BETA1,BETA2`
+    /// [default: 0.9,0.999].
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 2,
+        allow_negative_numbers = true
+    )]
+    pub betas: Option<Vec<f64>>,
+    /// AdamW and LAMB: the denominator's epsilon [default: 1e-8 for adamw,
+    /// 1e-6 for lamb].
+    #[arg(long, allow_negative_numbers = true)]
+    pub eps: Option<f64>,
+    /// Weight decay on every parameter, also norm weights, biases and a
+    /// ViT's pos_embed/cls_token (by default adamw and lamb spare them, as
+    /// timm does; sgd decays them unless --no-decay-1d).
+    #[arg(long, conflicts_with = "no_decay_1d")]
+    pub decay_1d: bool,
+    /// No weight decay on norm weights, biases, pos_embed, cls_token and
+    /// dist_token (timm's parameter groups); the default for adamw and lamb.
+    #[arg(long)]
+    pub no_decay_1d: bool,
+    /// Clip the gradients' global 2-norm to this before each update.
+    #[arg(long, allow_negative_numbers = true)]
+    pub clip_grad: Option<f64>,
+    /// Keep an EMA of the trained network with this decay (timm's
+    /// ModelEmaV3), evaluated each epoch, saved as `<stage>.ema.safetensors`.
+    #[arg(long, allow_negative_numbers = true)]
+    pub ema_decay: Option<f64>,
+    /// With --ema-decay: timm's EMA warm-up (decay 1 - (1 + step)^-2/3, up
+    /// to the given decay).
+    #[arg(long, requires = "ema_decay")]
+    pub ema_warmup: bool,
     /// Seeds; several run one after another and are summarised as mean ± std.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
@@ -221,19 +257,14 @@ impl TrainArgs {
         Ok(source)
     }
 
-    fn stage(&self, name: &str, methods: Vec<MethodPlan>) -> StagePlan {
-        StagePlan {
+    fn stage(&self, name: &str, methods: Vec<MethodPlan>) -> Result<StagePlan> {
+        Ok(StagePlan {
             name: name.into(),
             epochs: self.epochs,
             subject: Subject::Student,
             train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
             methods,
-            optimizer: Sgd {
-                lr: self.lr,
-                momentum: self.momentum,
-                nesterov: self.nesterov,
-                weight_decay: self.weight_decay,
-            },
+            optimizer: self.optimizer_plan()?,
             lr_schedule: if self.cosine {
                 LrSchedule::Cosine { warmup_epochs: 0 }
             } else if self.milestones.is_empty() {
@@ -245,7 +276,45 @@ impl TrainArgs {
                 }
             },
             keep_optimizer: false,
+            clip_grad: self.clip_grad,
+            ema: self.ema_decay.map(|decay| kd_engine::EmaPlan {
+                decay,
+                warmup: self.ema_warmup,
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// `--optimizer` with the flags that apply to it, the others refused.
+    fn optimizer_plan(&self) -> Result<Sgd> {
+        use kd_engine::OptimizerKind;
+        let kind = self.optimizer;
+        let base = Sgd::of(kind);
+        let sgd = kind == OptimizerKind::Sgd;
+        if !sgd && (self.momentum.is_some() || self.nesterov) {
+            bail!(
+                "--momentum and --nesterov apply to --optimizer sgd, not {}",
+                kind.name()
+            );
         }
+        if sgd && (self.betas.is_some() || self.eps.is_some()) {
+            bail!("--betas and --eps apply to --optimizer adamw or lamb, not sgd");
+        }
+        let betas = match self.betas.as_deref() {
+            None => base.betas,
+            Some(&[b1, b2]) => [b1, b2],
+            Some(other) => bail!("--betas takes two numbers, BETA1,BETA2; got {other:?}"),
+        };
+        Ok(Sgd {
+            lr: self.lr.unwrap_or(base.lr),
+            momentum: self.momentum.unwrap_or(base.momentum),
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay.unwrap_or(base.weight_decay),
+            betas,
+            eps: self.eps.unwrap_or(base.eps),
+            no_decay_1d: (base.no_decay_1d || self.no_decay_1d) && !self.decay_1d,
+            ..base
+        })
     }
 
     pub fn plan(
@@ -273,7 +342,7 @@ impl TrainArgs {
             data,
             student,
             teacher,
-            stages: vec![self.stage(stage, methods)],
+            stages: vec![self.stage(stage, methods)?],
             precision: self.precision,
             channels_last: !self.no_channels_last,
             batchnorm: self.batchnorm,

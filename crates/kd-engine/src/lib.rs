@@ -3,6 +3,7 @@
 //! never names a method.
 
 mod attack;
+mod ema;
 mod error;
 mod eval;
 pub mod folder;
@@ -16,13 +17,14 @@ pub mod saved;
 pub mod schedule;
 pub mod tensors;
 
+pub use ema::ema_update;
 pub use error::{EngineError, Result};
 pub use eval::accuracy;
 pub use observe::{EpochRecord, Observer, RunResult, Silent, StageResult};
-pub use optim::Optimizer;
+pub use optim::{Optimizer, takes_weight_decay};
 pub use plan::{
-    BatchNorm, DataPlan, DeviceChoice, LrSchedule, MethodPlan, ModelPlan, Paper, PaperEpoch, Part,
-    Plan, Precision, Sgd, StagePlan, Subject,
+    BatchNorm, DataPlan, DeviceChoice, EmaPlan, LrSchedule, MethodPlan, ModelPlan, OptimizerKind,
+    OptimizerPlan, Paper, PaperEpoch, Part, Plan, Precision, Sgd, StagePlan, Subject,
 };
 pub use run::{
     GraphStats, RunOptions, StepHarness, bench_plan, device, lockstep_key, run, run_group, validate,

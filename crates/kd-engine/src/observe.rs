@@ -31,6 +31,12 @@ pub struct EpochRecord {
     /// Test top-1 of the peer network in mutual learning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_top1: Option<f64>,
+    /// Test top-1 and top-5 of the stage's EMA network (`ema:`), beside
+    /// the raw network's (which alone selects the best epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_top1: Option<f64>,
+    #[serde(default, skip_serializing_if = "not_a_top5")]
+    pub ema_top5: Option<f64>,
 }
 
 // JSON has no NaN (serde_json writes null, which does not read back as a

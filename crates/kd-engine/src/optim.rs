@@ -1,20 +1,34 @@
-//! SGD with PyTorch's update rule. Our own, rather than `tch::nn::Optimizer`,
-//! because a resumed run must restore the momentum buffers exactly and tch's
-//! optimiser does not expose them. The update itself is PyTorch's
-//! multi-tensor SGD (`kd_aten::sgd_foreach`): the same ATen calls, so the
-//! same numbers, and on CUDA a handful of kernels for the whole network.
+//! The stage optimiser: SGD, AdamW or LAMB with PyTorch's (and timm's)
+//! update rules. Our own, rather than `tch::nn::Optimizer`, because a
+//! resumed run must restore the optimiser state exactly and tch's optimiser
+//! does not expose it. The updates are PyTorch's multi-tensor ones
+//! (`kd_aten::sgd_foreach`, `kd_aten::adamw_foreach`; LAMB is timm's
+//! single-tensor update, `kd_aten::lamb`): the same ATen calls, so the same
+//! numbers, and on CUDA a handful of kernels for the whole network.
+//!
+//! Parameters fall into timm's two groups when `no_decay_1d` is set: no
+//! weight decay for those of at most one dimension, names ending in
+//! `.bias`, and a ViT's `pos_embed`, `cls_token`, `dist_token`.
 
 use tch::Tensor;
 
 use crate::Result;
-use crate::plan::Sgd;
+use crate::plan::{OptimizerKind, OptimizerPlan};
 
 pub struct Optimizer {
-    cfg: Sgd,
+    cfg: OptimizerPlan,
+    /// Clip the gradients' global 2-norm to this before the update.
+    clip: Option<f64>,
     names: Vec<String>,
     params: Vec<Tensor>,
-    /// Momentum buffers, zero until the first update.
-    bufs: Vec<Tensor>,
+    /// Whether each parameter takes weight decay (its group's).
+    decays: Vec<bool>,
+    /// Each parameter's state, zero until its first update: SGD
+    /// `[momentum]`, AdamW `[exp_avg, exp_avg_sq, step]` (`step` a 0-d
+    /// fp32 tensor on the CPU, as torch's), LAMB `[exp_avg, exp_avg_sq]`.
+    slots: Vec<Vec<Tensor>>,
+    /// LAMB's step count (timm's `group['step']`), 0-d fp32 on the CPU.
+    lamb_step: Option<Tensor>,
     scale: Option<LossScale>,
 }
 
@@ -31,21 +45,74 @@ struct LossScale {
 /// Checkpoint names of the loss scale's state.
 const SCALE: &str = "loss_scale/scale";
 const GROWTH: &str = "loss_scale/growth";
+/// Checkpoint name of LAMB's step count.
+const LAMB_STEP: &str = "lamb/step";
+
+/// Names timm's `VisionTransformer.no_weight_decay()` lists.
+const NO_DECAY_NAMES: [&str; 3] = ["pos_embed", "cls_token", "dist_token"];
+
+/// Whether parameter `name` (shape `t`) takes weight decay under `cfg`:
+/// timm's `param_groups_weight_decay` when `no_decay_1d` is set (names are
+/// matched on their last component, whatever module holds them).
+pub fn takes_weight_decay(cfg: &OptimizerPlan, name: &str, t: &Tensor) -> bool {
+    if !cfg.no_decay_1d {
+        return true;
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    !(t.dim() <= 1 || name.ends_with(".bias") || NO_DECAY_NAMES.contains(&last))
+}
+
+/// The names of a kind's per-parameter state slots; SGD's one slot is the
+/// parameter's own name in checkpoints (as before there was a choice).
+fn slot_names(kind: OptimizerKind) -> &'static [&'static str] {
+    match kind {
+        OptimizerKind::Sgd => &["momentum_buffer"],
+        OptimizerKind::Adamw => &["exp_avg", "exp_avg_sq", "step"],
+        OptimizerKind::Lamb => &["exp_avg", "exp_avg_sq"],
+    }
+}
+
+fn step_tensor() -> Tensor {
+    Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu))
+}
 
 impl Optimizer {
-    pub fn new(cfg: Sgd, params: Vec<(String, Tensor)>) -> Optimizer {
+    pub fn new(cfg: OptimizerPlan, params: Vec<(String, Tensor)>) -> Optimizer {
         let (names, params): (Vec<String>, Vec<Tensor>) = params
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .unzip();
-        let bufs = params.iter().map(Tensor::zeros_like).collect();
+        let decays = names
+            .iter()
+            .zip(&params)
+            .map(|(n, p)| takes_weight_decay(&cfg, n, p))
+            .collect();
+        let slots = params
+            .iter()
+            .map(|p| match cfg.kind {
+                OptimizerKind::Sgd => vec![p.zeros_like()],
+                OptimizerKind::Adamw => vec![p.zeros_like(), p.zeros_like(), step_tensor()],
+                OptimizerKind::Lamb => vec![p.zeros_like(), p.zeros_like()],
+            })
+            .collect();
+        let lamb_step = (cfg.kind == OptimizerKind::Lamb).then(step_tensor);
         Optimizer {
             cfg,
+            clip: None,
             names,
             params,
-            bufs,
+            decays,
+            slots,
+            lamb_step,
             scale: None,
         }
+    }
+
+    /// Clips the gradients' global 2-norm to `max_norm` before each update
+    /// (`torch.nn.utils.clip_grad_norm_`), after unscaling them.
+    pub fn with_clip(mut self, max_norm: Option<f64>) -> Optimizer {
+        self.clip = max_norm;
+        self
     }
 
     /// Adds fp16's dynamic loss scale: `backward` scales the loss, `step`
@@ -56,6 +123,10 @@ impl Optimizer {
             growth: Tensor::zeros([1], (tch::Kind::Int, device)),
         });
         self
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        self.cfg.kind
     }
 
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
@@ -107,34 +178,135 @@ impl Optimizer {
         Ok(kd_aten::grads_to_none(&self.params)?)
     }
 
-    /// `d = g + wd·p; buf = m·buf + d; d = nesterov ? d + m·buf : buf;
-    /// p -= lr·d`, over the parameters that received a gradient.
+    /// One update at learning rate `lr` of the parameters that received a
+    /// gradient: unscaled (fp16), clipped (`clip_grad`), then SGD
+    /// (`d = g + wd·p; buf = m·buf + d; d = nesterov ? d + m·buf : buf;
+    /// p -= lr·d`), AdamW or LAMB, each parameter with its group's decay.
     pub fn step(&mut self, lr: f64) -> Result<()> {
         if self.overflowed() {
             return Ok(());
         }
-        let mut live = (Vec::new(), Vec::new(), Vec::new());
-        for (p, b) in self.params.iter().zip(&self.bufs) {
-            let g = p.grad();
-            if g.defined() {
-                live.0.push(p.shallow_clone());
-                live.1.push(g);
-                live.2.push(b.shallow_clone());
+        let live: Vec<(usize, Tensor)> = self
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.grad()))
+            .filter(|(_, g)| g.defined())
+            .collect();
+        if let Some(max) = self.clip {
+            let grads: Vec<Tensor> = live.iter().map(|(_, g)| g.shallow_clone()).collect();
+            let _total_norm = kd_aten::clip_grad_norm(&grads, max)?;
+        }
+        let cfg = self.cfg.clone();
+        let [beta1, beta2] = cfg.betas;
+        match cfg.kind {
+            OptimizerKind::Sgd => {
+                for decay in [false, true] {
+                    let (p, g, s) = self.group(&live, decay, 1);
+                    if p.is_empty() {
+                        continue;
+                    }
+                    let step = kd_aten::SgdStep {
+                        lr,
+                        momentum: cfg.momentum,
+                        weight_decay: if decay { cfg.weight_decay } else { 0.0 },
+                        nesterov: cfg.nesterov,
+                    };
+                    kd_aten::sgd_foreach(&p, &g, &s[0], step)?;
+                }
+            }
+            OptimizerKind::Adamw => {
+                for decay in [false, true] {
+                    let (p, g, s) = self.group(&live, decay, 3);
+                    if p.is_empty() {
+                        continue;
+                    }
+                    // torch's `state_steps`, fp32, incremented first.
+                    let steps: Vec<f64> = s[2]
+                        .iter()
+                        .map(|t| {
+                            let mut t = t.shallow_clone();
+                            let _ = t.g_add_scalar_(1.0);
+                            t.double_value(&[])
+                        })
+                        .collect();
+                    let h = kd_aten::AdamwStep {
+                        lr,
+                        beta1,
+                        beta2,
+                        weight_decay: if decay { cfg.weight_decay } else { 0.0 },
+                        eps: cfg.eps,
+                    };
+                    kd_aten::adamw_foreach(&p, &g, &s[0], &s[1], &steps, h)?;
+                }
+            }
+            OptimizerKind::Lamb => {
+                let step = match &mut self.lamb_step {
+                    Some(t) => {
+                        let _ = t.g_add_scalar_(1.0);
+                        t.double_value(&[])
+                    }
+                    None => 1.0,
+                };
+                let idx: Vec<usize> = live.iter().map(|(i, _)| *i).collect();
+                let p: Vec<Tensor> = idx
+                    .iter()
+                    .map(|&i| self.params[i].shallow_clone())
+                    .collect();
+                let g: Vec<Tensor> = live.iter().map(|(_, g)| g.shallow_clone()).collect();
+                let m: Vec<Tensor> = idx
+                    .iter()
+                    .map(|&i| self.slots[i][0].shallow_clone())
+                    .collect();
+                let v: Vec<Tensor> = idx
+                    .iter()
+                    .map(|&i| self.slots[i][1].shallow_clone())
+                    .collect();
+                let wds: Vec<f64> = idx
+                    .iter()
+                    .map(|&i| {
+                        if self.decays[i] {
+                            cfg.weight_decay
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let h = kd_aten::LambStep {
+                    step,
+                    lr,
+                    beta1,
+                    beta2,
+                    eps: cfg.eps,
+                    max_grad_norm: cfg.max_grad_norm,
+                    trust_clip: cfg.trust_clip,
+                    always_adapt: cfg.always_adapt,
+                };
+                kd_aten::lamb(&p, &g, &m, &v, &wds, h)?;
             }
         }
-        let Sgd {
-            momentum,
-            nesterov,
-            weight_decay,
-            ..
-        } = self.cfg;
-        let step = kd_aten::SgdStep {
-            lr,
-            momentum,
-            weight_decay,
-            nesterov,
-        };
-        Ok(kd_aten::sgd_foreach(&live.0, &live.1, &live.2, step)?)
+        Ok(())
+    }
+
+    /// The live parameters of one weight-decay group: parameters, gradients
+    /// and the first `n` state slots, each a list.
+    fn group(
+        &self,
+        live: &[(usize, Tensor)],
+        decay: bool,
+        n: usize,
+    ) -> (Vec<Tensor>, Vec<Tensor>, Vec<Vec<Tensor>>) {
+        let mut p = Vec::new();
+        let mut g = Vec::new();
+        let mut s: Vec<Vec<Tensor>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, grad) in live.iter().filter(|(i, _)| self.decays[*i] == decay) {
+            p.push(self.params[*i].shallow_clone());
+            g.push(grad.shallow_clone());
+            for (k, list) in s.iter_mut().enumerate() {
+                list.push(self.slots[*i][k].shallow_clone());
+            }
+        }
+        (p, g, s)
     }
 
     /// With a loss scale: unscales the gradients in place, updates the
@@ -158,28 +330,55 @@ impl Optimizer {
         found.double_value(&[0]) > 0.0
     }
 
-    /// Momentum buffers by parameter name (and the loss scale), for checkpoints.
-    pub fn state(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+    /// The optimiser's whole state by checkpoint name: each parameter's
+    /// slots (`momentum`), LAMB's step and the loss scale.
+    pub fn state(&self) -> impl Iterator<Item = (String, &Tensor)> {
         let scale = self
             .scale
             .iter()
             .flat_map(|s| [(SCALE, &s.scale), (GROWTH, &s.growth)]);
-        self.momentum().chain(scale)
+        let lamb = self.lamb_step.iter().map(|t| (LAMB_STEP, t));
+        self.momentum()
+            .chain(lamb.chain(scale).map(|(n, t)| (n.to_string(), t)))
     }
 
-    /// Momentum buffers by parameter name.
-    pub fn momentum(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.names.iter().map(String::as_str).zip(&self.bufs)
+    /// Each parameter's state by name: SGD's momentum buffer under the
+    /// parameter's name, the others' slots as `<parameter>:<slot>`.
+    pub fn momentum(&self) -> impl Iterator<Item = (String, &Tensor)> {
+        let kind = self.cfg.kind;
+        self.names
+            .iter()
+            .zip(&self.slots)
+            .flat_map(move |(n, slots)| {
+                slot_names(kind)
+                    .iter()
+                    .zip(slots)
+                    .map(move |(slot, t)| match kind {
+                        OptimizerKind::Sgd => (n.clone(), t),
+                        _ => (format!("{n}:{slot}"), t),
+                    })
+            })
     }
 
+    /// A state tensor by the name `state` gives it.
     pub fn buffer_mut(&mut self, name: &str) -> Option<&mut Tensor> {
         match (name, &mut self.scale) {
             (SCALE, Some(s)) => return Some(&mut s.scale),
             (GROWTH, Some(s)) => return Some(&mut s.growth),
             _ => {}
         }
-        let i = self.names.iter().position(|n| n == name)?;
-        Some(&mut self.bufs[i])
+        if name == LAMB_STEP {
+            return self.lamb_step.as_mut();
+        }
+        let (param, k) = match self.cfg.kind {
+            OptimizerKind::Sgd => (name, 0),
+            kind => {
+                let (param, slot) = name.rsplit_once(':')?;
+                (param, slot_names(kind).iter().position(|s| *s == slot)?)
+            }
+        };
+        let i = self.names.iter().position(|n| n == param)?;
+        self.slots[i].get_mut(k)
     }
 }
 
@@ -188,6 +387,7 @@ mod tests {
     use tch::Kind;
 
     use super::*;
+    use crate::plan::Sgd;
 
     /// The scaled backward's gradients come back unscaled; an overflowing
     /// step is skipped and halves the scale.
@@ -198,6 +398,7 @@ mod tests {
             momentum: 0.0,
             nesterov: false,
             weight_decay: 0.0,
+            ..Default::default()
         };
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let mut opt = Optimizer::new(cfg, vec![("p".into(), p.shallow_clone())])
@@ -218,7 +419,7 @@ mod tests {
         );
         let scale: Vec<f32> = opt
             .state()
-            .filter(|(n, _)| *n == SCALE)
+            .filter(|(n, _)| n == SCALE)
             .map(|(_, t)| t.double_value(&[0]) as f32)
             .collect();
         assert_eq!(scale, [32768.0]);
@@ -233,6 +434,7 @@ mod tests {
                 momentum: 0.9,
                 nesterov,
                 weight_decay: 0.01,
+                ..Default::default()
             };
             let p = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
             let mut opt = Optimizer::new(cfg.clone(), vec![("p".into(), p.shallow_clone())]);

@@ -278,6 +278,15 @@ pub struct StagePlan {
     pub optimizer: Sgd,
     #[serde(default)]
     pub lr_schedule: LrSchedule,
+    /// Clip the gradients' global 2-norm to this before each update
+    /// (`torch.nn.utils.clip_grad_norm_`), after data-parallel averaging
+    /// and loss-scale unscaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad: Option<f64>,
+    /// Keep an exponential moving average of the network this stage trains
+    /// (timm's ModelEmaV3), evaluated beside it every epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<EmaPlan>,
     /// Continue the previous stage's optimiser instead of a fresh one: the
     /// momentum buffers of the parameters both stages train carry over, as
     /// when one `torch.optim.SGD` serves both (KD-Zoo's AB and FSP). The
@@ -341,24 +350,314 @@ impl MethodPlan {
     }
 }
 
-/// SGD with PyTorch's semantics (weight decay added to the gradient,
-/// momentum buffer, optional Nesterov).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Sgd {
+/// A stage's optimiser: `kind` (`sgd` when absent, so plans written
+/// before there was a choice read as they did) and its settings. Each kind
+/// reads only its own keys (an unknown one is refused, naming the valid
+/// ones) and fills the others with its defaults:
+///
+/// - `sgd`: `torch.optim.SGD` (weight decay added to the gradient,
+///   momentum buffer, optional Nesterov); lr 0.05, momentum 0.9, weight
+///   decay 5e-4.
+/// - `adamw`: `torch.optim.AdamW` (decoupled weight decay); lr 1e-3,
+///   betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+/// - `lamb`: `timm.optim.Lamb` (Adam moments, coupled weight decay, the
+///   layer-wise trust ratio, the global gradient norm clipped to
+///   `max_grad_norm` inside); lr 1e-3, betas (0.9, 0.999), eps 1e-6, weight
+///   decay 0.01, max_grad_norm 1.
+///
+/// `no_decay_1d` (every kind): no weight decay on parameters of at most one
+/// dimension (norm weights, biases), on names ending in `.bias`, and on
+/// `pos_embed`, `cls_token` and `dist_token` (a ViT's `no_weight_decay()`),
+/// as timm's `param_groups_weight_decay`. Off by default for `sgd` (today's
+/// numbers), on for `adamw` and `lamb` (what timm does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerPlan {
+    pub kind: OptimizerKind,
     pub lr: f64,
+    /// SGD only.
     pub momentum: f64,
+    /// SGD only.
     pub nesterov: bool,
     pub weight_decay: f64,
+    /// AdamW and LAMB.
+    pub betas: [f64; 2],
+    /// AdamW and LAMB.
+    pub eps: f64,
+    pub no_decay_1d: bool,
+    /// LAMB only: the global gradient norm is clipped to this inside the
+    /// update (timm's `max_grad_norm`; `None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// LAMB only: trust ratio clipped at 1 (LAMBC).
+    pub trust_clip: bool,
+    /// LAMB only: the trust ratio also for parameters without weight decay.
+    pub always_adapt: bool,
 }
 
-impl Default for Sgd {
+/// The stage optimiser's settings; `kind` says which optimiser.
+pub type Sgd = OptimizerPlan;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    Sgd,
+    Adamw,
+    Lamb,
+}
+
+impl OptimizerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Lamb => "lamb",
+        }
+    }
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adamw" => Ok(OptimizerKind::Adamw),
+            "lamb" => Ok(OptimizerKind::Lamb),
+            other => Err(format!(
+                "unknown optimizer `{other}`; valid: sgd, adamw, lamb"
+            )),
+        }
+    }
+}
+
+impl Default for OptimizerPlan {
     fn default() -> Self {
-        Sgd {
-            lr: 0.05,
-            momentum: 0.9,
+        OptimizerPlan::of(OptimizerKind::Sgd)
+    }
+}
+
+impl OptimizerPlan {
+    /// The defaults of `kind` (PyTorch's and timm's, SGD's kd's own).
+    pub fn of(kind: OptimizerKind) -> Self {
+        let base = OptimizerPlan {
+            kind,
+            lr: 1e-3,
+            momentum: 0.0,
             nesterov: false,
-            weight_decay: 5e-4,
+            weight_decay: 0.01,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            no_decay_1d: true,
+            max_grad_norm: None,
+            trust_clip: false,
+            always_adapt: false,
+        };
+        match kind {
+            OptimizerKind::Sgd => OptimizerPlan {
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                no_decay_1d: false,
+                ..base
+            },
+            OptimizerKind::Adamw => base,
+            OptimizerKind::Lamb => OptimizerPlan {
+                eps: 1e-6,
+                max_grad_norm: Some(1.0),
+                ..base
+            },
+        }
+    }
+}
+
+/// What each kind reads and writes, with its defaults.
+#[derive(Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct SgdKeys {
+    lr: f64,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+    #[serde(skip_serializing_if = "is_false")]
+    no_decay_1d: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AdamwKeys {
+    lr: f64,
+    betas: [f64; 2],
+    eps: f64,
+    weight_decay: f64,
+    no_decay_1d: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LambKeys {
+    lr: f64,
+    betas: [f64; 2],
+    eps: f64,
+    weight_decay: f64,
+    no_decay_1d: bool,
+    max_grad_norm: Option<f64>,
+    trust_clip: bool,
+    always_adapt: bool,
+}
+
+macro_rules! keys_default {
+    ($t:ident, $kind:expr, $($f:ident),*) => {
+        impl Default for $t {
+            fn default() -> Self {
+                OptimizerPlan::of($kind).into()
+            }
+        }
+        impl From<OptimizerPlan> for $t {
+            fn from(o: OptimizerPlan) -> Self {
+                $t { $($f: o.$f),* }
+            }
+        }
+        impl $t {
+            fn plan(self) -> OptimizerPlan {
+                OptimizerPlan { $($f: self.$f,)* ..OptimizerPlan::of($kind) }
+            }
+        }
+    };
+}
+keys_default!(
+    SgdKeys,
+    OptimizerKind::Sgd,
+    lr,
+    momentum,
+    nesterov,
+    weight_decay,
+    no_decay_1d
+);
+keys_default!(
+    AdamwKeys,
+    OptimizerKind::Adamw,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    no_decay_1d
+);
+keys_default!(
+    LambKeys,
+    OptimizerKind::Lamb,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    no_decay_1d,
+    max_grad_norm,
+    trust_clip,
+    always_adapt
+);
+
+impl Serialize for OptimizerPlan {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let keys = match self.kind {
+            // As before there was a choice: no `kind` for SGD.
+            OptimizerKind::Sgd => serde_json::to_value(SgdKeys::from(self.clone())),
+            OptimizerKind::Adamw => serde_json::to_value(AdamwKeys::from(self.clone())),
+            OptimizerKind::Lamb => serde_json::to_value(LambKeys::from(self.clone())),
+        };
+        let mut map = match keys.map_err(S::Error::custom)? {
+            serde_json::Value::Object(m) => m,
+            _ => return Err(S::Error::custom("optimizer keys are a map")),
+        };
+        if self.kind != OptimizerKind::Sgd {
+            map.insert("kind".into(), self.kind.name().into());
+        }
+        // `kind` first, for the reader.
+        let mut out = serde_json::Map::new();
+        if let Some(k) = map.remove("kind") {
+            out.insert("kind".into(), k);
+        }
+        out.extend(map);
+        serde_json::Value::Object(out).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OptimizerPlan {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut map = match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "optimizer: expected a map of settings, got {other}"
+                )));
+            }
+        };
+        let kind = match map.remove("kind") {
+            None => OptimizerKind::Sgd,
+            Some(serde_json::Value::String(k)) => k.parse().map_err(D::Error::custom)?,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "optimizer kind must be a string (sgd, adamw, lamb), got {other}"
+                )));
+            }
+        };
+        let v = serde_json::Value::Object(map);
+        let plan = match kind {
+            OptimizerKind::Sgd => serde_json::from_value::<SgdKeys>(v).map(SgdKeys::plan),
+            OptimizerKind::Adamw => serde_json::from_value::<AdamwKeys>(v).map(AdamwKeys::plan),
+            OptimizerKind::Lamb => serde_json::from_value::<LambKeys>(v).map(LambKeys::plan),
+        };
+        plan.map_err(|e| D::Error::custom(format!("{} optimizer: {e}", kind.name())))
+    }
+}
+
+/// An exponential moving average of the stage's network, as timm's
+/// `ModelEmaV3` updated with `step` = the number of optimiser updates so
+/// far in the stage: `decay` is 0 (a copy) until `update_after_step`
+/// updates have passed; then `decay`, or with `warmup`
+/// `clamp(1 - (1 + k / warmup_gamma)^-warmup_power, min_decay, decay)` at
+/// the k-th update after that. Parameters and floating-point buffers are
+/// lerped towards the network's (buffers copied with `exclude_buffers`),
+/// integer buffers copied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaPlan {
+    pub decay: f64,
+    pub min_decay: f64,
+    pub update_after_step: u64,
+    pub warmup: bool,
+    pub warmup_gamma: f64,
+    pub warmup_power: f64,
+    pub exclude_buffers: bool,
+}
+
+impl Default for EmaPlan {
+    fn default() -> Self {
+        EmaPlan {
+            decay: 0.9998,
+            min_decay: 0.0,
+            update_after_step: 0,
+            warmup: false,
+            warmup_gamma: 1.0,
+            warmup_power: 2.0 / 3.0,
+            exclude_buffers: false,
+        }
+    }
+}
+
+impl EmaPlan {
+    /// The decay of the update made after `step` optimiser updates
+    /// (timm's `ModelEmaV3.get_decay(step)`).
+    pub fn decay_at(&self, step: u64) -> f64 {
+        let k = step.saturating_sub(self.update_after_step + 1);
+        if k == 0 {
+            return 0.0;
+        }
+        if self.warmup {
+            let d = 1.0 - (1.0 + k as f64 / self.warmup_gamma).powf(-self.warmup_power);
+            d.min(self.decay).max(self.min_decay)
+        } else {
+            self.decay
         }
     }
 }

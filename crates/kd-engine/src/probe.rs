@@ -528,6 +528,8 @@ fn step_of_fixture(path: &Path, registry: &Registry) -> Result<TensorFile> {
         optimizer: Default::default(),
         lr_schedule: Default::default(),
         keep_optimizer: false,
+        clip_grad: None,
+        ema: None,
     };
     let batch = kd_data::Batch {
         images: input.to_kind(Kind::Float),

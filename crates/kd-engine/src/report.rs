@@ -393,6 +393,8 @@ mod tests {
             optimizer: Default::default(),
             lr_schedule: Default::default(),
             keep_optimizer: false,
+            clip_grad: None,
+            ema: None,
         };
         stage.optimizer.lr = lr;
         let plan = Plan {

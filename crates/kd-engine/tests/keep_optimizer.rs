@@ -37,9 +37,12 @@ fn stage(name: &str, epochs: usize, subject: Subject, keep: bool) -> StagePlan {
             momentum: 0.9,
             nesterov: false,
             weight_decay: 5e-4,
+            ..Default::default()
         },
         lr_schedule: Default::default(),
         keep_optimizer: keep,
+        clip_grad: None,
+        ema: None,
     }
 }
 

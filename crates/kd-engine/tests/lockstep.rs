@@ -69,6 +69,8 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
             optimizer: Default::default(),
             lr_schedule: Default::default(),
             keep_optimizer: false,
+            clip_grad: None,
+            ema: None,
         }],
         precision: Default::default(),
         channels_last: true,

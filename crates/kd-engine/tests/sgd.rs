@@ -38,6 +38,7 @@ fn trajectories_equal_pytorch_sgd_bit_for_bit() {
             momentum: case.momentum,
             nesterov: case.nesterov,
             weight_decay: case.weight_decay,
+            ..Default::default()
         };
         let named = params
             .iter()

@@ -28,6 +28,8 @@ fn stage(name: &str, subject: Subject, methods: Vec<MethodPlan>) -> StagePlan {
         optimizer: Default::default(),
         lr_schedule: Default::default(),
         keep_optimizer: false,
+        clip_grad: None,
+        ema: None,
     }
 }
 

@@ -77,6 +77,8 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) methods: &'a [Active],
     pub(crate) peers: &'a [Active],
     pub(crate) opt: Option<&'a Optimizer>,
+    /// The stage's EMA network (`ema.<var>`).
+    pub(crate) ema: Option<&'a Net>,
     pub(crate) carry: &'a Carry,
     pub(crate) momentum: &'a Momentum,
     pub(crate) meta: &'a Resume,
@@ -90,6 +92,7 @@ pub(crate) fn write_checkpoint(path: &Path, snap: &Snapshot) -> Result<()> {
         methods,
         peers,
         opt,
+        ema,
         carry,
         momentum,
         meta,
@@ -109,6 +112,9 @@ pub(crate) fn write_checkpoint(path: &Path, snap: &Snapshot) -> Result<()> {
     }
     for (i, a) in peers.iter().enumerate() {
         add(format!("peermethod.{i}."), &a.vs);
+    }
+    if let Some(e) = ema {
+        add("ema.".into(), &e.vs);
     }
     if let Some(opt) = opt {
         for (n, b) in opt.state() {

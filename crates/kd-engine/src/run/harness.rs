@@ -64,6 +64,8 @@ pub fn bench_plan(
             optimizer: Default::default(),
             lr_schedule: Default::default(),
             keep_optimizer: false,
+            clip_grad: None,
+            ema: None,
         }],
         precision: Precision::Fp32,
         channels_last: true,

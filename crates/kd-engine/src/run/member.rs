@@ -276,6 +276,10 @@ impl<'a, 'o> Member<'a, 'o> {
         let out = run
             .prep
             .train_step(net, other, &self.exec, batch, progress, shared, lr)?;
+        if let Some(ema) = &run.ema {
+            // timm's `model_ema.update(model, step=num_updates)`.
+            ema.update(net, progress.global_step as u64 + 1)?;
+        }
         e.pending.push(b, lr, out);
         e.lr = lr;
         let every = if self.opts.log_every > 0 {
@@ -356,7 +360,9 @@ impl Member<'_, '_> {
             eval::accuracy(net.model.as_ref(), data, bs, device)
         };
         let mutual = self.stage.as_ref().is_some_and(|s| s.prep.mutual);
+        let ema = self.stage.as_ref().and_then(|s| s.ema.as_ref());
         Ok(Accuracy {
+            ema: ema.map(|e| acc(&e.net, &splits.test)).transpose()?,
             test: acc(net, &splits.test)?,
             val: splits.val.as_ref().map(|v| acc(net, v)).transpose()?,
             peer_top1: other
@@ -388,6 +394,10 @@ impl Member<'_, '_> {
             }
             for a in run.prep.methods.iter().chain(&run.prep.peers) {
                 sync_bn_stats(&a.vs)?;
+            }
+            // Lerped from each rank's own running statistics.
+            if let Some(e) = &run.ema {
+                sync_bn_stats(&e.net.vs)?;
             }
         }
         let acc = self.evaluate(splits)?;
@@ -433,6 +443,8 @@ impl Member<'_, '_> {
             images_per_sec: ips,
             best_top1: run.best_top1,
             peer_top1: acc.peer_top1,
+            ema_top1: acc.ema.map(|a| a.0),
+            ema_top5: acc.ema.map(|a| a.1),
         };
         run.history.push(record.clone());
         // Data-parallel: the network and every method's state (memory banks
@@ -486,6 +498,7 @@ impl Member<'_, '_> {
             methods: &p.methods,
             peers: &p.peers,
             opt: Some(&p.opt),
+            ema: run.ema.as_ref().map(|e| &e.net),
             carry: &self.carry,
             momentum: &self.momentum,
             meta: &meta,
@@ -511,6 +524,15 @@ impl Member<'_, '_> {
             .with_file_name(format!("{}.best.safetensors", stage.name));
         if kd_dist::is_main() {
             net.save(&last_path)?;
+        }
+        if let Some(e) = &run.ema {
+            let path = self
+                .ckpt
+                .with_file_name(format!("{}.ema.safetensors", stage.name));
+            if kd_dist::is_main() {
+                e.net.save(&path)?;
+            }
+            self.opts.observer.artifact(&path);
         }
         if let Some(g) = &run.prep.graph {
             // How many steps the CUDA graph replayed, for the run's record.
@@ -570,6 +592,8 @@ impl Member<'_, '_> {
 /// Top-1 and top-5 (%) on the test split, and on the validation split if any.
 struct Accuracy {
     test: (f64, f64),
+    /// The stage's EMA network on the test split.
+    ema: Option<(f64, f64)>,
     val: Option<(f64, f64)>,
     peer_top1: Option<f64>,
 }

@@ -12,6 +12,7 @@
 
 mod checkpoint;
 mod draws;
+mod ema;
 mod graph;
 mod group;
 mod harness;

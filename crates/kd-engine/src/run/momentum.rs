@@ -14,7 +14,7 @@ use tch::Tensor;
 
 use super::methods::Active;
 use super::prepare::Prepared;
-use crate::plan::{StagePlan, Subject};
+use crate::plan::{OptimizerKind, StagePlan, Subject};
 use crate::{EngineError, Result};
 
 pub(crate) type Momentum = BTreeMap<String, Tensor>;
@@ -55,9 +55,7 @@ pub(crate) fn resume_momentum(
     let keys: Vec<(String, String)> = prep
         .opt
         .momentum()
-        .filter_map(|(n, _)| {
-            owner_key(n, subject, &prep.methods, &prep.peers).map(|k| (n.to_string(), k))
-        })
+        .filter_map(|(n, _)| owner_key(&n, subject, &prep.methods, &prep.peers).map(|k| (n, k)))
         .collect();
     for (name, key) in keys {
         let (Some(saved), Some(buf)) = (carried.get(&key), prep.opt.buffer_mut(&name)) else {
@@ -90,19 +88,34 @@ pub(crate) fn hand_on(
         carried.clear();
     }
     for (n, buf) in prep.opt.momentum() {
-        if let Some(key) = owner_key(n, stage.subject, &prep.methods, &prep.peers) {
+        if let Some(key) = owner_key(&n, stage.subject, &prep.methods, &prep.peers) {
             carried.insert(key, buf.shallow_clone());
         }
     }
 }
 
-/// A stage that keeps the optimiser needs a stage before it.
+/// A stage that keeps the optimiser needs a stage before it with an
+/// optimiser of the same kind (SGD or AdamW: LAMB's step count is its
+/// group's, which a stage does not hand on).
 pub(crate) fn check_keep(stages: &[StagePlan]) -> Result<()> {
-    match stages.first() {
-        Some(s) if s.keep_optimizer => Err(EngineError::Plan(format!(
+    if let Some(s) = stages.first().filter(|s| s.keep_optimizer) {
+        return Err(EngineError::Plan(format!(
             "stage `{}` keeps the optimiser of the stage before it, but it is the first stage",
             s.name
-        ))),
-        _ => Ok(()),
+        )));
     }
+    for w in stages.windows(2) {
+        let (before, s) = (&w[0], &w[1]);
+        let (a, b) = (before.optimizer.kind, s.optimizer.kind);
+        if s.keep_optimizer && (a != b || b == OptimizerKind::Lamb) {
+            return Err(EngineError::Plan(format!(
+                "stage `{}` keeps the optimiser of stage `{}`, but it is {} there and {} here; a kept optimiser is sgd or adamw in both stages",
+                s.name,
+                before.name,
+                a.name(),
+                b.name()
+            )));
+        }
+    }
+    Ok(())
 }

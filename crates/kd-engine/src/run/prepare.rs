@@ -177,7 +177,7 @@ pub(crate) fn prepare_stage(
             }
         }
     }
-    let mut opt = Optimizer::new(stage.optimizer.clone(), params);
+    let mut opt = Optimizer::new(stage.optimizer.clone(), params).with_clip(stage.clip_grad);
     if exec.precision == Precision::Fp16 {
         opt = opt.with_loss_scale(exec.device);
     }
@@ -243,6 +243,15 @@ pub(crate) fn prepare(
     )?;
     if let Some(backend) = cx.exec.graph {
         graph::check(&prep.needs)?;
+        // AdamW's and LAMB's bias corrections change every step: a
+        // captured update would replay the first one's.
+        if stage.optimizer.kind != crate::plan::OptimizerKind::Sgd {
+            return Err(EngineError::Plan(format!(
+                "stage `{}`: cuda_graph captures SGD updates only, not {} (its bias correction changes every step); drop cuda_graph",
+                stage.name,
+                stage.optimizer.kind.name()
+            )));
+        }
         prep.graph = Some(StepGraph::new(backend, cx.plan.data.batch_size));
     }
     let contrast = prep.needs.contrast.as_ref().map(|c| (c.k, c.other_classes));

@@ -7,9 +7,10 @@ use std::time::Instant;
 use kd_data::{Batch, Loader};
 
 use super::checkpoint::restore_stage;
+use super::ema::EmaNet;
 use super::member::Member;
 use super::momentum::resume_momentum;
-use super::nets::sync_from_main;
+use super::nets::{roles, sync_from_main};
 use super::pending::Pending;
 use super::prepare::{Prepared, StageCx, prepare};
 use super::step::{Share, teacher_share};
@@ -29,6 +30,8 @@ pub(crate) struct StageRun {
     /// Epochs of the run's earlier stages, for global epoch numbers.
     pub(crate) epochs_before: i64,
     pub(crate) epoch: Option<EpochState>,
+    /// The moving average of the stage's network (`ema:` in the plan).
+    pub(crate) ema: Option<EmaNet>,
 }
 
 /// The epoch in progress.
@@ -54,6 +57,20 @@ impl StageRun {
     /// inside it.
     pub(crate) fn begin(m: &mut Member, cx: &StageCx) -> Result<StageRun> {
         let stage = &cx.plan.stages[cx.si];
+        // Built before `prepare` seeds the stage's draws, which building
+        // a network would move on.
+        let ema = match &stage.ema {
+            Some(plan) => {
+                let arch = match stage.subject {
+                    Subject::Student => Some(&cx.plan.student),
+                    Subject::Teacher => cx.plan.teacher.as_ref(),
+                }
+                .map_or("", |m| m.arch.as_str());
+                let classes = cx.splits.train.num_classes;
+                Some(EmaNet::build(arch, classes, cx.exec, plan.clone())?)
+            }
+            None => None,
+        };
         let (mut prep, loader) = prepare(cx, stage, &mut m.student, m.teacher.as_mut(), &m.carry)?;
         if stage.keep_optimizer {
             resume_momentum(&mut prep, stage.subject, &m.momentum)?;
@@ -78,11 +95,19 @@ impl StageRun {
             first_epoch: 0,
             epochs_before: m.results.iter().map(|r| r.epochs.len() as i64).sum(),
             epoch: None,
+            ema,
         };
+        if let Some(e) = &run.ema {
+            let (net, _) = roles(stage.subject, &m.student, m.teacher.as_ref());
+            e.set(net)?;
+        }
         if let Some(r) = m.restored.take() {
             if r.meta.stage == cx.si {
                 let p = &mut run.prep;
                 restore_stage(&r.file, &m.ckpt, &p.methods, &p.peers, &mut p.opt)?;
+                if let Some(e) = &run.ema {
+                    e.restore(&r.file, &m.ckpt)?;
+                }
                 run.history = r.meta.history.clone();
                 run.best_top1 = r.meta.best_top1;
                 run.best_epoch = r.meta.best_epoch;

@@ -146,6 +146,51 @@ fn numbers(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// AdamW's and LAMB's settings, gradient clipping and the EMA.
+fn optimizer_numbers(stage: &StagePlan) -> Result<(), String> {
+    let o = &stage.optimizer;
+    if o.kind != crate::plan::OptimizerKind::Sgd {
+        let [b1, b2] = o.betas;
+        if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            return Err(format!(
+                "{} betas must each be in [0, 1), got [{b1}, {b2}]",
+                o.kind.name()
+            ));
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return Err(format!("eps must be a finite number > 0, got {}", o.eps));
+        }
+    }
+    if let Some(m) = o.max_grad_norm
+        && !(m.is_finite() && m > 0.0)
+    {
+        return Err(format!(
+            "max_grad_norm must be a finite number > 0, got {m}"
+        ));
+    }
+    if let Some(c) = stage.clip_grad
+        && !(c.is_finite() && c > 0.0)
+    {
+        return Err(format!("clip_grad must be a finite number > 0, got {c}"));
+    }
+    if let Some(e) = &stage.ema {
+        for (name, v) in [("decay", e.decay), ("min_decay", e.min_decay)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("ema {name} must be in [0, 1], got {v}"));
+            }
+        }
+        for (name, v) in [
+            ("warmup_gamma", e.warmup_gamma),
+            ("warmup_power", e.warmup_power),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("ema {name} must be a finite number > 0, got {v}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn stage_numbers(stage: &StagePlan) -> Result<(), String> {
     let o = &stage.optimizer;
     if !(o.lr.is_finite() && o.lr > 0.0) {
@@ -163,6 +208,7 @@ fn stage_numbers(stage: &StagePlan) -> Result<(), String> {
     if o.nesterov && o.momentum == 0.0 {
         return Err("nesterov needs a momentum > 0 (as in torch.optim.SGD)".into());
     }
+    optimizer_numbers(stage)?;
     match &stage.lr_schedule {
         LrSchedule::Multistep { milestones, gamma } => {
             if !(gamma.is_finite() && *gamma > 0.0) {

@@ -1,6 +1,6 @@
 //! Stages: epochs, methods, which parts train, optimiser and LR schedule.
 
-use kd_engine::{LrSchedule, MethodPlan, Part, Sgd, StagePlan, Subject};
+use kd_engine::{EmaPlan, LrSchedule, MethodPlan, Part, Sgd, StagePlan, Subject};
 use rhai::{Array, Dynamic, Engine, Map};
 
 use super::{Fallible, count, def, number, positive, typed};
@@ -16,6 +16,8 @@ fn stage(name: &str, epochs: i64, subject: Subject) -> Fallible<StagePlan> {
         optimizer: Sgd::default(),
         lr_schedule: LrSchedule::Constant,
         keep_optimizer: false,
+        clip_grad: None,
+        ema: None,
     })
 }
 
@@ -87,7 +89,48 @@ pub(super) fn register(e: &mut Engine) {
         &["stage: Stage", "config: Map", "Stage"],
         "SGD settings `#{lr, momentum, nesterov, weight_decay}`; missing keys keep\ntheir defaults (lr 0.05, momentum 0.9, no Nesterov, weight decay 5e-4).",
         |mut s: StagePlan, config: Map| -> Fallible<StagePlan> {
+            if config.contains_key("kind") {
+                return Err(user(
+                    "sgd: takes SGD settings, no `kind`; choose the optimiser with `.optimizer(#{kind: \"adamw\", ...})`".to_string(),
+                ));
+            }
             s.optimizer = typed::<Sgd>(&Dynamic::from_map(config), "sgd")?;
+            Ok(s)
+        },
+    );
+    def(
+        e,
+        "optimizer",
+        &["stage: Stage", "config: Map", "Stage"],
+        "The stage's optimiser: `#{kind, ...}` with kind \"sgd\" (the default;\nlr, momentum, nesterov, weight_decay, no_decay_1d), \"adamw\"\n(torch.optim.AdamW: lr 1e-3, betas [0.9, 0.999], eps 1e-8,\nweight_decay 0.01, no_decay_1d true) or \"lamb\" (timm's Lamb: eps 1e-6,\nmax_grad_norm 1, trust_clip, always_adapt); missing keys keep the\nkind's defaults. `no_decay_1d`: no weight decay on norm weights, biases,\npos_embed, cls_token, dist_token (timm's parameter groups).",
+        |mut s: StagePlan, config: Map| -> Fallible<StagePlan> {
+            s.optimizer = typed::<Sgd>(&Dynamic::from_map(config), "optimizer")?;
+            Ok(s)
+        },
+    );
+    def(
+        e,
+        "clip_grad",
+        &["stage: Stage", "max_norm: float", "Stage"],
+        "Clips the gradients' global 2-norm to `max_norm` before each update\n(torch.nn.utils.clip_grad_norm_), after data-parallel averaging.",
+        |mut s: StagePlan, max_norm: Dynamic| -> Fallible<StagePlan> {
+            let m = number(&max_norm, "clip_grad")?;
+            if !(m.is_finite() && m > 0.0) {
+                return Err(user(format!(
+                    "clip_grad must be a finite number > 0, got {m}"
+                )));
+            }
+            s.clip_grad = Some(m);
+            Ok(s)
+        },
+    );
+    def(
+        e,
+        "ema",
+        &["stage: Stage", "config: Map", "Stage"],
+        "Keeps an EMA of the trained network (timm's ModelEmaV3), evaluated\nbeside it each epoch and saved as `<stage>.ema.safetensors`:\n`#{decay, min_decay, update_after_step, warmup, warmup_gamma,\nwarmup_power, exclude_buffers}` (defaults 0.9998, 0, 0, false, 1, 2/3, false).",
+        |mut s: StagePlan, config: Map| -> Fallible<StagePlan> {
+            s.ema = Some(typed::<EmaPlan>(&Dynamic::from_map(config), "ema")?);
             Ok(s)
         },
     );
