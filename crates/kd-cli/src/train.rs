@@ -49,6 +49,35 @@ pub struct TrainArgs {
     /// best epoch when above 0).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub val_fraction: f64,
+    /// Mixup of every training batch with this Beta α (timm's `--mixup`;
+    /// 0: off). The teacher sees the mixed images too.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub mixup: f64,
+    /// CutMix with this Beta α (timm's `--cutmix`; 0: off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub cutmix: f64,
+    /// CutMix boxes with sides in `MIN,MAX` of the image's instead of
+    /// from λ (timm's `--cutmix-minmax`; turns CutMix on).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub cutmix_minmax: Option<Vec<f64>>,
+    /// Probability that a batch is mixed (timm's `--mixup-prob`).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub mixup_prob: f64,
+    /// Probability of CutMix rather than Mixup when both are on (timm's
+    /// `--mixup-switch-prob`).
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub mixup_switch_prob: f64,
+    /// RandomErasing of each training image with this probability (timm's
+    /// `--reprob`; 0: off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub reprob: f64,
+    /// What RandomErasing fills a box with: `pixel` (normal noise per
+    /// pixel), `rand` (per channel) or `const` (zeros) (timm's `--remode`).
+    #[arg(long, default_value = "pixel")]
+    pub remode: kd_data::EraseMode,
+    /// RandomErasing: at most this many boxes per image (timm's `--recount`).
+    #[arg(long, default_value_t = 1)]
+    pub recount: u32,
     /// Epochs of training.
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
@@ -333,6 +362,8 @@ impl TrainArgs {
             crop_padding: self.crop_padding,
             normalize: self.normalize,
             world_size: kd_dist::world_size(),
+            mixup: self.mixup_plan()?,
+            random_erasing: self.erasing_plan(),
             ..Default::default()
         };
         Ok(Plan {
@@ -348,6 +379,44 @@ impl TrainArgs {
             batchnorm: self.batchnorm,
             cuda_graph: self.cuda_graph,
             paper: None,
+        })
+    }
+}
+
+impl TrainArgs {
+    /// `--mixup`, `--cutmix`, `--cutmix-minmax`, `--mixup-prob`,
+    /// `--mixup-switch-prob` as timm's train.py reads them: mixing is on
+    /// when an α is above 0 or a minmax is given. Values are checked with
+    /// the plan.
+    fn mixup_plan(&self) -> Result<Option<kd_data::Mixup>> {
+        let minmax = match self.cutmix_minmax.as_deref() {
+            None => None,
+            Some(&[lo, hi]) => Some([lo, hi]),
+            Some(other) => bail!("--cutmix-minmax takes two numbers, MIN,MAX; got {other:?}"),
+        };
+        if self.mixup <= 0.0 && self.cutmix <= 0.0 && minmax.is_none() {
+            if self.mixup < 0.0 || self.cutmix < 0.0 {
+                bail!("--mixup and --cutmix take an α >= 0 (0: off)");
+            }
+            return Ok(None);
+        }
+        Ok(Some(kd_data::Mixup {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
+            cutmix_minmax: minmax,
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+            ..Default::default()
+        }))
+    }
+
+    /// `--reprob`, `--remode`, `--recount` (timm's names); off at 0.
+    fn erasing_plan(&self) -> Option<kd_data::RandomErasing> {
+        (self.reprob != 0.0).then(|| kd_data::RandomErasing {
+            prob: self.reprob,
+            mode: self.remode,
+            max_count: Some(self.recount),
+            ..Default::default()
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Data: which set, batch sizes, augmentation and the validation split.
 
-use kd_data::{CropPadding, DataSource, Normalize, SyntheticConfig};
+use kd_data::{CropPadding, DataSource, Mixup, Normalize, RandomErasing, SyntheticConfig};
 use kd_engine::DataPlan;
 use rhai::{Array, Dynamic, Engine, Map};
 
@@ -127,6 +127,31 @@ pub(super) fn register(e: &mut Engine) {
         "What fills the 4-pixel border of the random crop: `\"zero\"` (default;\nRepDistiller) or `\"reflect\"` (the image mirrored; KD-Zoo).",
         |mut d: DataPlan, mode: &str| -> Fallible<DataPlan> {
             d.crop_padding = mode.parse::<CropPadding>().map_err(user)?;
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "mixup",
+        &["data: Data", "config: Map", "Data"],
+        "timm's Mixup/CutMix of every training batch, mixed with itself reversed\n(one λ per batch; the teacher sees the mixed images, `ce` trains on the\nmixed labels): `#{mixup_alpha, cutmix_alpha, cutmix_minmax, prob,\nswitch_prob, mode, correct_lam}`, timm's defaults 1.0, 0.0, none, 1.0,\n0.5, \"batch\", true: `.mixup(#{mixup_alpha: 0.8, cutmix_alpha: 1.0})`.",
+        |mut d: DataPlan, config: Map| -> Fallible<DataPlan> {
+            let m: Mixup = typed(&Dynamic::from_map(config), "mixup")?;
+            let side = d.source.image_size();
+            m.check(side, side).map_err(user)?;
+            d.mixup = Some(m);
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "random_erasing",
+        &["data: Data", "config: Map", "Data"],
+        "timm's RandomErasing of every training image after normalisation:\n`#{prob, min_area, max_area, min_aspect, max_aspect, mode, min_count,\nmax_count}`, defaults 0.5, 0.02, 1/3, 0.3, 1/min_aspect, \"pixel\"\n(or \"rand\", \"const\"), 1, min_count: `.random_erasing(#{prob: 0.25})`.",
+        |mut d: DataPlan, config: Map| -> Fallible<DataPlan> {
+            let re: RandomErasing = typed(&Dynamic::from_map(config), "random_erasing")?;
+            re.check().map_err(user)?;
+            d.random_erasing = Some(re);
             Ok(d)
         },
     );
