@@ -607,7 +607,11 @@ impl<'de> Deserialize<'de> for OptimizerPlan {
             OptimizerKind::Adamw => serde_json::from_value::<AdamwKeys>(v).map(AdamwKeys::plan),
             OptimizerKind::Lamb => serde_json::from_value::<LambKeys>(v).map(LambKeys::plan),
         };
-        plan.map_err(|e| D::Error::custom(format!("{} optimizer: {e}", kind.name())))
+        // SGD's messages stay what they were before there was a choice.
+        plan.map_err(|e| match kind {
+            OptimizerKind::Sgd => D::Error::custom(e),
+            _ => D::Error::custom(format!("{} optimizer: {e}", kind.name())),
+        })
     }
 }
 
