@@ -15,7 +15,11 @@ use kd_tests::root;
 
 fn close(name: &str, got: &tch::Tensor, want: &tch::Tensor) -> Result<(), String> {
     if got.size() != want.size() {
-        return Err(format!("{name}: shape {:?} != timm's {:?}", got.size(), want.size()));
+        return Err(format!(
+            "{name}: shape {:?} != timm's {:?}",
+            got.size(),
+            want.size()
+        ));
     }
     let scale = want.abs().max().double_value(&[]).max(1e-6);
     let diff = (got - want).abs().max().double_value(&[]);
@@ -43,8 +47,18 @@ fn vits_give_timms_outputs() {
         let file = |kind: &str| dir.path().join(format!("{i}.{kind}.safetensors"));
         let out = file("kd");
         let args: Vec<String> = [
-            "kd", "probe", "model", name, "--weights", &s(&file("weights")), "--input",
-            &s(&file("input")), "--out", &s(&out), "--num-classes", "10",
+            "kd",
+            "probe",
+            "model",
+            name,
+            "--weights",
+            &s(&file("weights")),
+            "--input",
+            &s(&file("input")),
+            "--out",
+            &s(&out),
+            "--num-classes",
+            "10",
         ]
         .iter()
         .map(|a| a.to_string())

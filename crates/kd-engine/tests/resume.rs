@@ -183,3 +183,35 @@ fn resumed_bss_run_ends_with_the_same_student() {
         assert!(x.equal(y), "{name} differs after resume");
     }
 }
+
+/// A ViT student with stochastic depth: its drop-path coins come from
+/// torch's generator, which the engine seeds per step from the run's seed,
+/// stage, epoch and batch, so the resumed run (in a process whose generator
+/// was moved elsewhere) drops the same branches. With drop path on, the
+/// trained student differs from one without it: the coins matter.
+#[test]
+fn resumed_vit_with_drop_path_ends_with_the_same_student() {
+    let data = SyntheticConfig {
+        train_size: 64,
+        test_size: 16,
+        ..Default::default()
+    };
+    let vit = |rate: f64| {
+        let mut p = plan("vit", 2, data.clone(), MethodPlan::new("st", 1.0));
+        p.student.arch = format!(
+            "deit_tiny_distilled_patch16_224(img_size=32,patch_size=8,depth=2,embed_dim=48,num_heads=3,drop_path_rate={rate})"
+        );
+        p
+    };
+    let (_, a, b, _) = whole_and_resumed(&vit(0.5));
+    let fa = tensors::read(&a.path().join("distill.last.safetensors")).unwrap();
+    let fb = tensors::read(&b.path().join("distill.last.safetensors")).unwrap();
+    assert!(fa.get("blocks.1.mlp.fc2.weight").is_some());
+    for (name, x) in &fa.tensors {
+        assert!(x.equal(fb.get(name).unwrap()), "{name} differs after resume");
+    }
+    let (_, c, _, _) = whole_and_resumed(&vit(0.0));
+    let fc = tensors::read(&c.path().join("distill.last.safetensors")).unwrap();
+    let w = "blocks.1.mlp.fc2.weight";
+    assert!(!fa.get(w).unwrap().equal(fc.get(w).unwrap()), "drop path changed nothing");
+}

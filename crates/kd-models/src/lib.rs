@@ -552,11 +552,20 @@ mod tests {
         assert!(!vs.variables().contains_key("blocks.2.mlp.fc2.weight"));
         for (name, want) in [
             ("resnet8(depth=3)", "resnet8 takes no argument `depth`"),
-            ("vit_tiny_patch16_224(num_classes=5)", "num_classes=5, but the data has 10"),
+            (
+                "vit_tiny_patch16_224(num_classes=5)",
+                "num_classes=5, but the data has 10",
+            ),
             ("vit_tiny_patch16_224(img_size=32", "does not end with `)`"),
             ("vit_tiny_patch16_224(img_size)", "`img_size` in"),
-            ("vit_tiny_patch16_224(img_size=x)", "`img_size=x` is not a valid number"),
-            ("vit_tiny_patch16_224(img_size=40,patch_size=16)", "not divisible"),
+            (
+                "vit_tiny_patch16_224(img_size=x)",
+                "`img_size=x` is not a valid number",
+            ),
+            (
+                "vit_tiny_patch16_224(img_size=40,patch_size=16)",
+                "not divisible",
+            ),
             ("vit_huge_patch14_224", "valid models:"),
         ] {
             let got = error(name, 10);

@@ -31,6 +31,7 @@ use kd_core::{Tap, Taps};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use crate::droppath::{Draws, drop_path, linear_rates};
 use crate::{ModelError, Network, check_classes};
 
 /// timm's `VisionTransformer` arguments that kd's zoo varies.
@@ -151,16 +152,10 @@ impl VitConfig {
                 ..Default::default()
             },
         );
-        let blocks = (0..self.depth)
-            .map(|i| {
-                // timm: `dpr = linspace(0, drop_path_rate, depth)`.
-                let rate = if self.depth > 1 {
-                    self.drop_path_rate * i as f64 / (self.depth - 1) as f64
-                } else {
-                    0.0
-                };
-                Block::new(&(p / "blocks" / i), &self, rate)
-            })
+        let blocks = linear_rates(self.drop_path_rate, self.depth)
+            .into_iter()
+            .enumerate()
+            .map(|(i, rate)| Block::new(&(p / "blocks" / i as i64), &self, rate))
             .collect();
         let head = linear(p / "head", d, self.num_classes);
         let head_dist = self
@@ -211,7 +206,9 @@ fn layer_norm(p: nn::Path, d: i64) -> nn::LayerNorm {
 }
 
 /// Pre-norm block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`, each
-/// branch dropped per sample with probability `drop_path` in training.
+/// branch dropped per sample with probability `drop_path` in training
+/// (torch's generator, which the engine seeds per step from the run's
+/// seed, stage, epoch and batch: exact on resume).
 #[derive(Debug)]
 struct Block {
     norm1: nn::LayerNorm,
@@ -265,26 +262,12 @@ impl Block {
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let a = self.attention(&self.norm1.forward(x));
-        let x = x + drop_path(&a, self.drop_path, train);
+        let x = x + drop_path(&a, self.drop_path, train, Draws::Torch);
         let m = self
             .fc2
             .forward(&self.fc1.forward(&self.norm2.forward(&x)).gelu("none"));
-        &x + drop_path(&m, self.drop_path, train)
+        &x + drop_path(&m, self.drop_path, train, Draws::Torch)
     }
-}
-
-/// Stochastic depth (timm's `drop_path` with `scale_by_keep`): each
-/// sample's branch is kept with probability `1 - rate` and scaled by its
-/// inverse, drawn from torch's generator (seeded by the run).
-fn drop_path(x: &Tensor, rate: f64, train: bool) -> Tensor {
-    if !train || rate == 0.0 {
-        return x.shallow_clone();
-    }
-    let keep = 1.0 - rate;
-    let mut shape = vec![1; x.dim()];
-    shape[0] = x.size()[0];
-    let mask = Tensor::empty(shape.as_slice(), (x.kind(), x.device())).bernoulli_float_(keep);
-    x * mask / keep
 }
 
 /// See the module documentation.

@@ -26,6 +26,9 @@ fn mix(seed: u64, a: u64, b: u64) -> u64 {
 /// same run seed.
 const DRAW_STREAM: u64 = 0x6472_6177_735f_7631;
 
+/// Tells torch's per-step seed apart from the draws.
+const TORCH_STREAM: u64 = 0x746f_7263_685f_7631;
+
 impl Draws {
     pub(crate) fn seeded(run_seed: u64, stage: usize) -> Draws {
         Draws::Seeded(mix(run_seed, stage as u64, DRAW_STREAM))
@@ -44,6 +47,18 @@ impl Draws {
                 Tensor::from_slice(&u).to_device(device)
             }
             Draws::Given(u) => u.to_device(device),
+        }
+    }
+
+    /// Seeds torch's generator for a training step, keyed like the draws:
+    /// what the step's forward draws from it (a model's drop path, a
+    /// foreign module's dropout) is a function of (seed, stage, epoch,
+    /// batch), so a resumed run draws what the uninterrupted one did and a
+    /// run of a lockstep group what it draws alone. Given draws (the probe)
+    /// leave the generator to the caller.
+    pub(crate) fn seed_torch(&self, p: Progress) {
+        if let Draws::Seeded(seed) = self {
+            tch::manual_seed(mix(*seed ^ TORCH_STREAM, p.epoch as u64, p.step as u64) as i64);
         }
     }
 }

@@ -71,6 +71,7 @@ impl Prepared {
         shared: Option<&SharedTeacher>,
         lr: f64,
     ) -> Result<StepOut> {
+        self.draws.seed_torch(progress);
         let key = match &self.graph {
             Some(_) => Some(graph::key(
                 lr,

@@ -75,6 +75,13 @@ fn networks(
     }
     let side = plan.data.source.image_size();
     let probe = Tensor::zeros([2, 3, side, side], (Kind::Float, device));
+    for (who, net) in [("student", Some(&student)), ("teacher", teacher.as_ref())] {
+        if let Some(net) = net {
+            net.model
+                .check_input(&probe)
+                .map_err(|e| EngineError::Plan(format!("{who}: {e}")))?;
+        }
+    }
     let env = BuildEnv {
         registry,
         device,
