@@ -6,10 +6,10 @@
 //!
 //! The per-sample coin comes from torch's generator
 //! (`x.new_empty(shape).bernoulli_(keep)`, as timm draws it), which the
-//! engine seeds when it prepares each stage (`manual_seed(seed + stage)`):
-//! a run is reproducible from its seed. The generator's state is not part
-//! of a checkpoint, so a run resumed mid-stage draws other masks than the
-//! uninterrupted run from then on (the numbers differ, the law does not).
+//! engine seeds before every training step from the run's seed, stage,
+//! epoch and batch: a run is reproducible from its seed, a resumed run
+//! draws the masks the uninterrupted one drew, and a run of a lockstep
+//! group the masks it draws alone.
 //! A caller that must draw from a keyed stream instead passes its own
 //! uniforms ([`Draws::Given`]): sample `i` is kept when `u[i] < keep`,
 //! which is what `bernoulli_` does with the uniforms it draws.
