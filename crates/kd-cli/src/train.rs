@@ -96,6 +96,15 @@ pub struct TrainArgs {
     /// Cosine learning-rate decay instead of milestones.
     #[arg(long)]
     pub cosine: bool,
+    /// With --cosine: epochs of linear warm-up from --warmup-lr to --lr.
+    #[arg(long, default_value_t = 0, requires = "cosine")]
+    pub warmup_epochs: usize,
+    /// With --cosine: the learning rate the warm-up starts from.
+    #[arg(long, default_value_t = 0.0, requires = "cosine")]
+    pub warmup_lr: f64,
+    /// With --cosine: the floor of the decay (timm's min_lr).
+    #[arg(long, default_value_t = 0.0, requires = "cosine")]
+    pub min_lr: f64,
     /// Weight decay (>= 0) [default: 5e-4 for sgd, 0.01 for adamw and lamb].
     #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
@@ -295,7 +304,11 @@ impl TrainArgs {
             methods,
             optimizer: self.optimizer_plan()?,
             lr_schedule: if self.cosine {
-                LrSchedule::Cosine { warmup_epochs: 0 }
+                LrSchedule::Cosine {
+                    warmup_epochs: self.warmup_epochs,
+                    min_lr: self.min_lr,
+                    warmup_lr: self.warmup_lr,
+                }
             } else if self.milestones.is_empty() {
                 LrSchedule::Constant
             } else {

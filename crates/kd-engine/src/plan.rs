@@ -677,11 +677,21 @@ pub enum LrSchedule {
         #[serde(default = "tenth")]
         gamma: f64,
     },
-    /// Cosine decay to zero over the stage after a linear warm-up, per step.
+    /// Cosine decay over the stage after a linear warm-up, per step: from
+    /// `warmup_lr` up to the base lr over `warmup_epochs`, then down to
+    /// `min_lr` (timm's `CosineLRScheduler` knobs; both 0 by default).
     Cosine {
         #[serde(default)]
         warmup_epochs: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        min_lr: f64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        warmup_lr: f64,
     },
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn tenth() -> f64 {
@@ -696,14 +706,18 @@ impl LrSchedule {
             LrSchedule::Multistep { milestones, gamma } => {
                 base * gamma.powi(milestones.iter().filter(|&&m| p.epoch >= m).count() as i32)
             }
-            LrSchedule::Cosine { warmup_epochs } => {
+            LrSchedule::Cosine {
+                warmup_epochs,
+                min_lr,
+                warmup_lr,
+            } => {
                 let warm = warmup_epochs * p.steps_per_epoch;
                 let total = (p.epochs * p.steps_per_epoch).max(1);
                 if p.global_step < warm {
-                    base * (p.global_step + 1) as f64 / warm as f64
+                    warmup_lr + (base - warmup_lr) * (p.global_step + 1) as f64 / warm as f64
                 } else {
                     let t = (p.global_step - warm) as f64 / (total - warm).max(1) as f64;
-                    base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+                    min_lr + (base - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
                 }
             }
         }
@@ -741,8 +755,29 @@ mod tests {
     }
 
     #[test]
+    fn cosine_floors_at_min_lr_and_warms_from_warmup_lr() {
+        let s = LrSchedule::Cosine {
+            warmup_epochs: 2,
+            min_lr: 1e-5,
+            warmup_lr: 5e-7,
+        };
+        // Step 0 of 20 warm-up steps: a twentieth of the way up.
+        let want0 = 5e-7 + (5e-4 - 5e-7) / 20.0;
+        assert!((s.lr(5e-4, at(0, 0)) - want0).abs() < 1e-15);
+        assert!((s.lr(5e-4, at(1, 9)) - 5e-4).abs() < 1e-15);
+        // Half way through the decay: the mean of base and floor.
+        let mid = at(2 + 119, 0);
+        assert!((s.lr(5e-4, mid) - (5e-4 + 1e-5) / 2.0).abs() < 1e-12);
+        assert!((s.lr(5e-4, at(239, 9)) - 1e-5).abs() < 1e-9);
+    }
+
+    #[test]
     fn cosine_warms_up_then_decays() {
-        let s = LrSchedule::Cosine { warmup_epochs: 1 };
+        let s = LrSchedule::Cosine {
+            warmup_epochs: 1,
+            min_lr: 0.0,
+            warmup_lr: 0.0,
+        };
         assert!((s.lr(1.0, at(0, 0)) - 0.1).abs() < 1e-12);
         assert!((s.lr(1.0, at(0, 9)) - 1.0).abs() < 1e-12);
         assert!((s.lr(1.0, at(1, 0)) - 1.0).abs() < 1e-12);

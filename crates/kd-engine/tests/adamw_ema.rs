@@ -51,7 +51,11 @@ fn plan() -> Plan {
                 weight_decay: 0.05,
                 ..OptimizerPlan::of(OptimizerKind::Adamw)
             },
-            lr_schedule: kd_engine::LrSchedule::Cosine { warmup_epochs: 1 },
+            lr_schedule: kd_engine::LrSchedule::Cosine {
+                warmup_epochs: 1,
+                min_lr: 0.0,
+                warmup_lr: 0.0,
+            },
             keep_optimizer: false,
             clip_grad: Some(1.0),
             ema: Some(EmaPlan {

@@ -136,7 +136,11 @@ fn a_graphed_run_equals_the_eager_run_and_captures_again_when_the_lr_steps() {
 #[test]
 fn a_per_step_schedule_turns_graphs_off_for_the_stage() {
     // One capture (after the warm-up), replaced at the next step: off.
-    let lr = LrSchedule::Cosine { warmup_epochs: 0 };
+    let lr = LrSchedule::Cosine {
+        warmup_epochs: 0,
+        min_lr: 0.0,
+        warmup_lr: 0.0,
+    };
     assert_eq!(graphed_against_eager(lr), [1.0, 0.0, 17.0]);
 }
 

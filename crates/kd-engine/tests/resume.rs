@@ -208,10 +208,16 @@ fn resumed_vit_with_drop_path_ends_with_the_same_student() {
     let fb = tensors::read(&b.path().join("distill.last.safetensors")).unwrap();
     assert!(fa.get("blocks.1.mlp.fc2.weight").is_some());
     for (name, x) in &fa.tensors {
-        assert!(x.equal(fb.get(name).unwrap()), "{name} differs after resume");
+        assert!(
+            x.equal(fb.get(name).unwrap()),
+            "{name} differs after resume"
+        );
     }
     let (_, c, _, _) = whole_and_resumed(&vit(0.0));
     let fc = tensors::read(&c.path().join("distill.last.safetensors")).unwrap();
     let w = "blocks.1.mlp.fc2.weight";
-    assert!(!fa.get(w).unwrap().equal(fc.get(w).unwrap()), "drop path changed nothing");
+    assert!(
+        !fa.get(w).unwrap().equal(fc.get(w).unwrap()),
+        "drop path changed nothing"
+    );
 }

@@ -327,6 +327,16 @@ pub fn is_classifier_bias(key: &str) -> bool {
     })
 }
 
+/// Whether zoo name `name` (keyword arguments allowed) is a transformer:
+/// no BatchNorm, an input size fixed by its position embedding, taps of
+/// its own (`tokens/i`, `cls`, ...), checked against timm (tests/vit.rs)
+/// rather than against RepDistiller's zoo.
+pub fn is_transformer(name: &str) -> bool {
+    let base = name.split_once('(').map_or(name, |(b, _)| b);
+    ZOO.iter()
+        .any(|(n, a)| *n == base && matches!(a, Arch::Vit { .. }))
+}
+
 /// Every zoo name, sorted.
 pub fn names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = ZOO.iter().map(|(n, _)| *n).collect();
@@ -348,28 +358,14 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
             p,
         )?));
     }
-    let (base, mut args) = ModelArgs::parse(name)?;
-    let Some((_, arch)) = ZOO.iter().find(|(n, _)| *n == base) else {
-        return Err(ModelError::UnknownModel {
-            name: name.to_string(),
-            valid: format!(
-                "{}, or torchscript:FILE, or python:FILE.py:NAME(args)",
-                names().join(", ")
-            ),
-        });
-    };
+    let (base, arch, mut args) = zoo_entry(name)?;
     let num_classes = args.num_classes(num_classes)?;
-    if let Arch::Vit { size, distilled } = *arch {
-        let cfg = match size {
-            VitSize::Tiny => VitConfig::tiny(),
-            VitSize::Small => VitConfig::small(),
-            VitSize::Base => VitConfig::base(),
-        };
-        let cfg = args.vit(cfg.with_num_classes(num_classes).with_distilled(distilled))?;
+    if let Arch::Vit { size, distilled } = arch {
+        let cfg = args.vit(vit_config(size, distilled).with_num_classes(num_classes))?;
         return Ok(Box::new(cfg.init(p)?));
     }
     args.none_left(base)?;
-    Ok(match *arch {
+    Ok(match arch {
         Arch::ResNet { depth, filters } => Box::new(
             ResNetConfig::new(depth)
                 .with_filters(filters)
@@ -421,6 +417,46 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
         ),
         Arch::Vit { .. } => unreachable!("built above"),
     })
+}
+
+/// Checks a zoo name and its keyword arguments (their names, numbers and
+/// the architecture they give) without building the network, as a recipe
+/// does when it names one; `python:`/`torchscript:` specs are built later.
+pub fn check_name(name: &str) -> Result<(), ModelError> {
+    if torchscript::is_foreign(name) {
+        return Ok(());
+    }
+    let (base, arch, mut args) = zoo_entry(name)?;
+    // The data's class count is compared when the network is built.
+    args.take::<i64>("num_classes")?;
+    match arch {
+        Arch::Vit { size, distilled } => args.vit(vit_config(size, distilled))?.check(),
+        _ => args.none_left(base),
+    }
+}
+
+/// The zoo entry `name` names, and its keyword arguments.
+fn zoo_entry(name: &str) -> Result<(&str, Arch, ModelArgs), ModelError> {
+    let (base, args) = ModelArgs::parse(name)?;
+    match ZOO.iter().find(|(n, _)| *n == base) {
+        Some((_, arch)) => Ok((base, *arch, args)),
+        None => Err(ModelError::UnknownModel {
+            name: name.to_string(),
+            valid: format!(
+                "{}, or torchscript:FILE, or python:FILE.py:NAME(args)",
+                names().join(", ")
+            ),
+        }),
+    }
+}
+
+fn vit_config(size: VitSize, distilled: bool) -> VitConfig {
+    let cfg = match size {
+        VitSize::Tiny => VitConfig::tiny(),
+        VitSize::Small => VitConfig::small(),
+        VitSize::Base => VitConfig::base(),
+    };
+    cfg.with_distilled(distilled)
 }
 
 /// Keyword arguments after a zoo name, as timm's `create_model` takes them:

@@ -93,7 +93,7 @@ impl VitConfig {
         self
     }
 
-    fn check(&self) -> Result<(), ModelError> {
+    pub(crate) fn check(&self) -> Result<(), ModelError> {
         check_classes("ViT", self.num_classes)?;
         let bad = |reason: String| {
             Err(ModelError::InvalidConfig {

@@ -233,11 +233,23 @@ fn stage_numbers(stage: &StagePlan) -> Result<(), String> {
                 ));
             }
         }
-        LrSchedule::Cosine { warmup_epochs } if *warmup_epochs >= stage.epochs => {
+        LrSchedule::Cosine { warmup_epochs, .. } if *warmup_epochs >= stage.epochs => {
             return Err(format!(
                 "cosine warm-up of {warmup_epochs} epochs leaves nothing of a {}-epoch stage",
                 stage.epochs
             ));
+        }
+        LrSchedule::Cosine {
+            min_lr, warmup_lr, ..
+        } => {
+            for (name, v) in [("min_lr", min_lr), ("warmup_lr", warmup_lr)] {
+                if !(v.is_finite() && *v >= 0.0 && *v <= o.lr) {
+                    return Err(format!(
+                        "cosine {name} must be in [0, lr = {}], got {v}",
+                        o.lr
+                    ));
+                }
+            }
         }
         _ => {}
     }

@@ -10,12 +10,14 @@ use crate::error::user;
 /// built when the plan runs); an unknown zoo name fails at the call that
 /// names it.
 pub(crate) fn model(arch: &str, weights: Option<&str>) -> Fallible<ModelPlan> {
-    let names = kd_models::names();
-    if !kd_models::torchscript::is_foreign(arch) && !names.contains(&arch) {
-        return Err(user(format!(
-            "unknown model `{arch}`; zoo models: {}, or python:FILE.py:NAME(args), torchscript:FILE",
-            names.join(", ")
-        )));
+    if let Err(e) = kd_models::check_name(arch) {
+        return Err(user(match e {
+            kd_models::ModelError::UnknownModel { .. } => format!(
+                "unknown model `{arch}`; zoo models: {}, or python:FILE.py:NAME(args), torchscript:FILE",
+                kd_models::names().join(", ")
+            ),
+            other => format!("model `{arch}`: {other}"),
+        }));
     }
     Ok(ModelPlan {
         arch: arch.to_string(),

@@ -192,7 +192,21 @@ pub(super) fn register(e: &mut Engine) {
         |mut s: StagePlan, warmup: i64| -> Fallible<StagePlan> {
             s.lr_schedule = LrSchedule::Cosine {
                 warmup_epochs: count(warmup, "warmup_epochs")?,
+                min_lr: 0.0,
+                warmup_lr: 0.0,
             };
+            Ok(s)
+        },
+    );
+    def(
+        e,
+        "cosine_lr",
+        &["stage: Stage", "config: Map", "Stage"],
+        "Cosine LR decay with timm's knobs: `#{warmup_epochs, warmup_lr, min_lr}`\n(defaults 0, 0, 0): a linear warm-up from `warmup_lr`, then the decay\nto `min_lr`, per step: `.cosine_lr(#{warmup_epochs: 20, warmup_lr: 5e-7, min_lr: 1e-5})`.",
+        |mut s: StagePlan, config: Map| -> Fallible<StagePlan> {
+            let mut c = config;
+            c.insert("kind".into(), Dynamic::from("cosine"));
+            s.lr_schedule = typed::<LrSchedule>(&Dynamic::from_map(c), "cosine_lr")?;
             Ok(s)
         },
     );
