@@ -135,7 +135,11 @@ def timm_vit(name, classes):
     for kv in filter(None, (m.group(2) or "").split(",")):
         k, v = kv.split("=")
         kwargs[k.strip()] = float(v) if "." in v else int(v)
-    return timm.create_model(m.group(1), pretrained=False, num_classes=classes, **kwargs)
+    net = timm.create_model(m.group(1), pretrained=False, num_classes=classes, **kwargs)
+    # The losses read taps by name, as the zoo's forward returns them.
+    logits_only = net.forward
+    net.forward = lambda x: {"logits": logits_only(x)}
+    return net
 
 
 def load(args):

@@ -3,16 +3,15 @@
 //! as the uninterrupted run: weights, AdamW's moments and step counts, the
 //! EMA and the epoch records, bit for bit on the CPU.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+mod common;
 
-use kd_core::Registry;
+use std::path::Path;
+
 use kd_data::{DataSource, SyntheticConfig};
 use kd_engine::tensors::{self, TensorFile};
 use kd_engine::{
-    DataPlan, DeviceChoice, EmaPlan, EngineError, EpochRecord, MethodPlan, ModelPlan, NoScripts,
-    Observer, OptimizerKind, OptimizerPlan, Plan, RunOptions, Silent, StagePlan,
+    DataPlan, DeviceChoice, EmaPlan, MethodPlan, ModelPlan, OptimizerKind, OptimizerPlan, Plan,
+    StagePlan,
 };
 
 fn plan() -> Plan {
@@ -67,30 +66,6 @@ fn plan() -> Plan {
     }
 }
 
-struct StopAfterFirst(Arc<AtomicBool>);
-impl Observer for StopAfterFirst {
-    fn epoch(&mut self, _: &str, _: i64, _: &EpochRecord) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-fn options<'a>(
-    dir: &Path,
-    resume: bool,
-    observer: &'a mut dyn Observer,
-    stop: Option<Arc<AtomicBool>>,
-) -> RunOptions<'a> {
-    RunOptions {
-        run_dir: dir.into(),
-        resume,
-        observer,
-        scripts: &NoScripts,
-        stop,
-        log_every: 0,
-        progress_bar: false,
-    }
-}
-
 fn records(dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("epochs.jsonl")).unwrap();
     let mut by_epoch = std::collections::BTreeMap::new();
@@ -118,26 +93,9 @@ fn same_tensors(a: &TensorFile, b: &TensorFile, prefix: &str) -> usize {
 
 #[test]
 fn resumed_adamw_ema_run_ends_exactly_as_the_whole_run() {
-    kd_methods::link();
-    let registry = Registry::global().unwrap();
     let plan = plan();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    kd_engine::run(
-        &plan,
-        &registry,
-        &mut options(a.path(), false, &mut Silent, None),
-    )
-    .unwrap();
-    let flag = Arc::new(AtomicBool::new(false));
-    let mut stopper = StopAfterFirst(flag.clone());
-    let err = kd_engine::run(
-        &plan,
-        &registry,
-        &mut options(b.path(), false, &mut stopper, Some(flag)),
-    )
-    .unwrap_err();
-    assert!(matches!(err, EngineError::Interrupted(_)), "{err}");
-    let mid = tensors::read(&b.path().join("checkpoint.safetensors")).unwrap();
+    let (_, mid) = common::whole_and_resumed(&plan, a.path(), b.path());
     // AdamW's state is in the checkpoint: 3 steps of one epoch so far.
     let step = mid
         .get("optim.net.conv1.weight:step")
@@ -148,13 +106,6 @@ fn resumed_adamw_ema_run_ends_exactly_as_the_whole_run() {
         mid.get("ema.conv1.weight").is_some(),
         "the EMA is checkpointed"
     );
-    tch::manual_seed(12345);
-    kd_engine::run(
-        &plan,
-        &registry,
-        &mut options(b.path(), true, &mut Silent, None),
-    )
-    .unwrap();
 
     let fa = tensors::read(&a.path().join("checkpoint.safetensors")).unwrap();
     let fb = tensors::read(&b.path().join("checkpoint.safetensors")).unwrap();

@@ -3,19 +3,16 @@
 //! methods get the mixed labels, and a mixed run stopped after its first
 //! epoch and resumed ends exactly where the uninterrupted run ends.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use kd_core::{BuildCx, Losses, Method, Registry, Side, StepIo, TapRef, register_method};
 use kd_data::{
     CropPadding, DataSource, Loader, LoaderConfig, Mixup, Normalize, RandomErasing, SyntheticConfig,
 };
-use kd_engine::tensors;
-use kd_engine::{
-    DataPlan, DeviceChoice, EngineError, EpochRecord, MethodPlan, ModelPlan, NoScripts, Observer,
-    Part, Plan, RunOptions, Silent, StagePlan,
-};
+use kd_engine::{DataPlan, DeviceChoice, MethodPlan, ModelPlan, Part, Plan, Silent, StagePlan};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
@@ -143,24 +140,6 @@ fn plan(name: &str, teacher: &Path, epochs: usize, extra: Option<MethodPlan>) ->
     }
 }
 
-fn options<'a>(
-    dir: &Path,
-    resume: bool,
-    observer: &'a mut dyn Observer,
-    stop: Option<Arc<AtomicBool>>,
-) -> RunOptions<'a> {
-    std::fs::create_dir_all(dir).unwrap();
-    RunOptions {
-        run_dir: dir.into(),
-        resume,
-        observer,
-        scripts: &NoScripts,
-        stop,
-        log_every: 0,
-        progress_bar: false,
-    }
-}
-
 /// The run's training batches as the loader makes them: the same seed
 /// (the plan's, for stage 0), order, erasing and mixing.
 fn batches(epoch: usize) -> Vec<kd_data::Batch> {
@@ -199,7 +178,7 @@ fn the_teacher_sees_the_mixed_images_and_methods_the_mixed_labels() {
     kd_engine::run(
         &p,
         &registry,
-        &mut options(&dir.path().join("run"), false, &mut Silent, None),
+        &mut common::options(&dir.path().join("run"), false, &mut Silent, None),
     )
     .unwrap();
     let seen = std::mem::take(&mut *SEEN.lock().unwrap());
@@ -253,44 +232,13 @@ fn the_teacher_sees_the_mixed_images_and_methods_the_mixed_labels() {
     assert!((first - on_plain).abs().max().double_value(&[]) > 1e-2);
 }
 
-/// Raises the stop flag once the first epoch is done (as Ctrl-C would).
-struct StopAfterFirst(Arc<AtomicBool>);
-impl Observer for StopAfterFirst {
-    fn epoch(&mut self, _: &str, _: i64, _: &EpochRecord) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
 #[test]
 fn a_mixed_run_resumes_exactly() {
-    kd_methods::link();
-    let registry = Registry::global().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = teacher(dir.path());
     let p = plan("resume", &file, 2, None);
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    kd_engine::run(&p, &registry, &mut options(&a, false, &mut Silent, None)).unwrap();
-    let flag = Arc::new(AtomicBool::new(false));
-    let mut stopper = StopAfterFirst(flag.clone());
-    let err = kd_engine::run(
-        &p,
-        &registry,
-        &mut options(&b, false, &mut stopper, Some(flag)),
-    )
-    .unwrap_err();
-    assert!(matches!(err, EngineError::Interrupted(_)), "{err}");
-    // Whatever this process draws from torch's generator in between must
-    // not matter: the mixing and erasing draws are keyed.
-    tch::manual_seed(12345);
-    let _ = Tensor::rand([100], tch::kind::FLOAT_CPU);
-    kd_engine::run(&p, &registry, &mut options(&b, true, &mut Silent, None)).unwrap();
-    let fa = tensors::read(&a.join("distill.last.safetensors")).unwrap();
-    let fb = tensors::read(&b.join("distill.last.safetensors")).unwrap();
-    assert!(!fa.tensors.is_empty());
-    for (name, x) in &fa.tensors {
-        assert!(
-            x.equal(fb.get(name).unwrap()),
-            "{name} differs after resume"
-        );
-    }
+    // The mixing and erasing draws are keyed, not torch's generator's.
+    common::whole_and_resumed(&p, &a, &b);
+    common::same_weights(&a, &b, "distill.last.safetensors");
 }

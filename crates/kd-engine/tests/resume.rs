@@ -4,17 +4,11 @@
 //! (drawn from the engine's keyed stream, not torch's global generator, whose
 //! state a resumed process does not share).
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+mod common;
 
-use kd_core::Registry;
 use kd_data::{DataSource, SyntheticConfig};
 use kd_engine::tensors::{self, TensorFile};
-use kd_engine::{
-    DataPlan, DeviceChoice, EngineError, EpochRecord, MethodPlan, ModelPlan, NoScripts, Observer,
-    Plan, RunOptions, RunResult, Silent, StagePlan,
-};
+use kd_engine::{DataPlan, DeviceChoice, MethodPlan, ModelPlan, Plan, RunResult, StagePlan};
 use tempfile::TempDir;
 
 /// resnet8 from resnet8 for 2 epochs with `ce` and `method`.
@@ -58,63 +52,10 @@ fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Pla
     }
 }
 
-/// Raises the stop flag once the first epoch is done (as Ctrl-C would).
-struct StopAfterFirst(Arc<AtomicBool>);
-impl Observer for StopAfterFirst {
-    fn epoch(&mut self, _: &str, _: i64, _: &EpochRecord) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-fn options<'a>(
-    dir: &Path,
-    resume: bool,
-    observer: &'a mut dyn Observer,
-    stop: Option<Arc<AtomicBool>>,
-) -> RunOptions<'a> {
-    RunOptions {
-        run_dir: dir.into(),
-        resume,
-        observer,
-        scripts: &NoScripts,
-        stop,
-        log_every: 0,
-        progress_bar: false,
-    }
-}
-
-/// Runs `plan` whole in one folder and, in another, stops it after its first
-/// epoch and resumes it. Returns the whole run's result, both folders and
-/// the checkpoint the interrupted run left.
+/// Runs `plan` whole and stopped-and-resumed, each in a fresh folder.
 fn whole_and_resumed(plan: &Plan) -> (RunResult, TempDir, TempDir, TensorFile) {
-    kd_methods::link();
-    let registry = Registry::global().unwrap();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let whole = kd_engine::run(
-        plan,
-        &registry,
-        &mut options(a.path(), false, &mut Silent, None),
-    )
-    .unwrap();
-    let flag = Arc::new(AtomicBool::new(false));
-    let mut stopper = StopAfterFirst(flag.clone());
-    let err = kd_engine::run(
-        plan,
-        &registry,
-        &mut options(b.path(), false, &mut stopper, Some(flag)),
-    )
-    .unwrap_err();
-    assert!(matches!(err, EngineError::Interrupted(_)), "{err}");
-    let mid = tensors::read(&b.path().join("checkpoint.safetensors")).unwrap();
-    // Whatever else this process draws from torch's generator in between
-    // must not matter.
-    tch::manual_seed(12345);
-    kd_engine::run(
-        plan,
-        &registry,
-        &mut options(b.path(), true, &mut Silent, None),
-    )
-    .unwrap();
+    let (whole, mid) = common::whole_and_resumed(plan, a.path(), b.path());
     (whole, a, b, mid)
 }
 
@@ -175,13 +116,7 @@ fn resumed_bss_run_ends_with_the_same_student() {
             record.terms
         );
     }
-    let fa = tensors::read(&a.path().join("distill.last.safetensors")).unwrap();
-    let fb = tensors::read(&b.path().join("distill.last.safetensors")).unwrap();
-    assert!(!fa.tensors.is_empty());
-    for (name, x) in &fa.tensors {
-        let y = fb.get(name).unwrap();
-        assert!(x.equal(y), "{name} differs after resume");
-    }
+    common::same_weights(a.path(), b.path(), "distill.last.safetensors");
 }
 
 /// A ViT student with stochastic depth: its drop-path coins come from
@@ -204,15 +139,8 @@ fn resumed_vit_with_drop_path_ends_with_the_same_student() {
         p
     };
     let (_, a, b, _) = whole_and_resumed(&vit(0.5));
+    common::same_weights(a.path(), b.path(), "distill.last.safetensors");
     let fa = tensors::read(&a.path().join("distill.last.safetensors")).unwrap();
-    let fb = tensors::read(&b.path().join("distill.last.safetensors")).unwrap();
-    assert!(fa.get("blocks.1.mlp.fc2.weight").is_some());
-    for (name, x) in &fa.tensors {
-        assert!(
-            x.equal(fb.get(name).unwrap()),
-            "{name} differs after resume"
-        );
-    }
     let (_, c, _, _) = whole_and_resumed(&vit(0.0));
     let fc = tensors::read(&c.path().join("distill.last.safetensors")).unwrap();
     let w = "blocks.1.mlp.fc2.weight";
