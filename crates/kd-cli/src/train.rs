@@ -78,6 +78,12 @@ pub struct TrainArgs {
     /// RandomErasing: at most this many boxes per image (timm's `--recount`).
     #[arg(long, default_value_t = 1)]
     pub recount: u32,
+    /// timm's RandAugment of each training image after its crop and flip,
+    /// as timm's `--aa` config string (e.g. `rand-m9-mstd0.5-inc1`: 2 ops,
+    /// magnitude 9 with noise of std 0.5, the increasing op set); off when
+    /// absent.
+    #[arg(long)]
+    pub aa: Option<String>,
     /// Epochs of training.
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
@@ -377,6 +383,12 @@ impl TrainArgs {
             world_size: kd_dist::world_size(),
             mixup: self.mixup_plan()?,
             random_erasing: self.erasing_plan(),
+            randaugment: self
+                .aa
+                .as_deref()
+                .map(|aa| aa.parse::<kd_data::TimmRandAugment>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--aa: {e}"))?,
             ..Default::default()
         };
         Ok(Plan {

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use crate::loader::mix;
+use crate::timm_augment::{TimmRandAugment, augment_hwc, keyed_draw};
 use crate::transform::{self, Normalization, Scratch};
 use crate::{DataError, Dataset};
 
@@ -279,9 +280,15 @@ impl std::fmt::Debug for FileImages {
 /// How a sample is transformed: training's random crop and flip drawn
 /// from `(seed, epoch)` and the sample's index, or evaluation's resize and
 /// centre crop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// With `rand_augment`, timm's RandAugment (and its fill colour) follows
+/// the crop and flip, its draws keyed by (seed, epoch, sample index) too.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Transform {
-    Train { seed: u64, epoch: usize },
+    Train {
+        seed: u64,
+        epoch: usize,
+        rand_augment: Option<(TimmRandAugment, [f32; 3])>,
+    },
     Eval,
 }
 
@@ -407,14 +414,23 @@ impl FileImages {
             Transform::Eval => {
                 transform::eval_into(&img, cfg.resize_size, cfg.image_size, out, scratch)
             }
-            Transform::Train { seed, epoch } => {
+            Transform::Train {
+                seed,
+                epoch,
+                rand_augment,
+            } => {
                 // Keyed by the sample's index, so its crop does not depend
                 // on the batch it falls in, the rank or the thread.
                 let key = mix(seed ^ SAMPLE_STREAM, epoch as u64, i as u64);
                 let mut rng = ChaCha8Rng::seed_from_u64(key);
                 let crop = transform::random_resized_crop(img.width, img.height, &mut rng);
                 let flip = rng.random_bool(0.5);
-                transform::train_into(&img, crop, flip, cfg.image_size, out, scratch)
+                transform::train_into(&img, crop, flip, cfg.image_size, out, scratch)?;
+                if let Some((ra, fill)) = rand_augment {
+                    let draw = keyed_draw(&ra, seed, epoch, i as u64);
+                    augment_hwc(out, cfg.image_size as i64, &draw, fill);
+                }
+                Ok(())
             }
         }
     }

@@ -18,6 +18,7 @@ mod normalize;
 mod prefetch;
 mod randaugment;
 mod synthetic;
+mod timm_augment;
 pub mod transform;
 
 use std::path::PathBuf;
@@ -41,6 +42,9 @@ pub use randaugment::{
     CutoutDraw, OpDraw, RandAugmentDraw, RandAugmentOp, cutout, randaugment, randaugment_ops,
 };
 pub use synthetic::SyntheticConfig;
+pub use timm_augment::{
+    AugInterpolation, TimmDraw, TimmOp, TimmOpDraw, TimmRandAugment, fill_colour, timm_randaugment,
+};
 
 #[derive(Debug, Error)]
 pub enum DataError {

@@ -23,6 +23,7 @@ use crate::folder::{FileImages, Transform};
 use crate::mixup::{Mixup, mix_batch};
 use crate::prefetch::{Prefetcher, to_device};
 use crate::randaugment::{RandAugmentDraw, randaugment};
+use crate::timm_augment::{TimmDraw, TimmRandAugment, fill_colour, keyed_draw, timm_randaugment};
 use crate::transform::Normalization;
 use crate::{DataError, Dataset};
 
@@ -119,6 +120,9 @@ pub struct Loader {
     /// of the batch.
     erasing: Option<RandomErasing>,
     mixup: Option<Mixup>,
+    /// timm's RandAugment after the crop and flip of training images, with
+    /// its fill colour (the mean, timm's `img_mean`).
+    rand_augment: Option<(TimmRandAugment, [f32; 3])>,
 }
 
 /// Salts of the erasing and mixing streams, so that neither moves the
@@ -200,6 +204,7 @@ impl Loader {
             classes: data.num_classes,
             erasing: None,
             mixup: None,
+            rand_augment: None,
         })
     }
 
@@ -226,6 +231,26 @@ impl Loader {
     pub fn random_erasing(mut self, cfg: RandomErasing) -> Result<Loader, DataError> {
         cfg.check().map_err(DataError::Invalid)?;
         self.erasing = Some(cfg);
+        Ok(self)
+    }
+
+    /// Runs timm's RandAugment on every training image after its crop and
+    /// flip (uint8 values, before normalisation), as timm's
+    /// `create_transform(auto_augment='rand-…')` does, filling with the
+    /// mean colour rounded to 0..=255 (timm's `img_mean`). Each image's
+    /// draws come from a stream keyed by (seed, epoch, sample index). Only
+    /// with `augment`: evaluation batches are never augmented.
+    pub fn rand_augment(mut self, cfg: TimmRandAugment) -> Result<Loader, DataError> {
+        cfg.check().map_err(DataError::Invalid)?;
+        let mean: Vec<f64> = Vec::try_from(
+            self.mean
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Double)
+                .view([-1]),
+        )
+        .map_err(|e| DataError::Invalid(format!("mean: {e}")))?;
+        let fill = fill_colour([mean[0], mean[1], mean[2]]);
+        self.rand_augment = Some((cfg, fill));
         Ok(self)
     }
 
@@ -308,17 +333,20 @@ impl Loader {
             None => {
                 let index = Tensor::from_slice(idx).to_device(device);
                 let crops = self.cfg.augment.then(|| draw_crops(idx.len(), &mut rng));
-                (
-                    self.images_at(&index, crops.as_deref()),
-                    idx.to_vec(),
-                    index,
-                )
+                let images = match (&self.rand_augment, self.cfg.augment) {
+                    (Some((ra, fill)), true) => {
+                        self.rand_augmented(&index, idx, crops.as_deref(), ra, *fill, epoch)
+                    }
+                    _ => self.images_at(&index, crops.as_deref()),
+                };
+                (images, idx.to_vec(), index)
             }
             Some((files, norm, prefetch)) => {
                 let how = match self.cfg.augment {
                     true => Transform::Train {
                         seed: self.seed,
                         epoch,
+                        rand_augment: self.rand_augment,
                     },
                     false => Transform::Eval,
                 };
@@ -425,6 +453,30 @@ impl Loader {
             None => raw,
         };
         (raw - &self.mean) / &self.std
+    }
+
+    /// Samples `idx` (at `index`) cropped and flipped as `crops` says,
+    /// then through timm's RandAugment on 0..255 values, then normalised.
+    fn rand_augmented(
+        &self,
+        index: &Tensor,
+        idx: &[i64],
+        crops: Option<&[Crop]>,
+        ra: &TimmRandAugment,
+        fill: [f32; 3],
+        epoch: usize,
+    ) -> Tensor {
+        let raw = self.images.index_select(0, index).to_kind(Kind::Float);
+        let raw = match crops {
+            Some(c) => crop_and_flip(&raw, self.cfg.padding, c),
+            None => raw,
+        };
+        let draws: Vec<TimmDraw> = idx
+            .iter()
+            .map(|&i| keyed_draw(ra, self.seed, epoch, i as u64))
+            .collect();
+        let augmented = timm_randaugment(&raw, &draws, fill);
+        (augmented / 255.0 - &self.mean) / &self.std
     }
 
     /// The strong view of samples `index`: crop and flip, RandAugment and

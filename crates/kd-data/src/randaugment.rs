@@ -177,7 +177,7 @@ fn ops_f32(x: &Tensor, ops: &[OpDraw]) -> Tensor {
     out
 }
 
-fn apply_op(op: RandAugmentOp, x: &Tensor, mags: &[f64]) -> Tensor {
+pub(crate) fn apply_op(op: RandAugmentOp, x: &Tensor, mags: &[f64]) -> Tensor {
     use RandAugmentOp::*;
     let dev = x.device();
     let (h, w) = (x.size()[2], x.size()[3]);
@@ -204,16 +204,8 @@ fn apply_op(op: RandAugmentOp, x: &Tensor, mags: &[f64]) -> Tensor {
         Sharpness => blend(&smooth(x), x, mags),
         Posterize => {
             // ImageOps.posterize(img, max(1, int(v))): keep the top bits.
-            let masks: Vec<i64> = mags
-                .iter()
-                .map(|&v| !((1i64 << (8 - (v as i64).clamp(1, 8))) - 1) & 0xff)
-                .collect();
-            let masks = Tensor::from_slice(&masks)
-                .view([-1, 1, 1, 1])
-                .to_device(dev);
-            x.to_kind(Kind::Int64)
-                .bitwise_and_tensor(&masks)
-                .to_kind(Kind::Float)
+            let bits: Vec<i64> = mags.iter().map(|&v| (v as i64).clamp(1, 8)).collect();
+            posterize(x, &bits)
         }
         Solarize => {
             // Integers i < v exactly when i < ceil(v), which float32 holds exactly.
@@ -241,6 +233,21 @@ fn apply_op(op: RandAugmentOp, x: &Tensor, mags: &[f64]) -> Tensor {
             resample(x, &tables)
         }
     }
+}
+
+/// ImageOps.posterize(img, bits) per image, `bits` in 0..=8: each level
+/// keeps its top `bits` bits (none at 0).
+pub(crate) fn posterize(x: &Tensor, bits: &[i64]) -> Tensor {
+    let masks: Vec<i64> = bits
+        .iter()
+        .map(|&b| !((1i64 << (8 - b.clamp(0, 8))) - 1) & 0xff)
+        .collect();
+    let masks = Tensor::from_slice(&masks)
+        .view([-1, 1, 1, 1])
+        .to_device(x.device());
+    x.to_kind(Kind::Int64)
+        .bitwise_and_tensor(&masks)
+        .to_kind(Kind::Float)
 }
 
 /// Per image and channel, the 256-bin histogram (flattened `[n * 3 * 256]`).
@@ -350,7 +357,7 @@ fn round15(v: f64) -> f64 {
 /// Image.rotate(v)'s matrix (output → input, about the centre, no expand):
 /// the angle reduced mod 360 as Python does, cos and sin rounded to 15
 /// decimals, the centre's offset folded in with Python's order of terms.
-fn rotate_matrix(v: f64, w: i64, h: i64) -> [f64; 6] {
+pub(crate) fn rotate_matrix(v: f64, w: i64, h: i64) -> [f64; 6] {
     let angle = -v.rem_euclid(360.0).to_radians();
     let (a, b) = (round15(angle.cos()), round15(angle.sin()));
     let (d, e) = (round15(-angle.sin()), round15(angle.cos()));

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use kd_data::{CropPadding, DataSource, Mixup, Normalize, RandomErasing};
+use kd_data::{CropPadding, DataSource, Mixup, Normalize, RandomErasing, TimmRandAugment};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::Weight;
@@ -185,6 +185,11 @@ pub struct DataPlan {
     /// and before Mixup. Off when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_erasing: Option<RandomErasing>,
+    /// timm's RandAugment (`rand-m9-mstd0.5-inc1` by default) of every
+    /// training image after its crop and flip, before normalisation; part
+    /// of `augment`. Off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub randaugment: Option<TimmRandAugment>,
 }
 
 impl DataPlan {
@@ -207,6 +212,7 @@ impl Default for DataPlan {
             world_size: 1,
             mixup: None,
             random_erasing: None,
+            randaugment: None,
         }
     }
 }

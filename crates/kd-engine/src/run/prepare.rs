@@ -264,6 +264,10 @@ pub(crate) fn prepare(
     )?;
     // Training batches only: evaluation and the probe batch above are
     // never erased or mixed.
+    let loader = match cx.plan.data.randaugment {
+        Some(ra) => loader.rand_augment(ra)?,
+        None => loader,
+    };
     let loader = match &cx.plan.data.random_erasing {
         Some(re) => loader.random_erasing(re.clone())?,
         None => loader,

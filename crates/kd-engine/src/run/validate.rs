@@ -135,6 +135,14 @@ fn numbers(plan: &Plan) -> Result<(), String> {
     if let Some(re) = &d.random_erasing {
         re.check()?;
     }
+    if let Some(ra) = &d.randaugment {
+        ra.check()?;
+        if !d.augment {
+            return Err(
+                "randaugment is part of the training augmentation; it needs augment: true".into(),
+            );
+        }
+    }
     for stage in &plan.stages {
         stage_numbers(stage).map_err(|e| format!("stage `{}`: {e}", stage.name))?;
     }

@@ -1,6 +1,8 @@
 //! Data: which set, batch sizes, augmentation and the validation split.
 
-use kd_data::{CropPadding, DataSource, Mixup, Normalize, RandomErasing, SyntheticConfig};
+use kd_data::{
+    CropPadding, DataSource, Mixup, Normalize, RandomErasing, SyntheticConfig, TimmRandAugment,
+};
 use kd_engine::DataPlan;
 use rhai::{Array, Dynamic, Engine, Map};
 
@@ -152,6 +154,29 @@ pub(super) fn register(e: &mut Engine) {
             let re: RandomErasing = typed(&Dynamic::from_map(config), "random_erasing")?;
             re.check().map_err(user)?;
             d.random_erasing = Some(re);
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "randaugment",
+        &["data: Data", "config: Map", "Data"],
+        "timm's RandAugment of every training image after its crop and flip:\n`#{n, m, mstd, mmax, prob, increasing, interpolation, translate_pct}`,\ndefaults timm's `rand-m9-mstd0.5-inc1`: 2, 9, 0.5, 10, 0.5, true,\n\"random\" (or \"bilinear\", \"bicubic\"), 0.45: `.randaugment(#{m: 7})`.",
+        |mut d: DataPlan, config: Map| -> Fallible<DataPlan> {
+            let ra: TimmRandAugment = typed(&Dynamic::from_map(config), "randaugment")?;
+            ra.check().map_err(user)?;
+            d.randaugment = Some(ra);
+            Ok(d)
+        },
+    );
+    def(
+        e,
+        "auto_augment",
+        &["data: Data", "config: String", "Data"],
+        "timm's RandAugment from its `--aa` config string, sections `m`, `n`,\n`p`, `mstd`, `mmax`, `inc` (timm's defaults for those left out; random\ninterpolation): `.auto_augment(\"rand-m9-mstd0.5-inc1\")`.",
+        |mut d: DataPlan, config: &str| -> Fallible<DataPlan> {
+            let ra = config.parse::<TimmRandAugment>().map_err(user)?;
+            d.randaugment = Some(ra);
             Ok(d)
         },
     );
