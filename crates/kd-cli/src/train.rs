@@ -593,3 +593,38 @@ pub(crate) fn method_groups(
     }
     Ok(groups)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use kd_engine::ModelPlan;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: super::TrainArgs,
+    }
+
+    fn plan(args: &[&str]) -> anyhow::Result<kd_engine::Plan> {
+        let cli = Cli::try_parse_from(std::iter::once("kd").chain(args.iter().copied()))?;
+        let student = ModelPlan {
+            arch: "resnet8".into(),
+            weights: None,
+            source_sha256: None,
+        };
+        cli.train
+            .plan("t".into(), student, None, "train", vec![], 0)
+    }
+
+    #[test]
+    fn aa_sets_timm_randaugment_and_refuses_unknown_sections() {
+        let p = plan(&["--aa", "rand-m9-mstd0.5-inc1"]).unwrap();
+        assert_eq!(
+            p.data.randaugment,
+            Some(kd_data::TimmRandAugment::default())
+        );
+        assert_eq!(plan(&[]).unwrap().data.randaugment, None);
+        let e = plan(&["--aa", "rand-m9-x3"]).unwrap_err().to_string();
+        assert!(e.contains("--aa") && e.contains("unknown key `x`"), "{e}");
+    }
+}

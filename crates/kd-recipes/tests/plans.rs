@@ -548,6 +548,68 @@ run(x);
     }
 }
 
+/// `.auto_augment(config)` parses timm's string, `.randaugment(#{...})`
+/// fills in timm's `rand-m9-mstd0.5-inc1`; both survive a YAML round trip,
+/// a plan without them has no `randaugment` key, and mistakes are errors
+/// that name what is valid.
+#[test]
+fn randaugment_reaches_the_plan() {
+    let src = r#"
+let a = experiment("aa")
+    .data(synthetic(#{ train_size: 64, test_size: 32 }).auto_augment("rand-m7-n3-mstd1-p0.8"))
+    .student("resnet8")
+    .add(stage("a", 1).add(method("ce")));
+let b = experiment("ra")
+    .data(synthetic(#{ train_size: 64, test_size: 32 }).randaugment(#{ interpolation: "bicubic" }))
+    .student("resnet8")
+    .add(stage("a", 1).add(method("ce")));
+run(a);
+run(b);
+"#;
+    let plans = plan(src).unwrap();
+    let a = plans[0].data.randaugment.unwrap();
+    assert_eq!(
+        (a.n, a.m, a.mstd, a.prob, a.increasing, a.mmax),
+        (3, 7.0, 1.0, 0.8, false, 10.0)
+    );
+    let b = plans[1].data.randaugment.unwrap();
+    assert_eq!(
+        (b.n, b.m, b.mstd, b.prob, b.increasing, b.translate_pct),
+        (2, 9.0, 0.5, 0.5, true, 0.45)
+    );
+    assert_eq!(b.interpolation, kd_data::AugInterpolation::Bicubic);
+    let yaml = to_yaml(&plans).unwrap();
+    assert!(yaml.contains("randaugment:"), "{yaml}");
+    assert_eq!(from_yaml(&yaml, "aa").unwrap(), plans, "{yaml}");
+    let plain = plan(&format!(
+        "run({TINY}.add(stage(\"a\", 1).add(method(\"ce\"))));"
+    ))
+    .unwrap();
+    assert!(!to_yaml(&plain).unwrap().contains("randaugment"));
+    for (bad, needle) in [
+        (
+            r#"synthetic().auto_augment("rand-m9-w0")"#,
+            "unknown key `w`; valid keys: m (magnitude), n (ops), p (probability), mstd",
+        ),
+        (
+            r#"synthetic().auto_augment("augmix-m5")"#,
+            "must start with `rand`",
+        ),
+        (
+            r#"synthetic().auto_augment("rand-p1.5")"#,
+            "probability p must be in [0, 1]",
+        ),
+        (
+            r#"synthetic().randaugment(#{ interpolation: "nearest" })"#,
+            "nearest",
+        ),
+        (r#"synthetic().randaugment(#{ magnitude: 9 })"#, "magnitude"),
+    ] {
+        let e = plan(&format!("let d = {bad};")).unwrap_err().to_string();
+        assert!(e.contains(needle), "{bad}: {e}");
+    }
+}
+
 /// `imagefolder(path)` and its options reach the plan and survive a YAML
 /// round trip; the options refuse other data and sizes out of range.
 #[test]
