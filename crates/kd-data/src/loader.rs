@@ -6,7 +6,9 @@
 //! are decoded and augmented on CPU worker threads instead, each sample's
 //! crop and flip keyed by (seed, epoch, sample index), the next batch
 //! decoded while the current one trains; normalisation and contrast
-//! indices are then the same as for images in memory. RandomErasing
+//! indices are then the same as for images in memory. timm's RandAugment,
+//! when asked for, follows the crop and flip of either kind of set, keyed
+//! by (seed, epoch, sample index). RandomErasing
 //! (keyed by (seed, epoch, sample index)) and Mixup/CutMix (keyed by
 //! (seed, epoch, batch)) follow, on the normalised batch, as timm applies
 //! them.
