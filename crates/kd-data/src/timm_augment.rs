@@ -637,6 +637,47 @@ mod tests {
         assert!((330..470).contains(&applied), "{applied}");
     }
 
+    /// Rotate's level (|degrees| / 3) follows N(9, 0.5) clipped to 10,
+    /// half the signs are negative and half the resamplings bicubic; ops
+    /// are uniform over the 15.
+    #[test]
+    fn magnitudes_signs_and_interpolations_follow_timm() {
+        use rand::SeedableRng;
+        let ra = TimmRandAugment {
+            prob: 1.0,
+            ..TimmRandAugment::default()
+        };
+        let (mut levels, mut neg, mut cubic) = (Vec::new(), 0, 0);
+        let mut counts = [0usize; 15];
+        for seed in 0..6000 {
+            for o in ra.sample(&mut ChaCha8Rng::seed_from_u64(seed)).ops {
+                counts[TimmOp::ALL.iter().position(|&k| k == o.op).unwrap()] += 1;
+                if o.op == TimmOp::Rotate {
+                    levels.push(o.arg.abs() / 3.0);
+                    neg += usize::from(o.arg < 0.0);
+                    cubic += usize::from(o.bicubic);
+                }
+            }
+        }
+        let n = levels.len() as f64;
+        let mean = levels.iter().sum::<f64>() / n;
+        let sd = (levels.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!((mean - 9.0).abs() < 0.05, "mean {mean}");
+        assert!((sd - 0.49).abs() < 0.05, "sd {sd}");
+        assert!(levels.iter().all(|&l| l <= 10.0 + 1e-12));
+        assert!(
+            levels.iter().any(|&l| (l - 10.0).abs() < 1e-12),
+            "clipped at 10"
+        );
+        assert!((neg as f64 / n - 0.5).abs() < 0.06, "{neg} of {n}");
+        assert!((cubic as f64 / n - 0.5).abs() < 0.06, "{cubic} of {n}");
+        // 12000 picks, 800 per op.
+        assert!(
+            counts.iter().all(|&c| (650..950).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
     #[test]
     fn fill_rounds_half_to_even() {
         assert_eq!(fill_colour([0.485, 0.456, 0.406]), [124.0, 116.0, 104.0]);
