@@ -234,6 +234,15 @@ pub struct ModelPlan {
 }
 
 impl ModelPlan {
+    /// `arch` with fresh weights.
+    pub fn new(arch: &str) -> ModelPlan {
+        ModelPlan {
+            arch: arch.into(),
+            weights: None,
+            source_sha256: None,
+        }
+    }
+
     /// The file a foreign architecture is loaded from, if it is one: a
     /// TorchScript file, or the `.py` file of a Python spec.
     pub fn source_file(&self) -> Option<&std::path::Path> {
@@ -303,6 +312,25 @@ pub struct StagePlan {
 
 fn is_false(b: &bool) -> bool {
     !b
+}
+
+impl StagePlan {
+    /// A stage training the student and the methods' modules with
+    /// `methods` for `epochs`, every other field at its default.
+    pub fn new(name: &str, epochs: usize, methods: Vec<MethodPlan>) -> StagePlan {
+        StagePlan {
+            name: name.into(),
+            epochs,
+            subject: Subject::default(),
+            train: default_train(),
+            methods,
+            optimizer: Sgd::default(),
+            lr_schedule: LrSchedule::default(),
+            keep_optimizer: false,
+            clip_grad: None,
+            ema: None,
+        }
+    }
 }
 
 fn default_train() -> Vec<Part> {

@@ -33,18 +33,9 @@ fn plan() -> Plan {
             batch_size: 32,
             ..Default::default()
         },
-        student: ModelPlan {
-            arch: "resnet8".into(),
-            weights: None,
-            source_sha256: None,
-        },
+        student: ModelPlan::new("resnet8"),
         teacher: None,
         stages: vec![StagePlan {
-            name: "train".into(),
-            epochs: 2,
-            subject: Default::default(),
-            train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
-            methods: vec![MethodPlan::new("ce", 1.0)],
             optimizer: OptimizerPlan {
                 lr: 2e-3,
                 weight_decay: 0.05,
@@ -55,13 +46,13 @@ fn plan() -> Plan {
                 min_lr: 0.0,
                 warmup_lr: 0.0,
             },
-            keep_optimizer: false,
             clip_grad: Some(1.0),
             ema: Some(EmaPlan {
                 decay: 0.9,
                 warmup: true,
                 ..Default::default()
             }),
+            ..StagePlan::new("train", 2, vec![MethodPlan::new("ce", 1.0)])
         }],
     }
 }

@@ -12,7 +12,7 @@ use kd_core::{BuildCx, Losses, Method, Registry, Side, StepIo, TapRef, register_
 use kd_data::{
     CropPadding, DataSource, Loader, LoaderConfig, Mixup, Normalize, RandomErasing, SyntheticConfig,
 };
-use kd_engine::{DataPlan, DeviceChoice, MethodPlan, ModelPlan, Part, Plan, Silent, StagePlan};
+use kd_engine::{DataPlan, DeviceChoice, MethodPlan, ModelPlan, Plan, Silent, StagePlan};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
@@ -118,31 +118,18 @@ fn plan(name: &str, teacher: &Path, epochs: usize, extra: Option<MethodPlan>) ->
             random_erasing: Some(erasing()),
             ..Default::default()
         },
-        student: ModelPlan {
-            arch: "resnet8".into(),
-            weights: None,
-            source_sha256: None,
-        },
+        student: ModelPlan::new("resnet8"),
         teacher: Some(ModelPlan {
-            arch: "resnet8".into(),
             weights: Some(teacher.into()),
-            source_sha256: None,
+            ..ModelPlan::new("resnet8")
         }),
-        stages: vec![StagePlan {
-            epochs,
-            methods,
-            ..serde_json::from_value(serde_json::json!({
-                "name": "distill", "epochs": epochs, "methods": [],
-                "train": [Part::Network, Part::Methods],
-            }))
-            .unwrap()
-        }],
+        stages: vec![StagePlan::new("distill", epochs, methods)],
     }
 }
 
-/// The run's training batches as the loader makes them: the same seed
-/// (the plan's, for stage 0), order, erasing and mixing.
-fn batches(epoch: usize) -> Vec<kd_data::Batch> {
+/// `f` on the run's training loader before erasing and mixing: the
+/// plan's data, seed (for stage 0), batch size and crop.
+fn with_loader<T>(f: impl FnOnce(Loader) -> T) -> T {
     let source = DataSource::Synthetic(synthetic());
     let mut splits = kd_data::load(&source, 0.0, 0).unwrap();
     splits.normalize_with(&Normalize::Default, &source).unwrap();
@@ -154,16 +141,19 @@ fn batches(epoch: usize) -> Vec<kd_data::Batch> {
         drop_last: false,
         contrast: None,
     };
-    let loader = Loader::new(&splits.train, cfg, 9, Device::Cpu)
-        .unwrap()
-        .random_erasing(erasing())
-        .unwrap()
-        .mixup(mixup())
-        .unwrap();
-    let order = loader.order(epoch);
-    (0..loader.batches_per_epoch())
-        .map(|b| loader.batch(&order, epoch, b).unwrap())
-        .collect()
+    f(Loader::new(&splits.train, cfg, 9, Device::Cpu).unwrap())
+}
+
+/// The run's training batches as the loader makes them: the same seed,
+/// order, erasing and mixing.
+fn batches(epoch: usize) -> Vec<kd_data::Batch> {
+    with_loader(|l| {
+        let loader = l.random_erasing(erasing()).unwrap().mixup(mixup()).unwrap();
+        let order = loader.order(epoch);
+        (0..loader.batches_per_epoch())
+            .map(|b| loader.batch(&order, epoch, b).unwrap())
+            .collect()
+    })
 }
 
 #[test]
@@ -212,21 +202,7 @@ fn the_teacher_sees_the_mixed_images_and_methods_the_mixed_labels() {
         seen.len()
     );
     // ... and not its forward on the images before erasing and mixing.
-    let plain = {
-        let source = DataSource::Synthetic(synthetic());
-        let mut splits = kd_data::load(&source, 0.0, 0).unwrap();
-        splits.normalize_with(&Normalize::Default, &source).unwrap();
-        let cfg = LoaderConfig {
-            batch_size: 16,
-            shuffle: true,
-            augment: true,
-            padding: CropPadding::Zero,
-            drop_last: false,
-            contrast: None,
-        };
-        let l = Loader::new(&splits.train, cfg, 9, Device::Cpu).unwrap();
-        l.batch(&l.order(0), 0, 0).unwrap()
-    };
+    let plain = with_loader(|l| l.batch(&l.order(0), 0, 0).unwrap());
     let first = &seen.iter().find(|s| s.1 == 0).unwrap().2;
     let on_plain = tch::no_grad(|| net.forward_taps(&plain.images, false).logits);
     assert!((first - on_plain).abs().max().double_value(&[]) > 1e-2);

@@ -2,11 +2,12 @@
 //! trains, and differs from the same run without it; validation refuses it
 //! without `augment` and with parameters out of range.
 
+mod common;
+
 use kd_core::Registry;
 use kd_data::{DataSource, SyntheticConfig, TimmRandAugment};
 use kd_engine::{
-    DataPlan, DeviceChoice, MethodPlan, ModelPlan, NoScripts, Part, Plan, RunOptions, Silent,
-    StagePlan,
+    DataPlan, DeviceChoice, MethodPlan, ModelPlan, NoScripts, Plan, Silent, StagePlan,
 };
 
 fn plan(ra: Option<TimmRandAugment>, augment: bool) -> Plan {
@@ -25,20 +26,9 @@ fn plan(ra: Option<TimmRandAugment>, augment: bool) -> Plan {
             randaugment: ra,
             ..Default::default()
         },
-        student: ModelPlan {
-            arch: "resnet8".into(),
-            weights: None,
-            source_sha256: None,
-        },
+        student: ModelPlan::new("resnet8"),
         teacher: None,
-        stages: vec![StagePlan {
-            methods: vec![MethodPlan::new("ce", 1.0)],
-            ..serde_json::from_value(serde_json::json!({
-                "name": "train", "epochs": 1, "methods": [],
-                "train": [Part::Network, Part::Methods],
-            }))
-            .unwrap()
-        }],
+        stages: vec![StagePlan::new("train", 1, vec![MethodPlan::new("ce", 1.0)])],
         precision: Default::default(),
         channels_last: true,
         batchnorm: Default::default(),
@@ -53,15 +43,7 @@ fn final_loss(p: &Plan) -> f64 {
     let r = kd_engine::run(
         p,
         &Registry::global().unwrap(),
-        &mut RunOptions {
-            run_dir: dir.path().into(),
-            resume: false,
-            observer: &mut Silent,
-            scripts: &NoScripts,
-            stop: None,
-            log_every: 0,
-            progress_bar: false,
-        },
+        &mut common::options(dir.path(), false, &mut Silent, None),
     )
     .unwrap();
     r.stages[0].epochs.last().unwrap().train_loss

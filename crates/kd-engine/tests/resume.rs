@@ -27,28 +27,13 @@ fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Pla
             batch_size: 32,
             ..Default::default()
         },
-        student: ModelPlan {
-            arch: "resnet8".into(),
-            weights: None,
-            source_sha256: None,
-        },
-        teacher: Some(ModelPlan {
-            arch: "resnet8".into(),
-            weights: None,
-            source_sha256: None,
-        }),
-        stages: vec![StagePlan {
-            name: "distill".into(),
-            epochs: 2,
-            subject: Default::default(),
-            train: vec![kd_engine::Part::Network, kd_engine::Part::Methods],
-            methods: vec![MethodPlan::new("ce", 1.0), method],
-            optimizer: Default::default(),
-            lr_schedule: Default::default(),
-            keep_optimizer: false,
-            clip_grad: None,
-            ema: None,
-        }],
+        student: ModelPlan::new("resnet8"),
+        teacher: Some(ModelPlan::new("resnet8")),
+        stages: vec![StagePlan::new(
+            "distill",
+            2,
+            vec![MethodPlan::new("ce", 1.0), method],
+        )],
     }
 }
 

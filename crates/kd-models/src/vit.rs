@@ -170,7 +170,6 @@ impl VitConfig {
             norm: layer_norm(p / "norm", d),
             head,
             head_dist,
-            grid,
             patch_size: self.patch_size,
             img_size: self.img_size,
         })
@@ -281,7 +280,6 @@ pub struct VisionTransformer {
     norm: nn::LayerNorm,
     head: nn::Linear,
     head_dist: Option<nn::Linear>,
-    grid: i64,
     patch_size: i64,
     img_size: i64,
 }
@@ -301,10 +299,10 @@ impl VisionTransformer {
     /// The patch tokens of `x` (`[B, prefix + N, D]`) as `[B, D, H, W]`
     /// maps: a view, no copy.
     fn as_map(&self, x: &Tensor) -> Tensor {
-        let n = self.grid * self.grid;
-        x.narrow(1, self.prefix(), n)
+        let grid = self.img_size / self.patch_size;
+        x.narrow(1, self.prefix(), grid * grid)
             .transpose(1, 2)
-            .unflatten(2, [self.grid, self.grid])
+            .unflatten(2, [grid, grid])
     }
 }
 

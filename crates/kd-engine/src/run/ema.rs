@@ -14,6 +14,10 @@ use crate::{EngineError, Result};
 pub(crate) struct EmaNet {
     pub(crate) net: Net,
     plan: EmaPlan,
+    /// The average's variables and the trained network's, paired by name
+    /// once (`set`), with which of them are parameters: the per-step
+    /// update only walks these lists.
+    pairs: (Vec<Tensor>, Vec<Tensor>, Vec<bool>),
 }
 
 impl EmaNet {
@@ -25,7 +29,11 @@ impl EmaNet {
             net.use_channels_last()?;
         }
         net.vs.freeze();
-        Ok(EmaNet { net, plan })
+        Ok(EmaNet {
+            net,
+            plan,
+            pairs: Default::default(),
+        })
     }
 
     /// Pairs of (average, network) tensors by name, and which are parameters.
@@ -43,21 +51,24 @@ impl EmaNet {
         Ok((e, m, is_param))
     }
 
-    /// The average starts as a copy of `source` (timm copies the model).
-    pub(crate) fn set(&self, source: &Net) -> Result<()> {
-        let (e, m, _) = self.pairs(source)?;
+    /// The average starts as a copy of `source` (timm copies the model),
+    /// the network it follows from then on.
+    pub(crate) fn set(&mut self, source: &Net) -> Result<()> {
+        self.pairs = self.pairs(source)?;
+        let (e, m, _) = &self.pairs;
         tch::no_grad(|| -> Result<()> {
-            for (e, m) in e.iter().zip(&m) {
+            for (e, m) in e.iter().zip(m) {
                 e.shallow_clone().f_copy_(m)?;
             }
             Ok(())
         })
     }
 
-    /// After the stage's `step`-th optimiser update.
-    pub(crate) fn update(&self, source: &Net, step: u64) -> Result<()> {
-        let (e, m, is_param) = self.pairs(source)?;
-        ema_update(&self.plan, step, &e, &m, &is_param)
+    /// After the stage's `step`-th optimiser update of the network `set`
+    /// gave.
+    pub(crate) fn update(&self, step: u64) -> Result<()> {
+        let (e, m, is_param) = &self.pairs;
+        ema_update(&self.plan, step, e, m, is_param)
     }
 
     /// The average as the checkpoint holds it.

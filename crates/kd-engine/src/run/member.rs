@@ -278,7 +278,7 @@ impl<'a, 'o> Member<'a, 'o> {
             .train_step(net, other, &self.exec, batch, progress, shared, lr)?;
         if let Some(ema) = &run.ema {
             // timm's `model_ema.update(model, step=num_updates)`.
-            ema.update(net, progress.global_step as u64 + 1)?;
+            ema.update(progress.global_step as u64 + 1)?;
         }
         e.pending.push(b, lr, out);
         e.lr = lr;

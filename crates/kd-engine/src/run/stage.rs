@@ -97,7 +97,7 @@ impl StageRun {
             epoch: None,
             ema,
         };
-        if let Some(e) = &run.ema {
+        if let Some(e) = &mut run.ema {
             let (net, _) = roles(stage.subject, &m.student, m.teacher.as_ref());
             e.set(net)?;
         }
