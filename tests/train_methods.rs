@@ -42,6 +42,7 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
             weights: None,
             source_sha256: None,
         }),
+        teacher_cache: None,
         stages: vec![StagePlan {
             name: "distill".into(),
             epochs,

@@ -3,6 +3,7 @@
 // (nullptr on success), so nothing unwinds across the FFI boundary.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/jit/serialization/unpickler.h>
@@ -99,6 +100,52 @@ char *kd_set_cuda_autocast_dtype(int bf16) {
 int kd_cuda_autocast_is_bf16() {
   return at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16 ? 1 : 0;
 }
+
+// Whether oneDNN runs bfloat16 convolutions and matmuls on this CPU: what
+// `torch.ops.mkldnn._is_mkldnn_bf16_supported()` answers, asked through the
+// dispatcher because ATen's own check (mkldnn_bf16_device_check) is in a
+// header libtorch does not ship. 0 where libtorch was built without oneDNN.
+int kd_cpu_bf16_supported() {
+  try {
+    if (!at::hasMKLDNN()) return 0;
+    auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!op.has_value()) return 0;
+    return op->typed<bool()>().call() ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// `torch.autocast("cpu", dtype=torch.bfloat16)` as a heap guard: entering
+// saves the thread's CPU autocast state and turns it on at bfloat16;
+// leaving restores it and, as torch's __exit__ does, drops the cast-weight
+// cache once the outermost autocast region ends (else bf16 copies of
+// weights the optimiser has since updated would be reused). Enter with
+// _new, leave with _free on the same thread.
+struct KdCpuAutocast {
+  bool enabled;
+  at::ScalarType dtype;
+};
+
+void *kd_cpu_autocast_new() {
+  auto *g = new KdCpuAutocast{at::autocast::is_autocast_enabled(at::kCPU),
+                              at::autocast::get_autocast_dtype(at::kCPU)};
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  at::autocast::increment_nesting();
+  return g;
+}
+
+void kd_cpu_autocast_free(void *guard) {
+  auto *g = static_cast<KdCpuAutocast *>(guard);
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCPU, g->enabled);
+  at::autocast::set_autocast_dtype(at::kCPU, g->dtype);
+  delete g;
+}
+
+// 1 when autocast is on for the CPU on this thread.
+int kd_cpu_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCPU) ? 1 : 0; }
 
 // The pickle program (`data.pkl`) of a file `torch.save` wrote, malloc'd
 // into `*out` (`*len` bytes) for the caller to free.

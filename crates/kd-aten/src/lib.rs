@@ -1,7 +1,8 @@
 //! The few libtorch calls kd needs that `tch` does not bind, through a small
 //! C++ shim (`cpp/kd_aten.cpp`) compiled against the same libtorch:
 //! PyTorch's multi-tensor SGD update, channels-last memory order, inference
-//! mode, autocast's lower precision on CUDA, and CUDA graphs; and modules
+//! mode, autocast's lower precision on CUDA, bf16 autocast on the CPU, and
+//! CUDA graphs; and modules
 //! kd did not build: TorchScript files and PyTorch modules in an embedded
 //! Python.
 
@@ -47,6 +48,10 @@ unsafe extern "C" {
     fn kd_inference_mode_free(guard: *mut c_void);
     fn kd_set_cuda_autocast_dtype(bf16: i32) -> *mut c_char;
     fn kd_cuda_autocast_is_bf16() -> i32;
+    fn kd_cpu_bf16_supported() -> i32;
+    fn kd_cpu_autocast_new() -> *mut c_void;
+    fn kd_cpu_autocast_free(guard: *mut c_void);
+    fn kd_cpu_autocast_enabled() -> i32;
     fn kd_pth_pickle(path: *const c_char, out: *mut *mut c_char, len: *mut i64) -> *mut c_char;
     fn kd_pickle_tensors(
         path: *const c_char,
@@ -220,6 +225,37 @@ pub fn cuda_autocast_dtype() -> HalfKind {
     }
 }
 
+/// Whether this CPU runs bf16 convolutions and matmuls in oneDNN, as
+/// `torch.ops.mkldnn._is_mkldnn_bf16_supported()` says (AVX-512 or newer on
+/// x86; native bf16 instructions, AVX512_BF16 or AMX, make it fast).
+pub fn cpu_bf16_supported() -> bool {
+    // SAFETY: a plain query; the shim catches everything.
+    unsafe { kd_cpu_bf16_supported() != 0 }
+}
+
+/// Runs `f` under `torch.autocast("cpu", dtype=torch.bfloat16)`:
+/// convolutions and matmuls in bf16 through oneDNN, the ops autocast keeps
+/// in fp32 in fp32, everything else in its inputs' type. `tch::autocast`
+/// only switches CUDA's autocast, whence this.
+pub fn cpu_autocast<T>(f: impl FnOnce() -> T) -> T {
+    struct Guard(*mut c_void);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            // SAFETY: made by kd_cpu_autocast_new on this thread.
+            unsafe { kd_cpu_autocast_free(self.0) }
+        }
+    }
+    // SAFETY: the guard lives on this thread until `f` returns (or unwinds).
+    let _guard = Guard(unsafe { kd_cpu_autocast_new() });
+    f()
+}
+
+/// Whether CPU autocast is on for this thread.
+pub fn cpu_autocast_enabled() -> bool {
+    // SAFETY: a plain getter.
+    unsafe { kd_cpu_autocast_enabled() != 0 }
+}
+
 /// Every tensor of a file written by Python's `torch.save` (a state_dict,
 /// or a checkpoint dict holding one), with dotted names (`model.fc.weight`
 /// for `{"model": {"fc.weight": ...}}`); other values are left out. Read by
@@ -327,6 +363,33 @@ mod tests {
             set_cuda_autocast_dtype(kind).unwrap();
             assert_eq!(cuda_autocast_dtype(), kind);
         }
+    }
+
+    /// Nested regions keep autocast on until the outermost ends, which
+    /// then drops the cached bf16 weights: a weight changed between two
+    /// regions (an optimiser step) is cast afresh.
+    #[test]
+    fn cpu_autocast_nests_and_recasts_updated_weights() {
+        let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
+        let w = Tensor::ones([2, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        assert!(!cpu_autocast_enabled());
+        let first = cpu_autocast(|| {
+            let inner = cpu_autocast(|| x.linear(&w, None::<Tensor>));
+            assert!(cpu_autocast_enabled(), "still on after the inner region");
+            inner
+        });
+        assert!(!cpu_autocast_enabled());
+        assert_eq!(first.kind(), Kind::BFloat16);
+        tch::no_grad(|| w.shallow_clone().fill_(2.0));
+        let second = cpu_autocast(|| x.linear(&w, None::<Tensor>));
+        assert_eq!(
+            Vec::<f32>::try_from(&first.to_kind(Kind::Float)).unwrap(),
+            [4.0, 4.0]
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(&second.to_kind(Kind::Float)).unwrap(),
+            [8.0, 8.0]
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ fn plan() -> Plan {
             weights: None,
             source_sha256: None,
         }),
+        teacher_cache: None,
         stages: vec![StagePlan {
             name: "distill".into(),
             epochs: 1,

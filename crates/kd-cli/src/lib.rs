@@ -36,6 +36,9 @@ enum Cmd {
     TrainTeacher(commands::train_teacher::Args),
     /// Distill a frozen teacher into a student with one or more methods.
     Distill(commands::distill::Args),
+    /// Write the frozen teacher's outputs on every batch of `kd distill`
+    /// runs with the same flags, for `--teacher-cache` (no teacher forward).
+    CacheTeacher(commands::cache_teacher::Args),
     /// Run a recipe (`.rhai`) or a saved plan (YAML, as printed by `kd plan`).
     Run(commands::run::Args),
     /// Print the plans a recipe resolves to, as YAML, validated (weights,
@@ -87,6 +90,7 @@ where
     let registry = Registry::global()?;
     match cli.cmd {
         Cmd::TrainTeacher(a) => commands::train_teacher::run(&a, &registry),
+        Cmd::CacheTeacher(a) => commands::cache_teacher::run(&a),
         Cmd::Distill(a) => commands::distill::run(&a, &registry),
         Cmd::Run(a) => commands::run::run(a, &registry),
         Cmd::Plan(a) => commands::plan::run(&a, &registry),

@@ -159,8 +159,10 @@ pub struct TrainArgs {
     /// Where to train: CUDA when available (auto), or forced.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
-    /// Forward-pass precision: fp32, or on CUDA bf16 / fp16 (master weights
-    /// and loss terms stay fp32; fp16 adds a dynamic loss scale).
+    /// Forward-pass precision: fp32; bf16 on CUDA and on CPUs with bf16
+    /// kernels (AVX-512 and newer); fp16 on CUDA (adds a dynamic loss
+    /// scale); teacher-bf16: the frozen teacher's forward in bf16, the
+    /// student's in fp32. Master weights and loss terms stay fp32.
     #[arg(long, default_value = "fp32")]
     pub precision: kd_engine::Precision,
     /// BatchNorm while training: `batch` (each batch's statistics),
@@ -398,6 +400,7 @@ impl TrainArgs {
             data,
             student,
             teacher,
+            teacher_cache: None,
             stages: vec![self.stage(stage, methods)?],
             precision: self.precision,
             channels_last: !self.no_channels_last,

@@ -23,6 +23,10 @@ pub struct Plan {
     pub student: ModelPlan,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher: Option<ModelPlan>,
+    /// A folder written by `kd cache-teacher`: the teacher's outputs are
+    /// read from it instead of computed (the teacher is never built).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_cache: Option<PathBuf>,
     pub stages: Vec<StagePlan>,
     /// Arithmetic of the forward passes (CUDA only for `bf16`/`fp16`).
     #[serde(default)]
@@ -124,6 +128,8 @@ fn yes() -> bool {
 
 /// The precision of a plan's forward passes. Master weights, optimiser
 /// state and every loss term stay fp32; `fp16` adds a dynamic loss scale.
+/// `bf16` runs on CUDA and on CPUs whose oneDNN has bf16 kernels; `fp16`
+/// on CUDA only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -131,6 +137,39 @@ pub enum Precision {
     Fp32,
     Bf16,
     Fp16,
+    /// bf16 for the forwards of networks the stage does not train (the
+    /// frozen teacher's, in distillation), fp32 for the network it trains:
+    /// the teacher's forward is cheaper, the student's gradients untouched.
+    #[serde(rename = "teacher-bf16")]
+    TeacherBf16,
+}
+
+impl Precision {
+    /// Its name in plans and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+            Precision::TeacherBf16 => "teacher-bf16",
+        }
+    }
+
+    /// The precision of the forwards of trained networks.
+    pub fn trained(self) -> Precision {
+        match self {
+            Precision::TeacherBf16 => Precision::Fp32,
+            p => p,
+        }
+    }
+
+    /// The precision of the forwards of frozen networks (no gradient).
+    pub fn frozen(self) -> Precision {
+        match self {
+            Precision::TeacherBf16 => Precision::Bf16,
+            p => p,
+        }
+    }
 }
 
 impl std::str::FromStr for Precision {
@@ -140,8 +179,9 @@ impl std::str::FromStr for Precision {
             "fp32" => Ok(Precision::Fp32),
             "bf16" => Ok(Precision::Bf16),
             "fp16" => Ok(Precision::Fp16),
+            "teacher-bf16" => Ok(Precision::TeacherBf16),
             other => Err(format!(
-                "unknown precision `{other}`; valid: fp32, bf16, fp16"
+                "unknown precision `{other}`; valid: fp32, bf16, fp16, teacher-bf16"
             )),
         }
     }

@@ -413,6 +413,7 @@ mod tests {
                 source_sha256: None,
             },
             teacher: None,
+            teacher_cache: None,
             stages: vec![stage],
         };
         let st = StageResult {

@@ -35,6 +35,7 @@ fn plan() -> Plan {
         },
         student: ModelPlan::new("resnet8"),
         teacher: None,
+        teacher_cache: None,
         stages: vec![StagePlan {
             optimizer: OptimizerPlan {
                 lr: 2e-3,

@@ -71,6 +71,7 @@ fn plan(name: &str, stages: Vec<StagePlan>, teacher: bool) -> Plan {
         // The same architecture as the student: the same parameter names,
         // which must not lend the student the teacher's momentum.
         teacher: teacher.then(|| model("resnet8")),
+        teacher_cache: None,
         stages,
         precision: Default::default(),
         channels_last: true,

@@ -60,6 +60,7 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
             weights: Some(teacher.to_path_buf()),
             source_sha256: None,
         }),
+        teacher_cache: None,
         stages: vec![StagePlan {
             name: "distill".into(),
             epochs: 2,

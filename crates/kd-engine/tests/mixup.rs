@@ -123,6 +123,7 @@ fn plan(name: &str, teacher: &Path, epochs: usize, extra: Option<MethodPlan>) ->
             weights: Some(teacher.into()),
             ..ModelPlan::new("resnet8")
         }),
+        teacher_cache: None,
         stages: vec![StagePlan::new("distill", epochs, methods)],
     }
 }

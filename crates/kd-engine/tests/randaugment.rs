@@ -28,6 +28,7 @@ fn plan(ra: Option<TimmRandAugment>, augment: bool) -> Plan {
         },
         student: ModelPlan::new("resnet8"),
         teacher: None,
+        teacher_cache: None,
         stages: vec![StagePlan::new("train", 1, vec![MethodPlan::new("ce", 1.0)])],
         precision: Default::default(),
         channels_last: true,

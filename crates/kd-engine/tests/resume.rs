@@ -29,6 +29,7 @@ fn plan(name: &str, seed: u64, data: SyntheticConfig, method: MethodPlan) -> Pla
         },
         student: ModelPlan::new("resnet8"),
         teacher: Some(ModelPlan::new("resnet8")),
+        teacher_cache: None,
         stages: vec![StagePlan::new(
             "distill",
             2,

@@ -65,6 +65,7 @@ fn distillation_stage_reports_the_teacher_it_received() {
             weights: None,
             source_sha256: None,
         }),
+        teacher_cache: None,
         stages: vec![
             StagePlan {
                 epochs: 3,

@@ -22,6 +22,11 @@ pub struct Args {
     /// parameter names load as they are.
     #[arg(long)]
     teacher_weights: PathBuf,
+    /// Read the teacher's outputs from a cache written by `kd
+    /// cache-teacher` with the same teacher, data flags and seeds; the
+    /// teacher is never built or run.
+    #[arg(long)]
+    teacher_cache: Option<PathBuf>,
     /// Student's zoo name (`kd models`).
     #[arg(long)]
     student: String,
@@ -84,14 +89,18 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     let mut kd_runs = Vec::new();
     for (label, group) in &groups {
         kd_runs.extend(seeds(train, &group_name(label), |run_name, seed| {
-            train.plan(
+            let plan = train.plan(
                 run_name,
                 student.clone(),
                 Some(teacher.clone()),
                 "distill",
                 group.clone(),
                 seed,
-            )
+            )?;
+            Ok(kd_engine::Plan {
+                teacher_cache: a.teacher_cache.clone(),
+                ..plan
+            })
         })?);
     }
     let base_sweep = format!("{base_name}_sweep");

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_data;
+pub mod cache_teacher;
 pub mod distill;
 pub mod methods;
 pub mod mlflow;

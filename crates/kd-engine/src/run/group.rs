@@ -31,6 +31,7 @@ pub fn lockstep_key(plan: &Plan) -> Option<String> {
         "teacher": teacher,
         "precision": plan.precision,
         "channels_last": plan.channels_last,
+        "teacher_cache": plan.teacher_cache,
     });
     Some(key.to_string())
 }
@@ -237,10 +238,23 @@ fn run_epoch(
         let graph = active
             .iter()
             .any(|(_, m)| m.teacher_share() == Some(Share::Graph));
-        let shared = active
-            .iter()
+        // A teacher that fails here fails again, with its own error, in
+        // each run's step; a cache that cannot be read fails the runs now.
+        let shared = match active
+            .iter_mut()
             .find(|(_, m)| m.teacher_share().is_some())
-            .and_then(|(_, m)| m.shared_teacher(&batch, graph).ok().flatten());
+            .map(|(_, m)| m.shared_teacher(b, &batch, graph))
+        {
+            Some(Ok(s)) => s,
+            Some(Err(e)) if active.iter().any(|(_, m)| m.reads_cache()) => {
+                let msg = e.to_string();
+                each(&mut active, results, |_| {
+                    Err(EngineError::Plan(msg.clone()))
+                });
+                break;
+            }
+            _ => None,
+        };
         each(&mut active, results, |m| {
             // Contrast indices differ between methods, and only some draw
             // the augmented view; the first view's images do not differ.

@@ -55,6 +55,7 @@ pub fn bench_plan(
         },
         student: model(student),
         teacher: Some(model(teacher)),
+        teacher_cache: None,
         stages: vec![StagePlan {
             name: "distill".into(),
             epochs: 1,
@@ -106,6 +107,7 @@ impl StepHarness {
             exec: &exec,
             splits: &splits,
             scripts: &crate::NoScripts,
+            cached_teacher: None,
         };
         let (prep, loader) = prepare(&cx, stage, &mut student, teacher.as_mut(), &Carry::new())?;
         let batch = loader.batch(&loader.order(0), 0, 0)?;
@@ -235,6 +237,7 @@ pub(crate) fn probe_step(
         teacher.as_deref_mut(),
         &Carry::new(),
         &probe,
+        None,
     )?;
     if prep.needs.contrast.is_some() {
         return Err(EngineError::Plan(

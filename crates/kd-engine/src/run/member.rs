@@ -7,6 +7,7 @@ use kd_core::{Progress, Registry};
 use kd_data::{Batch, Splits};
 
 use super::RunOptions;
+use super::cache::CacheReader;
 use super::checkpoint::{
     Carry, Restored, Resume, Snapshot, append_jsonl, restore, world_size, write_checkpoint,
 };
@@ -16,7 +17,7 @@ use super::nets::{
 };
 use super::prepare::StageCx;
 use super::stage::StageRun;
-use super::step::{Share, SharedTeacher};
+use super::step::{Share, SharedTeacher, count_teacher_forwards};
 use crate::observe::{EpochRecord, RunResult, StageResult};
 use crate::plan::{Plan, StagePlan, Subject};
 use crate::{EngineError, Result, eval};
@@ -44,6 +45,8 @@ pub(crate) struct Member<'a, 'o> {
     /// SHA-256 of the teacher's weights file: while the teacher is pristine,
     /// checkpoints leave it out and name the file's contents instead.
     teacher_sha256: Option<String>,
+    /// The teacher's outputs, read from a cache (`teacher_cache`).
+    cache: Option<CacheReader>,
 }
 
 impl<'a, 'o> Member<'a, 'o> {
@@ -54,6 +57,11 @@ impl<'a, 'o> Member<'a, 'o> {
         classes: i64,
     ) -> Result<Self> {
         check_keep(&plan.stages)?;
+        let cache = plan
+            .teacher_cache
+            .as_ref()
+            .map(|dir| CacheReader::open(dir, plan))
+            .transpose()?;
         let exec = Exec::of(plan, device(plan.device)?)?;
         let (student, teacher) = build_nets(plan, classes, &exec)?;
         if kd_dist::is_main() {
@@ -135,6 +143,7 @@ impl<'a, 'o> Member<'a, 'o> {
             stage: None,
             pristine_teacher,
             teacher_sha256,
+            cache,
         })
     }
 
@@ -157,6 +166,7 @@ impl<'a, 'o> Member<'a, 'o> {
         let (si, stage) = (self.results.len(), self.stage_plan());
         check_stage(stage, self.teacher.is_some())?;
         let exec = self.exec;
+        let cached = self.cache.as_ref().map(|c| c.manifest.shapes());
         let cx = StageCx {
             plan: self.plan,
             si,
@@ -164,8 +174,13 @@ impl<'a, 'o> Member<'a, 'o> {
             exec: &exec,
             splits,
             scripts: self.opts.scripts,
+            cached_teacher: cached.as_ref(),
         };
         let run = StageRun::begin(self, &cx)?;
+        if let Some(c) = &self.cache {
+            c.manifest
+                .check_stage(&c.dir, self.plan, si, stage, &run.prep.needs)?;
+        }
         // A teacher this stage does not train (prepared folded) is evaluated
         // first, and stays shareable while no stage has trained it.
         let fixed = stage.subject == Subject::Student && !run.prep.mutual;
@@ -173,15 +188,18 @@ impl<'a, 'o> Member<'a, 'o> {
             self.pristine_teacher = false;
         }
         self.opts.observer.stage_start(si, &stage.name);
-        if let (Some(t), true) = (self.teacher.as_ref(), fixed) {
+        if let (Some(c), true) = (&self.cache, fixed) {
+            // Measured when the cache was written, as a run measures it.
+            let acc = c.manifest.teacher_test;
+            self.opts.observer.teacher_eval(&stage.name, acc.0, acc.1);
+        } else if let (Some(t), true) = (self.teacher.as_ref(), fixed) {
             let acc = match (*teacher_eval, self.pristine_teacher) {
                 (Some(acc), true) => acc,
-                _ => eval::accuracy(
-                    t.model.as_ref(),
-                    &splits.test,
-                    self.plan.data.eval_batch_size,
-                    exec.device,
-                )?,
+                _ => {
+                    let bs = self.plan.data.eval_batch_size;
+                    count_teacher_forwards((splits.test.len() as usize).div_ceil(bs.max(1)) as u64);
+                    eval::accuracy(t.model.as_ref(), &splits.test, bs, exec.device)?
+                }
             };
             if self.pristine_teacher {
                 *teacher_eval = Some(acc);
@@ -215,6 +233,11 @@ impl<'a, 'o> Member<'a, 'o> {
             .filter(|_| self.pristine_teacher)
     }
 
+    /// Whether the teacher's outputs come from a cache.
+    pub(crate) fn reads_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
     pub(crate) fn stopped(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.opts
@@ -241,10 +264,19 @@ impl<'a, 'o> Member<'a, 'o> {
     /// weights' layout, as `input_batch` gives them), as a step computes it;
     /// with `graph`, as a step that takes gradient taps of it does.
     pub(crate) fn shared_teacher(
-        &self,
+        &mut self,
+        b: usize,
         batch: &Batch,
         graph: bool,
     ) -> Result<Option<SharedTeacher>> {
+        if let Some(cache) = &mut self.cache {
+            let si = self.results.len();
+            let run = self.stage.as_ref().expect("a stage is in progress");
+            let epoch = run.epoch.as_ref().expect("an epoch is in progress").epoch;
+            let rows = batch.labels.size()[0];
+            let taps = cache.taps((self.plan.seed, si, epoch), b, rows, self.exec.device)?;
+            return Ok(Some(SharedTeacher { taps, live: None }));
+        }
         let Some(t) = &self.teacher else {
             return Ok(None);
         };

@@ -10,6 +10,7 @@
 //! - `checkpoint`, `nets`, `draws`, `harness` (benchmarks and the probe);
 //! - `validate`: what can be checked before anything trains.
 
+mod cache;
 mod checkpoint;
 mod draws;
 mod ema;
@@ -32,12 +33,14 @@ use std::sync::atomic::AtomicBool;
 
 use kd_core::Registry;
 
+pub use cache::{CACHE_FORMAT, CacheDtype, CacheSpec, CacheWriter, Manifest as CacheManifest};
 pub use graph::GraphStats;
 pub use group::{lockstep_key, run_group};
 pub(crate) use harness::probe_step;
 pub use harness::{StepHarness, bench_plan};
 pub(crate) use nets::Net;
 pub use nets::device;
+pub use step::teacher_forwards;
 pub use validate::validate;
 
 use crate::observe::{Observer, RunResult};

@@ -44,14 +44,25 @@ pub(crate) struct Exec {
 
 impl Exec {
     pub(crate) fn of(plan: &Plan, device: Device) -> Result<Exec> {
-        if plan.precision != Precision::Fp32 && !device.is_cuda() {
-            return Err(EngineError::Plan(format!(
-                "precision `{}` needs CUDA (device is {device:?}); use `fp32` on the CPU",
-                serde_json::to_value(plan.precision)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            )));
+        if !device.is_cuda() {
+            // The CPU's autocast has a bf16 path through oneDNN; its fp16
+            // kernels are few and slow, and without bf16 kernels (before
+            // AVX-512) bf16 would be emulated, slower than fp32.
+            let name = plan.precision.name();
+            match plan.precision {
+                Precision::Fp32 => {}
+                Precision::Fp16 => {
+                    return Err(EngineError::Plan(format!(
+                        "precision `{name}` needs CUDA (device is {device:?}); on the CPU use `fp32`, or `bf16` / `teacher-bf16` where the CPU has bf16 kernels"
+                    )));
+                }
+                Precision::Bf16 | Precision::TeacherBf16 if !kd_aten::cpu_bf16_supported() => {
+                    return Err(EngineError::Plan(format!(
+                        "precision `{name}` needs CUDA or a CPU with bf16 kernels (oneDNN on AVX-512 or newer), and libtorch reports none on this one; use `fp32`"
+                    )));
+                }
+                Precision::Bf16 | Precision::TeacherBf16 => {}
+            }
         }
         if device.is_cuda() {
             // A stage's shapes are fixed: cuDNN may time its kernels once
@@ -61,7 +72,9 @@ impl Exec {
             // one lockstep group share their precision.
             match plan.precision {
                 Precision::Fp32 => {}
-                Precision::Bf16 => kd_aten::set_cuda_autocast_dtype(kd_aten::HalfKind::Bf16)?,
+                Precision::Bf16 | Precision::TeacherBf16 => {
+                    kd_aten::set_cuda_autocast_dtype(kd_aten::HalfKind::Bf16)?
+                }
                 Precision::Fp16 => kd_aten::set_cuda_autocast_dtype(kd_aten::HalfKind::F16)?,
             }
         }
@@ -96,11 +109,24 @@ impl Exec {
         }
     }
 
-    /// Runs `f` under autocast at the plan's precision (a no-op at fp32).
+    /// Runs `f`, a forward of a network the stage trains, under autocast
+    /// at the plan's precision (a no-op at fp32).
     pub(crate) fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
-        match self.precision {
+        self.autocast_at(self.precision.trained(), f)
+    }
+
+    /// Runs `f`, a forward of a network the stage does not train, under
+    /// autocast at the plan's precision for those (`teacher-bf16`: bf16).
+    pub(crate) fn frozen_autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.autocast_at(self.precision.frozen(), f)
+    }
+
+    fn autocast_at<T>(&self, precision: Precision, f: impl FnOnce() -> T) -> T {
+        match precision {
             Precision::Fp32 => f(),
-            Precision::Bf16 | Precision::Fp16 => tch::autocast(true, f),
+            // `of` admits only bf16 on the CPU; tch's autocast is CUDA's.
+            _ if !self.device.is_cuda() => kd_aten::cpu_autocast(f),
+            _ => tch::autocast(true, f),
         }
     }
 
@@ -136,12 +162,20 @@ impl Net {
         Ok(Net { vs, model })
     }
 
-    /// Forward pass at the run's precision, taps in fp32. With
-    /// `batchnorm: sync`, a training forward is a collective: every rank
-    /// must make it, in the same order.
+    /// Forward pass at the run's precision, taps in fp32; `train`: the
+    /// stage trains this network (else it is frozen, kept for its
+    /// gradient taps). With `batchnorm: sync`, a training forward is a
+    /// collective: every rank must make it, in the same order.
     pub(crate) fn taps(&self, x: &Tensor, train: bool, exec: &Exec) -> Result<Taps> {
         let batch_stats = train && !exec.frozen_bn;
-        let forward = || exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, batch_stats)));
+        let run = || self.model.forward_taps(x, batch_stats);
+        let forward = || {
+            exec.fp32_taps(if train {
+                exec.autocast(run)
+            } else {
+                exec.frozen_autocast(run)
+            })
+        };
         match kd_dist::group().filter(|_| batch_stats && exec.sync_bn) {
             Some(g) => Ok(kd_models::with_train_batch_norm(
                 sync_batch_norm(g),
@@ -153,7 +187,7 @@ impl Net {
 
     /// Forward pass of a frozen network: eval mode, no graph.
     pub(crate) fn frozen_taps(&self, x: &Tensor, exec: &Exec) -> Taps {
-        tch::no_grad(|| exec.fp32_taps(exec.autocast(|| self.model.forward_taps(x, false))))
+        tch::no_grad(|| exec.fp32_taps(exec.frozen_autocast(|| self.model.forward_taps(x, false))))
     }
 
     /// Puts 4-d weights (convolution kernels) in channels-last order, so
@@ -169,7 +203,7 @@ impl Net {
     }
 }
 
-fn build_net(m: &ModelPlan, classes: i64, exec: &Exec) -> Result<Net> {
+pub(crate) fn build_net(m: &ModelPlan, classes: i64, exec: &Exec) -> Result<Net> {
     let mut net = Net::zoo(&m.arch, classes, exec.device)?;
     if let Some(w) = &m.weights {
         kd_models::load_weights(&mut net.vs, w)?;
@@ -185,9 +219,11 @@ fn build_net(m: &ModelPlan, classes: i64, exec: &Exec) -> Result<Net> {
 pub(crate) fn build_nets(plan: &Plan, classes: i64, exec: &Exec) -> Result<(Net, Option<Net>)> {
     tch::manual_seed(plan.seed as i64);
     let student = build_net(&plan.student, classes, exec)?;
+    // A cached teacher's outputs are read, never computed.
     let teacher = plan
         .teacher
         .as_ref()
+        .filter(|_| plan.teacher_cache.is_none())
         .map(|t| build_net(t, classes, exec))
         .transpose()?;
     Ok((student, teacher))

@@ -1,7 +1,7 @@
 //! A stage made ready to step: its methods built, parameters frozen or
 //! trainable as the stage says, its optimiser and its loader.
 
-use kd_core::{AugmentPolicy, AugmentSpec, Needs, Progress, Registry};
+use kd_core::{AugmentPolicy, AugmentSpec, Needs, Progress, Registry, TapShapes};
 use kd_data::{Batch, Loader, LoaderConfig, Splits};
 use tch::Tensor;
 
@@ -27,6 +27,8 @@ pub(crate) struct Prepared {
     pub(crate) mutual: bool,
     /// `cuda_graph: true`: the stage's captured step.
     pub(crate) graph: Option<StepGraph>,
+    /// The teacher's taps come from a cache (the teacher is not built).
+    pub(crate) cached_teacher: bool,
 }
 
 impl Prepared {
@@ -48,6 +50,7 @@ impl Prepared {
         let nets = StageNets {
             net,
             other: other.filter(|_| self.needs.teacher),
+            cached: self.cached_teacher && self.needs.teacher,
             net_trains: self.net_trains,
             mutual: self.mutual,
             needs: &self.needs,
@@ -125,13 +128,17 @@ pub(crate) fn prepare_stage(
     mut teacher: Option<&mut Net>,
     carry: &Carry,
     probe: &Tensor,
+    cached_teacher: Option<&TapShapes>,
 ) -> Result<Prepared> {
     let net_trains = stage.train.contains(&Part::Network);
     let methods_train = stage.train.contains(&Part::Methods);
     let name = &stage.name;
     let (net, other) = roles(stage.subject, student, teacher.as_deref());
     let s_shapes = shapes_of(net, probe);
-    let t_shapes = other.as_ref().map(|t| shapes_of(t, probe));
+    let t_shapes = match cached_teacher {
+        Some(s) if stage.subject == Subject::Student => Some(s.clone()),
+        _ => other.as_ref().map(|t| shapes_of(t, probe)),
+    };
     tch::manual_seed(init_seed as i64);
     let (mut methods, mut peers, needs) =
         build_stage(stage, env, &s_shapes, t_shapes.as_ref(), carry)?;
@@ -198,6 +205,7 @@ pub(crate) fn prepare_stage(
         net_trains,
         mutual,
         graph: None,
+        cached_teacher: false,
     })
 }
 
@@ -209,6 +217,8 @@ pub(crate) struct StageCx<'a> {
     pub(crate) exec: &'a Exec,
     pub(crate) splits: &'a Splits,
     pub(crate) scripts: &'a dyn ScheduleResolver,
+    /// The teacher's tap shapes when its outputs come from a cache.
+    pub(crate) cached_teacher: Option<&'a TapShapes>,
 }
 
 /// A stage of a run ready to step, with its loader.
@@ -220,10 +230,7 @@ pub(crate) fn prepare(
     carry: &Carry,
 ) -> Result<(Prepared, Loader)> {
     let device = cx.exec.device;
-    let probe = {
-        let l = Loader::new(&cx.splits.train, loader_cfg(cx, None, false), 0, device)?;
-        l.batch(&[0, 1], 0, 0)?.images
-    };
+    let probe = probe_images(cx.plan, cx.splits, device)?;
     let env = BuildEnv {
         registry: cx.registry,
         device,
@@ -241,7 +248,9 @@ pub(crate) fn prepare(
         teacher,
         carry,
         &probe,
+        cx.cached_teacher,
     )?;
+    prep.cached_teacher = cx.cached_teacher.is_some();
     if let Some(backend) = cx.exec.graph {
         graph::check(&prep.needs)?;
         // AdamW's and LAMB's bias corrections change every step: a
@@ -256,50 +265,78 @@ pub(crate) fn prepare(
         prep.graph = Some(StepGraph::new(backend, cx.plan.data.batch_size));
     }
     let contrast = prep.needs.contrast.as_ref().map(|c| (c.k, c.other_classes));
-    let loader = Loader::new(
-        &cx.splits.train,
-        loader_cfg(cx, contrast, cx.plan.data.augment),
-        cx.plan.seed.wrapping_add(cx.si as u64 * 7919),
-        device,
-    )?;
-    // Training batches only: evaluation and the probe batch above are
-    // never erased or mixed.
-    let loader = match cx.plan.data.randaugment {
-        Some(ra) => loader.rand_augment(ra)?,
-        None => loader,
-    };
-    let loader = match &cx.plan.data.random_erasing {
-        Some(re) => loader.random_erasing(re.clone())?,
-        None => loader,
-    };
-    let loader = match &cx.plan.data.mixup {
-        Some(m) => loader.mixup(m.clone())?,
-        None => loader,
-    };
-    let loader = match prep.needs.augmented {
+    let strong = match prep.needs.augmented {
         Some(AugmentSpec {
             policy: AugmentPolicy::RandAugment { n: 2 },
-        }) => loader.strong_view()?,
+        }) => true,
         Some(other) => {
             return Err(EngineError::Plan(format!(
                 "the loader draws RandAugment with 2 operations, not {other:?}"
             )));
         }
-        None => loader,
+        None => false,
     };
-    let loader = match kd_dist::group() {
-        Some(g) => loader.shard(g.world.rank, g.world.size),
-        None => loader,
-    };
+    let shard = kd_dist::group().map(|g| (g.world.rank, g.world.size));
+    let loader = train_loader(cx.plan, cx.splits, cx.si, contrast, strong, shard, device)?;
     Ok((prep, loader))
 }
 
-fn loader_cfg(cx: &StageCx, contrast: Option<(usize, bool)>, augment: bool) -> LoaderConfig {
+/// Two training images, unaugmented: the batch that shapes a stage's taps.
+pub(crate) fn probe_images(plan: &Plan, splits: &Splits, device: tch::Device) -> Result<Tensor> {
+    let l = Loader::new(&splits.train, loader_cfg(plan, None, false), 0, device)?;
+    Ok(l.batch(&[0, 1], 0, 0)?.images)
+}
+
+/// The training loader of stage `si` of `plan`, as a run draws it: its
+/// order and augmentation keyed by the plan's seed and the stage;
+/// `shard`: `(rank, world)` of a data-parallel job. The teacher cache
+/// writes what this loader yields, so the two must not diverge.
+pub(crate) fn train_loader(
+    plan: &Plan,
+    splits: &Splits,
+    si: usize,
+    contrast: Option<(usize, bool)>,
+    strong: bool,
+    shard: Option<(usize, usize)>,
+    device: tch::Device,
+) -> Result<Loader> {
+    let loader = Loader::new(
+        &splits.train,
+        loader_cfg(plan, contrast, plan.data.augment),
+        plan.seed.wrapping_add(si as u64 * 7919),
+        device,
+    )?;
+    // Training batches only: evaluation and the probe batch are never
+    // erased or mixed.
+    let loader = match plan.data.randaugment {
+        Some(ra) => loader.rand_augment(ra)?,
+        None => loader,
+    };
+    let loader = match &plan.data.random_erasing {
+        Some(re) => loader.random_erasing(re.clone())?,
+        None => loader,
+    };
+    let loader = match &plan.data.mixup {
+        Some(m) => loader.mixup(m.clone())?,
+        None => loader,
+    };
+    let loader = if strong {
+        loader.strong_view()?
+    } else {
+        loader
+    };
+    Ok(match shard {
+        Some((rank, world)) => loader.shard(rank, world),
+        None => loader,
+    })
+}
+
+fn loader_cfg(plan: &Plan, contrast: Option<(usize, bool)>, augment: bool) -> LoaderConfig {
     LoaderConfig {
-        batch_size: cx.plan.data.batch_size,
+        batch_size: plan.data.batch_size,
         shuffle: true,
         augment,
-        padding: cx.plan.data.crop_padding,
+        padding: plan.data.crop_padding,
         drop_last: false,
         contrast,
     }

@@ -17,6 +17,9 @@ use crate::{EngineError, Result, attack};
 pub(crate) struct StageNets<'a> {
     pub(crate) net: &'a Net,
     pub(crate) other: Option<&'a Net>,
+    /// The other network is a teacher whose taps come from a cache: they
+    /// arrive as a shared forward, and there is no network to run.
+    pub(crate) cached: bool,
     pub(crate) net_trains: bool,
     pub(crate) mutual: bool,
     pub(crate) needs: &'a Needs,
@@ -33,7 +36,10 @@ impl StageNets<'_> {
     /// one: its taps depend on the batch alone unless it is a peer that
     /// trains.
     pub(crate) fn teacher_share(&self) -> Option<Share> {
-        teacher_share(self.other.is_some() && !self.mutual, self.needs)
+        teacher_share(
+            (self.other.is_some() || self.cached) && !self.mutual,
+            self.needs,
+        )
     }
 
     pub(crate) fn frozen_teacher(&self) -> bool {
@@ -57,6 +63,19 @@ pub(crate) fn teacher_share(fixed: bool, needs: &Needs) -> Option<Share> {
     fixed.then_some(if graph { Share::Graph } else { Share::Frozen })
 }
 
+/// Forward passes of a teacher in this process (training steps, and one
+/// per evaluated batch): a run replaying a teacher cache makes none.
+static TEACHER_FORWARDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub(crate) fn count_teacher_forwards(n: u64) {
+    TEACHER_FORWARDS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many forward passes of a teacher this process has made.
+pub fn teacher_forwards() -> u64 {
+    TEACHER_FORWARDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A batch's teacher forward, computed once for the runs of a group.
 pub(crate) struct SharedTeacher {
     /// The taps, without graph.
@@ -71,6 +90,7 @@ impl SharedTeacher {
     /// step of a run alone computes it; with `graph`, as one that takes
     /// gradient taps of it does.
     pub(crate) fn compute(t: &Net, x: &Tensor, graph: bool, exec: &Exec) -> Result<Self> {
+        count_teacher_forwards(1);
         if !graph {
             return Ok(SharedTeacher {
                 taps: t.frozen_taps(x, exec),
@@ -188,6 +208,7 @@ fn forward(
         (Some((input, taps)), _) => (input, Some(taps)),
         (None, None) => (x.shallow_clone(), None),
         (None, Some(t)) => {
+            count_teacher_forwards(1);
             let input = input_for(Side::Teacher);
             let taps = match share {
                 Some(Share::Frozen) => t.frozen_taps(&input, exec),
@@ -252,6 +273,7 @@ fn augmented_view(nets: &StageNets, batch: &Batch) -> Result<Option<ViewTaps>> {
         }
     };
     let x = nets.exec.input(strong)?;
+    count_teacher_forwards(1);
     let student = if nets.net_trains {
         nets.net.taps(&x, true, nets.exec)?
     } else {
@@ -348,6 +370,7 @@ fn adversarial_views(
                 &classes,
                 &needs.views[v],
             );
+            count_teacher_forwards(1);
             views[v] = Some(ViewTaps {
                 student: nets.net.taps(&adv, nets.net_trains, nets.exec)?,
                 teacher: teacher.frozen_taps(&adv, nets.exec),

@@ -65,6 +65,15 @@ fn networks(
         Ok(net)
     };
     let student = net_of(&plan.student)?;
+    let cache = plan
+        .teacher_cache
+        .as_ref()
+        .map(|dir| {
+            let m = super::cache::Manifest::read(dir)?;
+            m.check_plan(plan, dir)?;
+            Ok::<_, EngineError>((dir, m))
+        })
+        .transpose()?;
     let teacher = plan.teacher.as_ref().map(net_of).transpose()?;
     if plan.stages.is_empty() {
         return Err(EngineError::Plan("the plan has no stages".into()));
@@ -89,7 +98,7 @@ fn networks(
         classes,
         scripts,
     };
-    for stage in &plan.stages {
+    for (si, stage) in plan.stages.iter().enumerate() {
         if stage.epochs == 0 || stage.methods.is_empty() {
             return Err(EngineError::Plan(format!(
                 "stage `{}` needs at least one epoch and one method",
@@ -109,9 +118,25 @@ fn networks(
                 .map_err(|e| EngineError::Plan(format!("stage `{}`: {e}", stage.name)))?;
         }
         let s_shapes = shapes_of(net, &probe);
-        let t_shapes = other.map(|t| shapes_of(t, &probe));
-        build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), &Carry::new())
-            .map_err(|e| EngineError::Plan(format!("stage `{}`: {e}", stage.name)))?;
+        let t_shapes = match &cache {
+            Some((_, m)) if stage.subject == Subject::Student => Some(m.shapes()),
+            _ => other.map(|t| shapes_of(t, &probe)),
+        };
+        let (_, _, needs) = build_stage(stage, &env, &s_shapes, t_shapes.as_ref(), &Carry::new())
+            .map_err(|e| {
+                let held = cache.as_ref().map_or(String::new(), |(dir, m)| {
+                    let taps: Vec<&str> = m.taps.iter().map(|(n, _)| n.as_str()).collect();
+                    format!(
+                        " (the teacher's outputs come from the cache {}, which holds {}; write it with --taps to cache more)",
+                        dir.display(),
+                        taps.join(", ")
+                    )
+                });
+                EngineError::Plan(format!("stage `{}`: {e}{held}", stage.name))
+            })?;
+        if let Some((dir, m)) = &cache {
+            m.check_stage(dir, plan, si, stage, &needs)?;
+        }
     }
     Ok(())
 }
@@ -283,5 +308,78 @@ fn weight_numbers(w: &Weight) -> Result<(), String> {
     match values.iter().find(|v| !v.is_finite()) {
         Some(v) => Err(format!("must be a finite number, got {v}")),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kd_core::Taps;
+    use tch::{Device, Kind, Tensor};
+
+    use super::super::nets::{Exec, Net};
+    use crate::plan::{DeviceChoice, Plan, Precision};
+
+    fn plan(precision: Precision) -> Plan {
+        let mut p = crate::bench_plan("resnet8", "resnet8", vec![], 8, 10);
+        p.device = DeviceChoice::Cpu;
+        p.precision = precision;
+        p
+    }
+
+    #[test]
+    fn cpu_takes_bf16_where_it_has_bf16_kernels_and_refuses_fp16() {
+        let supported = kd_aten::cpu_bf16_supported();
+        for p in [Precision::Bf16, Precision::TeacherBf16] {
+            match Exec::of(&plan(p), Device::Cpu) {
+                Ok(_) => assert!(supported, "{p:?} accepted on a CPU without bf16 kernels"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!supported, "{p:?} refused on a CPU with bf16 kernels: {e}");
+                    assert!(e.contains("needs CUDA or a CPU with bf16 kernels"), "{e}");
+                }
+            }
+        }
+        let e = Exec::of(&plan(Precision::Fp16), Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("precision `fp16` needs CUDA"), "{e}");
+        assert!(e.contains("`fp32`") && e.contains("`bf16`"), "{e}");
+    }
+
+    /// `bf16` runs every forward in bf16; `teacher-bf16` only those of
+    /// networks the stage does not train. Taps come back fp32 either way.
+    #[test]
+    fn teacher_bf16_runs_only_frozen_forwards_in_bf16() {
+        if !kd_aten::cpu_bf16_supported() {
+            eprintln!("skipped: this CPU has no bf16 kernels");
+            return;
+        }
+        tch::manual_seed(0);
+        let net = Net::zoo("resnet8", 10, Device::Cpu).unwrap();
+        let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let exec = |p: Precision| {
+            let mut e = Exec::of(&plan(p), Device::Cpu).unwrap();
+            // Running statistics in "training" forwards: none of these
+            // forwards may move them, so that all see the same network.
+            e.frozen_bn = true;
+            e
+        };
+        let logits = |t: Taps| {
+            assert_eq!(t.logits.kind(), Kind::Float);
+            t.logits
+        };
+        let trained = |p| logits(net.taps(&x, true, &exec(p)).unwrap());
+        let frozen = |p| logits(net.frozen_taps(&x, &exec(p)));
+        let fp32 = frozen(Precision::Fp32);
+        let bf16 = frozen(Precision::Bf16);
+        let rel = |a: &Tensor| {
+            (a - &fp32).abs().max().double_value(&[]) / fp32.abs().max().double_value(&[])
+        };
+        assert!(trained(Precision::Fp32).equal(&fp32));
+        assert!(trained(Precision::TeacherBf16).equal(&fp32));
+        assert!(frozen(Precision::TeacherBf16).equal(&bf16));
+        assert!(trained(Precision::Bf16).equal(&bf16));
+        // bf16 keeps 8 bits of mantissa: about 1% off through 8 layers.
+        assert!(rel(&bf16) > 1e-4 && rel(&bf16) < 5e-2, "{}", rel(&bf16));
     }
 }

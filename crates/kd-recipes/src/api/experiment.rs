@@ -19,6 +19,7 @@ pub(crate) struct Experiment {
     pub data: DataPlan,
     pub student: Option<ModelPlan>,
     pub teacher: Option<ModelPlan>,
+    pub teacher_cache: Option<std::path::PathBuf>,
     pub stages: Vec<StagePlan>,
     pub paper: Option<Paper>,
 }
@@ -36,6 +37,7 @@ impl Default for Experiment {
             data: DataPlan::default(),
             student: None,
             teacher: None,
+            teacher_cache: None,
             stages: Vec::new(),
             paper: None,
         }
@@ -63,6 +65,7 @@ impl Experiment {
             data: self.data.clone(),
             student,
             teacher: self.teacher.clone(),
+            teacher_cache: self.teacher_cache.clone(),
             stages: self.stages.clone(),
             precision: self.precision,
             channels_last: self.channels_last,
@@ -275,6 +278,16 @@ pub(super) fn register(e: &mut Engine) {
         "The teacher as a `model(...)`.",
         |mut x: Experiment, m: ModelPlan| {
             x.teacher = Some(m);
+            x
+        },
+    );
+    def(
+        e,
+        "teacher_cache",
+        &["experiment: Experiment", "dir: String", "Experiment"],
+        "Reads the teacher's outputs from a folder written by `kd cache-teacher` instead of running the teacher (which is then never built); the cache must match the plan's teacher file, data, seed and epochs.",
+        |mut x: Experiment, dir: &str| {
+            x.teacher_cache = Some(dir.into());
             x
         },
     );
