@@ -90,7 +90,7 @@ where
     let registry = Registry::global()?;
     match cli.cmd {
         Cmd::TrainTeacher(a) => commands::train_teacher::run(&a, &registry),
-        Cmd::CacheTeacher(a) => commands::cache_teacher::run(&a),
+        Cmd::CacheTeacher(a) => commands::cache_teacher::run(&a, &registry),
         Cmd::Distill(a) => commands::distill::run(&a, &registry),
         Cmd::Run(a) => commands::run::run(a, &registry),
         Cmd::Plan(a) => commands::plan::run(&a, &registry),

@@ -4,8 +4,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
-use kd_engine::{CacheDtype, CacheSpec, CacheWriter, MethodPlan, ModelPlan};
+use anyhow::{Context, Result, bail};
+use kd_core::Registry;
+use kd_engine::{CacheDtype, CacheSpec, CacheWriter, MethodPlan, ModelPlan, Plan, Subject};
 
 use crate::out::outln;
 use crate::train::TrainArgs;
@@ -19,12 +20,21 @@ const GIB: f64 = (1u64 << 30) as f64;
     .help("Folder the cache is written to (continued when it holds this cache already)")))]
 pub struct Args {
     /// Teacher's zoo name (`kd models`).
-    #[arg(long)]
-    teacher: String,
+    #[arg(long, required_unless_present = "from", requires = "teacher_weights")]
+    teacher: Option<String>,
     /// Teacher weights (safetensors or a `torch.save` file); the cache is
     /// matched to the file's SHA-256.
-    #[arg(long)]
-    teacher_weights: PathBuf,
+    #[arg(long, requires = "teacher")]
+    teacher_weights: Option<PathBuf>,
+    /// A recipe (`.rhai`) or saved plans (`.yaml`) instead of flags: the
+    /// cache covers every seed and student stage of their plans that have
+    /// a trained teacher (one teacher and one data set among them). The
+    /// training flags below are then ignored.
+    #[arg(long, conflicts_with = "teacher")]
+    from: Option<PathBuf>,
+    /// With --from: `NAME=VALUE`, a recipe's `param("NAME", default)`.
+    #[arg(long = "set", requires = "from")]
+    sets: Vec<String>,
     /// Store the top K logits and the remaining probability mass instead
     /// of all of them (0: all, exact).
     #[arg(long, default_value_t = 0)]
@@ -50,34 +60,16 @@ pub struct Args {
     train: TrainArgs,
 }
 
-pub fn run(a: &Args) -> Result<()> {
+pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     let t = &a.train;
     if a.world == 0 {
         bail!("--world takes the number of data-parallel ranks, at least 1");
     }
-    let teacher = ModelPlan {
-        arch: a.teacher.clone(),
-        weights: Some(a.teacher_weights.clone()),
-        source_sha256: None,
+    let (mut plan, spec) = match &a.from {
+        Some(path) => from_plans(path, &a.sets, registry, a)?,
+        None => from_flags(a)?,
     };
-    // The student is not part of a cache: only the teacher and the batches.
-    let mut plan = t.plan(
-        "cache".into(),
-        ModelPlan::new(&a.teacher),
-        Some(teacher),
-        "distill",
-        vec![MethodPlan::new("ce", 1.0)],
-        t.seeds.first().copied().unwrap_or(0),
-    )?;
     plan.data.world_size = a.world;
-    let spec = CacheSpec {
-        seeds: t.seeds.clone(),
-        stages: a.stages.clone(),
-        epochs: t.epochs,
-        top_k: a.top_k,
-        dtype: a.dtype,
-        taps: a.taps.clone(),
-    };
     let mut w = CacheWriter::new(&plan, spec, &t.out, t.folders.overwrite)?;
     let (total, left) = w.sizes();
     let m = &w.manifest;
@@ -120,4 +112,90 @@ pub fn run(a: &Args) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The plan and spec of `kd distill`'s flags.
+fn from_flags(a: &Args) -> Result<(Plan, CacheSpec)> {
+    let t = &a.train;
+    let (Some(arch), Some(weights)) = (&a.teacher, &a.teacher_weights) else {
+        bail!("give --teacher and --teacher-weights, or --from a recipe or plan");
+    };
+    let teacher = ModelPlan {
+        arch: arch.clone(),
+        weights: Some(weights.clone()),
+        source_sha256: None,
+    };
+    // The student is not part of a cache: only the teacher and the batches.
+    let plan = t.plan(
+        "cache".into(),
+        ModelPlan::new(arch),
+        Some(teacher),
+        "distill",
+        vec![MethodPlan::new("ce", 1.0)],
+        t.seeds.first().copied().unwrap_or(0),
+    )?;
+    let spec = CacheSpec {
+        seeds: t.seeds.clone(),
+        stages: a.stages.clone(),
+        epochs: t.epochs,
+        top_k: a.top_k,
+        dtype: a.dtype,
+        taps: a.taps.clone(),
+    };
+    Ok((plan, spec))
+}
+
+/// One plan standing for a recipe's (or a plan file's) plans with a
+/// trained teacher, and a spec covering their seeds, student stages and
+/// epochs.
+fn from_plans(
+    path: &std::path::Path,
+    sets: &[String],
+    registry: &Registry,
+    a: &Args,
+) -> Result<(Plan, CacheSpec)> {
+    let scripts = kd_recipes::Scripts::new();
+    let plans = if kd_recipes::is_recipe(path) {
+        super::plan::load_recipe(path, sets)?.plans(registry)?
+    } else {
+        super::plan::saved_plans(path, sets, registry, &scripts)?
+    };
+    let taught: Vec<&Plan> = plans
+        .iter()
+        .filter(|p| p.teacher.as_ref().is_some_and(|t| t.weights.is_some()))
+        .filter(|p| p.stages.iter().all(|s| s.subject == Subject::Student))
+        .collect();
+    let first = taught.first().with_context(|| {
+        format!(
+            "{}: no plan distils from a teacher loaded from a file; nothing to cache",
+            path.display()
+        )
+    })?;
+    let key = |p: &Plan| (p.teacher.clone(), p.data.clone());
+    if let Some(other) = taught.iter().find(|p| key(p) != key(first)) {
+        bail!(
+            "{}: plans `{}` and `{}` differ in teacher or data; a cache holds one teacher on one data set, write one per pair",
+            path.display(),
+            first.name,
+            other.name
+        );
+    }
+    let mut seeds: Vec<u64> = taught.iter().map(|p| p.seed).collect();
+    seeds.sort_unstable();
+    seeds.dedup();
+    let stages = (0..taught.iter().map(|p| p.stages.len()).max().unwrap_or(0)).collect();
+    let epochs = taught
+        .iter()
+        .flat_map(|p| p.stages.iter().map(|s| s.epochs))
+        .max()
+        .unwrap_or(0);
+    let spec = CacheSpec {
+        seeds,
+        stages,
+        epochs,
+        top_k: a.top_k,
+        dtype: a.dtype,
+        taps: a.taps.clone(),
+    };
+    Ok(((*first).clone(), spec))
 }

@@ -103,6 +103,10 @@ pub struct Manifest {
     pub dtype: CacheDtype,
     /// Per-sample shapes of the cached taps, `logits` first.
     pub taps: Vec<(String, Vec<i64>)>,
+    /// Taps the teacher gave in channels-last memory order: they are read
+    /// back so, as reductions over them round by their order in memory.
+    #[serde(default)]
+    pub channels_last_taps: Vec<String>,
     /// How the teacher's forward ran: replay is bit-exact for a run whose
     /// teacher would have run the same way.
     pub forward: CachedForward,
@@ -467,6 +471,13 @@ impl CacheReader {
         }
         let classes = self.manifest.classes;
         let cut = |t: &Tensor| t.narrow(0, start, rows).to_device(device);
+        let layout = |tap: &Tap, t: Tensor| -> Result<Tensor> {
+            let name = tap.to_string();
+            match self.manifest.channels_last_taps.contains(&name) {
+                true => Ok(kd_aten::channels_last(&t)?),
+                false => Ok(t),
+            }
+        };
         let mut taps = Taps {
             feat: Vec::new(),
             preact: Vec::new(),
@@ -483,7 +494,7 @@ impl CacheReader {
                     rest,
                 } => top_k_logits(&cut(values), &cut(indices), &cut(rest), classes),
             };
-            place(&mut taps, *tap, t);
+            place(&mut taps, *tap, layout(tap, t)?);
         }
         Ok(taps)
     }
@@ -604,7 +615,9 @@ impl CacheWriter {
         splits.normalize_with(&plan.data.normalize, &plan.data.source)?;
         let classes = splits.train.num_classes;
         let mut teacher = build_net(t, classes, &exec)?;
-        let shapes = shapes_of(&teacher, &probe_images(plan, &splits, exec.device)?);
+        let probe = exec.input(&probe_images(plan, &splits, exec.device)?)?;
+        let shapes = shapes_of(&teacher, &probe);
+        let probed = tch::no_grad(|| teacher.model.forward_taps(&probe, false));
         // As a stage that does not train it: frozen, BatchNorm folded.
         teacher.vs.freeze();
         teacher.model.fold_batchnorm(true);
@@ -649,6 +662,15 @@ impl CacheWriter {
                 exec.device,
             )
         })?;
+        let channels_last_taps = taps
+            .iter()
+            .filter(|&&t| {
+                probed
+                    .get(t)
+                    .is_some_and(|x| x.dim() == 4 && kd_aten::is_channels_last(x))
+            })
+            .map(Tap::to_string)
+            .collect();
         let mut manifest = Manifest {
             format: CACHE_FORMAT,
             kd_version: env!("CARGO_PKG_VERSION").into(),
@@ -676,6 +698,7 @@ impl CacheWriter {
                 channels_last: exec.channels_last,
             },
             teacher_test: test,
+            channels_last_taps,
             rows_per_epoch: rows,
             bytes_per_epoch: rows * per_row,
             approximation: None,
