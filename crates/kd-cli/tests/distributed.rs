@@ -615,3 +615,58 @@ fn two_ranks_train_a_torchscript_student_as_one_process() {
     );
     assert!(rel <= 1e-5, "weights differ by {rel:e} (relative L2)");
 }
+
+/// Two ranks reading a teacher cache written for two ranks (each rank its
+/// own share of every step) end bit for bit where two ranks running the
+/// teacher end.
+#[test]
+fn two_ranks_replaying_a_teacher_cache_equal_two_ranks_running_the_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher.safetensors");
+    {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        kd_models::build("resnet8", &vs.root(), 10).unwrap();
+        kd_models::save_weights(&vs, &teacher).unwrap();
+    }
+    let st = "  - method: st\n    config: null\n    weight: 0.9\n";
+    let plan = dir.path().join("st.yaml");
+    let yaml = plan_yaml("st", 16, st, Some(&teacher));
+    std::fs::write(&plan, &yaml).unwrap();
+    let cache = dir.path().join("cache");
+    let written = Command::new(KD)
+        .args(["cache-teacher", "--from", plan.to_str().unwrap()])
+        .args(["--world", "2", "--out", cache.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let cached = dir.path().join("st_cached.yaml");
+    std::fs::write(
+        &cached,
+        format!("{yaml}teacher_cache: {}\n", cache.display()),
+    )
+    .unwrap();
+    let (online, replayed) = (dir.path().join("online"), dir.path().join("replayed"));
+    for (p, out) in [(&plan, &online), (&cached, &replayed)] {
+        for (r, o) in job(p, out, &[]).iter().enumerate() {
+            assert!(
+                o.status.success(),
+                "{} rank {r}: {}",
+                p.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    let (wa, wb) = (
+        weights(&online.join("st/train.last.safetensors")),
+        weights(&replayed.join("st/train.last.safetensors")),
+    );
+    assert_eq!(wa.len(), wb.len());
+    for ((n, x), (_, y)) in wa.iter().zip(&wb) {
+        assert!(x.equal(y), "{n} differs");
+    }
+}

@@ -173,11 +173,13 @@ fn cache_err(dir: &Path, msg: impl Into<String>) -> EngineError {
     EngineError::Plan(format!("teacher cache {}: {}", dir.display(), msg.into()))
 }
 
-/// The plan's data as the cache fingerprints it.
+/// The plan's data as the cache fingerprints it. The world size is the
+/// launch's (a saved plan may say another): checked against the job's.
 fn data_key(plan: &Plan) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(&plan.data).map_err(|e| EngineError::Plan(e.to_string()))?;
     if let Some(m) = v.as_object_mut() {
         m.remove("eval_batch_size");
+        m.remove("world_size");
     }
     Ok(v)
 }
@@ -310,6 +312,16 @@ impl Manifest {
             return Err(cache_err(
                 dir,
                 format!("written for other batches: {field}"),
+            ));
+        }
+        let world = kd_dist::world_size();
+        if self.world != world {
+            return Err(cache_err(
+                dir,
+                format!(
+                    "written for {} data-parallel rank(s), this job has {world}; write it with --world {world}",
+                    self.world
+                ),
             ));
         }
         if !self.seeds.contains(&plan.seed) {
