@@ -71,7 +71,7 @@ impl Observer for Console<'_> {
             .map(|v| format!(" ema {v:.2}%"))
             .unwrap_or_default();
         self.line(format!(
-            "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}%{}  best {:.2}%{peer}{ema}  {:.0} img/s",
+            "[{}] {stage} epoch {:>3}  loss {:.4}  train {:.2}%{val}  test {:.2}%{}  best {:.2}%{peer}{ema}  {:.0} img/s, eval {:.1} s",
             self.run,
             r.epoch + 1,
             r.train_loss,
@@ -79,7 +79,8 @@ impl Observer for Console<'_> {
             r.test_top1,
             top5_note(r.test_top5),
             r.best_top1,
-            r.images_per_sec
+            r.images_per_sec,
+            r.eval_secs
         ));
         if let Some(n) = self.next.as_deref_mut() {
             n.epoch(stage, global, r);
@@ -115,6 +116,7 @@ pub(crate) fn epoch_record(test_top5: f64) -> EpochRecord {
         weights: [("a".to_string(), 0.1)].into(),
         terms: [("a/a".to_string(), 2.5), ("b/x".to_string(), 0.5)].into(),
         images_per_sec: 100.0,
+        eval_secs: 0.5,
         best_top1: 40.0,
         peer_top1: None,
         ema_top1: None,

@@ -213,6 +213,7 @@ impl Observer for Tracking {
         t.metric("epoch/best_acc_top1", r.best_top1, global);
         t.metric("epoch/lr", r.lr, global);
         t.metric("epoch/images_per_sec", r.images_per_sec, global);
+        t.metric("epoch/eval_secs", r.eval_secs, global);
         if let Some(a) = r.val_top1 {
             t.metric("epoch/val_acc_top1", a, global);
         }

@@ -26,7 +26,14 @@ pub struct EpochRecord {
     pub weights: BTreeMap<String, f64>,
     /// Mean of each loss term (before weights) over the epoch.
     pub terms: BTreeMap<String, f64>,
+    /// Training images per second of this rank: the epoch's steps, from
+    /// its first batch to its last step's values read back, without the
+    /// evaluation.
     pub images_per_sec: f64,
+    /// Seconds spent evaluating after the epoch's steps (test, validation,
+    /// EMA and peer networks).
+    #[serde(default)]
+    pub eval_secs: f64,
     pub best_top1: f64,
     /// Test top-1 of the peer network in mutual learning.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -66,6 +66,7 @@ fn records(dir: &Path) -> Vec<serde_json::Value> {
         let r = v["record"].as_object_mut().unwrap();
         // Timing differs between runs.
         r.remove("images_per_sec");
+        r.remove("eval_secs");
         by_epoch.insert(r["epoch"].as_u64().unwrap(), v);
     }
     by_epoch.into_values().collect()

@@ -135,6 +135,7 @@ fn records(r: &RunResult) -> Vec<EpochRecord> {
         .flat_map(|s| s.epochs.iter().cloned())
         .map(|mut e| {
             e.images_per_sec = 0.0;
+            e.eval_secs = 0.0;
             e
         })
         .collect()

@@ -432,13 +432,21 @@ impl Member<'_, '_> {
                 sync_bn_stats(&e.net.vs)?;
             }
         }
+        // The steps' throughput, before the evaluation below.
+        let trained = self
+            .stage
+            .as_ref()
+            .and_then(|s| s.epoch.as_ref())
+            .map_or(0.0, |e| e.started.elapsed().as_secs_f64());
+        let evaluating = std::time::Instant::now();
         let acc = self.evaluate(splits)?;
+        let eval_secs = evaluating.elapsed().as_secs_f64();
         let stage = self.stage_plan();
         let run = self.stage.as_mut().expect("a stage is in progress");
         let mut e = run.epoch.take().expect("an epoch is in progress");
         e.bar.finish_and_clear();
         // Throughput is this rank's; loss and accuracy are the whole job's.
-        let ips = e.seen as f64 / e.started.elapsed().as_secs_f64().max(1e-9);
+        let ips = e.seen as f64 / trained.max(1e-9);
         if let Some(g) = kd_dist::group() {
             let sums = tch::Tensor::from_slice(&[e.loss_sum, e.correct as f64, e.seen as f64]);
             g.all_reduce_sum(std::slice::from_ref(&sums))?;
@@ -473,6 +481,7 @@ impl Member<'_, '_> {
                 .map(|(t, s)| (t, s / steps))
                 .collect(),
             images_per_sec: ips,
+            eval_secs,
             best_top1: run.best_top1,
             peer_top1: acc.peer_top1,
             ema_top1: acc.ema.map(|a| a.0),
