@@ -211,3 +211,51 @@ fn a_resume_may_add_skip_corrupt() {
     let epochs = std::fs::read_to_string(out.path().join("x_s0/epochs.jsonl")).unwrap();
     assert_eq!(epochs.lines().count(), 2);
 }
+
+/// `kd cache-teacher` on an ImageFolder (each sample's random crop keyed
+/// like the in-memory sets'): a distillation reading it ends bit for bit
+/// where the one running the teacher ends.
+#[test]
+fn an_imagefolder_teacher_cache_replays_the_online_run_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    write_folder(data.path(), false);
+    let small = ["--image-size", "32", "--resize-size", "36", "--epochs", "2"];
+    let (online, cached, cache) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    kd_cli::run(distill(data.path(), online.path(), &small)).unwrap();
+    let w = golden("model_resnet20.safetensors");
+    let dir = cache.path().join("c");
+    let mut write: Vec<String> = [
+        "kd",
+        "cache-teacher",
+        "--teacher",
+        "resnet20",
+        "--teacher-weights",
+        w.to_str().unwrap(),
+        "--data",
+        &format!("imagefolder:{}", data.path().display()),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        dir.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    write.extend(small.iter().map(|s| s.to_string()));
+    kd_cli::run(write).unwrap();
+    let with_cache = [&small[..], &["--teacher-cache", dir.to_str().unwrap()]].concat();
+    kd_cli::run(distill(data.path(), cached.path(), &with_cache)).unwrap();
+    let weights =
+        |d: &Path| kd_engine::tensors::read(&d.join("x_s0/distill.last.safetensors")).unwrap();
+    let (a, b) = (weights(online.path()), weights(cached.path()));
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for ((n, x), (_, y)) in a.tensors.iter().zip(&b.tensors) {
+        assert!(x.equal(y), "{n} differs between the cached and online runs");
+    }
+}

@@ -660,3 +660,40 @@ run(x);
         assert!(e.contains(needle), "{bad}: {e}");
     }
 }
+
+#[test]
+fn teacher_cache_reaches_the_plan_and_its_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/golden/fixtures/model_resnet20.safetensors");
+    let cache = dir.path().join("r20");
+    let recipe = |with_cache: bool| {
+        let cached = match with_cache {
+            true => format!(".teacher_cache(\"{}\")", cache.display()),
+            false => String::new(),
+        };
+        format!(
+            "let a = {TINY}.teacher(\"resnet20\", \"{}\"){cached}.add(stage(\"s\", 2).add(method(\"st\")));\nrun(a);\n",
+            weights.display()
+        )
+    };
+    // Planning checks the cache: it must exist and fit.
+    let e = plan(&recipe(true)).unwrap_err().to_string();
+    assert!(e.contains("write the cache with `kd cache-teacher`"), "{e}");
+    let online = plan(&recipe(false)).unwrap();
+    let spec = kd_engine::CacheSpec {
+        seeds: vec![online[0].seed],
+        stages: vec![0],
+        epochs: 2,
+        top_k: 0,
+        dtype: kd_engine::CacheDtype::Fp32,
+        taps: Vec::new(),
+    };
+    let mut w = kd_engine::CacheWriter::new(&online[0], spec, &cache, false).unwrap();
+    w.write(false).unwrap();
+    let plans = plan(&recipe(true)).unwrap();
+    assert_eq!(plans[0].teacher_cache.as_deref(), Some(cache.as_path()));
+    let yaml = to_yaml(&plans).unwrap();
+    assert!(yaml.contains("teacher_cache: "), "{yaml}");
+    assert_eq!(from_yaml(&yaml, "test").unwrap(), plans);
+}
