@@ -27,7 +27,8 @@ pub use plan::{
     OptimizerPlan, Paper, PaperEpoch, Part, Plan, Precision, Sgd, StagePlan, Subject,
 };
 pub use run::{
-    CACHE_FORMAT, CacheDtype, CacheManifest, CacheSpec, CacheWriter, GraphStats, RunOptions,
-    StepHarness, bench_plan, device, lockstep_key, run, run_group, teacher_forwards, validate,
+    CACHE_FORMAT, CacheApproximation, CacheDtype, CacheManifest, CacheSpec, CacheWriter,
+    GraphStats, RunOptions, StepHarness, bench_plan, device, lockstep_key, run, run_group,
+    teacher_forwards, validate,
 };
 pub use schedule::{NoScripts, Schedule, ScheduleFn, ScheduleResolver, Weight};

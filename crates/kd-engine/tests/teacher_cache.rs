@@ -312,3 +312,31 @@ fn top_k_and_half_precision_caches_record_their_distance_to_the_teacher() {
     let r = group(&[one], &dir.path().join("run"));
     assert!(records(&r[0])[0].train_loss.is_finite());
 }
+
+#[test]
+fn a_cache_is_extended_by_more_epochs_and_refused_for_another_storage() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = teacher_file(dir.path(), 3);
+    let p = plan("st", &teacher, MethodPlan::new("st", 0.9));
+    let cache = dir.path().join("cache");
+    write_cache(&p, spec(&[5], 1, &[]), &cache);
+    let mut w = CacheWriter::new(&p, spec(&[5], 2, &[]), &cache, false).unwrap();
+    let (total, left) = w.sizes();
+    assert_eq!(
+        (total, left),
+        (2 * w.manifest.bytes_per_epoch, w.manifest.bytes_per_epoch)
+    );
+    let before = kd_engine::teacher_forwards();
+    w.write(false).unwrap();
+    // One epoch of 80 samples in batches of 32 was left: 3 forwards.
+    assert_eq!(kd_engine::teacher_forwards() - before, 3);
+    assert_eq!(w.manifest.written.len(), 2);
+    let mut other = spec(&[5], 2, &[]);
+    other.top_k = 3;
+    let e = CacheWriter::new(&p, other, &cache, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("another teacher, data or storage"), "{e}");
+}

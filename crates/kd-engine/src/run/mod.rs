@@ -33,7 +33,10 @@ use std::sync::atomic::AtomicBool;
 
 use kd_core::Registry;
 
-pub use cache::{CACHE_FORMAT, CacheDtype, CacheSpec, CacheWriter, Manifest as CacheManifest};
+pub use cache::{
+    Approximation as CacheApproximation, CACHE_FORMAT, CacheDtype, CacheSpec, CacheWriter,
+    Manifest as CacheManifest,
+};
 pub use graph::GraphStats;
 pub use group::{lockstep_key, run_group};
 pub(crate) use harness::probe_step;
