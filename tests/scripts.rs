@@ -2,7 +2,8 @@
 //! `scripts/bench-vs-torch --smoke` (kd and the PyTorch loop compute the
 //! same first step), `scripts/bench-sweep --smoke` (every run of a
 //! lockstep sweep equals its solo run) and `scripts/bench-data --smoke`
-//! (kd's ImageFolder pipeline and torchvision's DataLoader on 16 JPEGs).
+//! (kd's ImageFolder pipeline and torchvision's DataLoader on 16 JPEGs),
+//! `scripts/bench-cache --smoke` (a cached run equals its online run).
 //! They drive the `kd` binary that `make test` builds first.
 
 use std::process::Command;
@@ -53,5 +54,38 @@ fn bench_data_times_kd_and_torchvision_on_the_same_images() {
     assert!(
         text.contains("kd img/s") && text.contains("torchvision"),
         "{text}"
+    );
+}
+
+#[test]
+fn bench_cache_replays_the_online_run_exactly() {
+    let text = script("bench-cache", &["--threads", "1"]);
+    assert!(
+        text.contains("cached weights equal the online run's byte for byte"),
+        "{text}"
+    );
+    assert!(text.contains("sweep of 7 logit methods"), "{text}");
+}
+
+/// docs/methods.md is what `scripts/methods-doc` assembles from
+/// docs/methods.d/, not a page edited apart from its rows.
+#[test]
+fn the_methods_page_is_assembled_from_its_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let page = out.path().join("methods.md");
+    let run = Command::new(root().join("scripts/methods-doc"))
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let committed = std::fs::read_to_string(root().join("docs/methods.md")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&page).unwrap(),
+        committed,
+        "docs/methods.md differs from scripts/methods-doc's output: edit docs/methods.d/ and run the script"
     );
 }
