@@ -1,11 +1,13 @@
-//! kd's Vision Transformers against timm: for every case of
+//! kd's Vision Transformers and Swin against timm: for every case of
 //! tests/vit/timm_ref.py (the bootstrap venv's timm, at test time), kd
 //! builds the model from the same name and keyword arguments, loads
 //! timm's `state_dict` as it is, and `kd probe model` (eval mode) must give
 //! timm's logits, class token, last block's tokens, and for distilled
 //! DeiTs the distillation token and head — also where weights made for
 //! 224 px are loaded into a model for another size (`pos_embed` resampled
-//! as timm's `checkpoint_filter_fn` does).
+//! as timm's `checkpoint_filter_fn` does). For Swin: logits, the pooled
+//! features, every stage's map and the last block's tokens, at 224 px and
+//! CIFAR sizes, with shifted, whole-map and padded windows.
 
 use std::path::Path;
 use std::process::Command;
@@ -81,6 +83,42 @@ fn vits_give_timms_outputs() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A Swin's arguments are checked by name, and data of another size is
+/// refused with the argument that fits.
+#[test]
+fn swin_refuses_what_does_not_fit_and_says_which_argument() {
+    use kd_models::{build, check_name, is_transformer};
+    let name = "swin_tiny_patch4_window7_224(img_size=32,patch_size=2,window_size=4)";
+    assert!(is_transformer(name));
+    check_name(name).unwrap();
+    for (bad, want) in [
+        (
+            "swin_tiny_patch4_window7_224(depth=2)",
+            "a Swin takes no argument `depth`",
+        ),
+        (
+            "swin_tiny_patch4_window7_224(img_size=30,patch_size=4)",
+            "img_size 30 is not divisible by patch_size 4",
+        ),
+        (
+            "swin_tiny_patch4_window7_224(window_size=0)",
+            "window_size must be at least 1",
+        ),
+        (
+            "swin_tiny_patch4_window7_224(embed_dim=64)",
+            "do not split evenly",
+        ),
+    ] {
+        let err = check_name(bad).unwrap_err().to_string();
+        assert!(err.contains(want), "{bad}: {err}");
+    }
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = build(name, &vs.root(), 10).unwrap();
+    let probe = tch::Tensor::zeros([1, 3, 64, 64], tch::kind::FLOAT_CPU);
+    let err = net.check_input(&probe).unwrap_err().to_string();
+    assert!(err.contains("img_size=64"), "{err}");
 }
 
 fn s(p: &Path) -> String {

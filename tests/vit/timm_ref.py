@@ -1,4 +1,5 @@
-"""timm's outputs for the ViTs of kd's zoo, for tests/vit.rs.
+"""timm's outputs for the transformers of kd's zoo (ViT, DeiT, Swin), for
+tests/vit.rs.
 
 For every case, a model built by `timm.create_model` with the same keyword
 arguments as kd's model name, moved off its initialisation (every parameter
@@ -7,7 +8,8 @@ shifted by noise, so LayerNorm weights are not 1 and the class token is not
   i.weights.safetensors  the state_dict kd loads
   i.input.safetensors    `input`
   i.expect.safetensors   `logits`, `cls`, `tokens/<last>` (and `dist`,
-                         `logits_dist` for distilled DeiTs)
+                         `logits_dist` for distilled DeiTs); for Swin
+                         `logits`, `embed`, `feat/0..4` and `tokens/<last>`
 and cases.txt, a line `i<TAB>kd model name` per case.
 
 Resample cases load weights made for 224 px into a model for another size
@@ -20,6 +22,7 @@ import sys
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 OUT = pathlib.Path(sys.argv[1])
@@ -39,6 +42,17 @@ CASES = [
     ("vit_tiny_patch16_224(depth=2,img_size=64)", 64, "vit_tiny_patch16_224(depth=2)"),
     ("deit_tiny_distilled_patch16_224(depth=2,img_size=96)", 96,
      "deit_tiny_distilled_patch16_224(depth=2)"),
+    # Swin-T as timm builds it: 56, 28, 14, 7 tokens a side, 7x7 windows.
+    ("swin_tiny_patch4_window7_224", 224, None),
+    # CIFAR-sized: 16, 8, 4, 2 tokens a side; shifted windows in stages 0-1,
+    # whole-map windows (no shift) in stages 2-3.
+    ("swin_tiny_patch4_window7_224(img_size=32,patch_size=2,window_size=4)", 32, None),
+    ("swin_tiny_patch4_window7_224(img_size=32,window_size=4)", 32, None),
+    # Maps the window does not divide (16 and 8 padded to 21 and 14, the
+    # shift mask over the padded map) ...
+    ("swin_tiny_patch4_window7_224(img_size=32,patch_size=2)", 32, None),
+    # ... and an odd map before merging (12, 6, 3 padded to 4, 2).
+    ("swin_tiny_patch4_window7_224(img_size=48,embed_dim=48,window_size=7)", 48, None),
 ]
 
 
@@ -64,6 +78,40 @@ def off_init(model, seed):
     return model
 
 
+def vit_expect(model, x):
+    """Logits, the class token and the last block's tokens (and the
+    distillation token and head's logits for distilled DeiTs)."""
+    tokens = model.forward_features(x)
+    logits = model(x)
+    expect = {"logits": logits, "cls": tokens[:, 0]}
+    last = len(model.blocks) - 1
+    # Tokens before the final norm: run the blocks by hand.
+    t = model._pos_embed(model.patch_embed(x))
+    for blk in model.blocks:
+        t = blk(t)
+    expect[f"tokens/{last}"] = t
+    if hasattr(model, "head_dist"):
+        expect["dist"] = tokens[:, 1]
+        expect["logits_dist"] = model.head_dist(tokens[:, 1])
+    return expect
+
+
+def swin_expect(model, x):
+    """Logits, pooled features, stage maps (NCHW) and the last block's tokens."""
+    feats = model.patch_embed(x)
+    expect = {"feat/0": feats.permute(0, 3, 1, 2)}
+    blocks = 0
+    for k, stage in enumerate(model.layers):
+        feats = stage(feats)
+        blocks += len(stage.blocks)
+        expect[f"feat/{k + 1}"] = feats.permute(0, 3, 1, 2)
+    expect[f"tokens/{blocks - 1}"] = feats.flatten(1, 2).clone()
+    features = model.forward_features(x)
+    expect["embed"] = model.forward_head(features, pre_logits=True)
+    expect["logits"] = model(x)
+    return expect
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -78,18 +126,7 @@ def main():
             model.load_state_dict(checkpoint_filter_fn(dict(state), model))
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
-            tokens = model.forward_features(x)
-            logits = model(x)
-            expect = {"logits": logits, "cls": tokens[:, 0]}
-            last = len(model.blocks) - 1
-            # Tokens before the final norm: run the blocks by hand.
-            t = model._pos_embed(model.patch_embed(x))
-            for blk in model.blocks:
-                t = blk(t)
-            expect[f"tokens/{last}"] = t
-            if hasattr(model, "head_dist"):
-                expect["dist"] = tokens[:, 1]
-                expect["logits_dist"] = model.head_dist(tokens[:, 1])
+            expect = (swin_expect if isinstance(model, SwinTransformer) else vit_expect)(model, x)
         save_file({k: v.contiguous() for k, v in state.items()}, OUT / f"{i}.weights.safetensors")
         save_file({"input": x}, OUT / f"{i}.input.safetensors")
         save_file({k: v.contiguous() for k, v in expect.items()}, OUT / f"{i}.expect.safetensors")

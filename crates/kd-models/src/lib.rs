@@ -35,6 +35,7 @@ pub mod resnet;
 pub mod resnetv2;
 pub mod shufflenetv1;
 pub mod shufflenetv2;
+pub mod swin;
 pub mod torchscript;
 pub mod tvresnet;
 pub mod vgg;
@@ -54,6 +55,7 @@ pub use resnet::{ResNet, ResNetConfig};
 pub use resnetv2::{ResNetV2, ResNetV2Config};
 pub use shufflenetv1::{ShuffleNetV1, ShuffleV1Config};
 pub use shufflenetv2::{ShuffleNetV2, ShuffleV2Config};
+pub use swin::{SwinConfig, SwinTransformer};
 pub use tvresnet::{TvBlock, TvResNet, TvResNetConfig};
 pub use vgg::{Vgg, VggConfig};
 pub use vit::{VisionTransformer, VitConfig};
@@ -137,6 +139,7 @@ enum Arch {
     TvResNet { block: TvBlock, blocks: [i64; 4] },
     MobileNetV1,
     Vit { size: VitSize, distilled: bool },
+    Swin,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -300,6 +303,7 @@ const ZOO: &[(&str, Arch)] = &[
         vit(VitSize::Small, true),
     ),
     ("deit_base_distilled_patch16_224", vit(VitSize::Base, true)),
+    ("swin_tiny_patch4_window7_224", Arch::Swin),
 ];
 
 const fn vit(size: VitSize, distilled: bool) -> Arch {
@@ -328,13 +332,14 @@ pub fn is_classifier_bias(key: &str) -> bool {
 }
 
 /// Whether zoo name `name` (keyword arguments allowed) is a transformer:
-/// no BatchNorm, an input size fixed by its position embedding, taps of
-/// its own (`tokens/i`, `cls`, ...), checked against timm (tests/vit.rs)
+/// no BatchNorm, an input size fixed by its position embedding (a
+/// Swin's: by its windows), taps of its own (`tokens/i`, `cls`, ...),
+/// checked against timm (tests/vit.rs)
 /// rather than against RepDistiller's zoo.
 pub fn is_transformer(name: &str) -> bool {
     let base = name.split_once('(').map_or(name, |(b, _)| b);
     ZOO.iter()
-        .any(|(n, a)| *n == base && matches!(a, Arch::Vit { .. }))
+        .any(|(n, a)| *n == base && matches!(a, Arch::Vit { .. } | Arch::Swin))
 }
 
 /// Every zoo name, sorted.
@@ -362,6 +367,10 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
     let num_classes = args.num_classes(num_classes)?;
     if let Arch::Vit { size, distilled } = arch {
         let cfg = args.vit(vit_config(size, distilled).with_num_classes(num_classes))?;
+        return Ok(Box::new(cfg.init(p)?));
+    }
+    if let Arch::Swin = arch {
+        let cfg = args.swin(SwinConfig::tiny().with_num_classes(num_classes))?;
         return Ok(Box::new(cfg.init(p)?));
     }
     args.none_left(base)?;
@@ -415,7 +424,7 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
                 .with_num_classes(num_classes)
                 .init(p)?,
         ),
-        Arch::Vit { .. } => unreachable!("built above"),
+        Arch::Vit { .. } | Arch::Swin => unreachable!("built above"),
     })
 }
 
@@ -431,6 +440,7 @@ pub fn check_name(name: &str) -> Result<(), ModelError> {
     args.take::<i64>("num_classes")?;
     match arch {
         Arch::Vit { size, distilled } => args.vit(vit_config(size, distilled))?.check(),
+        Arch::Swin => args.swin(SwinConfig::tiny())?.check(),
         _ => args.none_left(base),
     }
 }
@@ -469,6 +479,11 @@ struct ModelArgs {
 /// The arguments a ViT takes.
 const VIT_ARGS: &str =
     "img_size, patch_size, num_classes, drop_path_rate, depth, embed_dim, num_heads, mlp_ratio";
+
+/// The arguments a Swin takes (timm's tuple-valued `depths` and
+/// `num_heads` are not among them).
+const SWIN_ARGS: &str =
+    "img_size, patch_size, window_size, num_classes, drop_path_rate, embed_dim, mlp_ratio";
 
 impl ModelArgs {
     fn parse(name: &str) -> Result<(&str, ModelArgs), ModelError> {
@@ -538,11 +553,35 @@ impl ModelArgs {
         Ok(cfg)
     }
 
+    fn swin(mut self, mut cfg: SwinConfig) -> Result<SwinConfig, ModelError> {
+        if let Some(v) = self.take("img_size")? {
+            cfg.img_size = v;
+        }
+        if let Some(v) = self.take("patch_size")? {
+            cfg.patch_size = v;
+        }
+        if let Some(v) = self.take("window_size")? {
+            cfg.window_size = v;
+        }
+        if let Some(v) = self.take("drop_path_rate")? {
+            cfg.drop_path_rate = v;
+        }
+        if let Some(v) = self.take("embed_dim")? {
+            cfg.embed_dim = v;
+        }
+        if let Some(v) = self.take("mlp_ratio")? {
+            cfg.mlp_ratio = v;
+        }
+        self.none_left("a Swin")?;
+        Ok(cfg)
+    }
+
     fn none_left(&self, what: &str) -> Result<(), ModelError> {
         match self.args.first() {
             None => Ok(()),
             Some((k, _)) => Err(ModelError::Args(format!(
-                "{what} takes no argument `{k}`; ViTs take {VIT_ARGS}, the CNNs only num_classes"
+                "{what} takes no argument `{k}`; ViTs take {VIT_ARGS}, Swin {SWIN_ARGS}, \
+                 the CNNs only num_classes"
             ))),
         }
     }
