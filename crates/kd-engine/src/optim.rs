@@ -8,7 +8,8 @@
 //!
 //! Parameters fall into timm's two groups when `no_decay_1d` is set: no
 //! weight decay for those of at most one dimension, names ending in
-//! `.bias`, and a ViT's `pos_embed`, `cls_token`, `dist_token`.
+//! `.bias`, a ViT's `pos_embed`, `cls_token`, `dist_token`, and a Swin's
+//! `relative_position_bias_table`s.
 
 use tch::Tensor;
 
@@ -48,8 +49,14 @@ const GROWTH: &str = "loss_scale/growth";
 /// Checkpoint name of LAMB's step count.
 const LAMB_STEP: &str = "lamb/step";
 
-/// Names timm's `VisionTransformer.no_weight_decay()` lists.
-const NO_DECAY_NAMES: [&str; 3] = ["pos_embed", "cls_token", "dist_token"];
+/// Names timm's `no_weight_decay()` lists: `VisionTransformer`'s, and
+/// `SwinTransformer`'s relative position bias tables.
+const NO_DECAY_NAMES: [&str; 4] = [
+    "pos_embed",
+    "cls_token",
+    "dist_token",
+    "relative_position_bias_table",
+];
 
 /// Whether parameter `name` (shape `t`) takes weight decay under `cfg`:
 /// timm's `param_groups_weight_decay` when `no_decay_1d` is set (names are
@@ -459,5 +466,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// timm's groups: Swin's bias tables are 2-D but take no decay (its
+    /// `no_weight_decay()`), its 2-D projections do.
+    #[test]
+    fn swin_bias_tables_take_no_weight_decay() {
+        let cfg = OptimizerPlan {
+            no_decay_1d: true,
+            ..Default::default()
+        };
+        let table = Tensor::zeros([169, 3], (Kind::Float, tch::Device::Cpu));
+        let name = "layers.0.blocks.0.attn.relative_position_bias_table";
+        assert!(!takes_weight_decay(&cfg, name, &table));
+        assert!(takes_weight_decay(
+            &cfg,
+            "layers.0.blocks.0.attn.qkv.weight",
+            &table
+        ));
     }
 }
