@@ -28,7 +28,8 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_cache: Option<PathBuf>,
     pub stages: Vec<StagePlan>,
-    /// Arithmetic of the forward passes (CUDA only for `bf16`/`fp16`).
+    /// Arithmetic of the forward passes: `bf16` and `teacher-bf16` on CUDA
+    /// and on CPUs with bf16 kernels, `fp16` on CUDA only.
     #[serde(default)]
     pub precision: Precision,
     /// Convolutions in channels-last memory order (NHWC), faster on the

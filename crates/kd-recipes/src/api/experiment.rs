@@ -155,7 +155,7 @@ pub(super) fn register(e: &mut Engine) {
         e,
         "precision",
         &["experiment: Experiment", "precision: String", "Experiment"],
-        "`\"fp32\"` (default), or mixed precision on CUDA: `\"bf16\"` or `\"fp16\"` (with a dynamic loss scale); weights, optimiser state and loss terms stay fp32.",
+        "`\"fp32\"` (default); `\"bf16\"` (autocast on CUDA and on CPUs with bf16 kernels); `\"teacher-bf16\"` (only the forwards of networks the stage does not train, e.g. the frozen teacher, in bf16); `\"fp16\"` on CUDA (with a dynamic loss scale). Weights, optimiser state and loss terms stay fp32.",
         |mut x: Experiment, p: &str| -> Fallible<Experiment> {
             x.precision = p.parse().map_err(user)?;
             Ok(x)
