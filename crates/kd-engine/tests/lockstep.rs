@@ -5,6 +5,8 @@
 //! others in the group; a failing run stops alone; a group interrupted and
 //! resumed ends as an uninterrupted one.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,23 +19,6 @@ use kd_engine::{
     Plan, RunOptions, RunResult, Silent, StagePlan, Weight,
 };
 use tch::{Device, nn};
-
-/// A teacher file: a resnet8 whose BatchNorms were calibrated by a few
-/// train-mode passes, so that folding them is not an identity.
-fn teacher_file(dir: &Path) -> PathBuf {
-    tch::manual_seed(3);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let net = kd_models::build("resnet8", &vs.root(), 10).unwrap();
-    tch::no_grad(|| {
-        for _ in 0..3 {
-            let x = tch::Tensor::randn([16, 3, 32, 32], tch::kind::FLOAT_CPU);
-            let _ = net.forward_taps(&x, true);
-        }
-    });
-    let path = dir.join("teacher.safetensors");
-    kd_models::save_weights(&vs, &path).unwrap();
-    path
-}
 
 fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
     Plan {
@@ -181,7 +166,7 @@ fn lockstep_runs_equal_solo_runs_and_failures_stay_alone() {
     kd_methods::link();
     let registry = Registry::global().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path());
+    let teacher = common::teacher_file(dir.path(), 3);
     let mut plans: Vec<Plan> = methods()
         .into_iter()
         .map(|(n, m)| plan(n, &teacher, m))
@@ -249,7 +234,7 @@ impl Observer for StopAfterFirst {
 fn resumed_group_equals_uninterrupted_group() {
     kd_methods::link();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path());
+    let teacher = common::teacher_file(dir.path(), 3);
     let mut plans: Vec<Plan> = methods()
         .into_iter()
         .take(2)
@@ -311,7 +296,7 @@ fn resumed_group_equals_uninterrupted_group() {
 fn a_checkpoint_without_its_teacher_refuses_a_changed_teacher_file() {
     kd_methods::link();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path());
+    let teacher = common::teacher_file(dir.path(), 3);
     let plans = vec![plan("st", &teacher, MethodPlan::new("st", 0.9))];
     let flag = Arc::new(AtomicBool::new(false));
     let cut = group(

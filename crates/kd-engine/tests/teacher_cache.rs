@@ -15,31 +15,13 @@ use kd_engine::{
     CacheDtype, CacheManifest, CacheSpec, CacheWriter, DataPlan, DeviceChoice, EpochRecord,
     MethodPlan, ModelPlan, NoScripts, Plan, RunOptions, RunResult, Silent, StagePlan,
 };
-use tch::{Device, nn};
 
-/// A resnet8 teacher whose BatchNorms saw a few batches, so that folding
-/// them is not an identity.
 /// The tests of this file one at a time: the forward counter is the
 /// process's, and `cargo test` runs tests on threads.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn teacher_file(dir: &Path, seed: i64) -> PathBuf {
-    tch::manual_seed(seed);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let net = kd_models::build("resnet8", &vs.root(), 10).unwrap();
-    tch::no_grad(|| {
-        for _ in 0..3 {
-            let x = tch::Tensor::randn([16, 3, 32, 32], tch::kind::FLOAT_CPU);
-            let _ = net.forward_taps(&x, true);
-        }
-    });
-    let path = dir.join(format!("teacher{seed}.safetensors"));
-    kd_models::save_weights(&vs, &path).unwrap();
-    path
 }
 
 fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
@@ -159,7 +141,7 @@ fn cached_runs_end_bit_for_bit_where_online_runs_end_alone_and_in_lockstep() {
     let _serial = serial();
     kd_methods::link();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path(), 3);
+    let teacher = common::teacher_file(dir.path(), 3);
     let mut dist = MethodPlan::new("dist", 1.0);
     dist.config = serde_json::json!({"beta": 2.0, "gamma": 2.0});
     let plans: Vec<Plan> = [
@@ -204,7 +186,7 @@ fn cached_runs_end_bit_for_bit_where_online_runs_end_alone_and_in_lockstep() {
 fn a_cached_run_stopped_and_resumed_ends_where_the_online_run_ends() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path(), 3);
+    let teacher = common::teacher_file(dir.path(), 3);
     let p = plan("st", &teacher, MethodPlan::new("st", 0.9));
     let cache = dir.path().join("cache");
     write_cache(&p, spec(&[5], 2, &[]), &cache);
@@ -239,7 +221,7 @@ fn refusal(plan: &Plan) -> String {
 fn a_cache_of_other_batches_or_teacher_or_too_short_is_refused_naming_the_field() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path(), 3);
+    let teacher = common::teacher_file(dir.path(), 3);
     let p = plan("st", &teacher, MethodPlan::new("st", 0.9));
     let cache = dir.path().join("cache");
     write_cache(&p, spec(&[5], 2, &[]), &cache);
@@ -266,7 +248,7 @@ fn a_cache_of_other_batches_or_teacher_or_too_short_is_refused_naming_the_field(
     assert!(refusal(&other).contains("shorter than the run"));
 
     let mut other = c.clone();
-    let retrained = teacher_file(dir.path(), 4);
+    let retrained = common::teacher_file(dir.path(), 4);
     other.teacher.as_mut().unwrap().weights = Some(retrained);
     assert!(refusal(&other).contains("teacher weights differ"));
 
@@ -288,7 +270,7 @@ fn a_cache_of_other_batches_or_teacher_or_too_short_is_refused_naming_the_field(
 fn top_k_and_half_precision_caches_record_their_distance_to_the_teacher() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path(), 3);
+    let teacher = common::teacher_file(dir.path(), 3);
     let p = plan("st", &teacher, MethodPlan::new("st", 0.9));
     let mut s = spec(&[5], 1, &[]);
     s.top_k = 3;
@@ -317,7 +299,7 @@ fn top_k_and_half_precision_caches_record_their_distance_to_the_teacher() {
 fn a_cache_is_extended_by_more_epochs_and_refused_for_another_storage() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let teacher = teacher_file(dir.path(), 3);
+    let teacher = common::teacher_file(dir.path(), 3);
     let p = plan("st", &teacher, MethodPlan::new("st", 0.9));
     let cache = dir.path().join("cache");
     write_cache(&p, spec(&[5], 1, &[]), &cache);

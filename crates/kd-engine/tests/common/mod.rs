@@ -5,7 +5,7 @@
 // Each test file compiles its own copy and uses part of it.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -88,4 +88,21 @@ pub fn same_weights(a: &Path, b: &Path, file: &str) {
             .unwrap_or_else(|| panic!("{name} missing after resume"));
         assert!(x.equal(y), "{name} of {file} differs after resume");
     }
+}
+
+/// A resnet8 teacher file (`teacher<seed>.safetensors`) whose BatchNorms
+/// saw a few batches, so that folding them is not an identity.
+pub fn teacher_file(dir: &Path, seed: i64) -> PathBuf {
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = kd_models::build("resnet8", &vs.root(), 10).unwrap();
+    tch::no_grad(|| {
+        for _ in 0..3 {
+            let x = tch::Tensor::randn([16, 3, 32, 32], tch::kind::FLOAT_CPU);
+            let _ = net.forward_taps(&x, true);
+        }
+    });
+    let path = dir.join(format!("teacher{seed}.safetensors"));
+    kd_models::save_weights(&vs, &path).unwrap();
+    path
 }
