@@ -9,7 +9,7 @@ use kd_core::Registry;
 use kd_engine::{CacheDtype, CacheSpec, CacheWriter, MethodPlan, ModelPlan, Plan, Subject};
 
 use crate::out::outln;
-use crate::train::TrainArgs;
+use crate::train::{LABEL_LOSS, TrainArgs};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -131,7 +131,7 @@ fn from_flags(a: &Args) -> Result<(Plan, CacheSpec)> {
         ModelPlan::new(arch),
         Some(teacher),
         "distill",
-        vec![MethodPlan::new("ce", 1.0)],
+        vec![MethodPlan::new(LABEL_LOSS, 1.0)],
         t.seeds.first().copied().unwrap_or(0),
     )?;
     let spec = CacheSpec {

@@ -659,7 +659,7 @@ fn check_stage(stage: &StagePlan, has_teacher: bool) -> Result<()> {
 /// The SHA-256 of the plan's teacher weights file, hashed once per file
 /// version (path, size, modification time) in a process: the runs of a
 /// sweep share one teacher, and an earlier run of a recipe may rewrite it.
-fn teacher_file_sha256(plan: &Plan) -> Option<String> {
+pub(crate) fn teacher_file_sha256(plan: &Plan) -> Option<String> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     type Version = (PathBuf, u64, std::time::SystemTime);

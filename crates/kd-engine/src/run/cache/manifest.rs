@@ -214,7 +214,9 @@ impl Manifest {
                 ),
             ));
         }
-        let sha = tensors::sha256_file(weights);
+        // Hashed once per file version in a process: the runs of a sweep
+        // (and the run's own checkpoint check) share it.
+        let sha = super::super::member::teacher_file_sha256(plan);
         if sha.as_deref() != Some(self.teacher.sha256.as_str()) {
             return Err(cache_err(
                 dir,
