@@ -10,6 +10,16 @@ use kd_engine::{
 use serde_json::{Value, json};
 
 fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
+    train_student("resnet8", method, config, weight, epochs)
+}
+
+fn train_student(
+    student: &str,
+    method: &str,
+    config: Value,
+    weight: f64,
+    epochs: usize,
+) -> RunResult {
     kd_methods::link();
     let registry = Registry::global().unwrap();
     let mut m = MethodPlan::new(method, weight);
@@ -33,7 +43,7 @@ fn train(method: &str, config: Value, weight: f64, epochs: usize) -> RunResult {
             ..Default::default()
         },
         student: ModelPlan {
-            arch: "resnet8".into(),
+            arch: student.into(),
             weights: None,
             source_sha256: None,
         },
@@ -153,4 +163,24 @@ fn dml_trains_both_networks() {
     );
     assert!(e[1].train_loss < e[0].train_loss);
     assert!(e.iter().all(|r| r.peer_top1.is_some()));
+}
+
+/// A ViT student computes its last block for the class token alone when
+/// the stage's losses read only logits (`st`); a method reading the last
+/// stage's patch-token map (OFA's stage 2 of a 2-block ViT) gets the whole
+/// block. Both train with finite losses; the first would fail inside the
+/// method if the map were left out.
+#[test]
+fn a_vit_student_computes_the_last_tokens_when_a_method_reads_them() {
+    let vit = "vit_tiny_patch16_224(img_size=32,patch_size=4,depth=2,embed_dim=48,num_heads=3)";
+    for (method, config) in [("ofa", json!({"stages": [1, 2]})), ("st", json!({}))] {
+        let r = train_student(vit, method, config, 1.0, 1);
+        let rec = &r.stages[0].epochs[0];
+        assert!(rec.train_loss.is_finite(), "{method}: {}", rec.train_loss);
+        assert!(
+            rec.terms
+                .keys()
+                .any(|k| k.starts_with(&format!("{method}/")))
+        );
+    }
 }

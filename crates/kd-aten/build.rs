@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=cpp/kd_aten.cpp");
     println!("cargo:rerun-if-changed=cpp/kd_jit.cpp");
     println!("cargo:rerun-if-changed=cpp/kd_optim.cpp");
+    println!("cargo:rerun-if-changed=cpp/kd_linear.cpp");
     println!("cargo:rerun-if-changed=cpp/kd_ffi.h");
     // kd-dist's shim shares the error convention (cpp/kd_ffi.h): it reads
     // this folder as DEP_KD_ATEN_INCLUDE.
@@ -30,6 +31,7 @@ fn main() {
         .file("cpp/kd_aten.cpp")
         .file("cpp/kd_jit.cpp")
         .file("cpp/kd_optim.cpp")
+        .file("cpp/kd_linear.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")

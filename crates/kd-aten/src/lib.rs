@@ -42,6 +42,12 @@ unsafe extern "C" {
     ) -> *mut c_char;
     fn kd_grads_to_none(params: *const RawTensor, n: i64) -> *mut c_char;
     fn kd_leaky_relu(t: RawTensor, slope: f64, out: *mut RawTensor) -> *mut c_char;
+    fn kd_onednn_linear(
+        x: RawTensor,
+        w: RawTensor,
+        b: RawTensor,
+        out: *mut RawTensor,
+    ) -> *mut c_char;
     fn kd_channels_last(t: RawTensor, out: *mut RawTensor) -> *mut c_char;
     fn kd_is_channels_last(t: RawTensor) -> i32;
     fn kd_inference_mode_new() -> *mut c_void;
@@ -173,6 +179,37 @@ pub fn leaky_relu(t: &Tensor, slope: f64) -> Result<Tensor, AtenError> {
     // SAFETY: `t` is live; on success the shim hands over a new at::Tensor.
     check(unsafe { kd_leaky_relu(raw(t), slope, &mut out) })?;
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// `F.linear(x, w, b)`. On the CPU at fp32 (outside autocast, on a CPU
+/// whose oneDNN has its AVX-512 kernels) it runs forward and backward as
+/// oneDNN fp32 matmuls (`cpp/kd_linear.cpp`: faster than the MKL sgemm
+/// ATen calls on a transformer's shapes); everywhere else, and with
+/// `KD_ONEDNN_LINEAR=0` in the environment, it is ATen's `linear`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    if onednn_linear_fits(x, w) {
+        let mut out: RawTensor = std::ptr::null_mut();
+        let b = b.map_or(std::ptr::null_mut(), raw);
+        // SAFETY: live tensors (b may be null); on success the shim hands
+        // over a new at::Tensor.
+        if check(unsafe { kd_onednn_linear(raw(x), raw(w), b, &mut out) }).is_ok() {
+            return unsafe { Tensor::from_ptr(out.cast()) };
+        }
+        // The shim refused (it checks what this test does): ATen's then.
+    }
+    x.linear(w, b)
+}
+
+/// Whether [`linear`] takes the oneDNN path for these operands.
+pub fn onednn_linear_fits(x: &Tensor, w: &Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        std::env::var("KD_ONEDNN_LINEAR").map_or(true, |v| v != "0") && cpu_bf16_supported()
+    });
+    on && x.device() == tch::Device::Cpu
+        && x.kind() == tch::Kind::Float
+        && w.kind() == tch::Kind::Float
+        && !cpu_autocast_enabled()
 }
 
 /// `t` with channels-last strides (NHWC in memory, NCHW in shape).

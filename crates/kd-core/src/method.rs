@@ -195,6 +195,9 @@ pub struct ContrastSpec {
 /// Everything the methods of a run asked of the engine, collected at build.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Needs {
+    /// Every tap a method asked for through [`BuildCx::tap`], once each: a
+    /// network may skip the work only unlisted taps need.
+    pub taps: Vec<TapRef>,
     pub grads: Vec<GradSpec>,
     pub views: Vec<AttackSpec>,
     /// The augmented second view, if a method asked for one.
@@ -255,7 +258,11 @@ impl<'a> BuildCx<'a> {
         if side == Side::Teacher {
             self.needs.teacher = true;
         }
-        Ok(TapRef { side, tap })
+        let tap = TapRef { side, tap };
+        if !self.needs.taps.contains(&tap) {
+            self.needs.taps.push(tap);
+        }
+        Ok(tap)
     }
 
     /// The same tap on both sides, checked to exist on both.

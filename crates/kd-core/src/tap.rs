@@ -101,6 +101,7 @@ impl Taps {
             Tap::Logits => Some(&self.logits),
             _ => self.extra.iter().find(|(t, _)| *t == tap).map(|(_, x)| x),
         }
+        .filter(|t| t.defined())
     }
 
     /// Every tap name with its tensor, in a stable order; taps a network

@@ -393,3 +393,10 @@ pub(crate) fn staged_taps<B: PreactBlock>(
         extra: Vec::new(),
     }
 }
+
+/// An `nn.Linear`'s forward through [`kd_aten::linear`]: oneDNN's fp32
+/// matmul on the CPU (faster than ATen's MKL sgemm on a transformer's
+/// shapes), ATen's `linear` elsewhere.
+pub(crate) fn dense(l: &nn::Linear, x: &Tensor) -> Tensor {
+    kd_aten::linear(x, &l.ws, l.bs.as_ref())
+}

@@ -76,6 +76,12 @@ pub trait Network: Send {
     /// parameters. Families without such pairs ignore it.
     fn fold_batchnorm(&mut self, _on: bool) {}
 
+    /// The taps the coming forwards' readers will read (`None`, the
+    /// default: any). A family may then skip work that only unlisted taps
+    /// need and leave those taps undefined; `logits` and `embed` are always
+    /// given.
+    fn read_taps(&mut self, _taps: Option<&[kd_core::Tap]>) {}
+
     /// Whether it came from PyTorch (a Python module, a TorchScript file):
     /// its trained weights are also written as `torch.save` files.
     fn is_from_pytorch(&self) -> bool {

@@ -36,6 +36,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::droppath::{Draws, drop_path, linear_rates};
+use crate::layers::dense;
 use crate::{ModelError, Network, check_classes};
 
 /// timm's `SwinTransformer` arguments that kd's zoo varies.
@@ -374,9 +375,7 @@ impl WindowAttention {
         let bias = bias
             .expand([nw, heads, n, n], false)
             .reshape([1, nw * heads, n, n]);
-        let qkv = self
-            .qkv
-            .forward(windows)
+        let qkv = dense(&self.qkv, windows)
             .reshape([bw, n, 3, heads, c / heads])
             .permute([2, 0, 3, 1, 4])
             .reshape([3, b, nw * heads, n, c / heads]);
@@ -397,7 +396,7 @@ impl WindowAttention {
             .reshape([bw, heads, n, c / heads])
             .transpose(1, 2)
             .reshape([bw, n, c]);
-        self.proj.forward(&y)
+        dense(&self.proj, &y)
     }
 }
 
@@ -486,9 +485,10 @@ impl SwinBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let a = self.window_attention(&self.norm1.forward(x));
         let x = x + drop_path(&a, self.drop_path, train, Draws::Torch);
-        let m = self
-            .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)).gelu("none"));
+        let m = dense(
+            &self.fc2,
+            &dense(&self.fc1, &self.norm2.forward(&x)).gelu("none"),
+        );
         &x + drop_path(&m, self.drop_path, train, Draws::Torch)
     }
 }
@@ -524,7 +524,7 @@ impl PatchMerging {
             .reshape([b, h, 2, w, 2, c])
             .permute([0, 1, 3, 4, 2, 5])
             .reshape([b, h, w, 4 * c]);
-        self.reduction.forward(&self.norm.forward(&x))
+        dense(&self.reduction, &self.norm.forward(&x))
     }
 }
 
@@ -585,7 +585,7 @@ impl Network for SwinTransformer {
             .norm
             .forward(&x)
             .mean_dim([1i64, 2].as_slice(), false, None::<Kind>);
-        let logits = self.head.forward(&embed);
+        let logits = dense(&self.head, &embed);
         Taps {
             preact: feat.iter().map(Tensor::shallow_clone).collect(),
             feat,

@@ -32,6 +32,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::droppath::{Draws, drop_path, linear_rates};
+use crate::layers::dense;
 use crate::{ModelError, Network, check_classes};
 
 /// timm's `VisionTransformer` arguments that kd's zoo varies.
@@ -172,6 +173,7 @@ impl VitConfig {
             head_dist,
             patch_size: self.patch_size,
             img_size: self.img_size,
+            prefix_tail: false,
         })
     }
 }
@@ -236,15 +238,35 @@ impl Block {
         }
     }
 
-    fn attention(&self, x: &Tensor) -> Tensor {
+    /// Attention of the first `queries` tokens of `x` over all of them
+    /// (every token when `queries` is `N`).
+    fn attention(&self, x: &Tensor, queries: i64) -> Tensor {
         let (b, n, d) = x.size3().expect("tokens are [B, N, D]");
-        // [B, N, 3, heads, D/heads] -> three [B, heads, N, D/heads].
-        let qkv = self
-            .qkv
-            .forward(x)
-            .reshape([b, n, 3, self.heads, d / self.heads])
-            .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let heads = |t: Tensor, n: i64| {
+            t.reshape([b, n, -1, self.heads, d / self.heads])
+                .permute([2, 0, 3, 1, 4])
+        };
+        let (q, k, v) = if queries == n {
+            // [B, N, 3, heads, D/heads] -> three [B, heads, N, D/heads].
+            let qkv = heads(dense(&self.qkv, x), n);
+            (qkv.get(0), qkv.get(1), qkv.get(2))
+        } else {
+            // Keys and values of every token, queries of the first few:
+            // the fused projection's rows split, so the rest's queries are
+            // never computed.
+            let (w, bias) = (&self.qkv.ws, self.qkv.bs.as_ref().expect("qkv has a bias"));
+            let rows = |t: &Tensor, from: i64, len: i64| t.narrow(0, from, len);
+            let q = kd_aten::linear(
+                &x.narrow(1, 0, queries),
+                &rows(w, 0, d),
+                Some(&rows(bias, 0, d)),
+            );
+            let kv = heads(
+                kd_aten::linear(x, &rows(w, d, 2 * d), Some(&rows(bias, d, 2 * d))),
+                n,
+            );
+            (heads(q, queries).get(0), kv.get(0), kv.get(1))
+        };
         // ATen's fused attention: flash / memory-efficient kernels on CUDA.
         let y = Tensor::scaled_dot_product_attention(
             &q,
@@ -256,15 +278,18 @@ impl Block {
             None,
             false,
         );
-        self.proj.forward(&y.transpose(1, 2).reshape([b, n, d]))
+        dense(&self.proj, &y.transpose(1, 2).reshape([b, queries, d]))
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let a = self.attention(&self.norm1.forward(x));
-        let x = x + drop_path(&a, self.drop_path, train, Draws::Torch);
-        let m = self
-            .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)).gelu("none"));
+    /// The block's output for the first `queries` tokens (every token when
+    /// `queries` is `N`).
+    fn forward(&self, x: &Tensor, queries: i64, train: bool) -> Tensor {
+        let a = self.attention(&self.norm1.forward(x), queries);
+        let x = x.narrow(1, 0, queries) + drop_path(&a, self.drop_path, train, Draws::Torch);
+        let m = dense(
+            &self.fc2,
+            &dense(&self.fc1, &self.norm2.forward(&x)).gelu("none"),
+        );
         &x + drop_path(&m, self.drop_path, train, Draws::Torch)
     }
 }
@@ -282,6 +307,10 @@ pub struct VisionTransformer {
     head_dist: Option<nn::Linear>,
     patch_size: i64,
     img_size: i64,
+    /// The last block computes the class (and distillation) tokens alone:
+    /// set by `read_taps` when nobody reads its patch tokens, the head
+    /// reading only those (a logit method on a ViT student).
+    prefix_tail: bool,
 }
 
 impl VisionTransformer {
@@ -319,8 +348,16 @@ impl Network for VisionTransformer {
         let mut feat = vec![self.as_map(&x)];
         let ends = self.stage_ends();
         let mut tokens = Vec::with_capacity(self.blocks.len());
+        let (depth, n) = (self.blocks.len(), x.size()[1]);
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, train);
+            if i + 1 == depth && self.prefix_tail {
+                // Its patch tokens and the map made of them stay undefined.
+                x = block.forward(&x, self.prefix(), train);
+                feat.push(Tensor::new());
+                tokens.push(Tensor::new());
+                break;
+            }
+            x = block.forward(&x, n, train);
             if ends.contains(&i) {
                 feat.push(self.as_map(&x));
             }
@@ -328,7 +365,7 @@ impl Network for VisionTransformer {
         }
         let x = self.norm.forward(&x);
         let cls = x.select(1, 0);
-        let logits_cls = self.head.forward(&cls);
+        let logits_cls = dense(&self.head, &cls);
         let mut extra: Vec<(Tap, Tensor)> = tokens
             .into_iter()
             .enumerate()
@@ -337,7 +374,7 @@ impl Network for VisionTransformer {
         let (embed, logits) = match &self.head_dist {
             Some(head_dist) => {
                 let dist = x.select(1, 1);
-                let logits_dist = head_dist.forward(&dist);
+                let logits_dist = dense(head_dist, &dist);
                 let logits = if train {
                     logits_cls
                 } else {
@@ -358,6 +395,17 @@ impl Network for VisionTransformer {
             logits,
             extra,
         }
+    }
+
+    fn read_taps(&mut self, taps: Option<&[Tap]>) {
+        let (depth, stages) = (self.blocks.len(), self.stage_ends().len());
+        // The last block's patch tokens feed only these taps.
+        let tail = [
+            Tap::Tokens(depth - 1),
+            Tap::Feat(stages),
+            Tap::Preact(stages),
+        ];
+        self.prefix_tail = taps.is_some_and(|t| !t.iter().any(|t| tail.contains(t)));
     }
 
     /// The position embedding fixes the input size: say which argument
@@ -443,6 +491,75 @@ mod tests {
             .transpose(1, 2)
             .reshape([2, 192, 8, 8]);
         assert!(patch.equal(&taps.feat[4]));
+    }
+
+    /// Logits and every parameter's gradient of `sum(logits · probe)`.
+    fn logits_and_grads(net: &VisionTransformer, vs: &VarStore, x: &Tensor) -> Vec<Tensor> {
+        vs.variables().values().for_each(|v| {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        });
+        let logits = net.forward_taps(x, true).logits;
+        let probe = Tensor::linspace(-1.0, 1.0, logits.numel() as i64, tch::kind::FLOAT_CPU)
+            .view(logits.size().as_slice());
+        (&logits * probe).sum(Kind::Float).backward();
+        let mut names: Vec<_> = vs.variables().into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        std::iter::once(logits.detach())
+            .chain(
+                names
+                    .into_iter()
+                    .map(|(_, v)| v.grad())
+                    .map(|g| match g.defined() {
+                        true => g.copy(),
+                        // The distillation head in training: not in the logits.
+                        false => Tensor::zeros([1], tch::kind::FLOAT_CPU),
+                    }),
+            )
+            .collect()
+    }
+
+    #[test]
+    fn a_logits_only_reader_gets_the_same_logits_and_gradients() {
+        for distilled in [false, true] {
+            tch::manual_seed(3);
+            let vs = VarStore::new(Device::Cpu);
+            let mut net = small(distilled).init(&vs.root()).unwrap();
+            let x = Tensor::randn([3, 3, 32, 32], tch::kind::FLOAT_CPU);
+            let full = logits_and_grads(&net, &vs, &x);
+            net.read_taps(Some(&[Tap::Logits, Tap::Feat(3), Tap::Tokens(4)]));
+            assert!(net.prefix_tail);
+            let taps = net.forward_taps(&x, false);
+            assert!(taps.get(Tap::Tokens(5)).is_none() && taps.get(Tap::Feat(4)).is_none());
+            assert!(taps.get(Tap::Feat(3)).is_some() && taps.get(Tap::Cls).is_some());
+            let pruned = logits_and_grads(&net, &vs, &x);
+            for (i, (a, b)) in full.iter().zip(&pruned).enumerate() {
+                let diff = (a - b).abs().max().double_value(&[]);
+                let scale = b.abs().max().double_value(&[]).max(1e-12);
+                assert!(
+                    diff / scale < 1e-5,
+                    "tensor {i} (0: logits): {diff} of {scale}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_of_the_last_tokens_or_of_everything_gets_them_all() {
+        let vs = VarStore::new(Device::Cpu);
+        let mut net = small(false).init(&vs.root()).unwrap();
+        for read in [
+            Some(&[Tap::Logits, Tap::Feat(4)][..]),
+            Some(&[Tap::Tokens(5)]),
+            None,
+        ] {
+            net.read_taps(read);
+            assert!(!net.prefix_tail, "{read:?}");
+        }
+        let taps = net.forward_taps(&Tensor::randn([1, 3, 32, 32], tch::kind::FLOAT_CPU), false);
+        assert_eq!(taps.get(Tap::Tokens(5)).unwrap().size(), [1, 65, 192]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A stage made ready to step: its methods built, parameters frozen or
 //! trainable as the stage says, its optimiser and its loader.
 
-use kd_core::{AugmentPolicy, AugmentSpec, Needs, Progress, Registry, TapShapes};
+use kd_core::{AugmentPolicy, AugmentSpec, Needs, Progress, Registry, Side, Tap, TapShapes};
 use kd_data::{Batch, Loader, LoaderConfig, Splits};
 use tch::Tensor;
 
@@ -133,6 +133,12 @@ pub(crate) fn prepare_stage(
     let net_trains = stage.train.contains(&Part::Network);
     let methods_train = stage.train.contains(&Part::Methods);
     let name = &stage.name;
+    // Probes see every tap; what the stage reads is known once its methods
+    // are built (below).
+    student.model.read_taps(None);
+    if let Some(t) = teacher.as_deref_mut() {
+        t.model.read_taps(None);
+    }
     let (net, other) = roles(stage.subject, student, teacher.as_deref());
     let s_shapes = shapes_of(net, probe);
     let t_shapes = match cached_teacher {
@@ -158,6 +164,15 @@ pub(crate) fn prepare_stage(
         // A network this stage trains runs its BatchNorms; a teacher it does
         // not train runs them folded into its convolutions.
         net.model.fold_batchnorm(false);
+        // The trained network computes only what the losses read (in mutual
+        // learning the peer's methods read it too: everything then).
+        if !mutual {
+            let read: Vec<Tap> = (needs.taps.iter())
+                .filter(|t| t.side == Side::Student)
+                .map(|t| t.tap)
+                .collect();
+            net.model.read_taps(Some(&read));
+        }
         if let Some(o) = other {
             if mutual {
                 o.vs.unfreeze()
