@@ -165,16 +165,22 @@ fn dml_trains_both_networks() {
     assert!(e.iter().all(|r| r.peer_top1.is_some()));
 }
 
-/// A ViT student computes its last block for the class token alone when
-/// the stage's losses read only logits (`st`); a method reading the last
-/// stage's patch-token map (OFA's stage 2 of a 2-block ViT) gets the whole
-/// block. Both train with finite losses; the first would fail inside the
-/// method if the map were left out.
+/// A ViT student computes its last block for the class (and distillation)
+/// token alone when the stage's losses read only logits (`st`, `deit`'s
+/// two heads); a method reading the last stage's patch-token map (OFA's
+/// stage 2 of a 2-block ViT) gets the whole block. All train with finite
+/// losses; OFA would fail inside the method if the map were left out.
 #[test]
 fn a_vit_student_computes_the_last_tokens_when_a_method_reads_them() {
-    let vit = "vit_tiny_patch16_224(img_size=32,patch_size=4,depth=2,embed_dim=48,num_heads=3)";
-    for (method, config) in [("ofa", json!({"stages": [1, 2]})), ("st", json!({}))] {
-        let r = train_student(vit, method, config, 1.0, 1);
+    let args = "(img_size=32,patch_size=4,depth=2,embed_dim=48,num_heads=3)";
+    let vit = format!("vit_tiny_patch16_224{args}");
+    let deit = format!("deit_tiny_distilled_patch16_224{args}");
+    for (student, method, config) in [
+        (&vit, "ofa", json!({"stages": [1, 2]})),
+        (&vit, "st", json!({})),
+        (&deit, "deit", json!({})),
+    ] {
+        let r = train_student(student, method, config, 1.0, 1);
         let rec = &r.stages[0].epochs[0];
         assert!(rec.train_loss.is_finite(), "{method}: {}", rec.train_loss);
         assert!(
