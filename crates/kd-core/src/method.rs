@@ -208,6 +208,16 @@ pub struct Needs {
     pub teacher: bool,
 }
 
+impl Needs {
+    /// The taps of `side` the methods asked for.
+    pub fn read(&self, side: Side) -> Vec<Tap> {
+        (self.taps.iter())
+            .filter(|t| t.side == side)
+            .map(|t| t.tap)
+            .collect()
+    }
+}
+
 /// What a method may ask for while it is built.
 pub struct BuildCx<'a> {
     method: &'static str,

@@ -1,7 +1,7 @@
 //! A stage made ready to step: its methods built, parameters frozen or
 //! trainable as the stage says, its optimiser and its loader.
 
-use kd_core::{AugmentPolicy, AugmentSpec, Needs, Progress, Registry, Side, Tap, TapShapes};
+use kd_core::{AugmentPolicy, AugmentSpec, Needs, Progress, Registry, Side, TapShapes};
 use kd_data::{Batch, Loader, LoaderConfig, Splits};
 use tch::Tensor;
 
@@ -164,14 +164,12 @@ pub(crate) fn prepare_stage(
         // A network this stage trains runs its BatchNorms; a teacher it does
         // not train runs them folded into its convolutions.
         net.model.fold_batchnorm(false);
-        // The trained network computes only what the losses read (in mutual
-        // learning the peer's methods read it too: everything then).
+        // The trained network computes only what the losses read of it (in
+        // mutual learning the peer's methods read it too: everything then).
+        // Not the teacher: one teacher forward serves a lockstep group or
+        // fills a cache, and must be the same whatever each run reads.
         if !mutual {
-            let read: Vec<Tap> = (needs.taps.iter())
-                .filter(|t| t.side == Side::Student)
-                .map(|t| t.tap)
-                .collect();
-            net.model.read_taps(Some(&read));
+            net.model.read_taps(Some(&needs.read(Side::Student)));
         }
         if let Some(o) = other {
             if mutual {
