@@ -3,7 +3,9 @@
 //! same first step), `scripts/bench-sweep --smoke` (every run of a
 //! lockstep sweep equals its solo run) and `scripts/bench-data --smoke`
 //! (kd's ImageFolder pipeline and torchvision's DataLoader on 16 JPEGs),
-//! `scripts/bench-cache --smoke` (a cached run equals its online run).
+//! `scripts/bench-cache --smoke` (a cached run equals its online run),
+//! `scripts/bench-bf16 --smoke` (kd's three precisions and PyTorch's fp32
+//! and bf16 variants start from the same first loss).
 //! They drive the `kd` binary that `make test` builds first.
 
 use std::process::Command;
@@ -65,6 +67,15 @@ fn bench_cache_replays_the_online_run_exactly() {
         "{text}"
     );
     assert!(text.contains("sweep of 7 logit methods"), "{text}");
+}
+
+#[test]
+fn bench_bf16_runs_every_precision_on_both_sides() {
+    let text = script("bench-bf16", &["--threads", "1"]);
+    for row in ["kd fp32", "kd teacher-bf16", "kd bf16", "torch autocast", "torch eager"] {
+        assert!(text.contains(row), "no `{row}` row:\n{text}");
+    }
+    assert!(!text.contains("FAIL"), "{text}");
 }
 
 /// docs/methods.md is what `scripts/methods-doc` assembles from
