@@ -72,7 +72,13 @@ fn bench_cache_replays_the_online_run_exactly() {
 #[test]
 fn bench_bf16_runs_every_precision_on_both_sides() {
     let text = script("bench-bf16", &["--threads", "1"]);
-    for row in ["kd fp32", "kd teacher-bf16", "kd bf16", "torch autocast", "torch eager"] {
+    for row in [
+        "kd fp32",
+        "kd teacher-bf16",
+        "kd bf16",
+        "torch autocast",
+        "torch eager",
+    ] {
         assert!(text.contains(row), "no `{row}` row:\n{text}");
     }
     assert!(!text.contains("FAIL"), "{text}");
