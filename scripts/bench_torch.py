@@ -136,8 +136,18 @@ def timm_vit(name, classes):
         k, v = kv.split("=")
         kwargs[k.strip()] = float(v) if "." in v else int(v)
     net = timm.create_model(m.group(1), pretrained=False, num_classes=classes, **kwargs)
+    if hasattr(net, "set_distilled_training"):
+        # A distilled DeiT trains on its class head's logits (the
+        # distillation head is read by `deit` alone), as kd's does; timm
+        # averages the heads unless told it is distilled-training, and then
+        # gives both (class head first). Eval averages them either way.
+        net.set_distilled_training(True)
+    head = net.forward
+
+    def logits_only(x):
+        out = head(x)
+        return out[0] if isinstance(out, tuple) else out
     # The losses read taps by name, as the zoo's forward returns them.
-    logits_only = net.forward
     net.forward = lambda x: {"logits": logits_only(x)}
     return net
 
