@@ -53,6 +53,9 @@ CASES = [
     ("swin_tiny_patch4_window7_224(img_size=32,patch_size=2)", 32, None),
     # ... and an odd map before merging (12, 6, 3 padded to 4, 2).
     ("swin_tiny_patch4_window7_224(img_size=48,embed_dim=48,window_size=7)", 48, None),
+    # Swin-S and Swin-B at CIFAR size: their depths, widths and heads.
+    ("swin_small_patch4_window7_224(img_size=32,window_size=4)", 32, None),
+    ("swin_base_patch4_window7_224(img_size=32,window_size=4)", 32, None),
 ]
 
 

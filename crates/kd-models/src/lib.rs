@@ -144,12 +144,13 @@ enum Arch {
     ShuffleV2,
     TvResNet { block: TvBlock, blocks: [i64; 4] },
     MobileNetV1,
-    Vit { size: VitSize, distilled: bool },
-    Swin,
+    Vit { size: Size, distilled: bool },
+    Swin(Size),
 }
 
+/// A transformer family's width and depth, timm's `tiny`/`small`/`base`.
 #[derive(Debug, Clone, Copy)]
-enum VitSize {
+enum Size {
     Tiny,
     Small,
     Base,
@@ -297,22 +298,21 @@ const ZOO: &[(&str, Arch)] = &[
         },
     ),
     ("MobileNetV1", Arch::MobileNetV1),
-    ("vit_tiny_patch16_224", vit(VitSize::Tiny, false)),
-    ("vit_small_patch16_224", vit(VitSize::Small, false)),
-    ("vit_base_patch16_224", vit(VitSize::Base, false)),
-    ("deit_tiny_patch16_224", vit(VitSize::Tiny, false)),
-    ("deit_small_patch16_224", vit(VitSize::Small, false)),
-    ("deit_base_patch16_224", vit(VitSize::Base, false)),
-    ("deit_tiny_distilled_patch16_224", vit(VitSize::Tiny, true)),
-    (
-        "deit_small_distilled_patch16_224",
-        vit(VitSize::Small, true),
-    ),
-    ("deit_base_distilled_patch16_224", vit(VitSize::Base, true)),
-    ("swin_tiny_patch4_window7_224", Arch::Swin),
+    ("vit_tiny_patch16_224", vit(Size::Tiny, false)),
+    ("vit_small_patch16_224", vit(Size::Small, false)),
+    ("vit_base_patch16_224", vit(Size::Base, false)),
+    ("deit_tiny_patch16_224", vit(Size::Tiny, false)),
+    ("deit_small_patch16_224", vit(Size::Small, false)),
+    ("deit_base_patch16_224", vit(Size::Base, false)),
+    ("deit_tiny_distilled_patch16_224", vit(Size::Tiny, true)),
+    ("deit_small_distilled_patch16_224", vit(Size::Small, true)),
+    ("deit_base_distilled_patch16_224", vit(Size::Base, true)),
+    ("swin_tiny_patch4_window7_224", Arch::Swin(Size::Tiny)),
+    ("swin_small_patch4_window7_224", Arch::Swin(Size::Small)),
+    ("swin_base_patch4_window7_224", Arch::Swin(Size::Base)),
 ];
 
-const fn vit(size: VitSize, distilled: bool) -> Arch {
+const fn vit(size: Size, distilled: bool) -> Arch {
     Arch::Vit { size, distilled }
 }
 
@@ -345,7 +345,7 @@ pub fn is_classifier_bias(key: &str) -> bool {
 pub fn is_transformer(name: &str) -> bool {
     let base = name.split_once('(').map_or(name, |(b, _)| b);
     ZOO.iter()
-        .any(|(n, a)| *n == base && matches!(a, Arch::Vit { .. } | Arch::Swin))
+        .any(|(n, a)| *n == base && matches!(a, Arch::Vit { .. } | Arch::Swin(_)))
 }
 
 /// Every zoo name, sorted.
@@ -375,8 +375,8 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
         let cfg = args.vit(vit_config(size, distilled).with_num_classes(num_classes))?;
         return Ok(Box::new(cfg.init(p)?));
     }
-    if let Arch::Swin = arch {
-        let cfg = args.swin(SwinConfig::tiny().with_num_classes(num_classes))?;
+    if let Arch::Swin(size) = arch {
+        let cfg = args.swin(swin_config(size).with_num_classes(num_classes))?;
         return Ok(Box::new(cfg.init(p)?));
     }
     args.none_left(base)?;
@@ -430,7 +430,7 @@ pub fn build(name: &str, p: &nn::Path, num_classes: i64) -> Result<Box<dyn Netwo
                 .with_num_classes(num_classes)
                 .init(p)?,
         ),
-        Arch::Vit { .. } | Arch::Swin => unreachable!("built above"),
+        Arch::Vit { .. } | Arch::Swin(_) => unreachable!("built above"),
     })
 }
 
@@ -446,7 +446,7 @@ pub fn check_name(name: &str) -> Result<(), ModelError> {
     args.take::<i64>("num_classes")?;
     match arch {
         Arch::Vit { size, distilled } => args.vit(vit_config(size, distilled))?.check(),
-        Arch::Swin => args.swin(SwinConfig::tiny())?.check(),
+        Arch::Swin(size) => args.swin(swin_config(size))?.check(),
         _ => args.none_left(base),
     }
 }
@@ -466,13 +466,21 @@ fn zoo_entry(name: &str) -> Result<(&str, Arch, ModelArgs), ModelError> {
     }
 }
 
-fn vit_config(size: VitSize, distilled: bool) -> VitConfig {
+fn vit_config(size: Size, distilled: bool) -> VitConfig {
     let cfg = match size {
-        VitSize::Tiny => VitConfig::tiny(),
-        VitSize::Small => VitConfig::small(),
-        VitSize::Base => VitConfig::base(),
+        Size::Tiny => VitConfig::tiny(),
+        Size::Small => VitConfig::small(),
+        Size::Base => VitConfig::base(),
     };
     cfg.with_distilled(distilled)
+}
+
+fn swin_config(size: Size) -> SwinConfig {
+    match size {
+        Size::Tiny => SwinConfig::tiny(),
+        Size::Small => SwinConfig::small(),
+        Size::Base => SwinConfig::base(),
+    }
 }
 
 /// Keyword arguments after a zoo name, as timm's `create_model` takes them:

@@ -1,7 +1,9 @@
 //! Swin Transformer under timm's name and `state_dict` keys
 //! (`timm/models/swin_transformer.py`, timm 1.x layout), so timm's weight
 //! files load as they are: `swin_tiny_patch4_window7_224` (Swin-T: 96 wide,
-//! stages of 2, 2, 6, 2 blocks with 3, 6, 12, 24 heads, 7x7 windows).
+//! stages of 2, 2, 6, 2 blocks with 3, 6, 12, 24 heads, 7x7 windows),
+//! `swin_small_patch4_window7_224` (2, 2, 18, 2 blocks) and
+//! `swin_base_patch4_window7_224` (those at 128 wide, 4, 8, 16, 32 heads).
 //!
 //! Keys: `patch_embed.{proj,norm}`, `layers.{i}.downsample.{norm,reduction}`
 //! (timm 1.x merges patches at the *start* of stages 1..3, stage 0 has no
@@ -75,6 +77,23 @@ impl SwinConfig {
             window_size: 7,
             mlp_ratio: 4.0,
             drop_path_rate: 0.1,
+        }
+    }
+
+    /// Swin-S: Swin-T with 18 blocks in its third stage.
+    pub fn small() -> Self {
+        SwinConfig {
+            depths: vec![2, 2, 18, 2],
+            ..SwinConfig::tiny()
+        }
+    }
+
+    /// Swin-B: Swin-S at 128 wide, 4-8-16-32 heads.
+    pub fn base() -> Self {
+        SwinConfig {
+            embed_dim: 128,
+            num_heads: vec![4, 8, 16, 32],
+            ..SwinConfig::small()
         }
     }
 

@@ -29,7 +29,7 @@ fn names_are_sorted_and_cover_the_pytorch_zoo() {
         .map(|s| s.to_string())
         .collect();
     assert_eq!(ours, zoo);
-    assert_eq!(names.iter().filter(|n| is_transformer(n)).count(), 10);
+    assert_eq!(names.iter().filter(|n| is_transformer(n)).count(), 12);
 }
 
 #[test]
