@@ -2,7 +2,8 @@
 //! `scripts/bench-vs-torch --smoke` (kd and the PyTorch loop compute the
 //! same first step), `scripts/bench-sweep --smoke` (every run of a
 //! lockstep sweep equals its solo run) and `scripts/bench-data --smoke`
-//! (kd's ImageFolder pipeline and torchvision's DataLoader on 16 JPEGs),
+//! (kd's ImageFolder pipeline and torchvision's DataLoader on 16 JPEGs,
+//! also with timm's RandAugment),
 //! `scripts/bench-cache --smoke` (a cached run equals its online run),
 //! `scripts/bench-bf16 --smoke` (kd's three precisions and PyTorch's fp32
 //! and bf16 variants start from the same first loss).
@@ -57,6 +58,16 @@ fn bench_data_times_kd_and_torchvision_on_the_same_images() {
         text.contains("kd img/s") && text.contains("torchvision"),
         "{text}"
     );
+}
+
+#[test]
+fn bench_data_runs_timms_randaugment_on_both_sides() {
+    let text = script("bench-data", &["--aa", "rand-m9-inc1"]);
+    assert!(
+        text.contains("--aa rand-m9-inc1"),
+        "kd ran without it:\n{text}"
+    );
+    assert!(text.contains("torchvision"), "{text}");
 }
 
 #[test]

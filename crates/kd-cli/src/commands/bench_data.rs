@@ -1,7 +1,7 @@
 //! `kd bench-data` (hidden): images per second of the ImageFolder training
 //! pipeline alone (listing, decoding, RandomResizedCrop, flip, batching,
-//! normalisation), what `scripts/bench-data` sets beside torchvision's
-//! DataLoader on the same files.
+//! normalisation, optionally timm's RandAugment), what `scripts/bench-data`
+//! sets beside torchvision's DataLoader on the same files.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,6 +27,10 @@ pub struct BenchDataArgs {
     /// not timed (the pipeline filling up).
     #[arg(long, default_value_t = 1)]
     epochs: usize,
+    /// timm's RandAugment after the crop and flip, as `kd distill --aa`
+    /// takes it (e.g. `rand-m9-mstd0.5-inc1`).
+    #[arg(long)]
+    aa: Option<String>,
 }
 
 pub fn bench_data(a: &BenchDataArgs) -> Result<()> {
@@ -57,7 +61,13 @@ pub fn bench_data(a: &BenchDataArgs) -> Result<()> {
         drop_last: false,
         contrast: None,
     };
-    let loader = Loader::new(&splits.train, cfg, 0, Device::Cpu)?;
+    let mut loader = Loader::new(&splits.train, cfg, 0, Device::Cpu)?;
+    if let Some(aa) = &a.aa {
+        let ra = aa
+            .parse::<kd_data::TimmRandAugment>()
+            .map_err(|e| anyhow::anyhow!("--aa: {e}"))?;
+        loader = loader.rand_augment(ra)?;
+    }
     let (mut images, mut started) = (0i64, None);
     for epoch in 0..a.epochs {
         let order = loader.order(epoch);
