@@ -415,6 +415,14 @@ pub fn timm_randaugment(images: &Tensor, draws: &[TimmDraw], fill: [f32; 3]) -> 
 
 /// One op per image (`None`: unchanged), each op run once on its images.
 fn layer(x: &Tensor, ops: &[Option<TimmOpDraw>], fill: [f32; 3]) -> Tensor {
+    // One image (an ImageFolder worker's): its op on it, without the
+    // gather and scatter of the batch below.
+    if let [op] = ops {
+        return match op {
+            Some(d) => apply(d.op, &x.contiguous(), std::slice::from_ref(d), fill),
+            None => x.shallow_clone(),
+        };
+    }
     let mut out = x.copy();
     for op in TimmOp::ALL {
         let members: Vec<i64> = (0..ops.len() as i64)

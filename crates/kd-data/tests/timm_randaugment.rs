@@ -125,6 +125,18 @@ fn whole_transform_matches_timm() {
     assert!(draws.iter().any(|d| d.ops.is_empty()));
     let got = timm_randaugment(&fx["images"], &draws, fill(&fx));
     assert_eq!(diff(&got, &fx["chain/out"]), (0, 0));
+    // One image at a time, as an ImageFolder worker augments, in the HWC
+    // layout it holds: the same bytes.
+    for (i, draw) in draws.iter().enumerate() {
+        let one = fx["images"].narrow(0, i as i64, 1).permute([0, 2, 3, 1]);
+        let got = timm_randaugment(
+            &one.permute([0, 3, 1, 2]),
+            std::slice::from_ref(draw),
+            fill(&fx),
+        );
+        let want = fx["chain/out"].narrow(0, i as i64, 1);
+        assert_eq!(diff(&got, &want), (0, 0), "image {i} alone");
+    }
 }
 
 /// Not a tautology: a wrong fill colour or filter changes the bytes.
