@@ -11,6 +11,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <atomic>
+
 #include "kd_ffi.h"
 
 namespace at::native {
@@ -22,6 +24,9 @@ TORCH_API void mkldnn_matmul(const Tensor &mat1, const Tensor &mat2, const Tenso
 }  // namespace at::native
 
 namespace {
+
+// Forwards run through oneDNN, for tests to see the path was taken.
+std::atomic<int64_t> onednn_forwards{0};
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -93,7 +98,10 @@ char *kd_onednn_linear(at::Tensor *x, at::Tensor *w, at::Tensor *b, at::Tensor *
                 "kd_onednn_linear takes fp32 CPU tensors");
     at::Tensor bias = b == nullptr ? at::Tensor() : *b;
     *out = new at::Tensor(OneDnnLinear::apply(*x, *w, bias));
+    onednn_forwards.fetch_add(1, std::memory_order_relaxed);
   })
 }
+
+int64_t kd_onednn_linear_forwards() { return onednn_forwards.load(std::memory_order_relaxed); }
 
 }  // extern "C"

@@ -48,6 +48,7 @@ unsafe extern "C" {
         b: RawTensor,
         out: *mut RawTensor,
     ) -> *mut c_char;
+    fn kd_onednn_linear_forwards() -> i64;
     fn kd_channels_last(t: RawTensor, out: *mut RawTensor) -> *mut c_char;
     fn kd_is_channels_last(t: RawTensor) -> i32;
     fn kd_inference_mode_new() -> *mut c_void;
@@ -198,6 +199,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         // The shim refused (it checks what this test does): ATen's then.
     }
     x.linear(w, b)
+}
+
+/// How many [`linear`] forwards of this process ran through oneDNN.
+pub fn onednn_linear_forwards() -> i64 {
+    // SAFETY: a plain getter.
+    unsafe { kd_onednn_linear_forwards() }
 }
 
 /// Whether [`linear`] takes the oneDNN path for these operands.

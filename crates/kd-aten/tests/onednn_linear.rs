@@ -43,10 +43,14 @@ fn tokens_with_and_without_bias_match_aten() {
     let x = Tensor::randn([8, 65, 192], opts);
     let w = Tensor::randn([576, 192], opts) * 0.05;
     let b = Tensor::randn([576], opts);
-    if !kd_aten::onednn_linear_fits(&x, &w) {
+    let fits = kd_aten::onednn_linear_fits(&x, &w);
+    if !fits {
         eprintln!("oneDNN fp32 matmul not available on this CPU: only ATen's path is checked");
     }
+    let before = kd_aten::onednn_linear_forwards();
     compare(&x, &w, Some(&b));
+    // Where it fits, the comparison above went through oneDNN, not ATen twice.
+    assert_eq!(kd_aten::onednn_linear_forwards() > before, fits);
     compare(&x, &w, None);
     // A transposed (non-contiguous) input and a plain matrix.
     compare(
