@@ -29,6 +29,9 @@ impl EmaNet {
             net.use_channels_last()?;
         }
         net.vs.freeze();
+        // Only ever evaluated for its accuracy: a ViT skips the work no
+        // logit needs (`Network::read_taps`).
+        net.model.read_taps(Some(&[kd_core::Tap::Logits]));
         Ok(EmaNet {
             net,
             plan,
