@@ -394,6 +394,24 @@ pub(crate) fn staged_taps<B: PreactBlock>(
     }
 }
 
+/// `nn.Linear` as timm's transformers initialise it: weight normal(0.02),
+/// bias 0.
+pub(crate) fn timm_linear(p: nn::Path, c_in: i64, c_out: i64, bias: bool) -> nn::Linear {
+    nn::linear(
+        p,
+        c_in,
+        c_out,
+        nn::LinearConfig {
+            ws_init: Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            bs_init: Some(Init::Const(0.0)),
+            bias,
+        },
+    )
+}
+
 /// An `nn.Linear`'s forward through [`kd_aten::linear`]: oneDNN's fp32
 /// matmul on the CPU (faster than ATen's MKL sgemm on a transformer's
 /// shapes), ATen's `linear` elsewhere.

@@ -611,6 +611,29 @@ fn check_classes(family: &'static str, num_classes: i64) -> Result<(), ModelErro
     Ok(())
 }
 
+/// A transformer's patch grid: `patch_size` between 1 and `img_size`,
+/// dividing it.
+fn check_patch_grid(img_size: i64, patch_size: i64) -> Result<(), String> {
+    if patch_size < 1 || img_size < patch_size {
+        return Err(format!(
+            "patch_size {patch_size} must be between 1 and img_size {img_size}"
+        ));
+    }
+    if img_size % patch_size != 0 {
+        return Err(format!(
+            "img_size {img_size} is not divisible by patch_size {patch_size}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_drop_path_rate(rate: f64) -> Result<(), String> {
+    match (0.0..1.0).contains(&rate) {
+        true => Ok(()),
+        false => Err(format!("drop_path_rate must be in [0, 1), got {rate}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tch::{Device, nn::VarStore};

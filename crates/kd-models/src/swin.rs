@@ -38,8 +38,8 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::droppath::{Draws, drop_path, linear_rates};
-use crate::layers::dense;
-use crate::{ModelError, Network, check_classes};
+use crate::layers::{dense, timm_linear};
+use crate::{ModelError, Network, check_classes, check_drop_path_rate, check_patch_grid};
 
 /// timm's `SwinTransformer` arguments that kd's zoo varies.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,18 +128,7 @@ impl SwinConfig {
                 reason,
             })
         };
-        if self.patch_size < 1 || self.img_size < self.patch_size {
-            return bad(format!(
-                "patch_size {} must be between 1 and img_size {}",
-                self.patch_size, self.img_size
-            ));
-        }
-        if self.img_size % self.patch_size != 0 {
-            return bad(format!(
-                "img_size {} is not divisible by patch_size {}",
-                self.img_size, self.patch_size
-            ));
-        }
+        check_patch_grid(self.img_size, self.patch_size).or_else(bad)?;
         if self.window_size < 1 {
             return bad(format!(
                 "window_size must be at least 1, got {}",
@@ -170,12 +159,7 @@ impl SwinConfig {
                 self.mlp_ratio
             ));
         }
-        if !(0.0..1.0).contains(&self.drop_path_rate) {
-            return bad(format!(
-                "drop_path_rate must be in [0, 1), got {}",
-                self.drop_path_rate
-            ));
-        }
+        check_drop_path_rate(self.drop_path_rate).or_else(bad)?;
         Ok(())
     }
 
@@ -195,29 +179,12 @@ impl SwinConfig {
             patch_embed: PatchEmbed::new(&(p / "patch_embed"), &self),
             stages,
             norm: layer_norm(p / "norm", last),
-            head: linear(p / "head" / "fc", last, self.num_classes, true),
+            head: timm_linear(p / "head" / "fc", last, self.num_classes, true),
             img_size: self.img_size,
             patch_size: self.patch_size,
             window_size: self.window_size,
         })
     }
-}
-
-/// `nn.Linear` as timm initialises it: weight normal(0.02), bias 0.
-fn linear(p: nn::Path, c_in: i64, c_out: i64, bias: bool) -> nn::Linear {
-    nn::linear(
-        p,
-        c_in,
-        c_out,
-        nn::LinearConfig {
-            ws_init: nn::Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias,
-        },
-    )
 }
 
 /// torch's `nn.LayerNorm(d)` (eps 1e-5), which timm's Swin uses throughout.
@@ -358,8 +325,8 @@ impl WindowAttention {
             },
         );
         WindowAttention {
-            qkv: linear(p / "qkv", dim, 3 * dim, true),
-            proj: linear(p / "proj", dim, dim, true),
+            qkv: timm_linear(p / "qkv", dim, 3 * dim, true),
+            proj: timm_linear(p / "proj", dim, dim, true),
             relative_position_bias_table: table,
             relative_position_index: Tensor::from_slice(&relative_position_index(ws))
                 .to_device(p.device()),
@@ -464,8 +431,8 @@ impl SwinBlock {
             norm1: layer_norm(p / "norm1", dim),
             attn: WindowAttention::new(&(p / "attn"), dim, heads, ws),
             norm2: layer_norm(p / "norm2", dim),
-            fc1: linear(p / "mlp" / "fc1", dim, hidden, true),
-            fc2: linear(p / "mlp" / "fc2", hidden, dim, true),
+            fc1: timm_linear(p / "mlp" / "fc1", dim, hidden, true),
+            fc2: timm_linear(p / "mlp" / "fc2", hidden, dim, true),
             ws,
             shift,
             mask,
@@ -525,7 +492,7 @@ impl PatchMerging {
     fn new(p: &nn::Path, dim: i64) -> PatchMerging {
         PatchMerging {
             norm: layer_norm(p / "norm", 4 * dim),
-            reduction: linear(p / "reduction", 4 * dim, 2 * dim, false),
+            reduction: timm_linear(p / "reduction", 4 * dim, 2 * dim, false),
         }
     }
 

@@ -32,8 +32,8 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::droppath::{Draws, drop_path, linear_rates};
-use crate::layers::dense;
-use crate::{ModelError, Network, check_classes};
+use crate::layers::{dense, timm_linear};
+use crate::{ModelError, Network, check_classes, check_drop_path_rate, check_patch_grid};
 
 /// timm's `VisionTransformer` arguments that kd's zoo varies.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,30 +102,14 @@ impl VitConfig {
                 reason,
             })
         };
-        if self.patch_size < 1 || self.img_size < self.patch_size {
-            return bad(format!(
-                "patch_size {} must be between 1 and img_size {}",
-                self.patch_size, self.img_size
-            ));
-        }
-        if self.img_size % self.patch_size != 0 {
-            return bad(format!(
-                "img_size {} is not divisible by patch_size {}",
-                self.img_size, self.patch_size
-            ));
-        }
+        check_patch_grid(self.img_size, self.patch_size).or_else(bad)?;
         if self.depth < 1 || self.num_heads < 1 || self.embed_dim % self.num_heads != 0 {
             return bad(format!(
                 "embed_dim {} must split evenly into num_heads {} (depth {} at least 1)",
                 self.embed_dim, self.num_heads, self.depth
             ));
         }
-        if !(0.0..1.0).contains(&self.drop_path_rate) {
-            return bad(format!(
-                "drop_path_rate must be in [0, 1), got {}",
-                self.drop_path_rate
-            ));
-        }
+        check_drop_path_rate(self.drop_path_rate).or_else(bad)?;
         Ok(())
     }
 
@@ -158,10 +142,10 @@ impl VitConfig {
             .enumerate()
             .map(|(i, rate)| Block::new(&(p / "blocks" / i as i64), &self, rate))
             .collect();
-        let head = linear(p / "head", d, self.num_classes);
+        let head = timm_linear(p / "head", d, self.num_classes, true);
         let head_dist = self
             .distilled
-            .then(|| linear(p / "head_dist", d, self.num_classes));
+            .then(|| timm_linear(p / "head_dist", d, self.num_classes, true));
         Ok(VisionTransformer {
             cls_token,
             dist_token,
@@ -176,23 +160,6 @@ impl VitConfig {
             prefix_tail: false,
         })
     }
-}
-
-/// `nn.Linear` as timm initialises it: weight normal(0.02), bias 0.
-fn linear(p: nn::Path, c_in: i64, c_out: i64) -> nn::Linear {
-    nn::linear(
-        p,
-        c_in,
-        c_out,
-        nn::LinearConfig {
-            ws_init: nn::Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias: true,
-        },
-    )
 }
 
 fn layer_norm(p: nn::Path, d: i64) -> nn::LayerNorm {
@@ -228,11 +195,11 @@ impl Block {
         let hidden = (d as f64 * cfg.mlp_ratio) as i64;
         Block {
             norm1: layer_norm(p / "norm1", d),
-            qkv: linear(p / "attn" / "qkv", d, 3 * d),
-            proj: linear(p / "attn" / "proj", d, d),
+            qkv: timm_linear(p / "attn" / "qkv", d, 3 * d, true),
+            proj: timm_linear(p / "attn" / "proj", d, d, true),
             norm2: layer_norm(p / "norm2", d),
-            fc1: linear(p / "mlp" / "fc1", d, hidden),
-            fc2: linear(p / "mlp" / "fc2", hidden, d),
+            fc1: timm_linear(p / "mlp" / "fc1", d, hidden, true),
+            fc2: timm_linear(p / "mlp" / "fc2", hidden, d, true),
             heads: cfg.num_heads,
             drop_path,
         }
