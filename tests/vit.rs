@@ -4,8 +4,9 @@
 //! timm's `state_dict` as it is, and `kd probe model` (eval mode) must give
 //! timm's logits, class token, last block's tokens, and for distilled
 //! DeiTs the distillation token and head — also where weights made for
-//! 224 px are loaded into a model for another size (`pos_embed` resampled
-//! as timm's `checkpoint_filter_fn` does). For Swin: logits, the pooled
+//! 224 px are loaded into a model for another image, patch or window size
+//! (as timm's `checkpoint_filter_fn`s adapt them), and a Swin checkpoint in
+//! the original repository's layout. For Swin: logits, the pooled
 //! features, every stage's map and the last block's tokens, at 224 px and
 //! CIFAR sizes, with shifted, whole-map and padded windows.
 
@@ -45,7 +46,9 @@ fn vits_give_timms_outputs() {
     let cases = std::fs::read_to_string(dir.path().join("cases.txt")).unwrap();
     let mut failures = Vec::new();
     for line in cases.lines() {
-        let (i, name) = line.split_once('\t').unwrap();
+        let [i, name, weights] = line.split('\t').collect::<Vec<_>>()[..] else {
+            panic!("cases.txt: {line}")
+        };
         let file = |kind: &str| dir.path().join(format!("{i}.{kind}.safetensors"));
         let out = file("kd");
         let args: Vec<String> = [
@@ -54,7 +57,7 @@ fn vits_give_timms_outputs() {
             "model",
             name,
             "--weights",
-            &s(&file("weights")),
+            &s(&dir.path().join(weights)),
             "--input",
             &s(&file("input")),
             "--out",

@@ -36,6 +36,7 @@ pub mod resnetv2;
 pub mod shufflenetv1;
 pub mod shufflenetv2;
 pub mod swin;
+mod timm_filter;
 pub mod torchscript;
 pub mod tvresnet;
 pub mod vgg;

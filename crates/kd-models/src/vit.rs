@@ -28,8 +28,8 @@
 //! `DistilledVisionTransformer` trains it).
 
 use kd_core::{Tap, Taps};
+use tch::Tensor;
 use tch::nn::{self, Module};
-use tch::{Kind, Tensor};
 
 use crate::droppath::{Draws, drop_path, linear_rates};
 use crate::layers::{dense, timm_linear};
@@ -394,39 +394,9 @@ impl Network for VisionTransformer {
     }
 }
 
-/// Resamples a `pos_embed` made for another grid to `want`'s
-/// (`[1, prefix + N, D]`), as timm's `resample_abs_pos_embed` does on
-/// loading: the prefix tokens' rows kept, the grid resized bicubically with
-/// antialiasing. `None` when the two do not describe square grids with
-/// `prefix` leading tokens.
-pub(crate) fn resample_pos_embed(file: &Tensor, want: &[i64], prefix: i64) -> Option<Tensor> {
-    let have = file.size();
-    if have.len() != 3 || want.len() != 3 || have[0] != 1 || have[2] != want[2] {
-        return None;
-    }
-    let side = |n: i64| {
-        let s = ((n - prefix).max(0) as f64).sqrt().round() as i64;
-        (s > 0 && s * s == n - prefix).then_some(s)
-    };
-    let (old, new) = (side(have[1])?, side(want[1])?);
-    let d = have[2];
-    let kind = file.kind();
-    let grid = file
-        .narrow(1, prefix, old * old)
-        .to_kind(Kind::Float)
-        .reshape([1, old, old, d])
-        .permute([0, 3, 1, 2]);
-    let grid = grid
-        .internal_upsample_bicubic2d_aa([new, new], false, None, None)
-        .permute([0, 2, 3, 1])
-        .reshape([1, new * new, d])
-        .to_kind(kind);
-    Some(Tensor::cat(&[file.narrow(1, 0, prefix), grid], 1))
-}
-
 #[cfg(test)]
 mod tests {
-    use tch::{Device, nn::VarStore};
+    use tch::{Device, Kind, nn::VarStore};
 
     use super::*;
 

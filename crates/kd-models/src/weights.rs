@@ -3,33 +3,13 @@
 //! loads back into PyTorch with `load_state_dict(safetensors.torch.load_file(..))`
 //! (BatchNorm fills in the `num_batches_tracked` it lacks).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::ModelError;
-
-/// A ViT's `pos_embed` saved for another image size is resampled to the
-/// model's grid, as timm does when it loads such weights; the prefix
-/// tokens are the class token and, where the model has one, the
-/// distillation token.
-fn resample_pos_embeds(loaded: &mut BTreeMap<String, Tensor>, vars: &HashMap<String, Tensor>) {
-    for (key, t) in loaded.iter_mut() {
-        let Some(stem) = key.strip_suffix("pos_embed") else {
-            continue;
-        };
-        let Some(var) = vars.get(key) else { continue };
-        if var.size() == t.size() {
-            continue;
-        }
-        let prefix = 1 + i64::from(vars.contains_key(&format!("{stem}dist_token")));
-        if let Some(r) = crate::vit::resample_pos_embed(t, &var.size(), prefix) {
-            *t = r;
-        }
-    }
-}
 
 /// How many names each category of a mismatch report lists.
 const LISTED: usize = 10;
@@ -93,7 +73,8 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
         }
     }
 
-    resample_pos_embeds(&mut loaded, &vars);
+    // Weights made for another image, patch or window size, as timm loads them.
+    crate::timm_filter::adapt(&mut loaded, &vars);
 
     let mut missing: Vec<String> = vars
         .keys()
