@@ -20,6 +20,7 @@ pub use kd_plugin_fitnet;
 pub use kd_plugin_fsp;
 pub use kd_plugin_ft;
 pub use kd_plugin_irg;
+pub use kd_plugin_kdsvd;
 pub use kd_plugin_logits;
 pub use kd_plugin_lwm;
 pub use kd_plugin_mlkd;
