@@ -22,7 +22,7 @@ test: bootstrap
 
 ## Regenerate the golden fixtures from the PyTorch reference script.
 golden: bootstrap
-	@$(ENV) cd tests/golden && python gen.py && python models.py && python sgd.py && python pth.py && python augment.py && python imagefolder.py && python randaugment.py && python mixup.py
+	@$(ENV) cd tests/golden && python gen.py && python models.py && python sgd.py && python dot.py && python pth.py && python augment.py && python imagefolder.py && python randaugment.py && python mixup.py
 
 bench: bootstrap
 	@$(ENV) cargo bench -p kd-engine

@@ -139,6 +139,36 @@ fn unknown_method_lists_registered_ones() {
     );
 }
 
+/// DOT's flags go with `--optimizer dot` only, and its momenta are checked
+/// before anything trains.
+#[test]
+fn dot_flags_are_checked_by_optimizer() {
+    let e = distill(&["--method", "st", "--dot-delta", "0.1"]);
+    assert!(
+        e.contains("--dot-delta applies to --optimizer dot, not sgd"),
+        "{e}"
+    );
+    let e = distill(&["--method", "st", "--optimizer", "dot", "--nesterov"]);
+    assert!(
+        e.contains("--nesterov applies to --optimizer sgd, not dot"),
+        "{e}"
+    );
+    let e = distill(&[
+        "--method",
+        "st",
+        "--optimizer",
+        "dot",
+        "--dot-delta",
+        "0.95",
+    ]);
+    assert!(e.contains("momentum - delta (-0.04"), "{e}");
+    let e = distill(&["--method", "st", "--optimizer", "dot", "--clip-grad", "5"]);
+    assert!(
+        e.contains("the dot optimizer cannot be combined with clip_grad"),
+        "{e}"
+    );
+}
+
 #[test]
 fn unknown_config_field_lists_valid_ones() {
     let e = distill(&["--method", "st", "--config", "st.tau=2"]);

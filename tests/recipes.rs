@@ -627,7 +627,13 @@ fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
             "{what}"
         );
         let method = p.parent().unwrap().file_name().unwrap().to_str().unwrap();
-        let name = if method == "kd" { "st" } else { method };
+        // `dot/` is KD trained by mdistiller's DOT (configs/imagenet/*/dot.yaml).
+        let (kind, delta) = match method {
+            "dot" => (kd_engine::OptimizerKind::Dot, 0.09),
+            _ => (kd_engine::OptimizerKind::Sgd, 0.0),
+        };
+        assert_eq!((o.kind, o.delta), (kind, delta), "{what}");
+        let name = if matches!(method, "kd" | "dot") { "st" } else { method };
         let names: Vec<&str> = stage.methods.iter().map(|m| m.method.as_str()).collect();
         assert_eq!(names, ["ce", name], "{what}");
         let paper = plan
@@ -643,11 +649,11 @@ fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
         found.push(format!("{t}->{s} {method}"));
     }
     found.sort();
-    let mut want: Vec<String> = ["kd", "at", "crd", "dkd", "reviewkd"]
+    let mut want: Vec<String> = ["kd", "at", "crd", "dkd", "reviewkd", "dot"]
         .map(|m| format!("resnet34->resnet18 {m}"))
         .into_iter()
         .chain(
-            ["kd", "at", "ofd", "crd", "dkd", "reviewkd"]
+            ["kd", "at", "ofd", "crd", "dkd", "reviewkd", "dot"]
                 .map(|m| format!("resnet50->MobileNetV1 {m}")),
         )
         .collect();

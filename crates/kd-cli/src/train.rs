@@ -90,7 +90,9 @@ pub struct TrainArgs {
     /// Training batch size.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Optimiser: `sgd`, `adamw` (torch.optim.AdamW) or `lamb` (timm's Lamb).
+    /// Optimiser: `sgd`, `adamw` (torch.optim.AdamW), `lamb` (timm's Lamb)
+    /// or `dot` (mdistiller's Distillation-Oriented Trainer: SGD with the
+    /// task and distillation losses' momenta apart).
     #[arg(long, default_value = "sgd")]
     pub optimizer: kd_engine::OptimizerKind,
     /// Learning rate (> 0) [default: 0.05 for sgd, 1e-3 for adamw and lamb].
@@ -114,12 +116,16 @@ pub struct TrainArgs {
     /// Weight decay (>= 0) [default: 5e-4 for sgd, 0.01 for adamw and lamb].
     #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
-    /// SGD momentum, in [0, 1) [default: 0.9].
+    /// SGD momentum, in [0, 1) [default: 0.9]; dot's mean momentum.
     #[arg(long, allow_negative_numbers = true)]
     pub momentum: Option<f64>,
     /// Nesterov momentum (sgd).
     #[arg(long)]
     pub nesterov: bool,
+    /// DOT: the task loss's momentum is momentum - delta, the distillation
+    /// losses' momentum + delta [default: 0.075, mdistiller's CIFAR-100].
+    #[arg(long, allow_negative_numbers = true)]
+    pub dot_delta: Option<f64>,
     /// AdamW and LAMB: the moments' decay rates, `BETA1,BETA2`
     /// [default: 0.9,0.999].
     #[arg(
@@ -341,14 +347,27 @@ impl TrainArgs {
         let kind = self.optimizer;
         let base = Sgd::of(kind);
         let sgd = kind == OptimizerKind::Sgd;
-        if !sgd && (self.momentum.is_some() || self.nesterov) {
+        let dot = kind == OptimizerKind::Dot;
+        if !(sgd || dot) && self.momentum.is_some() {
             bail!(
-                "--momentum and --nesterov apply to --optimizer sgd, not {}",
+                "--momentum applies to --optimizer sgd or dot, not {}",
                 kind.name()
             );
         }
-        if sgd && (self.betas.is_some() || self.eps.is_some()) {
-            bail!("--betas and --eps apply to --optimizer adamw or lamb, not sgd");
+        if !sgd && self.nesterov {
+            bail!("--nesterov applies to --optimizer sgd, not {}", kind.name());
+        }
+        if !dot && self.dot_delta.is_some() {
+            bail!(
+                "--dot-delta applies to --optimizer dot, not {}",
+                kind.name()
+            );
+        }
+        if (sgd || dot) && (self.betas.is_some() || self.eps.is_some()) {
+            bail!(
+                "--betas and --eps apply to --optimizer adamw or lamb, not {}",
+                kind.name()
+            );
         }
         let betas = match self.betas.as_deref() {
             None => base.betas,
@@ -363,6 +382,7 @@ impl TrainArgs {
             betas,
             eps: self.eps.unwrap_or(base.eps),
             no_decay_1d: (base.no_decay_1d || self.no_decay_1d) && !self.decay_1d,
+            delta: self.dot_delta.unwrap_or(base.delta),
             ..base
         })
     }

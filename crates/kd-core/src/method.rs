@@ -227,6 +227,8 @@ pub struct BuildCx<'a> {
     needs: &'a mut Needs,
     n_data: i64,
     num_classes: i64,
+    /// Whether this method asked for anything of the teacher.
+    distills: bool,
 }
 
 impl<'a> BuildCx<'a> {
@@ -247,7 +249,21 @@ impl<'a> BuildCx<'a> {
             needs,
             n_data,
             num_classes,
+            distills: false,
         }
+    }
+
+    fn uses_teacher(&mut self) {
+        self.needs.teacher = true;
+        self.distills = true;
+    }
+
+    /// Whether the method built asked for anything of the teacher (a tap,
+    /// a gradient, an adversarial or augmented view, a peer): a
+    /// distillation loss, as opposed to a task loss on the labels alone.
+    /// Optimisers that treat the two apart (DOT) read it.
+    pub fn distills(&self) -> bool {
+        self.distills
     }
 
     fn shapes(&self, side: Side) -> Result<&'a TapShapes> {
@@ -266,7 +282,7 @@ impl<'a> BuildCx<'a> {
             .resolve(name, side)
             .map_err(|e| self.error(e.to_string()))?;
         if side == Side::Teacher {
-            self.needs.teacher = true;
+            self.uses_teacher();
         }
         let tap = TapRef { side, tap };
         if !self.needs.taps.contains(&tap) {
@@ -324,7 +340,7 @@ impl<'a> BuildCx<'a> {
 
     fn push_grad(&mut self, spec: GradSpec) -> GradRef {
         if spec.side == Side::Teacher {
-            self.needs.teacher = true;
+            self.uses_teacher();
         }
         if let Some(i) = self.needs.grads.iter().position(|g| *g == spec) {
             return GradRef(i);
@@ -337,7 +353,7 @@ impl<'a> BuildCx<'a> {
     /// them. The method chooses rows and classes in `attack_targets`.
     pub fn adversarial(&mut self, spec: AttackSpec) -> Result<ViewRef> {
         self.shapes(Side::Teacher)?;
-        self.needs.teacher = true;
+        self.uses_teacher();
         self.needs.views.push(spec);
         Ok(ViewRef(self.needs.views.len() - 1))
     }
@@ -347,7 +363,7 @@ impl<'a> BuildCx<'a> {
     /// same policy share it; another policy is an error.
     pub fn augmented_view(&mut self, spec: AugmentSpec) -> Result<()> {
         self.shapes(Side::Teacher)?;
-        self.needs.teacher = true;
+        self.uses_teacher();
         match self.needs.augmented {
             Some(have) if have != spec => Err(KdError::Plan {
                 method: self.method.into(),
@@ -391,7 +407,7 @@ impl<'a> BuildCx<'a> {
     pub fn mutual(&mut self) -> Result<()> {
         self.shapes(Side::Teacher)?;
         self.needs.mutual = true;
-        self.needs.teacher = true;
+        self.uses_teacher();
         Ok(())
     }
 

@@ -30,6 +30,13 @@ pub struct Optimizer {
     slots: Vec<Vec<Tensor>>,
     /// LAMB's step count (timm's `group['step']`), 0-d fp32 on the CPU.
     lamb_step: Option<Tensor>,
+    /// DOT's update count, 0-d fp32 on the CPU: its first update treats
+    /// parameters only the distillation loss reaches apart (see `step`).
+    dot_step: Option<Tensor>,
+    /// DOT: each parameter's gradient from the distillation loss alone
+    /// (undefined where that loss did not reach it), taken by
+    /// `backward_split` before the task loss's backward.
+    kd_grads: Vec<Tensor>,
     scale: Option<LossScale>,
 }
 
@@ -48,6 +55,8 @@ const SCALE: &str = "loss_scale/scale";
 const GROWTH: &str = "loss_scale/growth";
 /// Checkpoint name of LAMB's step count.
 const LAMB_STEP: &str = "lamb/step";
+/// Checkpoint name of DOT's update count.
+const DOT_STEP: &str = "dot/step";
 
 /// Names timm's `no_weight_decay()` lists: `VisionTransformer`'s, and
 /// `SwinTransformer`'s relative position bias tables.
@@ -76,6 +85,7 @@ fn slot_names(kind: OptimizerKind) -> &'static [&'static str] {
         OptimizerKind::Sgd => &["momentum_buffer"],
         OptimizerKind::Adamw => &["exp_avg", "exp_avg_sq", "step"],
         OptimizerKind::Lamb => &["exp_avg", "exp_avg_sq"],
+        OptimizerKind::Dot => &["momentum_buffer", "momentum_kd_buffer"],
     }
 }
 
@@ -99,10 +109,11 @@ impl Optimizer {
             .map(|p| match cfg.kind {
                 OptimizerKind::Sgd => vec![p.zeros_like()],
                 OptimizerKind::Adamw => vec![p.zeros_like(), p.zeros_like(), step_tensor()],
-                OptimizerKind::Lamb => vec![p.zeros_like(), p.zeros_like()],
+                OptimizerKind::Lamb | OptimizerKind::Dot => vec![p.zeros_like(), p.zeros_like()],
             })
             .collect();
         let lamb_step = (cfg.kind == OptimizerKind::Lamb).then(step_tensor);
+        let dot_step = (cfg.kind == OptimizerKind::Dot).then(step_tensor);
         Optimizer {
             cfg,
             clip: None,
@@ -111,6 +122,8 @@ impl Optimizer {
             decays,
             slots,
             lamb_step,
+            dot_step,
+            kd_grads: Vec::new(),
             scale: None,
         }
     }
@@ -141,6 +154,29 @@ impl Optimizer {
         match &self.scale {
             Some(s) => (loss * &s.scale).f_backward()?,
             None => loss.f_backward()?,
+        }
+        Ok(())
+    }
+
+    /// Whether the update needs the task and distillation losses'
+    /// gradients apart (`backward_split` instead of `backward`).
+    pub fn splits_losses(&self) -> bool {
+        self.cfg.kind == OptimizerKind::Dot
+    }
+
+    /// DOT's two backwards, in mdistiller's order: the distillation loss's
+    /// gradients kept aside, then the task loss's in `.grad`. Either may be
+    /// absent, or not reach a parameter.
+    pub fn backward_split(&mut self, task: Option<&Tensor>, kd: Option<&Tensor>) -> Result<()> {
+        let task = task.filter(|t| t.requires_grad());
+        self.kd_grads = match kd.filter(|k| k.requires_grad()) {
+            // Gradients returned rather than accumulated; the graph kept
+            // for the task loss, which shares it.
+            Some(k) => Tensor::f_run_backward(&[k], &self.params, task.is_some(), false)?,
+            None => Vec::new(),
+        };
+        if let Some(t) = task {
+            self.backward(t)?;
         }
         Ok(())
     }
@@ -291,6 +327,72 @@ impl Optimizer {
                 };
                 kd_aten::lamb(&p, &g, &m, &v, &wds, h)?;
             }
+            OptimizerKind::Dot => self.dot_step(&live, lr)?,
+        }
+        Ok(())
+    }
+
+    /// mdistiller's `DistillationOrientedTrainer.step` (`engine/dot.py`):
+    /// the task loss's gradient `g` (in `live`) and the distillation loss's
+    /// `k` (`kd_grads`) each drive their own momentum buffer, `buf = m·buf
+    /// + d`, `p -= lr·buf`, first the task's, then the distillation's. A
+    /// parameter both losses reach uses `momentum − delta` for the task
+    /// and `momentum + delta` for the distillation, weight decay added to
+    /// the task's gradient only; a parameter one loss reaches uses their
+    /// mean for it, with weight decay, except that the reference's first
+    /// distillation update of such a parameter copies `k` without it.
+    fn dot_step(&mut self, live: &[(usize, Tensor)], lr: f64) -> Result<()> {
+        let cfg = &self.cfg;
+        let (m_task, m_kd) = (cfg.momentum - cfg.delta, cfg.momentum + cfg.delta);
+        let m_one = (m_kd + m_task) / 2.0;
+        let wd_all = cfg.weight_decay;
+        let kd: Vec<(usize, Tensor)> = std::mem::take(&mut self.kd_grads)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, g)| g.defined())
+            .collect();
+        let first = match &self.dot_step {
+            Some(t) => t.double_value(&[]) == 0.0,
+            None => true,
+        };
+        let mut in_task = vec![false; self.params.len()];
+        let mut in_kd = vec![false; self.params.len()];
+        live.iter().for_each(|(i, _)| in_task[*i] = true);
+        kd.iter().for_each(|(i, _)| in_kd[*i] = true);
+        let pick = |list: &[(usize, Tensor)], both: bool, other: &[bool]| -> Vec<(usize, Tensor)> {
+            list.iter()
+                .filter(|(i, _)| other[*i] == both)
+                .map(|(i, g)| (*i, g.shallow_clone()))
+                .collect()
+        };
+        // (gradients, slot, momentum, weight decay of the decaying group)
+        let kd_alone_wd = if first { 0.0 } else { wd_all };
+        // The reference skips the task buffers altogether when the task's
+        // momentum is zero, the mean's too.
+        let task_alone = if m_task == 0.0 { 0.0 } else { m_one };
+        let passes = [
+            (pick(live, true, &in_kd), 0, m_task, wd_all),
+            (pick(live, false, &in_kd), 0, task_alone, wd_all),
+            (pick(&kd, true, &in_task), 1, m_kd, 0.0),
+            (pick(&kd, false, &in_task), 1, m_one, kd_alone_wd),
+        ];
+        for (grads, slot, momentum, wd) in passes {
+            for decay in [false, true] {
+                let (p, g, s) = self.group(&grads, decay, 2);
+                if p.is_empty() {
+                    continue;
+                }
+                let step = kd_aten::SgdStep {
+                    lr,
+                    momentum,
+                    weight_decay: if decay { wd } else { 0.0 },
+                    nesterov: false,
+                };
+                kd_aten::sgd_foreach(&p, &g, &s[slot], step)?;
+            }
+        }
+        if let Some(t) = &mut self.dot_step {
+            let _ = t.g_add_scalar_(1.0);
         }
         Ok(())
     }
@@ -345,8 +447,12 @@ impl Optimizer {
             .iter()
             .flat_map(|s| [(SCALE, &s.scale), (GROWTH, &s.growth)]);
         let lamb = self.lamb_step.iter().map(|t| (LAMB_STEP, t));
-        self.momentum()
-            .chain(lamb.chain(scale).map(|(n, t)| (n.to_string(), t)))
+        let dot = self.dot_step.iter().map(|t| (DOT_STEP, t));
+        self.momentum().chain(
+            lamb.chain(dot)
+                .chain(scale)
+                .map(|(n, t)| (n.to_string(), t)),
+        )
     }
 
     /// Each parameter's state by name: SGD's momentum buffer under the
@@ -376,6 +482,9 @@ impl Optimizer {
         }
         if name == LAMB_STEP {
             return self.lamb_step.as_mut();
+        }
+        if name == DOT_STEP {
+            return self.dot_step.as_mut();
         }
         let (param, k) = match self.cfg.kind {
             OptimizerKind::Sgd => (name, 0),

@@ -466,6 +466,9 @@ pub struct OptimizerPlan {
     pub trust_clip: bool,
     /// LAMB only: the trust ratio also for parameters without weight decay.
     pub always_adapt: bool,
+    /// DOT only: the task loss's momentum is `momentum - delta`, the
+    /// distillation loss's `momentum + delta`.
+    pub delta: f64,
 }
 
 /// The stage optimiser's settings; `kind` says which optimiser.
@@ -478,6 +481,10 @@ pub enum OptimizerKind {
     Sgd,
     Adamw,
     Lamb,
+    /// mdistiller's Distillation-Oriented Trainer (Zhao et al., ICCV 2023):
+    /// SGD with separate momentum buffers for the task and the
+    /// distillation losses' gradients.
+    Dot,
 }
 
 impl OptimizerKind {
@@ -486,6 +493,7 @@ impl OptimizerKind {
             OptimizerKind::Sgd => "sgd",
             OptimizerKind::Adamw => "adamw",
             OptimizerKind::Lamb => "lamb",
+            OptimizerKind::Dot => "dot",
         }
     }
 }
@@ -497,8 +505,9 @@ impl std::str::FromStr for OptimizerKind {
             "sgd" => Ok(OptimizerKind::Sgd),
             "adamw" => Ok(OptimizerKind::Adamw),
             "lamb" => Ok(OptimizerKind::Lamb),
+            "dot" => Ok(OptimizerKind::Dot),
             other => Err(format!(
-                "unknown optimizer `{other}`; valid: sgd, adamw, lamb"
+                "unknown optimizer `{other}`; valid: sgd, adamw, lamb, dot"
             )),
         }
     }
@@ -525,6 +534,7 @@ impl OptimizerPlan {
             max_grad_norm: None,
             trust_clip: false,
             always_adapt: false,
+            delta: 0.0,
         };
         match kind {
             OptimizerKind::Sgd => OptimizerPlan {
@@ -532,6 +542,15 @@ impl OptimizerPlan {
                 momentum: 0.9,
                 weight_decay: 5e-4,
                 no_decay_1d: false,
+                ..base
+            },
+            // mdistiller's CIFAR-100 DOT configs.
+            OptimizerKind::Dot => OptimizerPlan {
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                no_decay_1d: false,
+                delta: 0.075,
                 ..base
             },
             OptimizerKind::Adamw => base,
@@ -551,6 +570,17 @@ struct SgdKeys {
     lr: f64,
     momentum: f64,
     nesterov: bool,
+    weight_decay: f64,
+    #[serde(skip_serializing_if = "is_false")]
+    no_decay_1d: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DotKeys {
+    lr: f64,
+    momentum: f64,
+    delta: f64,
     weight_decay: f64,
     #[serde(skip_serializing_if = "is_false")]
     no_decay_1d: bool,
@@ -608,6 +638,15 @@ keys_default!(
     no_decay_1d
 );
 keys_default!(
+    DotKeys,
+    OptimizerKind::Dot,
+    lr,
+    momentum,
+    delta,
+    weight_decay,
+    no_decay_1d
+);
+keys_default!(
     AdamwKeys,
     OptimizerKind::Adamw,
     lr,
@@ -637,6 +676,7 @@ impl Serialize for OptimizerPlan {
             OptimizerKind::Sgd => serde_json::to_value(SgdKeys::from(self.clone())),
             OptimizerKind::Adamw => serde_json::to_value(AdamwKeys::from(self.clone())),
             OptimizerKind::Lamb => serde_json::to_value(LambKeys::from(self.clone())),
+            OptimizerKind::Dot => serde_json::to_value(DotKeys::from(self.clone())),
         };
         let mut map = match keys.map_err(S::Error::custom)? {
             serde_json::Value::Object(m) => m,
@@ -672,7 +712,7 @@ impl<'de> Deserialize<'de> for OptimizerPlan {
             Some(serde_json::Value::String(k)) => k.parse().map_err(D::Error::custom)?,
             Some(other) => {
                 return Err(D::Error::custom(format!(
-                    "optimizer kind must be a string (sgd, adamw, lamb), got {other}"
+                    "optimizer kind must be a string (sgd, adamw, lamb, dot), got {other}"
                 )));
             }
         };
@@ -681,6 +721,7 @@ impl<'de> Deserialize<'de> for OptimizerPlan {
             OptimizerKind::Sgd => serde_json::from_value::<SgdKeys>(v).map(SgdKeys::plan),
             OptimizerKind::Adamw => serde_json::from_value::<AdamwKeys>(v).map(AdamwKeys::plan),
             OptimizerKind::Lamb => serde_json::from_value::<LambKeys>(v).map(LambKeys::plan),
+            OptimizerKind::Dot => serde_json::from_value::<DotKeys>(v).map(DotKeys::plan),
         };
         // SGD's messages stay what they were before there was a choice.
         plan.map_err(|e| match kind {

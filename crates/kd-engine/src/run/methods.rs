@@ -19,6 +19,9 @@ pub(crate) struct Active {
     pub(crate) fields: Vec<(String, Box<dyn ScheduleFn>)>,
     /// Adversarial views this method requested (indices into `Needs::views`).
     pub(crate) views: std::ops::Range<usize>,
+    /// Whether it reads the teacher (a distillation loss; otherwise a task
+    /// loss on the labels), for DOT's two momenta.
+    pub(crate) distills: bool,
 }
 
 impl Active {
@@ -63,7 +66,7 @@ fn build_methods(
         }
         let vs = nn::VarStore::new(cx.device);
         let first_view = needs.views.len();
-        let method = {
+        let (method, distills) = {
             let mut bcx = BuildCx::new(
                 entry.name,
                 s_shapes,
@@ -73,7 +76,8 @@ fn build_methods(
                 cx.n_data,
                 cx.classes,
             );
-            entry.build(mp.config.clone(), &mut bcx)?
+            let method = entry.build(mp.config.clone(), &mut bcx)?;
+            (method, bcx.distills())
         };
         let views = first_view..needs.views.len();
         if let Some(saved) = carry.get(&format!("{prefix}{}", mp.label())) {
@@ -101,6 +105,7 @@ fn build_methods(
             weight: mp.weight.compile(cx.scripts)?,
             fields,
             views,
+            distills,
         });
     }
     Ok(out)

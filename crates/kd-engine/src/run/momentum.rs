@@ -107,9 +107,9 @@ pub(crate) fn check_keep(stages: &[StagePlan]) -> Result<()> {
     for w in stages.windows(2) {
         let (before, s) = (&w[0], &w[1]);
         let (a, b) = (before.optimizer.kind, s.optimizer.kind);
-        if s.keep_optimizer && (a != b || b == OptimizerKind::Lamb) {
+        if s.keep_optimizer && (a != b || matches!(b, OptimizerKind::Lamb | OptimizerKind::Dot)) {
             return Err(EngineError::Plan(format!(
-                "stage `{}` keeps the optimiser of stage `{}`, but it is {} there and {} here; a kept optimiser is sgd or adamw in both stages",
+                "stage `{}` keeps the optimiser of stage `{}`, but it is {} there and {} here; a kept optimiser is sgd or adamw in both stages (lamb's and dot's step counts are their own)",
                 s.name,
                 before.name,
                 a.name(),

@@ -198,6 +198,20 @@ pub(crate) fn prepare_stage(
             }
         }
     }
+    if stage.optimizer.kind == crate::plan::OptimizerKind::Dot {
+        // DOT tells a task loss from a distillation loss on one network's
+        // parameters, on one process (the reference's setting).
+        if mutual {
+            return Err(EngineError::Plan(format!(
+                "stage `{name}`: the dot optimizer cannot train a mutual-learning pair; use sgd"
+            )));
+        }
+        if kd_dist::group().is_some() {
+            return Err(EngineError::Plan(format!(
+                "stage `{name}`: the dot optimizer runs on one process; data-parallel jobs use sgd"
+            )));
+        }
+    }
     let mut opt = Optimizer::new(stage.optimizer.clone(), params).with_clip(stage.clip_grad);
     if exec.precision == Precision::Fp16 {
         opt = opt.with_loss_scale(exec.device);

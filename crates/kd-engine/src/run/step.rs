@@ -156,12 +156,16 @@ pub(crate) fn step(
         augmented: augmented.as_ref(),
         ..step_io(&fwd, &views, batch, progress)
     };
-    let (weights, terms, total) = losses(nets, methods, peers, &fwd, &io, batch)?;
+    let split = matches!(&update, Update::Sgd(opt, _) if opt.splits_losses());
+    let (weights, terms, total, parts) = losses(nets, methods, peers, &fwd, &io, batch, split)?;
     let values = scalars(&terms, &total, &fwd.student.logits, y);
     match update {
         Update::Sgd(opt, lr) => {
             opt.zero_grad()?;
-            opt.backward(&total)?;
+            match parts {
+                Some(Parts { task, kd }) => opt.backward_split(task.as_ref(), kd.as_ref())?,
+                None => opt.backward(&total)?,
+            }
             opt.average_over_ranks()?;
             opt.step(lr)?;
         }
@@ -384,6 +388,20 @@ type Terms = Vec<(String, Tensor)>;
 
 /// Each method's terms (and in mutual learning the peer's, with the roles
 /// swapped) and the weighted total.
+/// The total split into the task losses' (methods that read no teacher)
+/// and the distillation losses' sums, for DOT.
+struct Parts {
+    task: Option<Tensor>,
+    kd: Option<Tensor>,
+}
+
+fn accumulate(sum: &mut Option<Tensor>, v: &Tensor) {
+    *sum = Some(match sum.take() {
+        Some(acc) => acc + v,
+        None => v.shallow_clone(),
+    });
+}
+
 fn losses(
     nets: &StageNets,
     methods: &mut [Active],
@@ -391,18 +409,23 @@ fn losses(
     fwd: &Forward,
     io: &StepIo,
     batch: &Batch,
-) -> Result<(Vec<f64>, Terms, Tensor)> {
+    split: bool,
+) -> Result<(Vec<f64>, Terms, Tensor, Option<Parts>)> {
     let progress = io.progress;
     let mut weights = Vec::with_capacity(methods.len());
     let mut terms = Terms::new();
     let mut total: Option<Tensor> = None;
-    let mut add = |w: f64, losses: Losses, prefix: String, terms: &mut Terms| {
+    let mut parts = split.then_some(Parts {
+        task: None,
+        kd: None,
+    });
+    let mut add = |w: f64, losses: Losses, prefix: String, distills: bool, terms: &mut Terms| {
         for (t, v) in losses.terms {
             let weighted = &v * w;
-            total = Some(match total.take() {
-                Some(acc) => acc + weighted,
-                None => weighted,
-            });
+            if let Some(p) = parts.as_mut() {
+                accumulate(if distills { &mut p.kd } else { &mut p.task }, &weighted);
+            }
+            accumulate(&mut total, &weighted);
             terms.push((format!("{prefix}{t}"), v));
         }
     };
@@ -411,7 +434,7 @@ fn losses(
         weights.push(w);
         let mut l = Losses::default();
         a.method.losses(io, &mut l)?;
-        add(w, l, format!("{}/", a.label), &mut terms);
+        add(w, l, format!("{}/", a.label), a.distills, &mut terms);
     }
     if nets.mutual {
         let t_live = fwd.t_live.as_ref().expect("mutual learning has a peer");
@@ -427,11 +450,11 @@ fn losses(
             let w = a.schedule(progress)?;
             let mut l = Losses::default();
             a.method.losses(&peer_io, &mut l)?;
-            add(w, l, format!("peer/{}/", a.label), &mut terms);
+            add(w, l, format!("peer/{}/", a.label), a.distills, &mut terms);
         }
     }
     let total = total.ok_or_else(|| EngineError::Plan("no loss terms in this step".into()))?;
-    Ok((weights, terms, total))
+    Ok((weights, terms, total, parts))
 }
 
 /// `[terms…, total, correct]` as one fp32 device tensor: the stage loop

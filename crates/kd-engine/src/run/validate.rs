@@ -11,7 +11,7 @@ use super::checkpoint::Carry;
 use super::methods::{BuildEnv, build_stage};
 use super::momentum::check_keep;
 use super::nets::{Exec, Net, roles, shapes_of};
-use crate::plan::{DeviceChoice, LrSchedule, ModelPlan, Plan, StagePlan, Subject};
+use crate::plan::{DeviceChoice, LrSchedule, ModelPlan, OptimizerKind, Plan, StagePlan, Subject};
 use crate::schedule::{Schedule, ScheduleResolver, Weight};
 use crate::{EngineError, Result};
 
@@ -183,13 +183,46 @@ fn numbers(plan: &Plan) -> Result<(), String> {
     if plan.cuda_graph && plan.precision == crate::plan::Precision::Fp16 {
         return Err("cuda_graph cannot capture fp16 steps: the loss scale's overflow check reads the device every step; use bf16 (no loss scale) or drop cuda_graph".into());
     }
+    for s in plan
+        .stages
+        .iter()
+        .filter(|s| s.optimizer.kind == OptimizerKind::Dot)
+    {
+        // DOT's two backwards and the update that joins them are the
+        // reference's in fp32/bf16 on one process; the rest is not defined
+        // there (which loss's gradient a scale or a clip would apply to).
+        let refuse = |what: &str| {
+            Err(format!(
+                "stage `{}`: the dot optimizer cannot be combined with {what}; use sgd there",
+                s.name
+            ))
+        };
+        if plan.precision == crate::plan::Precision::Fp16 {
+            return refuse("precision fp16 (its loss scale); bf16 has none");
+        }
+        if plan.cuda_graph {
+            return refuse("cuda_graph");
+        }
+        if s.clip_grad.is_some() {
+            return refuse("clip_grad");
+        }
+    }
     Ok(())
 }
 
 /// AdamW's and LAMB's settings, gradient clipping and the EMA.
 fn optimizer_numbers(stage: &StagePlan) -> Result<(), String> {
     let o = &stage.optimizer;
-    if o.kind != crate::plan::OptimizerKind::Sgd {
+    if o.kind == OptimizerKind::Dot {
+        let (task, kd) = (o.momentum - o.delta, o.momentum + o.delta);
+        if !(o.delta.is_finite() && (0.0..1.0).contains(&task) && (0.0..1.0).contains(&kd)) {
+            return Err(format!(
+                "dot's momenta momentum - delta ({task}) and momentum + delta ({kd}) must each be in [0, 1); got momentum {} and delta {}",
+                o.momentum, o.delta
+            ));
+        }
+    }
+    if matches!(o.kind, OptimizerKind::Adamw | OptimizerKind::Lamb) {
         let [b1, b2] = o.betas;
         if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
             return Err(format!(

@@ -102,7 +102,7 @@ pub(super) fn register(e: &mut Engine) {
         e,
         "optimizer",
         &["stage: Stage", "config: Map", "Stage"],
-        "The stage's optimiser: `#{kind, ...}` with kind \"sgd\" (the default;\nlr, momentum, nesterov, weight_decay, no_decay_1d), \"adamw\"\n(torch.optim.AdamW: lr 1e-3, betas [0.9, 0.999], eps 1e-8,\nweight_decay 0.01, no_decay_1d true) or \"lamb\" (timm's Lamb: eps 1e-6,\nmax_grad_norm 1, trust_clip, always_adapt); missing keys keep the\nkind's defaults. `no_decay_1d`: no weight decay on norm weights, biases,\npos_embed, cls_token, dist_token (timm's parameter groups).",
+        "The stage's optimiser: `#{kind, ...}` with kind \"sgd\" (the default;\nlr, momentum, nesterov, weight_decay, no_decay_1d), \"adamw\"\n(torch.optim.AdamW: lr 1e-3, betas [0.9, 0.999], eps 1e-8,\nweight_decay 0.01, no_decay_1d true), \"lamb\" (timm's Lamb: eps 1e-6,\nmax_grad_norm 1, trust_clip, always_adapt) or \"dot\" (mdistiller's\nDistillation-Oriented Trainer: SGD keys without nesterov, and delta\n0.075: momentum - delta for the task losses' gradients, momentum + delta\nfor the distillation losses'); missing keys keep the kind's defaults. `no_decay_1d`: no weight decay on norm weights, biases,\npos_embed, cls_token, dist_token (timm's parameter groups).",
         |mut s: StagePlan, config: Map| -> Fallible<StagePlan> {
             s.optimizer = typed::<Sgd>(&Dynamic::from_map(config), "optimizer")?;
             Ok(s)
