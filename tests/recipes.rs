@@ -633,7 +633,11 @@ fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
             _ => (kd_engine::OptimizerKind::Sgd, 0.0),
         };
         assert_eq!((o.kind, o.delta), (kind, delta), "{what}");
-        let name = if matches!(method, "kd" | "dot") { "st" } else { method };
+        let name = if matches!(method, "kd" | "dot") {
+            "st"
+        } else {
+            method
+        };
         let names: Vec<&str> = stage.methods.iter().map(|m| m.method.as_str()).collect();
         assert_eq!(names, ["ce", name], "{what}");
         let paper = plan
@@ -649,7 +653,7 @@ fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
         found.push(format!("{t}->{s} {method}"));
     }
     found.sort();
-    let mut want: Vec<String> = ["kd", "at", "crd", "dkd", "reviewkd", "dot"]
+    let mut want: Vec<String> = ["kd", "at", "crd", "dkd", "reviewkd", "dot", "srd"]
         .map(|m| format!("resnet34->resnet18 {m}"))
         .into_iter()
         .chain(
