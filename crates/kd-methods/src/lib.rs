@@ -19,6 +19,7 @@ pub use kd_plugin_dml;
 pub use kd_plugin_fitnet;
 pub use kd_plugin_fsp;
 pub use kd_plugin_ft;
+pub use kd_plugin_ickd;
 pub use kd_plugin_irg;
 pub use kd_plugin_kdsvd;
 pub use kd_plugin_logits;
