@@ -5,7 +5,7 @@ kernels between consecutive maps matched, summed over pairs, / batch."""
 import torch
 import torch.nn.functional as F
 
-from gen import fixture, resnet_taps
+from gen import fixture
 
 TAPS = ["feat/1", "feat/2", "feat/3"]
 
@@ -43,11 +43,27 @@ def kdsvd(s, t, k):
     return total / s[TAPS[0]].shape[0]
 
 
+def spread(batch, channels, side, seed):
+    """Maps whose [C*H, W] views have well-separated singular values
+    (halving from 8): the SVD's gradient divides by the gaps between them,
+    so random maps, whose values crowd together, would compare rounding
+    orders rather than implementations."""
+    g = torch.Generator().manual_seed(seed)
+    rows = channels * side
+    q1, _ = torch.linalg.qr(torch.randn(batch, rows, side, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(batch, side, side, generator=g, dtype=torch.float64))
+    sv = 8.0 * 0.5 ** torch.arange(side, dtype=torch.float64)
+    x = q1 @ torch.diag_embed(sv.expand(batch, side)) @ q2.transpose(1, 2)
+    return x.reshape(batch, channels, side, side).float()
+
+
 def make():
-    s = resnet_taps(8, 81)
-    t = resnet_taps(8, 82, channels=(16, 32, 64, 128))
+    s, t = {}, {}
+    for k, (key, side) in enumerate(zip(TAPS, (16, 8, 4))):
+        s[key] = spread(8, (16, 32, 64)[k], side, 810 + k)
+        t[key] = spread(8, (32, 64, 128)[k], side, 820 + k)
     pick = lambda taps: {key: taps[key] for key in TAPS}
-    target = t["logits"].argmax(1)
+    target = torch.arange(8) % 10
     fixture("kdsvd", "kdsvd", {}, pick(s), pick(t), target,
             loss_fn=lambda s, t, *_: kdsvd(s, t, 1))
     fixture("kdsvd_k2", "kdsvd", {"k": 2}, pick(s), pick(t), target,
