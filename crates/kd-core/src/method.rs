@@ -299,6 +299,19 @@ impl<'a> BuildCx<'a> {
         ))
     }
 
+    /// The same feature map on both sides, with each side's per-sample
+    /// shape `[C, H, W]`; a tap that is not a map is refused by name.
+    pub fn map_pair(&mut self, name: &str) -> Result<(TapRef, TapRef, [i64; 3], [i64; 3])> {
+        let (s, t) = self.tap_pair(name)?;
+        let (ss, ts) = (self.shape(s), self.shape(t));
+        match (<[i64; 3]>::try_from(&ss[..]), <[i64; 3]>::try_from(&ts[..])) {
+            (Ok(a), Ok(b)) => Ok((s, t, a, b)),
+            _ => Err(self.error(format!(
+                "tap `{name}` is not a feature map (student {ss:?}, teacher {ts:?})"
+            ))),
+        }
+    }
+
     /// Per-sample shape of a tap (no batch dimension).
     pub fn shape(&self, tap: TapRef) -> Vec<i64> {
         self.shapes(tap.side)

@@ -92,13 +92,7 @@ impl Method for Ab {
         }
         let mut pairs = Vec::new();
         for (i, name) in cfg.taps.iter().enumerate() {
-            let (s, t) = cx.tap_pair(name)?;
-            let (ss, ts) = (cx.shape(s), cx.shape(t));
-            if ss.len() != 3 || ts.len() != 3 {
-                return Err(cx.error(format!(
-                    "tap `{name}` is not a feature map (student {ss:?}, teacher {ts:?})"
-                )));
-            }
+            let (s, t, ss, ts) = cx.map_pair(name)?;
             let connector = match cfg.connector {
                 Connector::None if ss != ts => {
                     return Err(cx.error(format!(

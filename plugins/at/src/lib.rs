@@ -86,13 +86,7 @@ impl Method for At {
         }
         let mut pairs = Vec::new();
         for name in &cfg.taps {
-            let (s, t) = cx.tap_pair(name)?;
-            let (ss, ts) = (cx.shape(s), cx.shape(t));
-            if ss.len() != 3 || ts.len() != 3 {
-                return Err(cx.error(format!(
-                    "tap `{name}` is not a feature map (student {ss:?}, teacher {ts:?})"
-                )));
-            }
+            let (s, t, ss, ts) = cx.map_pair(name)?;
             if cfg.variant == Variant::KdZoo && ss[1..] != ts[1..] {
                 return Err(cx.error(format!(
                     "tap `{name}`: student and teacher maps differ in size ({ss:?} vs {ts:?}); \

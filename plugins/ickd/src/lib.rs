@@ -49,14 +49,7 @@ impl Method for Ickd {
     type Config = Config;
 
     fn build(cfg: Config, cx: &mut BuildCx) -> Result<Self> {
-        let (s, t) = cx.tap_pair(&cfg.tap)?;
-        let (ss, ts) = (cx.shape(s), cx.shape(t));
-        if ss.len() != 3 || ts.len() != 3 {
-            return Err(cx.error(format!(
-                "tap `{}` is not a feature map (student {ss:?}, teacher {ts:?})",
-                cfg.tap
-            )));
-        }
+        let (s, t, ss, ts) = cx.map_pair(&cfg.tap)?;
         // The embedding keeps the student's size (3×3, padding 1).
         if ss[1..] != ts[1..] {
             return Err(cx.error(format!(

@@ -95,13 +95,7 @@ impl Method for KdSvd {
         }
         let mut pairs = Vec::new();
         for name in &cfg.taps {
-            let (s, t) = cx.tap_pair(name)?;
-            let (ss, ts) = (cx.shape(s), cx.shape(t));
-            if ss.len() != 3 || ts.len() != 3 {
-                return Err(cx.error(format!(
-                    "tap `{name}` is not a feature map (student {ss:?}, teacher {ts:?})"
-                )));
-            }
+            let (s, t, ss, ts) = cx.map_pair(name)?;
             // Singular vectors live along the width: the two must agree.
             if ss[2] != ts[2] {
                 return Err(cx.error(format!(
