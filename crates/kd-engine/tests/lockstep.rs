@@ -176,6 +176,10 @@ fn lockstep_runs_equal_solo_runs_and_failures_stay_alone() {
     plans.insert(1, plan("broken", &teacher, broken));
     let ab = plan("ab", &teacher, MethodPlan::new("ce", 1.0));
     plans.push(with_init_stage(ab, MethodPlan::new("ab", 10.0)));
+    // DOT's two backwards per step, beside the others' one.
+    let mut dot = plan("st_dot", &teacher, MethodPlan::new("st", 0.9));
+    dot.stages[0].optimizer = kd_engine::OptimizerPlan::of(kd_engine::OptimizerKind::Dot);
+    plans.push(dot);
     let keys: Vec<_> = plans.iter().map(kd_engine::lockstep_key).collect();
     assert!(keys[0].is_some() && keys.iter().all(|k| *k == keys[0]));
 
@@ -242,6 +246,10 @@ fn resumed_group_equals_uninterrupted_group() {
         .collect();
     let ab = plan("ab", &teacher, MethodPlan::new("ce", 1.0));
     plans.push(with_init_stage(ab, MethodPlan::new("ab", 10.0)));
+    // DOT's two backwards per step, beside the others' one.
+    let mut dot = plan("st_dot", &teacher, MethodPlan::new("st", 0.9));
+    dot.stages[0].optimizer = kd_engine::OptimizerPlan::of(kd_engine::OptimizerKind::Dot);
+    plans.push(dot);
     let whole = group(&plans, &dir.path().join("whole"), false, None, &mut Silent);
     let flag = Arc::new(AtomicBool::new(false));
     let cut = group(
