@@ -595,6 +595,39 @@ fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
         );
         assert!(plan.data.augment, "{what}");
         assert_eq!(plan.data.normalize, kd_data::Normalize::Default, "{what}");
+        let method = p.parent().unwrap().file_name().unwrap().to_str().unwrap();
+        if method == "pad" {
+            // torchdistill's two configs in sequence (rrpr2020/ce_l2 then
+            // pad_l2): 90 epochs of CE + 15·L2 at lr 0.2, x0.1 at 30/60,
+            // then 30 of CE + PAD-L2 at 0.002.
+            let stages: Vec<_> = plan
+                .stages
+                .iter()
+                .map(|st| {
+                    let names: Vec<&str> = st.methods.iter().map(|m| m.method.as_str()).collect();
+                    (st.name.as_str(), st.epochs, st.optimizer.lr, names)
+                })
+                .collect();
+            assert_eq!(
+                stages,
+                [
+                    ("l2", 90, 0.2, vec!["ce", "fitnet"]),
+                    ("pad", 30, 0.002, vec!["ce", "pad"])
+                ],
+                "{what}"
+            );
+            assert_eq!(
+                plan.stages[0].lr_schedule,
+                kd_engine::LrSchedule::Multistep {
+                    milestones: vec![30, 60],
+                    gamma: 0.1
+                },
+                "{what}"
+            );
+            assert_eq!(plan.paper.as_ref().map(|p| p.top1), Some(71.71), "{what}");
+            found.push(format!("{t}->{s} {method}"));
+            continue;
+        }
         assert_eq!(plan.stages.len(), 1, "{what}");
         let stage = &plan.stages[0];
         assert_eq!(stage.epochs, 100, "{what}");
@@ -626,7 +659,6 @@ fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
                 .all(|m| matches!(m.weight, kd_engine::Weight::Const(_))),
             "{what}"
         );
-        let method = p.parent().unwrap().file_name().unwrap().to_str().unwrap();
         // `dot/` is KD trained by mdistiller's DOT (configs/imagenet/*/dot.yaml).
         let (kind, delta) = match method {
             "dot" => (kd_engine::OptimizerKind::Dot, 0.09),
@@ -653,7 +685,7 @@ fn every_imagenet_recipe_follows_mdistiller_and_carries_its_sources_number() {
         found.push(format!("{t}->{s} {method}"));
     }
     found.sort();
-    let mut want: Vec<String> = ["kd", "at", "crd", "dkd", "reviewkd", "dot", "srd"]
+    let mut want: Vec<String> = ["kd", "at", "crd", "dkd", "reviewkd", "dot", "srd", "pad"]
         .map(|m| format!("resnet34->resnet18 {m}"))
         .into_iter()
         .chain(

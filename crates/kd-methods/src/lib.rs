@@ -28,6 +28,7 @@ pub use kd_plugin_mlkd;
 pub use kd_plugin_nst;
 pub use kd_plugin_ofa;
 pub use kd_plugin_ofd;
+pub use kd_plugin_pad;
 pub use kd_plugin_pkt;
 pub use kd_plugin_reviewkd;
 pub use kd_plugin_rkd;
