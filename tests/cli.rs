@@ -139,6 +139,40 @@ fn unknown_method_lists_registered_ones() {
     );
 }
 
+/// Fine-tuning from weights made for other classes: refused as they are,
+/// trained with `--reset-classifier`.
+#[test]
+fn train_teacher_fine_tunes_from_weights_of_other_classes() {
+    let w = golden("model_resnet20.safetensors");
+    let out = tempfile::tempdir().unwrap();
+    let base = [
+        "kd",
+        "train-teacher",
+        "--arch",
+        "resnet20",
+        "--init-weights",
+        w.to_str().unwrap(),
+        "--classes",
+        "6",
+        "--train-size",
+        "64",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        out.path().to_str().unwrap(),
+    ];
+    let e = err(&base);
+    assert!(
+        e.contains("fc.weight (file [10, 64], model [6, 64])"),
+        "{e}"
+    );
+    let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+    args.push("--reset-classifier".into());
+    kd_cli::run(&args).unwrap();
+}
+
 /// DOT's flags go with `--optimizer dot` only, and its momenta are checked
 /// before anything trains.
 #[test]

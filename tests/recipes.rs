@@ -947,3 +947,49 @@ fn a_dry_run_prints_nothing_and_summary_prints_once() {
         "the CLI would print a second table"
     );
 }
+
+/// `model(arch, weights).reset_classifier()` plans a fine-tuning run on
+/// data of other classes (the flag travels in plan.yaml); without weights
+/// to load it is refused.
+#[test]
+fn reset_classifier_plans_fine_tuning_and_needs_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = root().join("tests/golden/fixtures/model_resnet20.safetensors");
+    let plan = |model: &str| {
+        let recipe = dir.path().join("ft.rhai");
+        std::fs::write(
+            &recipe,
+            format!(
+                r#"let x = experiment("ft")
+    .data(synthetic(#{{ classes: 6, train_size: 64, test_size: 32 }}))
+    .student({model})
+    .add(stage("train", 1).add(method("ce")));
+run(x);"#
+            ),
+        )
+        .unwrap();
+        // `kd plan` validates (weights against the model); the plans give the YAML.
+        kd_cli::run(["kd", "plan", recipe.to_str().unwrap()]).map_err(|e| kd_cli::one_line(&e))?;
+        kd_methods::link();
+        let plans = kd_recipes::Recipe::load(&recipe, &[])
+            .and_then(|r| r.with_printer(|_| {}).plans(&Registry::global().unwrap()))
+            .unwrap();
+        Ok::<_, String>(kd_recipes::to_yaml(&plans).unwrap())
+    };
+    let yaml = plan(&format!(
+        r#"model("resnet20", "{}").reset_classifier()"#,
+        w.display()
+    ))
+    .unwrap();
+    assert!(yaml.contains("reset_classifier: true"), "{yaml}");
+    let e = plan(&format!(r#"model("resnet20", "{}")"#, w.display())).unwrap_err();
+    assert!(
+        e.contains("fc.weight (file [10, 64], model [6, 64])"),
+        "{e}"
+    );
+    let e = plan(r#"model("resnet20").reset_classifier()"#).unwrap_err();
+    assert!(
+        e.contains("reset_classifier keeps a fresh classifier"),
+        "{e}"
+    );
+}

@@ -42,16 +42,8 @@ fn train_student(
             batch_size: 32,
             ..Default::default()
         },
-        student: ModelPlan {
-            arch: student.into(),
-            weights: None,
-            source_sha256: None,
-        },
-        teacher: Some(ModelPlan {
-            arch: "resnet14".into(),
-            weights: None,
-            source_sha256: None,
-        }),
+        student: ModelPlan::new(student),
+        teacher: Some(ModelPlan::new("resnet14")),
         teacher_cache: None,
         stages: vec![StagePlan {
             name: "distill".into(),

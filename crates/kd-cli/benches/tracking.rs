@@ -41,16 +41,8 @@ fn plan() -> Plan {
             batch_size: 64,
             ..Default::default()
         },
-        student: ModelPlan {
-            arch: "resnet8".into(),
-            weights: None,
-            source_sha256: None,
-        },
-        teacher: Some(ModelPlan {
-            arch: "resnet20".into(),
-            weights: None,
-            source_sha256: None,
-        }),
+        student: ModelPlan::new("resnet8"),
+        teacher: Some(ModelPlan::new("resnet20")),
         teacher_cache: None,
         stages: vec![StagePlan {
             name: "distill".into(),

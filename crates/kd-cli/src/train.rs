@@ -630,11 +630,7 @@ mod tests {
 
     fn plan(args: &[&str]) -> anyhow::Result<kd_engine::Plan> {
         let cli = Cli::try_parse_from(std::iter::once("kd").chain(args.iter().copied()))?;
-        let student = ModelPlan {
-            arch: "resnet8".into(),
-            weights: None,
-            source_sha256: None,
-        };
+        let student = ModelPlan::new("resnet8");
         cli.train
             .plan("t".into(), student, None, "train", vec![], 0)
     }

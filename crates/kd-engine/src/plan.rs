@@ -272,6 +272,11 @@ pub struct ModelPlan {
     /// (`folder::canonical`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_sha256: Option<String>,
+    /// Load `weights` except the classifier, which keeps its fresh
+    /// initialisation for this run's classes (timm's `pretrained=True,
+    /// num_classes=N`; fine-tuning an ImageNet network on CIFAR-100).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reset_classifier: bool,
 }
 
 impl ModelPlan {
@@ -281,6 +286,14 @@ impl ModelPlan {
             arch: arch.into(),
             weights: None,
             source_sha256: None,
+            reset_classifier: false,
+        }
+    }
+
+    /// How its weights file loads.
+    pub fn load_options(&self) -> kd_models::LoadOptions {
+        kd_models::LoadOptions {
+            reset_classifier: self.reset_classifier,
         }
     }
 

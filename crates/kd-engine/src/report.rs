@@ -407,11 +407,7 @@ mod tests {
             seed,
             device: Default::default(),
             data: Default::default(),
-            student: ModelPlan {
-                arch: "resnet8".into(),
-                weights: None,
-                source_sha256: None,
-            },
+            student: ModelPlan::new("resnet8"),
             teacher: None,
             teacher_cache: None,
             stages: vec![stage],

@@ -51,6 +51,7 @@ fn plan(name: &str, stages: Vec<StagePlan>, teacher: bool) -> Plan {
         arch: arch.into(),
         weights: None,
         source_sha256: None,
+        reset_classifier: false,
     };
     Plan {
         name: name.into(),

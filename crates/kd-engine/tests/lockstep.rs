@@ -39,11 +39,13 @@ fn plan(name: &str, teacher: &Path, method: MethodPlan) -> Plan {
             arch: "resnet8".into(),
             weights: None,
             source_sha256: None,
+            reset_classifier: false,
         },
         teacher: Some(ModelPlan {
             arch: "resnet8".into(),
             weights: Some(teacher.to_path_buf()),
             source_sha256: None,
+            reset_classifier: false,
         }),
         teacher_cache: None,
         stages: vec![StagePlan {

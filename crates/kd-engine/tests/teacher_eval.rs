@@ -59,11 +59,13 @@ fn distillation_stage_reports_the_teacher_it_received() {
             arch: "resnet8".into(),
             weights: None,
             source_sha256: None,
+            reset_classifier: false,
         },
         teacher: Some(ModelPlan {
             arch: "resnet8".into(),
             weights: None,
             source_sha256: None,
+            reset_classifier: false,
         }),
         teacher_cache: None,
         stages: vec![

@@ -61,7 +61,8 @@ pub use tvresnet::{TvBlock, TvResNet, TvResNetConfig};
 pub use vgg::{Vgg, VggConfig};
 pub use vit::{VisionTransformer, VitConfig};
 pub use weights::{
-    check_safetensors, load_weights, plain as plain_tch_error, save_pt, save_weights,
+    LoadOptions, check_safetensors, load_weights, load_weights_with, plain as plain_tch_error,
+    save_pt, save_weights,
 };
 pub use wrn::{WideResNet, WrnConfig};
 

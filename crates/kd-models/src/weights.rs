@@ -35,6 +35,25 @@ fn is_ignored(key: &str) -> bool {
 /// `load_state_dict` does. Any missing key, unexpected key or shape mismatch
 /// fails the whole load before a single variable changes.
 pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
+    load_weights_with(vs, path, LoadOptions::default())
+}
+
+/// How [`load_weights_with`] departs from a strict load.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Leave the classifier (every layer whose bias [`crate::is_classifier_bias`]
+    /// names: `fc`, `head`, `head_dist`, ...) as initialised and ignore the
+    /// file's, whatever its class count: timm's `pretrained=True,
+    /// num_classes=N`.
+    pub reset_classifier: bool,
+}
+
+/// [`load_weights`], with `opts`.
+pub fn load_weights_with(
+    vs: &mut VarStore,
+    path: &Path,
+    opts: LoadOptions,
+) -> Result<(), ModelError> {
     let read_err = |reason: String| ModelError::Read {
         path: path.to_path_buf(),
         reason,
@@ -75,6 +94,24 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
 
     // Weights made for another image, patch or window size, as timm loads them.
     crate::timm_filter::adapt(&mut loaded, &vars);
+    if opts.reset_classifier {
+        let stems: Vec<String> = vars
+            .keys()
+            .filter(|k| crate::is_classifier_bias(k))
+            .map(|k| k.strip_suffix("bias").unwrap_or(k).to_string())
+            .collect();
+        if stems.is_empty() {
+            return Err(read_err(
+                "reset_classifier: the model has no classifier kd knows (fc, classifier, linear, head)".into(),
+            ));
+        }
+        for stem in &stems {
+            for key in [format!("{stem}weight"), format!("{stem}bias")] {
+                loaded.remove(&key);
+                vars.remove(&key);
+            }
+        }
+    }
 
     let mut missing: Vec<String> = vars
         .keys()

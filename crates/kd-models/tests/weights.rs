@@ -156,3 +156,66 @@ fn save_then_load_round_trips() {
     load_weights(&mut b, &path).unwrap();
     assert_same_values(&a, &b);
 }
+
+/// Weights for another class count: refused as they are; with
+/// `reset_classifier`, everything but the classifier loads (resnet's `fc`,
+/// a distilled DeiT's `head` and `head_dist`) and the classifier keeps its
+/// fresh initialisation.
+#[test]
+fn reset_classifier_loads_all_but_the_classifier() {
+    use kd_models::{LoadOptions, load_weights_with};
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "r20.safetensors", &torch_weights());
+    for (arch, classes, heads) in [
+        ("resnet20", 10, &["fc."][..]),
+        (
+            "deit_tiny_distilled_patch16_224(img_size=32,patch_size=8,depth=2)",
+            10,
+            &["head.", "head_dist."][..],
+        ),
+    ] {
+        let file = if arch == "resnet20" {
+            file.clone()
+        } else {
+            let src = VarStore::new(Device::Cpu);
+            build(arch, &src.root(), classes).unwrap();
+            let path = dir.path().join("deit.safetensors");
+            save_weights(&src, &path).unwrap();
+            path
+        };
+        let mut vs = VarStore::new(Device::Cpu);
+        build(arch, &vs.root(), 7).unwrap();
+        let fresh: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.copy()))
+            .collect();
+        let err = load_weights(&mut vs, &file).unwrap_err();
+        assert!(matches!(err, ModelError::Mismatch { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&format!("{}weight", heads[0])),
+            "{err}"
+        );
+        let opts = LoadOptions {
+            reset_classifier: true,
+        };
+        load_weights_with(&mut vs, &file, opts).unwrap();
+        let saved = read(&file);
+        let now = vs.variables();
+        for (k, before) in &fresh {
+            let is_head = heads.iter().any(|h| k.starts_with(h));
+            if is_head {
+                assert!(
+                    now[k].equal(before),
+                    "{arch}: {k} should keep its fresh values"
+                );
+                assert_eq!(now[k].size()[0], 7, "{arch}: {k}");
+            } else {
+                assert!(
+                    now[k].equal(&saved[k]),
+                    "{arch}: {k} not loaded from the file"
+                );
+            }
+        }
+    }
+}

@@ -121,9 +121,8 @@ fn from_flags(a: &Args) -> Result<(Plan, CacheSpec)> {
         bail!("give --teacher and --teacher-weights, or --from a recipe or plan");
     };
     let teacher = ModelPlan {
-        arch: arch.clone(),
         weights: Some(weights.clone()),
-        source_sha256: None,
+        ..ModelPlan::new(arch)
     };
     // The student is not part of a cache: only the teacher and the batches.
     let plan = t.plan(

@@ -58,15 +58,10 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
     let train = &a.train;
     let groups = method_groups(registry, &a.methods, &a.compare, &a.configs, a.ce)?;
     let teacher = ModelPlan {
-        arch: a.teacher.clone(),
         weights: Some(a.teacher_weights.clone()),
-        source_sha256: None,
+        ..ModelPlan::new(&a.teacher)
     };
-    let student = ModelPlan {
-        arch: a.student.clone(),
-        weights: None,
-        source_sha256: None,
-    };
+    let student = ModelPlan::new(&a.student);
     // `--name` names the command's runs: the distilled ones, their sweep,
     // and the baseline beside them.
     let name = train

@@ -14,6 +14,15 @@ pub struct Args {
     /// Zoo name (`kd models`).
     #[arg(long)]
     arch: String,
+    /// Weights to start from (safetensors or a `torch.save` state_dict),
+    /// e.g. ImageNet weights to fine-tune.
+    #[arg(long)]
+    init_weights: Option<std::path::PathBuf>,
+    /// With --init-weights: load everything but the classifier, which
+    /// starts fresh for this data's classes (timm's `pretrained=True,
+    /// num_classes=N`).
+    #[arg(long, requires = "init_weights")]
+    reset_classifier: bool,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -25,9 +34,9 @@ pub fn run(a: &Args, registry: &Registry) -> Result<()> {
         .clone()
         .unwrap_or_else(|| format!("teacher_{}", kd_models::torchscript::short_name(&a.arch)));
     let student = ModelPlan {
-        arch: a.arch.clone(),
-        weights: None,
-        source_sha256: None,
+        weights: a.init_weights.clone(),
+        reset_classifier: a.reset_classifier,
+        ..ModelPlan::new(&a.arch)
     };
     let runs = label_runs(&a.train, &name, &student)?;
     let sweep = format!("{name}_sweep");

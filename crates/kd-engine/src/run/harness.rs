@@ -33,11 +33,7 @@ pub fn bench_plan(
     batch: usize,
     classes: i64,
 ) -> Plan {
-    let model = |arch: &str| ModelPlan {
-        arch: arch.to_string(),
-        weights: None,
-        source_sha256: None,
-    };
+    let model = ModelPlan::new;
     Plan {
         name: "bench".into(),
         seed: 0,

@@ -206,7 +206,7 @@ impl Net {
 pub(crate) fn build_net(m: &ModelPlan, classes: i64, exec: &Exec) -> Result<Net> {
     let mut net = Net::zoo(&m.arch, classes, exec.device)?;
     if let Some(w) = &m.weights {
-        kd_models::load_weights(&mut net.vs, w)?;
+        kd_models::load_weights_with(&mut net.vs, w, m.load_options())?;
     }
     if exec.channels_last {
         net.use_channels_last()?;

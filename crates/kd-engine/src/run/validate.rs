@@ -59,8 +59,14 @@ fn networks(
         let vs = nn::VarStore::new(device);
         let model = kd_models::build(&m.arch, &vs.root(), classes)?;
         let mut net = Net { vs, model };
+        if m.reset_classifier && m.weights.is_none() {
+            return Err(EngineError::Plan(format!(
+                "{}: reset_classifier keeps a fresh classifier while loading weights, but the model has none to load",
+                m.arch
+            )));
+        }
         if let Some(w) = m.weights.as_ref().filter(|w| !pending.contains(w)) {
-            kd_models::load_weights(&mut net.vs, w)?;
+            kd_models::load_weights_with(&mut net.vs, w, m.load_options())?;
         }
         Ok(net)
     };

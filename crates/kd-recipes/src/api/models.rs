@@ -20,9 +20,8 @@ pub(crate) fn model(arch: &str, weights: Option<&str>) -> Fallible<ModelPlan> {
         }));
     }
     Ok(ModelPlan {
-        arch: arch.to_string(),
         weights: weights.map(Into::into),
-        source_sha256: None,
+        ..ModelPlan::new(arch)
     })
 }
 
@@ -49,6 +48,16 @@ pub(super) fn register(e: &mut Engine) {
         "The same model starting from other weights.",
         |mut m: ModelPlan, path: &str| {
             m.weights = Some(path.into());
+            m
+        },
+    );
+    def(
+        e,
+        "reset_classifier",
+        &["model: Model", "Model"],
+        "Loads the model's weights except its classifier (fc, head, ...), which starts fresh for the run's classes: timm's `pretrained=True, num_classes=N`, e.g. an ImageNet ViT fine-tuned on CIFAR-100.",
+        |mut m: ModelPlan| {
+            m.reset_classifier = true;
             m
         },
     );
