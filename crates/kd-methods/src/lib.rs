@@ -32,6 +32,7 @@ pub use kd_plugin_pad;
 pub use kd_plugin_pkt;
 pub use kd_plugin_reviewkd;
 pub use kd_plugin_rkd;
+pub use kd_plugin_skd;
 pub use kd_plugin_sobolev;
 pub use kd_plugin_sp;
 pub use kd_plugin_srd;
