@@ -201,6 +201,28 @@ fn dot_flags_are_checked_by_optimizer() {
         e.contains("the dot optimizer cannot be combined with clip_grad"),
         "{e}"
     );
+    // `kd bench` times a DOT step (two backwards).
+    kd_cli::run([
+        "kd",
+        "bench",
+        "--teacher",
+        "resnet8",
+        "--student",
+        "resnet8",
+        "--method",
+        "st",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "4",
+        "--classes",
+        "10",
+        "--optimizer",
+        "dot",
+    ])
+    .unwrap();
 }
 
 #[test]

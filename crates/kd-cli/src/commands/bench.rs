@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Capture the step as a CUDA graph after the warm-up steps and replay it.
     #[arg(long)]
     cuda_graph: bool,
+    /// The step's optimiser, at its kind's defaults (`dot`: two backwards).
+    #[arg(long, default_value = "sgd")]
+    optimizer: kd_engine::OptimizerKind,
     /// Folder for `init.safetensors` (weights and batch before the first
     /// step) and `kd.json` (the timing and every step's loss).
     #[arg(long)]
@@ -63,6 +66,14 @@ fn plan(a: &BenchArgs, registry: &Registry) -> Result<Plan> {
     plan.precision = a.precision;
     plan.channels_last = !a.no_channels_last;
     plan.cuda_graph = a.cuda_graph;
+    if a.optimizer != kd_engine::OptimizerKind::Sgd {
+        for stage in &mut plan.stages {
+            stage.optimizer = kd_engine::OptimizerPlan {
+                lr: stage.optimizer.lr,
+                ..kd_engine::OptimizerPlan::of(a.optimizer)
+            };
+        }
+    }
     Ok(plan)
 }
 
