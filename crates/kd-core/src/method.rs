@@ -539,11 +539,22 @@ impl StepIo<'_> {
 #[derive(Debug, Default)]
 pub struct Losses {
     pub terms: Vec<(String, Tensor)>,
+    /// Indices into `terms` of task terms on the labels alone within a
+    /// method that distills (DeiT's class-token cross-entropy): an
+    /// optimiser that treats the two apart (DOT) counts them as task.
+    pub task_terms: Vec<usize>,
 }
 
 impl Losses {
     pub fn push(&mut self, name: impl Into<String>, value: Tensor) {
         self.terms.push((name.into(), value));
+    }
+
+    /// A term that reads only the student and the labels, in a method
+    /// whose other terms read the teacher.
+    pub fn push_task(&mut self, name: impl Into<String>, value: Tensor) {
+        self.task_terms.push(self.terms.len());
+        self.push(name, value);
     }
 
     /// Sum of all terms (a zero scalar when there are none).

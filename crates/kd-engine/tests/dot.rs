@@ -268,3 +268,30 @@ fn dot_refuses_what_it_is_not_defined_for() {
     let e = check(&plan);
     assert!(e.contains("momentum + delta (1.1"), "{e}");
 }
+
+/// A term a method marks as task (DeiT's class-token cross-entropy) goes
+/// with the task loss: with α 0 DeiT's distillation term is 0·KL, so the
+/// distillation buffers stay zero and the task buffers move.
+#[test]
+fn a_methods_task_term_takes_the_task_momentum() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = common::teacher_file(dir.path(), 3);
+    let mut plan = distill_plan(&teacher);
+    plan.student =
+        ModelPlan::new("deit_tiny_distilled_patch16_224(img_size=32,patch_size=8,depth=1)");
+    let mut deit = MethodPlan::new("deit", 1.0);
+    deit.config = serde_json::json!({"alpha": 0.0});
+    plan.stages[0].methods = vec![deit];
+    let (_, mid) = common::whole_and_resumed(&plan, &dir.path().join("a"), &dir.path().join("b"));
+    let norm = |n: &str| {
+        mid.get(&format!("optim.net.{n}"))
+            .unwrap_or_else(|| panic!("optim.net.{n} not checkpointed"))
+            .abs()
+            .max()
+            .double_value(&[])
+    };
+    for layer in ["head.weight", "blocks.0.attn.qkv.weight"] {
+        assert!(norm(&format!("{layer}:momentum_buffer")) > 0.0, "{layer}");
+        assert_eq!(norm(&format!("{layer}:momentum_kd_buffer")), 0.0, "{layer}");
+    }
+}

@@ -116,7 +116,7 @@ impl Method for Deit {
         // Base criterion: CE against (mixed, smoothed) label distributions.
         let y = io.label_distribution(self.classes, self.cfg.label_smoothing);
         let base = -(y * cls.log_softmax(1, Kind::Float)).sum_dim_intlist(1, false, Kind::Float);
-        out.push("base", base.mean(Kind::Float) * (1.0 - alpha));
+        out.push_task("base", base.mean(Kind::Float) * (1.0 - alpha));
 
         let distill = match self.cfg.distillation_type {
             DistillationType::Soft => {

@@ -196,7 +196,7 @@ impl Method for Mlkd {
 
         if let Some((s_s, _)) = strong {
             let ce = s_s.log_softmax(1, Kind::Float).nll_loss(io.target());
-            out.push("ce_strong", ce * c.ce_weight);
+            out.push_task("ce_strong", ce * c.ce_weight);
         }
         out.push("kd_weak", self.level(&temps, Some(&mask), ins_w));
         if let Some((s_s, t_s)) = strong {

@@ -388,8 +388,9 @@ type Terms = Vec<(String, Tensor)>;
 
 /// Each method's terms (and in mutual learning the peer's, with the roles
 /// swapped) and the weighted total.
-/// The total split into the task losses' (methods that read no teacher)
-/// and the distillation losses' sums, for DOT.
+/// The total split into the task losses' (methods that read no teacher,
+/// and terms a method marks as task) and the distillation losses' sums,
+/// for DOT.
 struct Parts {
     task: Option<Tensor>,
     kd: Option<Tensor>,
@@ -420,10 +421,11 @@ fn losses(
         kd: None,
     });
     let mut add = |w: f64, losses: Losses, prefix: String, distills: bool, terms: &mut Terms| {
-        for (t, v) in losses.terms {
+        for (i, (t, v)) in losses.terms.into_iter().enumerate() {
             let weighted = &v * w;
             if let Some(p) = parts.as_mut() {
-                accumulate(if distills { &mut p.kd } else { &mut p.task }, &weighted);
+                let kd = distills && !losses.task_terms.contains(&i);
+                accumulate(if kd { &mut p.kd } else { &mut p.task }, &weighted);
             }
             accumulate(&mut total, &weighted);
             terms.push((format!("{prefix}{t}"), v));
