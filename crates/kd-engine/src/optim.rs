@@ -327,7 +327,7 @@ impl Optimizer {
                 };
                 kd_aten::lamb(&p, &g, &m, &v, &wds, h)?;
             }
-            OptimizerKind::Dot => self.dot_step(&live, lr)?,
+            OptimizerKind::Dot => self.dot_update(&live, lr)?,
         }
         Ok(())
     }
@@ -341,7 +341,7 @@ impl Optimizer {
     /// the task's gradient only; a parameter one loss reaches uses their
     /// mean for it, with weight decay, except that the reference's first
     /// distillation update of such a parameter copies `k` without it.
-    fn dot_step(&mut self, live: &[(usize, Tensor)], lr: f64) -> Result<()> {
+    fn dot_update(&mut self, live: &[(usize, Tensor)], lr: f64) -> Result<()> {
         let cfg = &self.cfg;
         let (m_task, m_kd) = (cfg.momentum - cfg.delta, cfg.momentum + cfg.delta);
         let m_one = (m_kd + m_task) / 2.0;

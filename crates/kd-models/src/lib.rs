@@ -320,15 +320,24 @@ const fn vit(size: Size, distilled: bool) -> Arch {
 
 /// Classifier biases of the zoo's state_dicts (`fc`, also of the ImageNet
 /// nets, VGG's `classifier`, MobileNetV2's `classifier.0`, `linear` of
-/// ResNet50 and the ShuffleNets), whose length is the number of classes.
-const CLASSIFIER_BIASES: [&str; 6] = [
+/// ResNet50 and the ShuffleNets, a transformer's `head`, a distilled DeiT's
+/// `head_dist`, a Swin's `head.fc`), whose length is the number of classes.
+const CLASSIFIER_BIASES: [&str; 7] = [
     "fc.bias",
     "classifier.bias",
     "classifier.0.bias",
     "linear.bias",
     "head.bias",
     "head_dist.bias",
+    "head.fc.bias",
 ];
+
+/// Whether a model's own parameter `key` is the bias of its classifier: one
+/// of the zoo's names exactly, not a layer of that name deeper inside (a
+/// squeeze-excitation block's `fc`).
+pub fn is_model_classifier_bias(key: &str) -> bool {
+    CLASSIFIER_BIASES.contains(&key)
+}
 
 /// Whether state_dict key `key` is a zoo classifier's bias, also under a
 /// prefix ending in `.` or `/` (`module.fc.bias`, `student.weights/linear.bias`).

@@ -41,8 +41,9 @@ pub fn load_weights(vs: &mut VarStore, path: &Path) -> Result<(), ModelError> {
 /// How [`load_weights_with`] departs from a strict load.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
-    /// Leave the classifier (every layer whose bias [`crate::is_classifier_bias`]
-    /// names: `fc`, `head`, `head_dist`, ...) as initialised and ignore the
+    /// Leave the classifier (the layers whose bias
+    /// [`crate::is_model_classifier_bias`] names: `fc`, `head`, `head_dist`,
+    /// ...) as initialised and ignore the
     /// file's, whatever its class count: timm's `pretrained=True,
     /// num_classes=N`.
     pub reset_classifier: bool,
@@ -97,7 +98,7 @@ pub fn load_weights_with(
     if opts.reset_classifier {
         let stems: Vec<String> = vars
             .keys()
-            .filter(|k| crate::is_classifier_bias(k))
+            .filter(|k| crate::is_model_classifier_bias(k))
             .map(|k| k.strip_suffix("bias").unwrap_or(k).to_string())
             .collect();
         if stems.is_empty() {

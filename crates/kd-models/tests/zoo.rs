@@ -263,6 +263,13 @@ fn classifier_biases_of_every_family_are_recognised() {
         let heads = if name.contains("distilled") { 2 } else { 1 };
         assert_eq!(biases.len(), heads, "{name}: {biases:?}");
         assert!(biases.iter().all(|(_, s)| s == &[7]), "{name}: {biases:?}");
+        // `reset_classifier` finds the same layers by their exact names.
+        assert!(
+            biases
+                .iter()
+                .all(|(k, _)| kd_models::is_model_classifier_bias(k)),
+            "{name}: {biases:?}"
+        );
     }
 }
 

@@ -386,8 +386,6 @@ fn adversarial_views(
 
 type Terms = Vec<(String, Tensor)>;
 
-/// Each method's terms (and in mutual learning the peer's, with the roles
-/// swapped) and the weighted total.
 /// The total split into the task losses' (methods that read no teacher,
 /// and terms a method marks as task) and the distillation losses' sums,
 /// for DOT.
@@ -403,6 +401,9 @@ fn accumulate(sum: &mut Option<Tensor>, v: &Tensor) {
     });
 }
 
+/// Each method's terms (and in mutual learning the peer's, with the roles
+/// swapped) and the weighted total; with `split`, its task and distillation
+/// parts too.
 fn losses(
     nets: &StageNets,
     methods: &mut [Active],
